@@ -1,0 +1,289 @@
+//! NodeGroup configuration: one struct, every field documented with its unit and default, and
+//! `validate()` returning one named error per mistake before anything starts.
+
+use std::time::Duration;
+
+/// A configuration mistake, named so that the operator knows which field to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `node_id` is 0; raft reserves 0 for "nobody".
+    #[error("node_id must be non-zero")]
+    ZeroNodeId,
+    /// No worker threads: nothing would ever run.
+    #[error("worker_threads must be at least 1")]
+    ZeroWorkerThreads,
+    /// A zero tick interval would spin the ticker.
+    #[error("tick_interval must be at least 1ms")]
+    TickIntervalTooSmall,
+    /// raft needs heartbeat_tick > 0.
+    #[error("heartbeat_tick must be at least 1")]
+    ZeroHeartbeatTick,
+    /// raft requires an election timeout longer than the heartbeat interval.
+    #[error("election_tick ({election}) must be greater than heartbeat_tick ({heartbeat})")]
+    ElectionTickNotGreaterThanHeartbeat {
+        /// The configured election tick.
+        election: usize,
+        /// The configured heartbeat tick.
+        heartbeat: usize,
+    },
+    /// raft needs a window of at least one in-flight append.
+    #[error("max_inflight_msgs must be at least 1")]
+    ZeroInflight,
+    /// A proposal limit of zero refuses every proposal.
+    #[error("max_proposal_bytes must be at least 1")]
+    ZeroProposalLimit,
+    /// Proposals larger than a raft message could carry would never replicate.
+    #[error("max_proposal_bytes ({proposal}) must not exceed max_size_per_msg ({msg})")]
+    ProposalLargerThanMessage {
+        /// The configured proposal limit.
+        proposal: u64,
+        /// The configured message size limit.
+        msg: u64,
+    },
+    /// A zero mailbox could never accept a message.
+    #[error("mailbox_capacity must be at least 1")]
+    ZeroMailbox,
+    /// Zero would compact on every apply and force snapshots on every lagging follower.
+    #[error("log_compact_threshold must be at least 1")]
+    ZeroCompactThreshold,
+    /// A zero timeout fails every proposal.
+    #[error("proposal_timeout must be non-zero")]
+    ZeroProposalTimeout,
+    /// The worker batch size bounds a round; zero would do nothing.
+    #[error("max_batch_replicas must be at least 1")]
+    ZeroBatch,
+}
+
+/// How a NodeGroup runs its replicas.
+#[derive(Debug, Clone)]
+pub struct NodeGroupConfig {
+    /// This node's id; non-zero, unique in the cluster. No default (0 is invalid).
+    pub node_id: u64,
+    /// Raft worker OS threads shared by all replicas. Default: the number of CPUs.
+    pub worker_threads: usize,
+    /// Most replicas one worker handles in one round (and so in one WriteBatch / fsync).
+    /// Default 256.
+    pub max_batch_replicas: usize,
+    /// Interval of the one ticker thread. Default 100ms.
+    pub tick_interval: Duration,
+    /// Ticks between leader heartbeats. Default 2.
+    pub heartbeat_tick: usize,
+    /// Ticks without a leader before a follower campaigns (randomized in [n, 2n)).
+    /// Default 10. Must be greater than `heartbeat_tick`.
+    pub election_tick: usize,
+    /// Pre-vote: a partitioned node does not disrupt the group when it returns. Default true.
+    pub pre_vote: bool,
+    /// A leader steps down when it has not heard from a quorum for an election timeout.
+    /// Default true (required for lease reads).
+    pub check_quorum: bool,
+    /// Most bytes of entries in one append message. Default 1 MiB.
+    pub max_size_per_msg: u64,
+    /// Most in-flight append messages per follower. raft-rs allocates this many slots
+    /// (8 bytes each) per peer of every replica, so it is a memory-per-group knob. Default 32.
+    pub max_inflight_msgs: usize,
+    /// Most bytes of proposed-but-uncommitted entries per group; past it proposals get `Busy`.
+    /// Default 8 MiB.
+    pub max_uncommitted_bytes: u64,
+    /// Largest accepted proposal, in bytes. Default 512 KiB.
+    pub max_proposal_bytes: u64,
+    /// Most queued messages per replica mailbox; past it senders get `Busy`. Default 1024.
+    pub mailbox_capacity: usize,
+    /// A follower forwards proposals to its leader instead of answering `NotLeader`.
+    /// Default true.
+    pub forward_proposals: bool,
+    /// Compact a group's log when it holds more than this many applied entries. Default 1024.
+    pub log_compact_threshold: u64,
+    /// Entries kept below the applied index on compaction, so that slightly lagging
+    /// followers catch up from the log rather than a snapshot. Default 64.
+    pub log_compact_trailing: u64,
+    /// A proposal or read whose outcome is not known after this long fails with
+    /// `ProposalDropped` (outcome unknown: retry with the same request id). Default 10s.
+    pub proposal_timeout: Duration,
+}
+
+impl Default for NodeGroupConfig {
+    fn default() -> Self {
+        NodeGroupConfig {
+            node_id: 0,
+            worker_threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            max_batch_replicas: 256,
+            tick_interval: Duration::from_millis(100),
+            heartbeat_tick: 2,
+            election_tick: 10,
+            pre_vote: true,
+            check_quorum: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 32,
+            max_uncommitted_bytes: 8 << 20,
+            max_proposal_bytes: 512 << 10,
+            mailbox_capacity: 1024,
+            forward_proposals: true,
+            log_compact_threshold: 1024,
+            log_compact_trailing: 64,
+            proposal_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl NodeGroupConfig {
+    /// The default configuration for node `node_id`.
+    pub fn new(node_id: u64) -> Self {
+        NodeGroupConfig {
+            node_id,
+            ..Default::default()
+        }
+    }
+
+    /// Checks every field; returns the first mistake found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id == 0 {
+            return Err(ConfigError::ZeroNodeId);
+        }
+        if self.worker_threads == 0 {
+            return Err(ConfigError::ZeroWorkerThreads);
+        }
+        if self.max_batch_replicas == 0 {
+            return Err(ConfigError::ZeroBatch);
+        }
+        if self.tick_interval < Duration::from_millis(1) {
+            return Err(ConfigError::TickIntervalTooSmall);
+        }
+        if self.heartbeat_tick == 0 {
+            return Err(ConfigError::ZeroHeartbeatTick);
+        }
+        if self.election_tick <= self.heartbeat_tick {
+            return Err(ConfigError::ElectionTickNotGreaterThanHeartbeat {
+                election: self.election_tick,
+                heartbeat: self.heartbeat_tick,
+            });
+        }
+        if self.max_inflight_msgs == 0 {
+            return Err(ConfigError::ZeroInflight);
+        }
+        if self.max_proposal_bytes == 0 {
+            return Err(ConfigError::ZeroProposalLimit);
+        }
+        if self.max_proposal_bytes > self.max_size_per_msg {
+            return Err(ConfigError::ProposalLargerThanMessage {
+                proposal: self.max_proposal_bytes,
+                msg: self.max_size_per_msg,
+            });
+        }
+        if self.mailbox_capacity == 0 {
+            return Err(ConfigError::ZeroMailbox);
+        }
+        if self.log_compact_threshold == 0 {
+            return Err(ConfigError::ZeroCompactThreshold);
+        }
+        if self.proposal_timeout.is_zero() {
+            return Err(ConfigError::ZeroProposalTimeout);
+        }
+        Ok(())
+    }
+
+    /// The raft-rs config of one replica.
+    pub(crate) fn raft_config(&self, replica_id: u64, applied: u64) -> raft::Config {
+        raft::Config {
+            id: replica_id,
+            election_tick: self.election_tick,
+            heartbeat_tick: self.heartbeat_tick,
+            applied,
+            max_size_per_msg: self.max_size_per_msg,
+            max_inflight_msgs: self.max_inflight_msgs,
+            check_quorum: self.check_quorum,
+            pre_vote: self.pre_vote,
+            max_uncommitted_size: self.max_uncommitted_bytes,
+            skip_bcast_commit: false,
+            batch_append: true,
+            read_only_option: raft::ReadOnlyOption::Safe,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_with_node_id_is_valid() {
+        NodeGroupConfig::new(1).validate().unwrap();
+        NodeGroupConfig::new(1).raft_config(1, 0).validate().unwrap();
+    }
+
+    #[test]
+    fn each_mistake_has_its_own_error() {
+        let base = NodeGroupConfig::new(1);
+        let cases: Vec<(NodeGroupConfig, ConfigError)> = vec![
+            (NodeGroupConfig::default(), ConfigError::ZeroNodeId),
+            (
+                NodeGroupConfig {
+                    worker_threads: 0,
+                    ..base.clone()
+                },
+                ConfigError::ZeroWorkerThreads,
+            ),
+            (
+                NodeGroupConfig {
+                    election_tick: 2,
+                    heartbeat_tick: 2,
+                    ..base.clone()
+                },
+                ConfigError::ElectionTickNotGreaterThanHeartbeat {
+                    election: 2,
+                    heartbeat: 2,
+                },
+            ),
+            (
+                NodeGroupConfig {
+                    heartbeat_tick: 0,
+                    ..base.clone()
+                },
+                ConfigError::ZeroHeartbeatTick,
+            ),
+            (
+                NodeGroupConfig {
+                    tick_interval: Duration::ZERO,
+                    ..base.clone()
+                },
+                ConfigError::TickIntervalTooSmall,
+            ),
+            (
+                NodeGroupConfig {
+                    max_inflight_msgs: 0,
+                    ..base.clone()
+                },
+                ConfigError::ZeroInflight,
+            ),
+            (
+                NodeGroupConfig {
+                    max_proposal_bytes: 2 << 20,
+                    ..base.clone()
+                },
+                ConfigError::ProposalLargerThanMessage {
+                    proposal: 2 << 20,
+                    msg: 1 << 20,
+                },
+            ),
+            (
+                NodeGroupConfig {
+                    mailbox_capacity: 0,
+                    ..base.clone()
+                },
+                ConfigError::ZeroMailbox,
+            ),
+            (
+                NodeGroupConfig {
+                    proposal_timeout: Duration::ZERO,
+                    ..base.clone()
+                },
+                ConfigError::ZeroProposalTimeout,
+            ),
+        ];
+        for (cfg, want) in cases {
+            assert_eq!(cfg.validate(), Err(want));
+        }
+    }
+}

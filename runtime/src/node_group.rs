@@ -1,0 +1,727 @@
+//! The NodeGroup: the per-process host of every replica, and its public API.
+//!
+//! Threads (each owned by the NodeGroup, stopped by [`NodeGroup::shutdown`] or on drop):
+//! `worker_threads` raft workers (see `fsm::worker`) and one ticker (`fsm::ticker`). Client
+//! calls are async: they register a completion, queue a message in the replica's mailbox and
+//! await the completion; the worker completes it. The transport calls back into
+//! [`Inbound`] from its own threads; that only decodes, checks and queues.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use dashmap::DashMap;
+use flotilla_proto::command::{
+    kv_request, raft_command, KvRequest, KvResponse, RaftCommand, RequestHeader, RequestId,
+};
+use flotilla_proto::meta::{RangeDescriptor, RangeEpoch, RangeState, ReplicaDescriptor, ReplicaRole};
+use flotilla_proto::transport::NodeBatch;
+use flotilla_proto::{Message as _, NodeId, RangeId, ReplicaId};
+use flotilla_store::{Engine, GroupStorage, SPLIT_INIT_INDEX, SPLIT_INIT_TERM};
+use flotilla_transport::{BatchHandler, Transport};
+use parking_lot::Mutex;
+use prost_raft::Message as _;
+use raft::prelude::{ConfState, MessageType};
+use raft::RawNode;
+
+use crate::config::NodeGroupConfig;
+use crate::error::{Error, Result};
+use crate::fsm::mailbox::{PeerMsg, ReplicaCell, SendError};
+use crate::pending::Pending;
+use crate::replica::{Replica, ReplicaStatus};
+use crate::router::RangeRouter;
+use crate::state_machine::StateMachine;
+
+/// A change to a range's membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a voting replica on a node (gets a fresh replica id).
+    AddVoter(NodeId),
+    /// Add a non-voting replica on a node (gets a fresh replica id); promote it once it has
+    /// caught up.
+    AddLearner(NodeId),
+    /// Make a learner a voter.
+    Promote(ReplicaId),
+    /// Make a voter a learner.
+    Demote(ReplicaId),
+    /// Remove a replica; its id is never used again.
+    Remove(ReplicaId),
+}
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadConsistency {
+    /// Linearizable through ReadIndex (leader or follower). The default.
+    #[default]
+    Linearizable,
+    /// Served by the leader under its lease, without a round trip: linearizable as long as
+    /// clock drift stays below the election timeout.
+    Lease,
+    /// Whatever this replica has applied; may be stale.
+    Stale,
+}
+
+/// Options of a proposal.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProposeOptions {
+    /// Retry de-duplication: the same `(client_id, seq)` is applied at most once. A client
+    /// sends requests to one range one at a time, with increasing `seq`.
+    pub request_id: Option<(u64, u64)>,
+    /// The epoch the caller routed with; a stale one gets `EpochNotMatch`.
+    pub epoch: Option<RangeEpoch>,
+}
+
+/// Counters of a NodeGroup.
+#[derive(Debug, Clone, Default)]
+pub struct NodeStatus {
+    /// This node.
+    pub node: NodeId,
+    /// Replicas hosted (initialized or not).
+    pub replicas: usize,
+    /// Ranges in the router (initialized replicas).
+    pub ranges: usize,
+    /// Replicas that are currently leader.
+    pub leaders: usize,
+    /// Requests waiting for an outcome.
+    pub pending_requests: usize,
+}
+
+/// State shared by the API, the workers, the ticker and the inbound handler.
+pub(crate) struct Shared {
+    pub(crate) config: NodeGroupConfig,
+    pub(crate) node: NodeId,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) state_machine: Arc<dyn StateMachine>,
+    pub(crate) transport: OnceLock<Arc<dyn Transport>>,
+    pub(crate) router: RangeRouter,
+    replicas: DashMap<u64, Arc<ReplicaCell>>,
+    /// Replicas the ticker ticks. Hibernating replicas are absent.
+    pub(crate) awake: DashMap<u64, Arc<ReplicaCell>>,
+    /// Ranges whose replica here was removed, with the conf_ver of the removal: messages
+    /// from that membership era must not recreate it.
+    pub(crate) tombstones: DashMap<u64, u64>,
+    pub(crate) pending: Pending,
+    pub(crate) ready_tx: Sender<Arc<ReplicaCell>>,
+    logger: slog::Logger,
+    stopped: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn cell(&self, range: RangeId) -> Option<Arc<ReplicaCell>> {
+        self.replicas.get(&range.0).map(|c| c.clone())
+    }
+
+    pub(crate) fn unregister(&self, range: RangeId) {
+        self.replicas.remove(&range.0);
+        self.awake.remove(&range.0);
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    fn register(&self, cell: Arc<ReplicaCell>) {
+        self.awake.insert(cell.range.0, cell.clone());
+        self.replicas.insert(cell.range.0, cell);
+    }
+
+    fn raw_node(&self, storage: GroupStorage, replica_id: u64) -> Result<RawNode<GroupStorage>> {
+        let applied = storage.apply_state().applied_index;
+        let group = storage.group().0;
+        let cfg = self.config.raft_config(replica_id, applied);
+        let logger = self
+            .logger
+            .new(slog::o!("group" => group, "replica" => replica_id));
+        RawNode::new(&cfg, storage, &logger)
+            .map_err(|e| Error::Store(format!("cannot start replica of r{group}: {e}")))
+    }
+
+    /// Queues `msg` for `range`'s replica.
+    fn post(&self, range: RangeId, msg: PeerMsg) -> Result<()> {
+        let cell = self.cell(range).ok_or(Error::RangeNotFound(range))?;
+        match cell.send(msg, self.config.mailbox_capacity, &self.ready_tx) {
+            Ok(()) => Ok(()),
+            Err(SendError::Full) => Err(Error::Busy("replica mailbox full")),
+            Err(SendError::Closed) => Err(Error::ReplicaFailed(range)),
+        }
+    }
+
+    /// Creates an uninitialized replica for a message addressed to a group this node does not
+    /// host yet, if the message may create one.
+    fn maybe_create(&self, env: &flotilla_proto::transport::RaftMessage, msg_type: MessageType) -> Option<Arc<ReplicaCell>> {
+        let range = RangeId(env.range_id);
+        let to = env.to?;
+        // Only messages a leader or candidate sends to a (possibly new) member may create it.
+        if !matches!(
+            msg_type,
+            MessageType::MsgAppend
+                | MessageType::MsgHeartbeat
+                | MessageType::MsgSnapshot
+                | MessageType::MsgRequestVote
+                | MessageType::MsgRequestPreVote
+        ) {
+            return None;
+        }
+        let conf_ver = env.epoch.unwrap_or_default().conf_ver;
+        if let Some(t) = self.tombstones.get(&range.0) {
+            if conf_ver <= *t {
+                metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "tombstone")
+                    .increment(1);
+                return None;
+            }
+        }
+        // A replica whose keys overlap a range this node already serves will be created by that
+        // range's split, not by a message: creating it here would conflict (tikv#17535).
+        let overlaps = self
+            .router
+            .overlapping(&env.start_key, &env.end_key)
+            .into_iter()
+            .any(|d| d.range_id != range.0);
+        if overlaps {
+            metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "overlap")
+                .increment(1);
+            return None;
+        }
+        let entry = self.replicas.entry(range.0);
+        if let dashmap::mapref::entry::Entry::Occupied(o) = &entry {
+            return Some(o.get().clone());
+        }
+        let storage = GroupStorage::new_uninitialized(self.engine.clone(), range);
+        // Persist who we are before raft can vote: after a restart the replica must come back
+        // with the same id and its vote.
+        let placeholder = RangeDescriptor {
+            range_id: range.0,
+            state: RangeState::Uninitialized as i32,
+            replicas: vec![ReplicaDescriptor {
+                replica_id: to.replica_id,
+                node_id: self.node.0,
+                role: ReplicaRole::Voter as i32,
+            }],
+            ..Default::default()
+        };
+        let mut batch = self.engine.batch();
+        batch.put_descriptor(&placeholder);
+        if let Err(e) = self.engine.write(batch, true) {
+            tracing::error!(%range, "cannot create replica: {e}");
+            return None;
+        }
+        let raw = match self.raw_node(storage, to.replica_id) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(%range, "cannot create replica: {e}");
+                return None;
+            }
+        };
+        let cell = ReplicaCell::new(range, Replica::new(raw, to.replica_id, range, self.node));
+        entry.or_insert(cell.clone());
+        self.awake.insert(range.0, cell.clone());
+        metrics::counter!("flotilla_runtime_replicas_created_total", "by" => "message").increment(1);
+        Some(cell)
+    }
+}
+
+/// What the transport calls with each batch that arrives for this node.
+pub(crate) struct Inbound(Arc<Shared>);
+
+impl BatchHandler for Inbound {
+    fn on_batch(&self, batch: NodeBatch) {
+        let shared = &self.0;
+        if batch.to_node != shared.node.0 {
+            metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "wrong_node")
+                .increment(batch.messages.len() as u64);
+            return;
+        }
+        for env in batch.messages {
+            let msg = match raft::prelude::Message::decode(&env.message[..]) {
+                Ok(m) => m,
+                Err(_) => {
+                    metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "undecodable")
+                        .increment(1);
+                    continue;
+                }
+            };
+            let (Some(from), Some(to)) = (env.from, env.to) else {
+                metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "no_endpoints")
+                    .increment(1);
+                continue;
+            };
+            if to.node_id != shared.node.0 || msg.to != to.replica_id || msg.from != from.replica_id {
+                metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "inconsistent")
+                    .increment(1);
+                continue;
+            }
+            let range = RangeId(env.range_id);
+            let cell = match shared.cell(range) {
+                Some(c) => c,
+                None => match shared.maybe_create(&env, msg.get_msg_type()) {
+                    Some(c) => c,
+                    None => continue,
+                },
+            };
+            let from_conf_ver = env.epoch.unwrap_or_default().conf_ver;
+            let pm = PeerMsg::Raft {
+                msg: Box::new(msg),
+                from,
+                from_conf_ver,
+            };
+            if cell.send(pm, shared.config.mailbox_capacity, &shared.ready_tx).is_err() {
+                // raft retransmits; dropping under overload is its flow control.
+                metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "mailbox_full")
+                    .increment(1);
+            }
+        }
+    }
+}
+
+/// The per-process host of every group replica.
+pub struct NodeGroup {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    ticker_stop: Mutex<Option<Sender<()>>>,
+}
+
+impl std::fmt::Debug for NodeGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeGroup")
+            .field("node", &self.shared.node)
+            .field("replicas", &self.shared.replicas.len())
+            .finish()
+    }
+}
+
+impl NodeGroup {
+    /// Starts a NodeGroup on `engine`: validates the config, recovers every replica stored in
+    /// the engine, then calls `connect` with the handler the transport must deliver inbound
+    /// batches to, and starts the workers and the ticker.
+    pub fn start(
+        config: NodeGroupConfig,
+        engine: Arc<Engine>,
+        state_machine: Arc<dyn StateMachine>,
+        connect: impl FnOnce(Arc<dyn BatchHandler>) -> Arc<dyn Transport>,
+    ) -> Result<NodeGroup> {
+        config.validate()?;
+        let node = NodeId(config.node_id);
+        engine.bind_node(node, 0)?;
+        let (ready_tx, ready_rx): (Sender<Arc<ReplicaCell>>, Receiver<Arc<ReplicaCell>>) =
+            crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            logger: crate::logger::root_logger(node.0),
+            config,
+            node,
+            engine,
+            state_machine,
+            transport: OnceLock::new(),
+            router: RangeRouter::new(),
+            replicas: DashMap::new(),
+            awake: DashMap::new(),
+            tombstones: DashMap::new(),
+            pending: Pending::default(),
+            ready_tx,
+            stopped: AtomicBool::new(false),
+        });
+        recover(&shared)?;
+        let transport = connect(Arc::new(Inbound(shared.clone())));
+        let _ = shared.transport.set(transport);
+
+        let mut threads = Vec::new();
+        for i in 0..shared.config.worker_threads {
+            let (s, rx) = (shared.clone(), ready_rx.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("raft-worker-{i}"))
+                    .spawn(move || crate::fsm::worker::run(s, rx))
+                    .map_err(|e| Error::Store(format!("cannot spawn worker: {e}")))?,
+            );
+        }
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("raft-ticker".into())
+                .spawn(move || crate::fsm::ticker::run(s, stop_rx))
+                .map_err(|e| Error::Store(format!("cannot spawn ticker: {e}")))?,
+        );
+        // Replicas recovered with work to do (unapplied committed entries) start at once.
+        for cell in shared.replicas.iter() {
+            cell.schedule(&shared.ready_tx);
+        }
+        Ok(NodeGroup {
+            shared,
+            threads: Mutex::new(threads),
+            ticker_stop: Mutex::new(Some(stop_tx)),
+        })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.shared.node
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.shared.engine
+    }
+
+    /// Creates this node's replica of a new range with the initial membership in `desc`
+    /// (every replica listed must be created the same way on its node, as with etcd's initial
+    /// cluster). Idempotent: an existing identical range is accepted.
+    pub fn bootstrap_range(&self, desc: RangeDescriptor) -> Result<()> {
+        self.bootstrap_ranges(vec![desc])
+    }
+
+    /// [`NodeGroup::bootstrap_range`] for many ranges with one synced write.
+    pub fn bootstrap_ranges(&self, descs: Vec<RangeDescriptor>) -> Result<()> {
+        let s = &self.shared;
+        let mut batch = s.engine.batch();
+        let mut created = Vec::with_capacity(descs.len());
+        for desc in descs {
+            let me = desc
+                .replica_on(s.node)
+                .ok_or_else(|| {
+                    Error::AdminRefused(format!("{} has no replica on {}", desc.id(), s.node))
+                })?
+                .replica_id;
+            if desc.range_id == 0 || me == 0 {
+                return Err(Error::AdminRefused(
+                    "range and replica ids must be non-zero".into(),
+                ));
+            }
+            if let Some(existing) = s.cell(desc.id()) {
+                let same = existing
+                    .replica
+                    .lock()
+                    .as_ref()
+                    .and_then(|r| r.descriptor().cloned())
+                    .is_some_and(|d| d.start_key == desc.start_key && d.end_key == desc.end_key);
+                if same {
+                    continue;
+                }
+                return Err(Error::AdminRefused(format!("{} already exists", desc.id())));
+            }
+            let clash = !s.router.overlapping(&desc.start_key, &desc.end_key).is_empty()
+                || created.iter().any(|(d, _, _): &(RangeDescriptor, u64, GroupStorage)| {
+                    crate::router::overlaps(d, &desc) || d.range_id == desc.range_id
+                });
+            if clash {
+                return Err(Error::AdminRefused(format!(
+                    "{} overlaps a range already hosted on {}",
+                    desc.id(),
+                    s.node
+                )));
+            }
+            let mut desc = desc;
+            desc.state = RangeState::Normal as i32;
+            if desc.epoch.is_none() {
+                desc.epoch = Some(RangeEpoch {
+                    conf_ver: 1,
+                    version: 1,
+                });
+            }
+            let storage = GroupStorage::initialize(
+                s.engine.clone(),
+                desc.clone(),
+                conf_state_of(&desc),
+                SPLIT_INIT_INDEX,
+                SPLIT_INIT_TERM,
+                &mut batch,
+            );
+            created.push((desc, me, storage));
+        }
+        s.engine.write(batch, true)?;
+        for (desc, me, storage) in created {
+            let raw = s.raw_node(storage, me)?;
+            let cell = ReplicaCell::new(desc.id(), Replica::new(raw, me, desc.id(), s.node));
+            s.register(cell);
+            s.router.upsert(desc);
+        }
+        Ok(())
+    }
+
+    /// Starts an election for this node's replica of `range` now.
+    pub fn campaign(&self, range: RangeId) -> Result<()> {
+        self.shared.post(range, PeerMsg::Campaign)
+    }
+
+    /// Proposes an application command to the range that owns `key`; resolves with the state
+    /// machine's answer once the command is applied on this node.
+    pub async fn propose(&self, key: &[u8], command: Vec<u8>, opts: ProposeOptions) -> Result<Vec<u8>> {
+        let s = &self.shared;
+        let size = command.len() as u64;
+        if size > s.config.max_proposal_bytes {
+            return Err(Error::ProposalTooLarge {
+                size,
+                limit: s.config.max_proposal_bytes,
+            });
+        }
+        let desc = s.router.lookup(key)?;
+        if let Some(epoch) = opts.epoch {
+            if epoch.is_stale(&desc.epoch_or_default()) {
+                return Err(Error::EpochNotMatch {
+                    current: vec![desc],
+                });
+            }
+        }
+        let (token, rx) = s.pending.register(s.config.proposal_timeout);
+        let cmd = RaftCommand {
+            header: Some(RequestHeader {
+                range_id: desc.range_id,
+                epoch: desc.epoch,
+                request_id: opts.request_id.map(|(client_id, seq)| RequestId { client_id, seq }),
+                proposer_node: s.node.0,
+                proposal_token: token,
+            }),
+            body: Some(raft_command::Body::App(command.into())),
+        };
+        self.submit(desc.id(), token, rx, PeerMsg::Propose {
+            token,
+            data: cmd.encode_to_vec(),
+        })
+        .await
+    }
+
+    async fn submit(
+        &self,
+        range: RangeId,
+        token: u64,
+        rx: tokio::sync::oneshot::Receiver<crate::pending::Answer>,
+        msg: PeerMsg,
+    ) -> Result<Vec<u8>> {
+        if self.shared.is_stopped() {
+            self.shared.pending.complete(token, Err(Error::Stopped));
+            return Err(Error::Stopped);
+        }
+        if let Err(e) = self.shared.post(range, msg) {
+            self.shared.pending.complete(token, Err(e.clone()));
+            return Err(e);
+        }
+        rx.await.unwrap_or(Err(Error::Stopped))
+    }
+
+    /// Runs a KV command through the default state machine.
+    pub async fn kv(&self, req: KvRequest, opts: ProposeOptions) -> Result<KvResponse> {
+        let key = match &req.op {
+            Some(kv_request::Op::Put(p)) => p.key.clone(),
+            Some(kv_request::Op::Delete(d)) => d.key.clone(),
+            Some(kv_request::Op::Insert(i)) => i.key.clone(),
+            Some(kv_request::Op::Cas(c)) => c.key.clone(),
+            None => return Err(Error::InvalidCommand("empty KvRequest".into())),
+        };
+        let answer = self.propose(&key, req.encode_to_vec(), opts).await?;
+        KvResponse::decode(&answer[..]).map_err(|e| Error::InvalidCommand(format!("bad answer: {e}")))
+    }
+
+    /// Writes `key = value` (default KV state machine).
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        let req = KvRequest {
+            op: Some(kv_request::Op::Put(flotilla_proto::command::Put {
+                key: key.to_vec().into(),
+                value: value.to_vec().into(),
+            })),
+        };
+        self.kv(req, ProposeOptions::default()).await.map(|_| ())
+    }
+
+    /// Waits until this node's replica of `range` may serve a read of the given consistency.
+    pub async fn read_barrier(&self, range: RangeId, consistency: ReadConsistency) -> Result<()> {
+        let lease = match consistency {
+            ReadConsistency::Stale => return Ok(()),
+            ReadConsistency::Lease => true,
+            ReadConsistency::Linearizable => false,
+        };
+        let s = &self.shared;
+        let (token, rx) = s.pending.register(s.config.proposal_timeout);
+        self.submit(range, token, rx, PeerMsg::Read { token, lease })
+            .await
+            .map(|_| ())
+    }
+
+    /// Reads `key` (default KV state machine) with the given consistency.
+    pub async fn get(&self, key: &[u8], consistency: ReadConsistency) -> Result<Option<Vec<u8>>> {
+        let desc = self.shared.router.lookup(key)?;
+        self.read_barrier(desc.id(), consistency).await?;
+        // The range may have changed shape while we waited.
+        let now = self.shared.router.lookup(key)?;
+        if now.range_id != desc.range_id {
+            return Err(Error::EpochNotMatch { current: vec![now] });
+        }
+        Ok(self.shared.engine.get(key)?)
+    }
+
+    /// Reads up to `limit` keys from `start` within the range that owns `start`.
+    pub async fn scan(
+        &self,
+        start: &[u8],
+        limit: usize,
+        consistency: ReadConsistency,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let desc = self.shared.router.lookup(start)?;
+        self.read_barrier(desc.id(), consistency).await?;
+        Ok(self.shared.engine.scan(start, &desc.end_key, limit)?)
+    }
+
+    /// Changes the membership of `range`; this node's replica must be the leader. Resolves
+    /// with the new descriptor once the change is applied here.
+    pub async fn change_membership(
+        &self,
+        range: RangeId,
+        changes: Vec<MembershipChange>,
+    ) -> Result<RangeDescriptor> {
+        let s = &self.shared;
+        let (token, rx) = s.pending.register(s.config.proposal_timeout);
+        let answer = self
+            .submit(range, token, rx, PeerMsg::ConfChange { token, changes })
+            .await?;
+        RangeDescriptor::decode(&answer[..]).map_err(|e| Error::Store(e.to_string()))
+    }
+
+    /// Asks this node's replica of `range` (the leader) to hand leadership to replica `to`.
+    pub async fn transfer_leader(&self, range: RangeId, to: ReplicaId) -> Result<()> {
+        let s = &self.shared;
+        let (token, rx) = s.pending.register(s.config.proposal_timeout);
+        self.submit(range, token, rx, PeerMsg::TransferLeader { token, to: to.0 })
+            .await
+            .map(|_| ())
+    }
+
+    /// Compacts the log of this node's replica of `range` up to its applied index now, so that
+    /// a follower missing any of it is sent a snapshot.
+    pub async fn compact_log(&self, range: RangeId) -> Result<()> {
+        let s = &self.shared;
+        let (token, rx) = s.pending.register(s.config.proposal_timeout);
+        self.submit(range, token, rx, PeerMsg::CompactLog { token })
+            .await
+            .map(|_| ())
+    }
+
+    /// Status of this node's replica of `range`.
+    pub fn status(&self, range: RangeId) -> Result<ReplicaStatus> {
+        let cell = self.shared.cell(range).ok_or(Error::RangeNotFound(range))?;
+        let guard = cell.replica.lock();
+        guard
+            .as_ref()
+            .map(|r| r.status())
+            .ok_or(Error::ReplicaFailed(range))
+    }
+
+    /// Counters of the whole NodeGroup (walks every replica: not for hot paths).
+    pub fn node_status(&self) -> NodeStatus {
+        let mut leaders = 0;
+        for c in self.shared.replicas.iter() {
+            if c.replica.lock().as_ref().is_some_and(|r| r.is_leader()) {
+                leaders += 1;
+            }
+        }
+        let st = NodeStatus {
+            node: self.shared.node,
+            replicas: self.shared.replicas.len(),
+            ranges: self.shared.router.len(),
+            leaders,
+            pending_requests: self.shared.pending.len(),
+        };
+        metrics::gauge!("flotilla_runtime_replicas").set(st.replicas as f64);
+        metrics::gauge!("flotilla_runtime_leaders").set(st.leaders as f64);
+        st
+    }
+
+    /// The ranges this node serves, in key order.
+    pub fn ranges(&self) -> Vec<RangeDescriptor> {
+        self.shared.router.all()
+    }
+
+    /// The range that owns `key`, as this node knows it.
+    pub fn range_of(&self, key: &[u8]) -> Result<RangeDescriptor> {
+        self.shared.router.lookup(key)
+    }
+
+    /// The ids of every replica hosted here (initialized or not).
+    pub fn replica_ranges(&self) -> Vec<RangeId> {
+        self.shared.replicas.iter().map(|c| c.range).collect()
+    }
+
+    /// Whether this node's replica of `range` was isolated after a fault.
+    pub fn is_failed(&self, range: RangeId) -> bool {
+        self.shared.cell(range).is_some_and(|c| c.is_failed())
+    }
+
+    /// Stops the ticker and the workers, fails every waiting request with `Stopped` and shuts
+    /// the transport down. Whatever was acknowledged is on disk already; nothing else is
+    /// flushed. Idempotent.
+    pub fn shutdown(&self) {
+        if self.shared.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(tx) = self.ticker_stop.lock().take() {
+            let _ = tx.send(());
+        }
+        // Wake every worker so it sees `stopped`.
+        let workers = self.shared.config.worker_threads;
+        if let Some(cell) = self.shared.replicas.iter().next().map(|c| c.clone()) {
+            for _ in 0..workers {
+                let _ = self.shared.ready_tx.send(cell.clone());
+            }
+        }
+        if let Some(t) = self.shared.transport.get() {
+            t.shutdown();
+        }
+        for h in self.threads.lock().drain(..) {
+            let _ = h.join();
+        }
+        self.shared.pending.fail_all(Error::Stopped);
+    }
+}
+
+impl Drop for NodeGroup {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// raft's conf state for a descriptor's replicas.
+fn conf_state_of(desc: &RangeDescriptor) -> ConfState {
+    let mut cs = ConfState::default();
+    for r in &desc.replicas {
+        if r.role == ReplicaRole::Learner as i32 {
+            cs.learners.push(r.replica_id);
+        } else {
+            cs.voters.push(r.replica_id);
+        }
+    }
+    cs
+}
+
+/// Recreates every replica stored in the engine.
+fn recover(shared: &Shared) -> Result<()> {
+    for d in shared.engine.descriptors()? {
+        if d.state == RangeState::Tombstone as i32 {
+            shared
+                .tombstones
+                .insert(d.range_id, d.epoch_or_default().conf_ver);
+        }
+    }
+    let groups = shared.engine.recover()?;
+    let count = groups.len();
+    for rec in groups {
+        let range = rec.group;
+        let Some(desc) = rec.descriptor.clone() else {
+            tracing::warn!(%range, "raft state without a descriptor; skipping");
+            continue;
+        };
+        if desc.state == RangeState::Tombstone as i32 {
+            continue;
+        }
+        let Some(me) = desc.replica_on(shared.node).map(|r| r.replica_id) else {
+            tracing::warn!(%range, "descriptor has no replica on this node; skipping");
+            continue;
+        };
+        let initialized = desc.state == RangeState::Normal as i32;
+        let storage = GroupStorage::recover(shared.engine.clone(), rec)?;
+        let raw = shared.raw_node(storage, me)?;
+        shared.register(ReplicaCell::new(range, Replica::new(raw, me, range, shared.node)));
+        if initialized {
+            shared.router.upsert(desc);
+        }
+    }
+    tracing::info!(node = %shared.node, replicas = count, "recovered replicas from the store");
+    Ok(())
+}

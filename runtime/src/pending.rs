@@ -1,0 +1,87 @@
+//! Completions of requests in flight: a token per request, a oneshot per token.
+//!
+//! The registry is per NodeGroup, not per replica, so an idle replica carries nothing for it.
+//! Tokens travel inside raft entries (`RequestHeader::proposal_token`), so whichever replica
+//! of this node applies the entry can complete it, including proposals forwarded to a leader
+//! elsewhere. Requests whose outcome never arrives (lost with a deposed leader) are failed by
+//! the ticker once their deadline passes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+
+/// What a completed request yields: the state machine's answer (or an encoded descriptor
+/// for admin requests; empty for read barriers).
+pub(crate) type Answer = Result<Vec<u8>>;
+
+#[derive(Debug)]
+struct Entry {
+    tx: oneshot::Sender<Answer>,
+    deadline: Instant,
+}
+
+/// Requests waiting for their outcome.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    next: AtomicU64,
+    waiting: DashMap<u64, Entry>,
+}
+
+impl Pending {
+    /// Registers a request; the receiver resolves with its outcome.
+    pub(crate) fn register(&self, timeout: Duration) -> (u64, oneshot::Receiver<Answer>) {
+        let token = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = oneshot::channel();
+        self.waiting.insert(
+            token,
+            Entry {
+                tx,
+                deadline: Instant::now() + timeout,
+            },
+        );
+        (token, rx)
+    }
+
+    /// Delivers the outcome of `token`, if anyone still waits for it. Later completions of the
+    /// same token are ignored, so several paths may race to complete it.
+    pub(crate) fn complete(&self, token: u64, answer: Answer) {
+        if let Some((_, e)) = self.waiting.remove(&token) {
+            let _ = e.tx.send(answer);
+        }
+    }
+
+    /// Whether `token` is still waiting.
+    pub(crate) fn contains(&self, token: u64) -> bool {
+        self.waiting.contains_key(&token)
+    }
+
+    /// Fails every request past its deadline with `ProposalDropped`.
+    pub(crate) fn expire(&self, now: Instant) -> usize {
+        let expired: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|e| e.deadline <= now)
+            .map(|e| *e.key())
+            .collect();
+        for t in &expired {
+            self.complete(*t, Err(Error::ProposalDropped));
+        }
+        expired.len()
+    }
+
+    /// Fails everything (shutdown).
+    pub(crate) fn fail_all(&self, err: Error) {
+        let all: Vec<u64> = self.waiting.iter().map(|e| *e.key()).collect();
+        for t in all {
+            self.complete(t, Err(err.clone()));
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.waiting.len()
+    }
+}

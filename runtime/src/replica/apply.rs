@@ -1,0 +1,132 @@
+//! Applying committed entries: normal entries go to the state machine (after the retry
+//! de-duplication check), membership entries to raft and the descriptor. Everything an entry
+//! changes, and the new applied index, go into one batch.
+
+use flotilla_proto::command::{raft_command, ClientRecord, RaftCommand};
+use flotilla_proto::Message as _;
+use flotilla_store::WriteBatch;
+use raft::prelude::{Entry, EntryType};
+
+use super::Replica;
+use crate::error::Error;
+use crate::fsm::worker::Round;
+use crate::node_group::Shared;
+use crate::state_machine::ApplyContext;
+
+impl Replica {
+    pub(super) fn apply_entries(
+        &mut self,
+        entries: Vec<Entry>,
+        shared: &Shared,
+        round: &mut Round,
+        batch: &mut WriteBatch,
+    ) -> crate::Result<()> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
+        let (last_index, last_term) = (last.index, last.term);
+        for e in &entries {
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if !e.data.is_empty() {
+                        self.apply_command(e, shared, round, batch);
+                    }
+                }
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_change_entry(e, shared, round, batch);
+                }
+            }
+            self.settle_proposals(e.index, e.term, round);
+            if self.removed {
+                break;
+            }
+        }
+        self.raw
+            .mut_store()
+            .set_applied(last_index, last_term, batch);
+        Ok(())
+    }
+
+    fn apply_command(&mut self, e: &Entry, shared: &Shared, round: &mut Round, batch: &mut WriteBatch) {
+        let cmd = match RaftCommand::decode(&e.data[..]) {
+            Ok(c) => c,
+            Err(err) => {
+                // Only our own proposals enter the log, so this is a bug or a damaged log;
+                // skipping it on every replica keeps them identical.
+                tracing::error!(range = %self.range, index = e.index, "undecodable command: {err}");
+                return;
+            }
+        };
+        let header = cmd.header.unwrap_or_default();
+        let token = (header.proposer_node == shared.node.0).then_some(header.proposal_token);
+        let answer = match cmd.body {
+            Some(raft_command::Body::App(data)) => self.apply_app(&header, &data, e.index, shared, round, batch),
+            Some(raft_command::Body::Admin(_)) => {
+                Err(Error::AdminRefused("admin command not supported by this version".into()))
+            }
+            None => Err(Error::InvalidCommand("empty command".into())),
+        };
+        if let Some(t) = token {
+            round.complete(t, answer);
+        }
+    }
+
+    /// Applies an application command once per request id: a retry of the last applied
+    /// request of a client gets the recorded answer instead of a second apply.
+    fn apply_app(
+        &mut self,
+        header: &flotilla_proto::command::RequestHeader,
+        data: &[u8],
+        index: u64,
+        shared: &Shared,
+        round: &mut Round,
+        batch: &mut WriteBatch,
+    ) -> crate::Result<Vec<u8>> {
+        let Some(desc) = self.descriptor().cloned() else {
+            return Err(Error::RangeNotFound(self.range));
+        };
+        let req = header.request_id.filter(|r| r.client_id != 0);
+        if let Some(req) = req {
+            let prev = match round.client_records.get(&(self.range.0, req.client_id)) {
+                Some(r) => Some(r.clone()),
+                None => shared
+                    .engine
+                    .client_record(self.range, req.client_id)
+                    .ok()
+                    .flatten()
+                    .and_then(|b| ClientRecord::decode(&b[..]).ok()),
+            };
+            if let Some(prev) = prev {
+                if req.seq == prev.seq {
+                    return if prev.error.is_empty() {
+                        Ok(prev.response.to_vec())
+                    } else {
+                        Err(Error::InvalidCommand(prev.error))
+                    };
+                }
+                if req.seq < prev.seq {
+                    return Err(Error::InvalidCommand(format!(
+                        "request {} of client {} is older than its last applied request {}",
+                        req.seq, req.client_id, prev.seq
+                    )));
+                }
+            }
+        }
+        let result = {
+            let mut ctx = ApplyContext::new(&shared.engine, batch, &mut round.overlay);
+            shared.state_machine.apply(&desc, index, data, &mut ctx)
+        };
+        if let Some(req) = req {
+            let record = ClientRecord {
+                seq: req.seq,
+                response: result.clone().unwrap_or_default().into(),
+                error: result.clone().err().unwrap_or_default(),
+            };
+            batch.put_client_record(self.range, req.client_id, &record.encode_to_vec());
+            round
+                .client_records
+                .insert((self.range.0, req.client_id), record);
+        }
+        result.map_err(Error::InvalidCommand)
+    }
+}

@@ -1,0 +1,381 @@
+//! One group's replica on this node: raft-rs's `RawNode` over the group's storage, plus the
+//! little state the runtime keeps beside it. This module knows nothing of threads: the worker
+//! calls it in phases ([`Replica::on_msgs`], [`Replica::on_ticks`], [`Replica::collect_ready`],
+//! [`Replica::after_persist`]) and it writes into the round's batches and outbox.
+//!
+//! Each feature has its own file: proposals (`propose`), reads (`read`), membership
+//! (`conf_change`), applying entries (`apply`), snapshots and log compaction (`snapshot`).
+
+mod apply;
+mod conf_change;
+mod propose;
+mod read;
+mod snapshot;
+
+use std::collections::VecDeque;
+
+use flotilla_proto::meta::{RangeDescriptor, ReplicaDescriptor};
+use flotilla_proto::transport::RaftMessage;
+use flotilla_proto::{NodeId, RangeId};
+use flotilla_store::{GroupStorage, WriteBatch};
+use prost_raft::Message as _;
+use raft::prelude::{Message, MessageType};
+use raft::{RawNode, Ready, StateRole};
+
+use crate::error::Error;
+use crate::fsm::mailbox::PeerMsg;
+use crate::fsm::worker::Round;
+use crate::node_group::Shared;
+
+pub(crate) use read::PendingRead;
+
+/// A proposal this replica appended as leader: if a different entry is applied at its index,
+/// it was overwritten by a new leader and its proposer learns at once.
+#[derive(Debug, Clone, Copy)]
+struct LocalProposal {
+    index: u64,
+    term: u64,
+    token: u64,
+}
+
+/// One replica of one group.
+pub(crate) struct Replica {
+    raw: RawNode<GroupStorage>,
+    id: u64,
+    range: RangeId,
+    node: NodeId,
+    proposals: VecDeque<LocalProposal>,
+    reads: Vec<PendingRead>,
+    /// Where replicas not in our descriptor live (an uninitialized replica learns its leader's
+    /// node from the leader's messages).
+    peers: Vec<ReplicaDescriptor>,
+    /// The Ready taken in this round, between `collect_ready` and `after_persist`.
+    ready: Option<Ready>,
+    /// Set when an applied membership change removed this replica.
+    removed: bool,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("range", &self.range)
+            .field("id", &self.id)
+            .field("role", &self.raw.raft.state)
+            .field("term", &self.raw.raft.term)
+            .finish()
+    }
+}
+
+/// A point-in-time view of a replica, for status APIs.
+#[derive(Debug, Clone)]
+pub struct ReplicaStatus {
+    /// The range.
+    pub range: RangeId,
+    /// This replica's id.
+    pub replica_id: u64,
+    /// Leader, follower, candidate or pre-candidate.
+    pub role: StateRole,
+    /// Current raft term.
+    pub term: u64,
+    /// Highest index known committed.
+    pub commit: u64,
+    /// Highest index applied to the state machine.
+    pub applied: u64,
+    /// Last index in the log.
+    pub last_index: u64,
+    /// The leader's replica id, 0 if unknown.
+    pub leader: u64,
+    /// The node of the leader, if known.
+    pub leader_node: Option<NodeId>,
+    /// The range descriptor, once initialized.
+    pub descriptor: Option<RangeDescriptor>,
+}
+
+impl Replica {
+    pub(crate) fn new(
+        raw: RawNode<GroupStorage>,
+        id: u64,
+        range: RangeId,
+        node: NodeId,
+    ) -> Replica {
+        Replica {
+            raw,
+            id,
+            range,
+            node,
+            proposals: VecDeque::new(),
+            reads: Vec::new(),
+            peers: Vec::new(),
+            ready: None,
+            removed: false,
+        }
+    }
+
+    pub(crate) fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub(crate) fn descriptor(&self) -> Option<&RangeDescriptor> {
+        self.raw.store().descriptor()
+    }
+
+    pub(crate) fn is_removed(&self) -> bool {
+        self.removed
+    }
+
+    pub(crate) fn status(&self) -> ReplicaStatus {
+        let leader = self.raw.raft.leader_id;
+        ReplicaStatus {
+            range: self.range,
+            replica_id: self.id,
+            role: self.raw.raft.state,
+            term: self.raw.raft.term,
+            commit: self.raw.raft.raft_log.committed,
+            applied: self.raw.raft.raft_log.applied,
+            last_index: self.raw.raft.raft_log.last_index(),
+            leader,
+            leader_node: self.node_of(leader),
+            descriptor: self.descriptor().cloned(),
+        }
+    }
+
+    /// The node hosting replica `id`, from the descriptor or from what messages told us.
+    pub(crate) fn node_of(&self, id: u64) -> Option<NodeId> {
+        if id == 0 {
+            return None;
+        }
+        if let Some(r) = self
+            .descriptor()
+            .and_then(|d| d.replicas.iter().find(|r| r.replica_id == id))
+        {
+            return Some(NodeId(r.node_id));
+        }
+        self.peers
+            .iter()
+            .find(|r| r.replica_id == id)
+            .map(|r| NodeId(r.node_id))
+    }
+
+    /// The leader's node, for `NotLeader` hints.
+    pub(crate) fn leader_hint(&self) -> Option<NodeId> {
+        self.node_of(self.raw.raft.leader_id)
+    }
+
+    /// Handles everything that was in the mailbox.
+    pub(crate) fn on_msgs(&mut self, msgs: Vec<PeerMsg>, shared: &Shared, round: &mut Round) {
+        for m in msgs {
+            match m {
+                PeerMsg::Raft {
+                    msg,
+                    from,
+                    from_conf_ver,
+                } => {
+                    self.learn_peer(&from);
+                    self.on_raft_message(*msg, from_conf_ver)
+                }
+                PeerMsg::Propose { token, data } => self.propose(token, data, shared, round),
+                PeerMsg::Read { token, lease } => self.read(token, lease, shared, round),
+                PeerMsg::ConfChange { token, changes } => {
+                    self.propose_conf_change(token, changes, shared, round)
+                }
+                PeerMsg::TransferLeader { token, to } => {
+                    if self.is_leader() {
+                        self.raw.transfer_leader(to);
+                        round.complete(token, Ok(Vec::new()));
+                    } else {
+                        round.complete(
+                            token,
+                            Err(Error::NotLeader {
+                                range: self.range,
+                                leader_hint: self.leader_hint(),
+                            }),
+                        );
+                    }
+                }
+                PeerMsg::Campaign => {
+                    if let Err(e) = self.raw.campaign() {
+                        tracing::debug!(range = %self.range, "campaign refused: {e}");
+                    }
+                }
+                PeerMsg::CompactLog { token } => {
+                    let r = self.force_compact(round);
+                    round.complete(token, r.map(|_| Vec::new()));
+                }
+                PeerMsg::Unreachable { to } => self.raw.report_unreachable(to),
+                PeerMsg::SnapshotStatus { to, ok } => {
+                    let status = if ok {
+                        raft::SnapshotStatus::Finish
+                    } else {
+                        raft::SnapshotStatus::Failure
+                    };
+                    self.raw.report_snapshot(to, status);
+                }
+            }
+        }
+    }
+
+    /// Steps a message from the network after checking that raft can take it: raft-rs
+    /// panics or misbehaves on some inconsistent input, so the checks come first.
+    fn on_raft_message(&mut self, msg: Message, from_conf_ver: u64) {
+        if msg.to != self.id {
+            metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "wrong_replica")
+                .increment(1);
+            return;
+        }
+        if raft::raw_node::is_local_msg(msg.get_msg_type()) {
+            metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "local_type")
+                .increment(1);
+            return;
+        }
+        // A sender that is not a member while the sender's view of membership is not newer
+        // than ours was removed (or never added): its messages must not reach raft.
+        if let Some(d) = self.descriptor() {
+            let member = d.replicas.iter().any(|r| r.replica_id == msg.from);
+            if !member && from_conf_ver <= d.epoch_or_default().conf_ver {
+                metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "not_member")
+                    .increment(1);
+                return;
+            }
+        }
+        if let Err(e) = self.raw.step(msg) {
+            metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "step_error")
+                .increment(1);
+            tracing::debug!(range = %self.range, "step refused: {e}");
+        }
+    }
+
+    /// Records where a sender lives, when our descriptor does not say.
+    pub(crate) fn learn_peer(&mut self, from: &ReplicaDescriptor) {
+        if self.node_of(from.replica_id).is_none() {
+            self.peers.push(*from);
+        }
+    }
+
+    pub(crate) fn on_ticks(&mut self, ticks: u32) {
+        for _ in 0..ticks {
+            self.raw.tick();
+        }
+    }
+
+    /// Phase 1 of a round: takes raft's Ready, sends what may go before the fsync, applies
+    /// an incoming snapshot, and adds entries and hard state to the round's batch.
+    pub(crate) fn collect_ready(
+        &mut self,
+        shared: &Shared,
+        round: &mut Round,
+        batch: &mut WriteBatch,
+    ) -> crate::Result<()> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+        // Leader appends may go out before the local fsync (raft thesis 10.2.1).
+        if !rd.messages().is_empty() {
+            self.send_raft(rd.take_messages(), shared, round);
+        }
+        if !rd.snapshot().is_empty() {
+            self.apply_snapshot(rd.snapshot().clone(), shared, round)?;
+        }
+        self.raw.mut_store().append(rd.entries(), batch)?;
+        if let Some(hs) = rd.hs() {
+            self.raw.mut_store().set_hard_state(hs.clone(), batch);
+        }
+        if !rd.read_states().is_empty() {
+            let states = rd.take_read_states();
+            self.on_read_states(states);
+        }
+        self.ready = Some(rd);
+        Ok(())
+    }
+
+    /// Phase 2, after the round's batch is synced: sends messages that needed the fsync,
+    /// advances raft, applies committed entries into `apply_batch`.
+    pub(crate) fn after_persist(
+        &mut self,
+        shared: &Shared,
+        round: &mut Round,
+        apply_batch: &mut WriteBatch,
+    ) -> crate::Result<()> {
+        let Some(mut rd) = self.ready.take() else {
+            return Ok(());
+        };
+        let persisted = rd.take_persisted_messages();
+        if !persisted.is_empty() {
+            self.send_raft(persisted, shared, round);
+        }
+        let committed = rd.take_committed_entries();
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit, apply_batch);
+        }
+        let msgs = light.take_messages();
+        if !msgs.is_empty() {
+            self.send_raft(msgs, shared, round);
+        }
+        let mut applied_any = false;
+        for entries in [committed, light.take_committed_entries()] {
+            if !entries.is_empty() {
+                applied_any = true;
+                self.apply_entries(entries, shared, round, apply_batch)?;
+            }
+        }
+        if applied_any {
+            self.raw.advance_apply();
+            self.maybe_compact(shared, apply_batch)?;
+        }
+        self.complete_reads(shared, round);
+        // Follow-up work (e.g. a commit learned from the apply): run another round.
+        if self.raw.has_ready() {
+            round.reschedule = true;
+        }
+        Ok(())
+    }
+
+    /// Fails everything this replica was waiting on (it is being destroyed or isolated).
+    pub(crate) fn abort_pending(&mut self, round: &mut Round, err: Error) {
+        for p in self.proposals.drain(..) {
+            round.complete(p.token, Err(err.clone()));
+        }
+        for r in self.reads.drain(..) {
+            round.complete(r.token, Err(err.clone()));
+        }
+    }
+
+    /// Turns raft messages into our envelopes in the round's outbox, per destination node.
+    fn send_raft(&mut self, msgs: Vec<Message>, shared: &Shared, round: &mut Round) {
+        let desc = self.descriptor();
+        let (epoch, start, end) = match desc {
+            Some(d) => (d.epoch, d.start_key.clone(), d.end_key.clone()),
+            None => (None, Default::default(), Default::default()),
+        };
+        let from = ReplicaDescriptor {
+            replica_id: self.id,
+            node_id: self.node.0,
+            role: 0,
+        };
+        for m in msgs {
+            let Some(node) = self.node_of(m.to) else {
+                metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "unknown_peer")
+                    .increment(1);
+                continue;
+            };
+            let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
+            let to = ReplicaDescriptor {
+                replica_id: m.to,
+                node_id: node.0,
+                role: 0,
+            };
+            let env = RaftMessage {
+                range_id: self.range.0,
+                from: Some(from),
+                to: Some(to),
+                epoch,
+                start_key: start.clone(),
+                end_key: end.clone(),
+                message: m.encode_to_vec().into(),
+            };
+            round.push_message(node, env, is_snapshot, self.range, m.to);
+        }
+        let _ = shared;
+    }
+}

@@ -1,0 +1,68 @@
+//! Proposals: a command enters the group's log here.
+//!
+//! The leader appends it and remembers `(index, term, token)`; a follower forwards it to the
+//! leader through raft (`MsgPropose`) when forwarding is on, or answers `NotLeader`. Either
+//! way the proposer's future completes when this node applies the entry (the token is inside
+//! it) or when the proposal is known lost.
+
+use raft::StateRole;
+
+use super::{LocalProposal, Replica};
+use crate::error::Error;
+use crate::fsm::worker::Round;
+use crate::node_group::Shared;
+
+impl Replica {
+    pub(super) fn propose(&mut self, token: u64, data: Vec<u8>, shared: &Shared, round: &mut Round) {
+        let leader = self.raw.raft.state == StateRole::Leader;
+        if !leader && (!shared.config.forward_proposals || self.raw.raft.leader_id == 0) {
+            round.complete(
+                token,
+                Err(Error::NotLeader {
+                    range: self.range,
+                    leader_hint: self.leader_hint(),
+                }),
+            );
+            return;
+        }
+        match self.raw.propose(Vec::new(), data) {
+            Ok(()) if leader => {
+                let index = self.raw.raft.raft_log.last_index();
+                self.proposals.push_back(LocalProposal {
+                    index,
+                    term: self.raw.raft.term,
+                    token,
+                });
+            }
+            // Forwarded: the token inside the entry completes it when it applies here.
+            Ok(()) => {}
+            Err(raft::Error::ProposalDropped) if leader => {
+                // A leader drops proposals when its uncommitted log is over budget or while it
+                // transfers leadership: both pass, so the caller should back off and retry.
+                round.complete(token, Err(Error::Busy("uncommitted log full or leader transferring")));
+            }
+            Err(e) => {
+                tracing::debug!(range = %self.range, "proposal refused: {e}");
+                round.complete(token, Err(Error::ProposalDropped));
+            }
+        }
+    }
+
+    /// Settles local proposals at or below `index` once the entry at `index` (of `term`) has
+    /// been applied: an older proposal at the same index with another term was overwritten.
+    pub(super) fn settle_proposals(&mut self, index: u64, term: u64, round: &mut Round) {
+        while let Some(p) = self.proposals.front().copied() {
+            if p.index > index {
+                break;
+            }
+            self.proposals.pop_front();
+            if p.index < index || p.term != term {
+                round.complete(p.token, Err(Error::ProposalDropped));
+            }
+            // Otherwise the apply path completed it through the token in the entry.
+        }
+        if self.proposals.is_empty() && self.proposals.capacity() > 16 {
+            self.proposals.shrink_to_fit();
+        }
+    }
+}

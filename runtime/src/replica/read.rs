@@ -1,0 +1,92 @@
+//! Reads. The replica only decides *when* a read may be served; the data is then read from
+//! the engine by the caller.
+//!
+//! - ReadIndex (linearizable, the default): raft confirms leadership with a quorum (a
+//!   follower asks the leader) and returns the commit index; the read completes once this
+//!   replica has applied up to it. Works on leaders and followers.
+//! - Lease: the leader serves without a round trip while its lease holds (check-quorum keeps
+//!   a deposed leader from believing it leads for longer than an election timeout). Only as
+//!   safe as the clocks' drift bound, so it is opt-in per read.
+//! - Stale reads never get here: the caller reads the engine directly.
+
+use raft::ReadState;
+
+use super::Replica;
+use crate::error::Error;
+use crate::fsm::worker::Round;
+use crate::node_group::Shared;
+
+/// A read waiting for its read index, then for the apply to reach it.
+#[derive(Debug)]
+pub(crate) struct PendingRead {
+    pub(crate) token: u64,
+    /// Set once raft returned the read index.
+    index: Option<u64>,
+}
+
+impl Replica {
+    pub(super) fn read(&mut self, token: u64, lease: bool, shared: &Shared, round: &mut Round) {
+        if lease {
+            if self.is_leader() && self.raw.raft.in_lease() && self.raw.raft.commit_to_current_term() {
+                let index = self.raw.raft.raft_log.committed;
+                self.reads.push(PendingRead {
+                    token,
+                    index: Some(index),
+                });
+                self.complete_reads(shared, round);
+            } else {
+                round.complete(
+                    token,
+                    Err(Error::NotLeader {
+                        range: self.range,
+                        leader_hint: self.leader_hint(),
+                    }),
+                );
+            }
+            return;
+        }
+        if self.raw.raft.leader_id == 0 {
+            round.complete(
+                token,
+                Err(Error::NotLeader {
+                    range: self.range,
+                    leader_hint: None,
+                }),
+            );
+            return;
+        }
+        self.raw.read_index(token.to_be_bytes().to_vec());
+        self.reads.push(PendingRead { token, index: None });
+    }
+
+    pub(super) fn on_read_states(&mut self, states: Vec<ReadState>) {
+        for rs in states {
+            let Ok(bytes) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else {
+                continue;
+            };
+            let token = u64::from_be_bytes(bytes);
+            if let Some(r) = self.reads.iter_mut().find(|r| r.token == token) {
+                r.index = Some(rs.index);
+            }
+        }
+    }
+
+    /// Completes reads whose index has been applied.
+    pub(super) fn complete_reads(&mut self, shared: &Shared, round: &mut Round) {
+        if self.reads.is_empty() {
+            return;
+        }
+        let applied = self.raw.raft.raft_log.applied;
+        self.reads.retain(|r| match r.index {
+            Some(i) if i <= applied => {
+                round.complete(r.token, Ok(Vec::new()));
+                false
+            }
+            // A read whose caller gave up (timed out) is forgotten.
+            _ => shared.pending.contains(r.token),
+        });
+        if self.reads.is_empty() {
+            self.reads = Vec::new();
+        }
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what building Flotilla needs on a fresh Debian/Ubuntu machine: clang and libclang
+# (RocksDB's bindings), protoc (raft-rs's and our .proto files). Skips apt when all are there.
+set -euo pipefail
+need=()
+command -v clang >/dev/null || need+=(clang)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang libclang-dev protobuf-compiler
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }

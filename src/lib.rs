@@ -1,0 +1,22 @@
+//! Flotilla: a multi-raft sharding runtime.
+//!
+//! The key space is cut into ranges; each range is replicated by its own raft group (raft-rs);
+//! one [`NodeGroup`] per process hosts thousands of group replicas that share one RocksDB
+//! [`Engine`], one transport, one worker pool and one ticker; a [`RangeRouter`] sends every
+//! proposal to the group that owns its key.
+//!
+//! This crate is the facade: it re-exports the public API of the member crates and owns the
+//! examples, benchmarks and the in-memory cluster harness ([`testing`]) that tests and
+//! benchmarks share. See ARCHITECTURE.md for the map.
+
+pub mod testing;
+
+pub use flotilla_proto as proto;
+pub use flotilla_proto::{NodeId, RangeId, ReplicaId};
+pub use flotilla_runtime::{
+    ApplyContext, ConfigError, Error, KvStateMachine, MembershipChange, NodeGroup,
+    NodeGroupConfig, NodeStatus, ProposeOptions, RangeRouter, ReadConsistency, ReplicaStatus,
+    Result, StateMachine, StateRole,
+};
+pub use flotilla_store::{Engine, StoreConfig, StoreError};
+pub use flotilla_transport as transport;

@@ -1,0 +1,278 @@
+//! An in-memory cluster for tests and benchmarks: several NodeGroups in one process, each on
+//! its own RocksDB in a temporary directory, talking over the in-memory network (with its
+//! fault-injection filters). The real gRPC transport is tested separately; this harness is
+//! for the runtime's behaviour.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_proto::meta::{RangeDescriptor, RangeEpoch, ReplicaDescriptor, ReplicaRole};
+use flotilla_proto::{NodeId, RangeId};
+use flotilla_runtime::{Error, KvStateMachine, NodeGroup, NodeGroupConfig, ReadConsistency, StateRole};
+use flotilla_store::{Engine, StoreConfig};
+use flotilla_transport::MemNetwork;
+use flotilla_transport::Transport;
+
+/// Several NodeGroups on the in-memory network.
+pub struct Cluster {
+    /// The network, for installing filters.
+    pub net: Arc<MemNetwork>,
+    dir: tempfile::TempDir,
+    nodes: Vec<Option<NodeGroup>>,
+    config: Arc<dyn Fn(u64) -> NodeGroupConfig + Send + Sync>,
+    store_config: StoreConfig,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("nodes", &self.nodes.len())
+            .finish()
+    }
+}
+
+/// A fast configuration for tests: 10ms ticks, so elections take ~100-200ms.
+pub fn test_config(node: u64) -> NodeGroupConfig {
+    NodeGroupConfig {
+        tick_interval: Duration::from_millis(10),
+        election_tick: 10,
+        heartbeat_tick: 2,
+        proposal_timeout: Duration::from_secs(5),
+        ..NodeGroupConfig::new(node)
+    }
+}
+
+impl Cluster {
+    /// Starts `n` nodes (ids 1..=n) with [`test_config`].
+    pub fn new(n: usize) -> Cluster {
+        Cluster::with_config(n, test_config, StoreConfig::default())
+    }
+
+    /// Starts `n` nodes with a config per node id.
+    pub fn with_config(
+        n: usize,
+        config: impl Fn(u64) -> NodeGroupConfig + Send + Sync + 'static,
+        store_config: StoreConfig,
+    ) -> Cluster {
+        let mut c = Cluster {
+            net: MemNetwork::new(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            nodes: (0..n).map(|_| None).collect(),
+            config: Arc::new(config),
+            store_config,
+        };
+        for id in 1..=n as u64 {
+            c.start(id);
+        }
+        c
+    }
+
+    fn path(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}"))
+    }
+
+    /// Starts (or restarts) node `id` from its data directory.
+    pub fn start(&mut self, id: u64) {
+        assert!(self.nodes[id as usize - 1].is_none(), "node {id} is running");
+        let engine = Engine::open(self.path(id), self.store_config.clone()).expect("open engine");
+        let net = self.net.clone();
+        let ng = NodeGroup::start(
+            (self.config)(id),
+            engine,
+            Arc::new(KvStateMachine),
+            move |h| Arc::new(net.register(NodeId(id), h)) as Arc<dyn Transport>,
+        )
+        .expect("start node group");
+        self.nodes[id as usize - 1] = Some(ng);
+    }
+
+    /// Stops node `id` (as a crash would, minus the loss of unsynced writes: whatever it
+    /// acknowledged is on disk already).
+    pub fn stop(&mut self, id: u64) {
+        if let Some(ng) = self.nodes[id as usize - 1].take() {
+            ng.shutdown();
+            self.net.unregister(NodeId(id));
+            drop(ng);
+        }
+    }
+
+    /// Node `id`; panics if it is stopped.
+    pub fn node(&self, id: u64) -> &NodeGroup {
+        self.nodes[id as usize - 1]
+            .as_ref()
+            .unwrap_or_else(|| panic!("node {id} is stopped"))
+    }
+
+    /// Ids of running nodes.
+    pub fn running(&self) -> Vec<u64> {
+        (1..=self.nodes.len() as u64)
+            .filter(|id| self.nodes[*id as usize - 1].is_some())
+            .collect()
+    }
+
+    /// Number of nodes (running or not).
+    pub fn size(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Descriptors of `count` ranges that together cover the key space, each replicated on
+    /// `replicas` (node ids; replica id = node id). Range `i` (1-based) starts at
+    /// [`range_start_key`]`(i)`.
+    pub fn range_layout(count: usize, replicas: &[u64]) -> Vec<RangeDescriptor> {
+        (1..=count as u64)
+            .map(|i| RangeDescriptor {
+                range_id: i,
+                start_key: if i == 1 {
+                    Default::default()
+                } else {
+                    range_start_key(i).into()
+                },
+                end_key: if i == count as u64 {
+                    Default::default()
+                } else {
+                    range_start_key(i + 1).into()
+                },
+                epoch: Some(RangeEpoch {
+                    conf_ver: 1,
+                    version: 1,
+                }),
+                replicas: replicas
+                    .iter()
+                    .map(|&n| ReplicaDescriptor {
+                        replica_id: n,
+                        node_id: n,
+                        role: ReplicaRole::Voter as i32,
+                    })
+                    .collect(),
+                state: 0,
+                next_replica_id: replicas.iter().max().copied().unwrap_or(0) + 1,
+            })
+            .collect()
+    }
+
+    /// Bootstraps `count` ranges replicated on every node and starts an election in each
+    /// (spread over the nodes so leaders are balanced).
+    pub fn bootstrap(&self, count: usize) -> Vec<RangeDescriptor> {
+        let all: Vec<u64> = (1..=self.nodes.len() as u64).collect();
+        let layout = Self::range_layout(count, &all);
+        for id in self.running() {
+            self.node(id)
+                .bootstrap_ranges(layout.clone())
+                .expect("bootstrap");
+        }
+        for d in &layout {
+            let n = self.running();
+            let campaigner = n[(d.range_id as usize) % n.len()];
+            let _ = self.node(campaigner).campaign(d.id());
+        }
+        layout
+    }
+
+    /// The node whose replica of `range` is leader, if any node claims it (the one with the
+    /// highest term, if several do).
+    pub fn leader_of(&self, range: RangeId) -> Option<u64> {
+        self.running()
+            .into_iter()
+            .filter_map(|id| {
+                let st = self.node(id).status(range).ok()?;
+                (st.role == StateRole::Leader).then_some((st.term, id))
+            })
+            .max()
+            .map(|(_, id)| id)
+    }
+
+    /// Waits until every range in `ranges` has a leader.
+    pub async fn wait_leaders(&self, ranges: &[RangeId], timeout: Duration) {
+        let ok = wait_until(timeout, || ranges.iter().all(|r| self.leader_of(*r).is_some())).await;
+        assert!(ok, "not every range elected a leader within {timeout:?}");
+    }
+
+    /// Writes through the leader, retrying on leader changes and transient errors until
+    /// `timeout`. Returns the last error if it never succeeds.
+    pub async fn put(&self, key: &[u8], value: &[u8], timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let range = self.running().into_iter().find_map(|id| self.node(id).range_of(key).ok());
+            let target = range
+                .and_then(|d| self.leader_of(d.id()))
+                .or_else(|| self.running().first().copied());
+            let res = match target {
+                Some(id) => self.node(id).put(key, value).await,
+                None => Err(Error::Stopped),
+            };
+            match res {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Reads `key` linearizably through node `id`, retrying transient errors until `timeout`.
+    pub async fn get_from(&self, id: u64, key: &[u8], timeout: Duration) -> Result<Option<Vec<u8>>, Error> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.node(id).get(key, ReadConsistency::Linearizable).await {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for id in 1..=self.nodes.len() as u64 {
+            self.stop(id);
+        }
+    }
+}
+
+/// The start key of range `i` in [`Cluster::range_layout`]: `"k"` followed by `i` as 8
+/// decimal digits, so keys made with [`key_in_range`] sort into the right range.
+pub fn range_start_key(i: u64) -> Vec<u8> {
+    format!("k{i:08}").into_bytes()
+}
+
+/// A key inside range `i` of [`Cluster::range_layout`].
+pub fn key_in_range(i: u64, suffix: &str) -> Vec<u8> {
+    let mut k = range_start_key(i);
+    k.push(b'/');
+    k.extend_from_slice(suffix.as_bytes());
+    k
+}
+
+/// Polls `cond` every 10ms until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Like [`wait_until`] for an async condition.
+pub async fn wait_until_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,511 @@
+//! The one RocksDB engine a node's groups share, and the write batch that lets a worker commit
+//! the log writes of many groups with one fsync (group commit).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use flotilla_proto::meta::{ApplyState, RangeDescriptor, StoreIdent};
+use flotilla_proto::{Message as _, NodeId, RangeId};
+use prost_raft::Message as _;
+use raft::prelude::{ConfState, Entry, HardState};
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions};
+
+use crate::error::{Result, StoreError};
+use crate::keys::{self, StateKind, CF_DATA, CF_META, CF_RAFT};
+
+/// Engine settings. Every field has a default that suits a node hosting many groups.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Entries of the log tail each group keeps in memory so that raft's reads of recent
+    /// entries do not hit RocksDB. Default 32. Zero disables the cache.
+    pub log_cache_entries: usize,
+    /// RocksDB block cache shared by all column families, in bytes. Default 64 MiB.
+    pub block_cache_bytes: usize,
+    /// Memtable size of each column family, in bytes. Default 32 MiB.
+    pub write_buffer_bytes: usize,
+    /// RocksDB background flush/compaction threads. Default 2.
+    pub background_jobs: i32,
+    /// fsync every [`Engine::write`] that asks for it. Default true. Turning it off loses the
+    /// durability guarantee (an acknowledged write may be lost on power failure); it exists
+    /// for benchmarks that want to isolate CPU cost, never for production.
+    pub sync: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            log_cache_entries: 32,
+            block_cache_bytes: 64 << 20,
+            write_buffer_bytes: 32 << 20,
+            background_jobs: 2,
+            sync: true,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Checks every field; returns the first mistake.
+    pub fn validate(&self) -> Result<()> {
+        if self.block_cache_bytes < 1 << 20 {
+            return Err(StoreError::InvalidConfig(
+                "block_cache_bytes must be at least 1 MiB",
+            ));
+        }
+        if self.write_buffer_bytes < 1 << 20 {
+            return Err(StoreError::InvalidConfig(
+                "write_buffer_bytes must be at least 1 MiB",
+            ));
+        }
+        if self.background_jobs < 1 {
+            return Err(StoreError::InvalidConfig(
+                "background_jobs must be at least 1",
+            ));
+        }
+        if self.log_cache_entries > 1 << 20 {
+            return Err(StoreError::InvalidConfig(
+                "log_cache_entries must be at most 1048576",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The node's RocksDB: raft logs and state of every group, range data, range descriptors.
+pub struct Engine {
+    db: rocksdb::DB,
+    path: PathBuf,
+    config: StoreConfig,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("path", &self.path).finish()
+    }
+}
+
+/// Which column family an operation addresses.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Cf {
+    Raft,
+    Data,
+    Meta,
+}
+
+/// Everything recovered about one group when the engine is opened.
+#[derive(Debug, Clone)]
+pub struct RecoveredGroup {
+    /// The group (= range) id.
+    pub group: RangeId,
+    /// raft's term, vote and commit.
+    pub hard_state: HardState,
+    /// Membership as of the applied index.
+    pub conf_state: ConfState,
+    /// Applied and truncated index/term.
+    pub apply_state: ApplyState,
+    /// The range descriptor, if one was written (a replica created by a message has none
+    /// until its first snapshot).
+    pub descriptor: Option<RangeDescriptor>,
+    /// The last index in the log (or the truncated index if the log is empty).
+    pub last_index: u64,
+}
+
+impl Engine {
+    /// Opens (creating if missing) the engine at `path`.
+    pub fn open(path: impl AsRef<Path>, config: StoreConfig) -> Result<Arc<Engine>> {
+        config.validate()?;
+        let path = path.as_ref().to_path_buf();
+        let cache = rocksdb::Cache::new_lru_cache(config.block_cache_bytes);
+        let mut block = rocksdb::BlockBasedOptions::default();
+        block.set_block_cache(&cache);
+        block.set_bloom_filter(10.0, false);
+
+        let cf_opts = |name: &str| {
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&block);
+            o.set_write_buffer_size(config.write_buffer_bytes);
+            if name == CF_RAFT {
+                // Log entries are short-lived (compacted soon after apply): fewer, larger
+                // memtables let most of them die before they are ever flushed.
+                o.set_max_write_buffer_number(4);
+            }
+            ColumnFamilyDescriptor::new(name, o)
+        };
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(config.background_jobs);
+        db_opts.set_atomic_flush(true);
+        let cfs = [CF_RAFT, CF_DATA, CF_META].map(cf_opts);
+        let db = rocksdb::DB::open_cf_descriptors(&db_opts, &path, cfs)?;
+        Ok(Arc::new(Engine { db, path, config }))
+    }
+
+    /// The directory the engine lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The configuration it was opened with.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    pub(crate) fn cf(&self, cf: Cf) -> &ColumnFamily {
+        let name = match cf {
+            Cf::Raft => CF_RAFT,
+            Cf::Data => CF_DATA,
+            Cf::Meta => CF_META,
+        };
+        // Opening created all three; a missing handle would be a bug in `open`.
+        self.db.cf_handle(name).expect("column family opened in Engine::open")
+    }
+
+    pub(crate) fn db(&self) -> &rocksdb::DB {
+        &self.db
+    }
+
+    /// A new, empty write batch on this engine.
+    pub fn batch(self: &Arc<Self>) -> WriteBatch {
+        WriteBatch {
+            engine: self.clone(),
+            wb: rocksdb::WriteBatch::default(),
+        }
+    }
+
+    /// Writes `batch` atomically; with `sync` it is on disk (fsync of the WAL) when this
+    /// returns. One call for the writes of many groups is the group commit.
+    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        if batch.wb.is_empty() {
+            return Ok(());
+        }
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(sync && self.config.sync);
+        self.db.write_opt(batch.wb, &opts)?;
+        Ok(())
+    }
+
+    /// Which node this engine belongs to, if it was ever bound to one.
+    pub fn store_ident(&self) -> Result<Option<StoreIdent>> {
+        match self.db.get_cf(self.cf(Cf::Meta), keys::STORE_IDENT_KEY)? {
+            None => Ok(None),
+            Some(v) => StoreIdent::decode(&v[..])
+                .map(Some)
+                .map_err(|e| StoreError::corrupt("store ident", keys::STORE_IDENT_KEY, e)),
+        }
+    }
+
+    /// Binds the engine to `node` on first use; refuses a data directory of another node.
+    pub fn bind_node(&self, node: NodeId, cluster_id: u64) -> Result<()> {
+        if let Some(ident) = self.store_ident()? {
+            if ident.node_id != node.0 {
+                return Err(StoreError::WrongNode {
+                    expected: node.0,
+                    found: ident.node_id,
+                });
+            }
+            return Ok(());
+        }
+        let ident = StoreIdent {
+            node_id: node.0,
+            cluster_id,
+        };
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(self.config.sync);
+        let mut wb = rocksdb::WriteBatch::default();
+        wb.put_cf(self.cf(Cf::Meta), keys::STORE_IDENT_KEY, ident.encode_to_vec());
+        self.db.write_opt(wb, &opts)?;
+        Ok(())
+    }
+
+    /// Reads the descriptor of `range`.
+    pub fn descriptor(&self, range: RangeId) -> Result<Option<RangeDescriptor>> {
+        let key = keys::descriptor_key(range);
+        match self.db.get_cf(self.cf(Cf::Meta), key)? {
+            None => Ok(None),
+            Some(v) => RangeDescriptor::decode(&v[..])
+                .map(Some)
+                .map_err(|e| StoreError::corrupt("range descriptor", &key, e)),
+        }
+    }
+
+    /// Every range descriptor stored on this node, in range id order.
+    pub fn descriptors(&self) -> Result<Vec<RangeDescriptor>> {
+        let (lo, hi) = keys::descriptor_bounds();
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(hi.to_vec());
+        let iter = self.db.iterator_cf_opt(
+            self.cf(Cf::Meta),
+            opts,
+            IteratorMode::From(&lo, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            let (k, v) = item?;
+            let d = RangeDescriptor::decode(&v[..])
+                .map_err(|e| StoreError::corrupt("range descriptor", &k, e))?;
+            out.push(d);
+        }
+        Ok(out)
+    }
+
+    /// Reads one user key.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(Cf::Data), key)?)
+    }
+
+    /// User keys in `[start, end)` (empty `end`: unbounded), at most `limit` of them.
+    pub fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut opts = ReadOptions::default();
+        if !end.is_empty() {
+            opts.set_iterate_upper_bound(end.to_vec());
+        }
+        let iter = self.db.iterator_cf_opt(
+            self.cf(Cf::Data),
+            opts,
+            IteratorMode::From(start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Reads a per-group client record (retry de-duplication).
+    pub fn client_record(&self, group: RangeId, client: u64) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get_cf(self.cf(Cf::Raft), keys::client_key(group, client))?)
+    }
+
+    /// Lists every group with raft state in this engine and what it needs to restart.
+    pub fn recover(&self) -> Result<Vec<RecoveredGroup>> {
+        let mut groups: Vec<RecoveredGroup> = Vec::new();
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::state_end_key().to_vec());
+        let iter = self.db.iterator_cf_opt(
+            self.cf(Cf::Raft),
+            opts,
+            IteratorMode::From(&keys::state_start_key(), Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            let Some((group, kind)) = keys::parse_state_key(&k) else {
+                return Err(StoreError::corrupt("state key", &k, "unknown layout"));
+            };
+            if groups.last().map(|g| g.group) != Some(group) {
+                groups.push(RecoveredGroup {
+                    group,
+                    hard_state: HardState::default(),
+                    conf_state: ConfState::default(),
+                    apply_state: ApplyState::default(),
+                    descriptor: None,
+                    last_index: 0,
+                });
+            }
+            let g = groups.last_mut().expect("pushed above");
+            match kind {
+                StateKind::Hard => {
+                    g.hard_state = HardState::decode(&v[..])
+                        .map_err(|e| StoreError::corrupt("hard state", &k, e))?
+                }
+                StateKind::Conf => {
+                    g.conf_state = ConfState::decode(&v[..])
+                        .map_err(|e| StoreError::corrupt("conf state", &k, e))?
+                }
+                StateKind::Apply => {
+                    g.apply_state = ApplyState::decode(&v[..])
+                        .map_err(|e| StoreError::corrupt("apply state", &k, e))?
+                }
+            }
+        }
+        for g in &mut groups {
+            g.descriptor = self.descriptor(g.group)?;
+            g.last_index = self
+                .last_log_index(g.group)?
+                .unwrap_or(g.apply_state.truncated_index)
+                .max(g.apply_state.truncated_index);
+        }
+        Ok(groups)
+    }
+
+    /// The index of the last log entry of `group`, if its log holds any.
+    pub(crate) fn last_log_index(&self, group: RangeId) -> Result<Option<u64>> {
+        let lo = keys::log_key(group, 0);
+        let hi = keys::log_key(RangeId(group.0.wrapping_add(1)), 0);
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(lo.to_vec());
+        if group.0 != u64::MAX {
+            opts.set_iterate_upper_bound(hi.to_vec());
+        }
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(Cf::Raft), opts);
+        it.seek_to_last();
+        if !it.valid() {
+            it.status()?;
+            return Ok(None);
+        }
+        let key = it.key().unwrap_or_default();
+        match keys::parse_log_key(key) {
+            Some((g, idx)) if g == group => Ok(Some(idx)),
+            _ => Err(StoreError::corrupt("log key", key, "outside the group's log")),
+        }
+    }
+
+    /// Reads log entries `[low, high)` of `group` from disk, stopping after `max_bytes`
+    /// (at least one entry is returned if any exists).
+    pub(crate) fn read_entries(
+        &self,
+        group: RangeId,
+        low: u64,
+        high: u64,
+        max_bytes: u64,
+        out: &mut Vec<Entry>,
+    ) -> Result<()> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::log_key(group, high).to_vec());
+        let start = keys::log_key(group, low);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(Cf::Raft),
+            opts,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut size = 0u64;
+        let mut expect = low;
+        for item in iter {
+            let (k, v) = item?;
+            let e = Entry::decode(&v[..]).map_err(|e| StoreError::corrupt("log entry", &k, e))?;
+            if e.index != expect {
+                return Err(StoreError::corrupt(
+                    "log entry",
+                    &k,
+                    format!("expected index {expect}, found {}", e.index),
+                ));
+            }
+            size += v.len() as u64;
+            if !out.is_empty() && size > max_bytes {
+                break;
+            }
+            out.push(e);
+            expect += 1;
+            if size >= max_bytes {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes for any number of groups (log entries, raft state, apply state, user data,
+/// descriptors) that become durable together with one [`Engine::write`].
+pub struct WriteBatch {
+    engine: Arc<Engine>,
+    wb: rocksdb::WriteBatch,
+}
+
+impl std::fmt::Debug for WriteBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteBatch")
+            .field("ops", &self.wb.len())
+            .field("bytes", &self.wb.size_in_bytes())
+            .finish()
+    }
+}
+
+impl WriteBatch {
+    /// Number of operations in the batch.
+    pub fn len(&self) -> usize {
+        self.wb.len()
+    }
+
+    /// True if nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.wb.is_empty()
+    }
+
+    /// Encoded size of the batch in bytes.
+    pub fn size_in_bytes(&self) -> usize {
+        self.wb.size_in_bytes()
+    }
+
+    pub(crate) fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) {
+        self.wb.put_cf(self.engine.cf(cf), key, value);
+    }
+
+    pub(crate) fn delete(&mut self, cf: Cf, key: &[u8]) {
+        self.wb.delete_cf(self.engine.cf(cf), key);
+    }
+
+    pub(crate) fn delete_range(&mut self, cf: Cf, from: &[u8], to: &[u8]) {
+        self.wb.delete_range_cf(self.engine.cf(cf), from, to);
+    }
+
+    /// Puts a user key (the state machine's write).
+    pub fn put_data(&mut self, key: &[u8], value: &[u8]) {
+        self.put(Cf::Data, key, value);
+    }
+
+    /// Deletes a user key.
+    pub fn delete_data(&mut self, key: &[u8]) {
+        self.delete(Cf::Data, key);
+    }
+
+    /// Stores a range descriptor (replacing the previous one of that range).
+    pub fn put_descriptor(&mut self, desc: &RangeDescriptor) {
+        self.put(
+            Cf::Meta,
+            &keys::descriptor_key(desc.id()),
+            &desc.encode_to_vec(),
+        );
+    }
+
+    /// Stores the last applied request of `client` in `group` (retry de-duplication).
+    pub fn put_client_record(&mut self, group: RangeId, client: u64, record: &[u8]) {
+        self.put(Cf::Raft, &keys::client_key(group, client), record);
+    }
+
+    /// Removes everything raft knows about `group` on this node: log, state, client records.
+    /// The descriptor is kept (the caller rewrites it as a tombstone) and user data is not
+    /// touched (it belongs to whichever range now owns those keys).
+    pub fn destroy_group_state(&mut self, group: RangeId) {
+        let next = RangeId(group.0.wrapping_add(1));
+        self.delete_range(
+            Cf::Raft,
+            &keys::log_key(group, 0),
+            &keys::log_key(next, 0),
+        );
+        for kind in [StateKind::Hard, StateKind::Conf, StateKind::Apply] {
+            self.delete(Cf::Raft, &keys::state_key(group, kind));
+        }
+        let (lo, hi) = keys::client_bounds(group);
+        self.delete_range(Cf::Raft, &lo, &hi);
+    }
+
+    /// Deletes all user data in `[start, end)` (empty `end`: unbounded).
+    pub fn clear_data_range(&mut self, start: &[u8], end: &[u8]) -> Result<()> {
+        let end_bound = if end.is_empty() {
+            // delete_range needs a finite end: use one past the last key, if any is in range.
+            let engine = self.engine.clone();
+            let mut it = engine.db().raw_iterator_cf(engine.cf(Cf::Data));
+            it.seek_to_last();
+            it.status()?;
+            match it.key() {
+                Some(k) if k >= start => {
+                    let mut e = k.to_vec();
+                    e.push(0);
+                    Some(e)
+                }
+                _ => None,
+            }
+        } else {
+            Some(end.to_vec())
+        };
+        if let Some(e) = end_bound {
+            if start < e.as_slice() {
+                self.delete_range(Cf::Data, start, &e);
+            }
+        }
+        Ok(())
+    }
+
+}
