@@ -19,7 +19,11 @@ use flotilla::{Engine, KvStateMachine, NodeGroup, NodeGroupConfig, NodeId, Range
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
@@ -36,10 +40,25 @@ fn cpu_seconds() -> f64 {
 fn desc(i: u64, n: u64) -> RangeDescriptor {
     RangeDescriptor {
         range_id: i,
-        start_key: if i == 1 { Default::default() } else { range_start_key(i).into() },
-        end_key: if i == n { Default::default() } else { range_start_key(i + 1).into() },
-        epoch: Some(RangeEpoch { conf_ver: 1, version: 1 }),
-        replicas: vec![ReplicaDescriptor { replica_id: 1, node_id: 1, role: 0 }],
+        start_key: if i == 1 {
+            Default::default()
+        } else {
+            range_start_key(i).into()
+        },
+        end_key: if i == n {
+            Default::default()
+        } else {
+            range_start_key(i + 1).into()
+        },
+        epoch: Some(RangeEpoch {
+            conf_ver: 1,
+            version: 1,
+        }),
+        replicas: vec![ReplicaDescriptor {
+            replica_id: 1,
+            node_id: 1,
+            role: 0,
+        }],
         state: 0,
         next_replica_id: 2,
     }
@@ -69,7 +88,10 @@ async fn measure(groups: u64, tick: Duration) -> (f64, f64, f64, f64) {
     for i in 1..=groups {
         ng.campaign(RangeId(i)).unwrap();
     }
-    let ok = wait_until(Duration::from_secs(600), || ng.node_status().leaders as u64 == groups).await;
+    let ok = wait_until(Duration::from_secs(600), || {
+        ng.node_status().leaders as u64 == groups
+    })
+    .await;
     assert!(ok, "not all groups elected themselves");
     // Idle: every group has applied its election no-op; let caches and queues drain.
     tokio::time::sleep(tick * 5).await;
@@ -82,7 +104,12 @@ async fn measure(groups: u64, tick: Duration) -> (f64, f64, f64, f64) {
     let st = ng.status(RangeId(1)).unwrap();
     assert_eq!(st.role, StateRole::Leader);
     ng.shutdown();
-    (rss as f64 / groups as f64, tick_cpu_ms, create_secs, rss as f64)
+    (
+        rss as f64 / groups as f64,
+        tick_cpu_ms,
+        create_secs,
+        rss as f64,
+    )
 }
 
 fn main() {

@@ -24,7 +24,11 @@ fn config(node: u64) -> NodeGroupConfig {
     }
 }
 
-async fn write_phase(c: &Arc<RwLock<Cluster>>, phase: &str, per_client: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+async fn write_phase(
+    c: &Arc<RwLock<Cluster>>,
+    phase: &str,
+    per_client: usize,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut tasks = Vec::new();
     for client in 0..CLIENTS {
         let c = c.clone();
@@ -51,11 +55,20 @@ async fn write_phase(c: &Arc<RwLock<Cluster>>, phase: &str, per_client: usize) -
 }
 
 fn print_table(c: &Cluster) {
-    println!("{:>6}  {:<14} {:<14} {:>6} {:>6}", "range", "start", "end", "leader", "commit");
+    println!(
+        "{:>6}  {:<14} {:<14} {:>6} {:>6}",
+        "range", "start", "end", "leader", "commit"
+    );
     let ranges = c.node(c.running()[0]).ranges();
     for d in ranges.iter().take(8) {
-        let leader = c.leader_of(d.id()).map_or("-".to_string(), |n| format!("n{n}"));
-        let commit = c.node(c.running()[0]).status(d.id()).map(|s| s.commit).unwrap_or(0);
+        let leader = c
+            .leader_of(d.id())
+            .map_or("-".to_string(), |n| format!("n{n}"));
+        let commit = c
+            .node(c.running()[0])
+            .status(d.id())
+            .map(|s| s.commit)
+            .unwrap_or(0);
         println!(
             "{:>6}  {:<14} {:<14} {:>6} {:>6}",
             d.id().to_string(),
@@ -80,7 +93,10 @@ async fn main() -> anyhow::Result<()> {
     let layout = cluster.bootstrap(RANGES);
     let ids: Vec<RangeId> = layout.iter().map(|d| d.id()).collect();
     cluster.wait_leaders(&ids, Duration::from_secs(60)).await;
-    println!("3 nodes, {RANGES} ranges, all with leaders after {:.1}s", started.elapsed().as_secs_f64());
+    println!(
+        "3 nodes, {RANGES} ranges, all with leaders after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     print_table(&cluster);
     let c = Arc::new(RwLock::new(cluster));
 
@@ -90,7 +106,10 @@ async fn main() -> anyhow::Result<()> {
     c.write().await.stop(3);
     println!("node 3 stopped");
     acked.extend(write_phase(&c, "b", 100).await);
-    println!("phase b (node 3 down): {} writes acknowledged in all", acked.len());
+    println!(
+        "phase b (node 3 down): {} writes acknowledged in all",
+        acked.len()
+    );
 
     c.write().await.start(3);
     println!("node 3 restarted from its data directory");

@@ -1,5 +1,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/meta.proto", "proto/transport.proto", "proto/command.proto"];
+    let protos = [
+        "proto/meta.proto",
+        "proto/transport.proto",
+        "proto/command.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -14,9 +14,9 @@ pub mod testing;
 pub use flotilla_proto as proto;
 pub use flotilla_proto::{NodeId, RangeId, ReplicaId};
 pub use flotilla_runtime::{
-    ApplyContext, ConfigError, Error, KvStateMachine, MembershipChange, NodeGroup,
-    NodeGroupConfig, NodeStatus, ProposeOptions, RangeRouter, ReadConsistency, ReplicaStatus,
-    Result, StateMachine, StateRole,
+    ApplyContext, ConfigError, Error, KvStateMachine, MembershipChange, NodeGroup, NodeGroupConfig,
+    NodeStatus, ProposeOptions, RangeRouter, ReadConsistency, ReplicaStatus, Result, StateMachine,
+    StateRole,
 };
 pub use flotilla_store::{Engine, StoreConfig, StoreError};
 pub use flotilla_transport as transport;

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use flotilla_proto::meta::{RangeDescriptor, RangeEpoch, ReplicaDescriptor, ReplicaRole};
 use flotilla_proto::{NodeId, RangeId};
-use flotilla_runtime::{Error, KvStateMachine, NodeGroup, NodeGroupConfig, ReadConsistency, StateRole};
+use flotilla_runtime::{
+    Error, KvStateMachine, NodeGroup, NodeGroupConfig, ReadConsistency, StateRole,
+};
 use flotilla_store::{Engine, StoreConfig};
 use flotilla_transport::MemNetwork;
 use flotilla_transport::Transport;
@@ -75,7 +77,10 @@ impl Cluster {
 
     /// Starts (or restarts) node `id` from its data directory.
     pub fn start(&mut self, id: u64) {
-        assert!(self.nodes[id as usize - 1].is_none(), "node {id} is running");
+        assert!(
+            self.nodes[id as usize - 1].is_none(),
+            "node {id} is running"
+        );
         let engine = Engine::open(self.path(id), self.store_config.clone()).expect("open engine");
         let net = self.net.clone();
         let ng = NodeGroup::start(
@@ -185,7 +190,10 @@ impl Cluster {
 
     /// Waits until every range in `ranges` has a leader.
     pub async fn wait_leaders(&self, ranges: &[RangeId], timeout: Duration) {
-        let ok = wait_until(timeout, || ranges.iter().all(|r| self.leader_of(*r).is_some())).await;
+        let ok = wait_until(timeout, || {
+            ranges.iter().all(|r| self.leader_of(*r).is_some())
+        })
+        .await;
         assert!(ok, "not every range elected a leader within {timeout:?}");
     }
 
@@ -194,7 +202,10 @@ impl Cluster {
     pub async fn put(&self, key: &[u8], value: &[u8], timeout: Duration) -> Result<(), Error> {
         let deadline = Instant::now() + timeout;
         loop {
-            let range = self.running().into_iter().find_map(|id| self.node(id).range_of(key).ok());
+            let range = self
+                .running()
+                .into_iter()
+                .find_map(|id| self.node(id).range_of(key).ok());
             let target = range
                 .and_then(|d| self.leader_of(d.id()))
                 .or_else(|| self.running().first().copied());
@@ -211,7 +222,12 @@ impl Cluster {
     }
 
     /// Reads `key` linearizably through node `id`, retrying transient errors until `timeout`.
-    pub async fn get_from(&self, id: u64, key: &[u8], timeout: Duration) -> Result<Option<Vec<u8>>, Error> {
+    pub async fn get_from(
+        &self,
+        id: u64,
+        key: &[u8],
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, Error> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.node(id).get(key, ReadConsistency::Linearizable).await {

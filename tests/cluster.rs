@@ -21,6 +21,13 @@ fn dense_config(node: u64) -> NodeGroupConfig {
     }
 }
 
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
 fn ids(layout: &[RangeDescriptor]) -> Vec<RangeId> {
     layout.iter().map(|d| d.id()).collect()
 }
@@ -48,7 +55,9 @@ async fn write_all_and_read_back(c: &Cluster, layout: &[RangeDescriptor], tag: &
 }
 
 /// A minimal join_all, to avoid a dependency for it.
-async fn futures_join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+async fn futures_join_all<F: std::future::Future>(
+    futs: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
     let handles: Vec<_> = futs.into_iter().collect();
     let mut out = Vec::with_capacity(handles.len());
     // Drive them concurrently with tokio's JoinSet-free approach: pin and poll via join!.
@@ -129,8 +138,14 @@ async fn five_nodes_host_a_thousand_groups_on_three_replicas_each() {
             assert_eq!(v.as_deref(), Some(&b"x"[..]));
         }
         // A node without a replica of the range refuses with a typed error.
-        let outsider = (1..=5).find(|n| !d.replicas.iter().any(|r| r.node_id == *n)).unwrap();
-        match c.node(outsider).get(&key, ReadConsistency::Linearizable).await {
+        let outsider = (1..=5)
+            .find(|n| !d.replicas.iter().any(|r| r.node_id == *n))
+            .unwrap();
+        match c
+            .node(outsider)
+            .get(&key, ReadConsistency::Linearizable)
+            .await
+        {
             Err(Error::KeyNotInRange { .. }) => {}
             other => panic!("expected KeyNotInRange, got {other:?}"),
         }
@@ -146,7 +161,10 @@ async fn isolated_leader_node_loses_its_groups_and_the_majority_continues() {
     for d in &layout {
         let leader = c.leader_of(d.id()).unwrap();
         if leader != 1 {
-            c.node(leader).transfer_leader(d.id(), ReplicaId(1)).await.unwrap();
+            c.node(leader)
+                .transfer_leader(d.id(), ReplicaId(1))
+                .await
+                .unwrap();
         }
     }
     assert!(wait_until(T, || layout.iter().all(|d| c.leader_of(d.id()) == Some(1))).await);
@@ -155,7 +173,9 @@ async fn isolated_leader_node_loses_its_groups_and_the_majority_continues() {
     // The majority elects new leaders and keeps accepting writes.
     let ok = wait_until(T, || {
         layout.iter().all(|d| {
-            [2, 3].iter().any(|&n| c.node(n).status(d.id()).unwrap().role == StateRole::Leader)
+            [2, 3]
+                .iter()
+                .any(|&n| c.node(n).status(d.id()).unwrap().role == StateRole::Leader)
         })
     })
     .await;
@@ -175,7 +195,14 @@ async fn isolated_leader_node_loses_its_groups_and_the_majority_continues() {
         Err(Error::NotLeader { .. } | Error::ProposalDropped) => {}
         other => panic!("isolated node accepted a write: {other:?}"),
     }
-    match c.node(1).get(&key_in_range(d.range_id, "after"), ReadConsistency::Linearizable).await {
+    match c
+        .node(1)
+        .get(
+            &key_in_range(d.range_id, "after"),
+            ReadConsistency::Linearizable,
+        )
+        .await
+    {
         Err(Error::NotLeader { .. } | Error::ProposalDropped) => {}
         other => panic!("isolated node served a linearizable read: {other:?}"),
     }
@@ -185,11 +212,16 @@ async fn isolated_leader_node_loses_its_groups_and_the_majority_continues() {
         let key = key_in_range(d.range_id, "after");
         assert!(wait_until(T, || c.node(1).engine().get(&key).unwrap().is_some()).await);
     }
-    assert_eq!(c.node(1).engine().get(&key).unwrap(), None, "minority write must not exist");
+    assert_eq!(
+        c.node(1).engine().get(&key).unwrap(),
+        None,
+        "minority write must not exist"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replace_a_replica_under_writes() {
+    init_tracing();
     let mut c = Cluster::new(4);
     // Range 1 on nodes 1-3; node 4 starts empty.
     let d = Cluster::range_layout(1, &[1, 2, 3]).remove(0);
@@ -199,10 +231,6 @@ async fn replace_a_replica_under_writes() {
     c.node(1).campaign(d.id()).unwrap();
     c.wait_leaders(&[d.id()], T).await;
 
-    let writer = {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        (stop.clone(), stop)
-    };
     let mut acked = Vec::new();
     let mut i = 0u64;
     let mut step = 0;
@@ -213,31 +241,45 @@ async fn replace_a_replica_under_writes() {
             acked.push((key, i));
         }
         i += 1;
-        if i % 10 != 0 {
+        if !i.is_multiple_of(10) {
             continue;
         }
         let l = leader_node(&c);
         let res = match step {
-            0 => c.node(l).change_membership(d.id(), vec![MembershipChange::AddLearner(NodeId(4))]).await,
+            0 => {
+                c.node(l)
+                    .change_membership(d.id(), vec![MembershipChange::AddLearner(NodeId(4))])
+                    .await
+            }
             1 => {
                 let desc = c.node(l).status(d.id()).unwrap().descriptor.unwrap();
                 let learner = desc.replica_on(NodeId(4)).unwrap().replica_id;
                 // Wait for the learner to catch up before promoting it.
                 let caught_up = wait_until(T, || {
-                    c.node(4).status(d.id()).map(|s| s.applied + 2 >= c.node(l).status(d.id()).unwrap().commit).unwrap_or(false)
+                    c.node(4)
+                        .status(d.id())
+                        .map(|s| s.applied + 2 >= c.node(l).status(d.id()).unwrap().commit)
+                        .unwrap_or(false)
                 })
                 .await;
                 assert!(caught_up);
-                c.node(l).change_membership(d.id(), vec![MembershipChange::Promote(ReplicaId(learner))]).await
+                c.node(l)
+                    .change_membership(d.id(), vec![MembershipChange::Promote(ReplicaId(learner))])
+                    .await
             }
             2 => {
                 // Remove the replica on node 3 (if it leads, hand leadership away first).
                 if l == 3 {
-                    c.node(3).transfer_leader(d.id(), ReplicaId(1)).await.unwrap();
+                    c.node(3)
+                        .transfer_leader(d.id(), ReplicaId(1))
+                        .await
+                        .unwrap();
                     assert!(wait_until(T, || c.leader_of(d.id()).is_some_and(|n| n != 3)).await);
                 }
                 let l = leader_node(&c);
-                c.node(l).change_membership(d.id(), vec![MembershipChange::Remove(ReplicaId(3))]).await
+                c.node(l)
+                    .change_membership(d.id(), vec![MembershipChange::Remove(ReplicaId(3))])
+                    .await
             }
             _ => break,
         };
@@ -246,21 +288,37 @@ async fn replace_a_replica_under_writes() {
                 step += 1;
                 tracing::info!("membership now {:?}", desc.replicas);
             }
-            Err(Error::AdminRefused(_) | Error::NotLeader { .. } | Error::ProposalDropped) => {}
+            Err(
+                e @ (Error::AdminRefused(_) | Error::NotLeader { .. } | Error::ProposalDropped),
+            ) => {
+                eprintln!("step {step} at write {i}: {e}");
+                assert!(i < 5000, "membership change never succeeded");
+            }
             Err(e) => panic!("membership change failed: {e}"),
         }
     }
-    writer.0.store(true, std::sync::atomic::Ordering::Relaxed);
     // Node 3's replica is destroyed; node 4 serves.
-    assert!(wait_until(T, || c.node(3).status(d.id()).is_err()).await, "removed replica not destroyed");
-    let final_desc = c.node(c.leader_of(d.id()).unwrap()).status(d.id()).unwrap().descriptor.unwrap();
+    assert!(
+        wait_until(T, || c.node(3).status(d.id()).is_err()).await,
+        "removed replica not destroyed"
+    );
+    let final_desc = c
+        .node(c.leader_of(d.id()).unwrap())
+        .status(d.id())
+        .unwrap()
+        .descriptor
+        .unwrap();
     let members: Vec<u64> = final_desc.replicas.iter().map(|r| r.node_id).collect();
     assert!(members.contains(&4) && !members.contains(&3), "{members:?}");
     // Every acknowledged write is readable on every remaining member.
     for n in [1u64, 2, 4] {
         for (key, v) in &acked {
             let got = c.get_from(n, key, T).await.unwrap();
-            assert_eq!(got.as_deref(), Some(&v.to_be_bytes()[..]), "node {n} lost {key:?}");
+            assert_eq!(
+                got.as_deref(),
+                Some(&v.to_be_bytes()[..]),
+                "node {n} lost {key:?}"
+            );
         }
     }
     // Messages to the removed replica's range on node 3 do not recreate it.
@@ -276,8 +334,14 @@ async fn partitioned_follower_catches_up_through_a_snapshot() {
     c.wait_leaders(&[d.id()], T).await;
     let leader = c.leader_of(d.id()).unwrap();
     let lagger = [1u64, 2, 3].into_iter().find(|&n| n != leader).unwrap();
-    let others: Vec<NodeId> = [1u64, 2, 3].into_iter().filter(|&n| n != lagger).map(NodeId).collect();
-    let f = c.net.add_filter(Box::new(PartitionFilter::new([NodeId(lagger)], others)));
+    let others: Vec<NodeId> = [1u64, 2, 3]
+        .into_iter()
+        .filter(|&n| n != lagger)
+        .map(NodeId)
+        .collect();
+    let f = c
+        .net
+        .add_filter(Box::new(PartitionFilter::new([NodeId(lagger)], others)));
     for i in 0..200u64 {
         c.put(format!("s{i:04}").as_bytes(), b"v", T).await.unwrap();
     }
@@ -331,7 +395,11 @@ async fn stopped_node_recovers_from_its_store_and_catches_up() {
     c.wait_leaders(&ids(&layout), T).await;
     for k in &acked {
         let v = c.get_from(1, k, T).await.unwrap();
-        assert!(v.is_some(), "lost {:?} after full restart", String::from_utf8_lossy(k));
+        assert!(
+            v.is_some(),
+            "lost {:?} after full restart",
+            String::from_utf8_lossy(k)
+        );
     }
 }
 
@@ -350,8 +418,14 @@ async fn bad_input_gets_typed_errors() {
     let ng = c.node(leader);
 
     // Key outside every range.
-    assert!(matches!(ng.put(b"a", b"v").await, Err(Error::KeyNotInRange { .. })));
-    assert!(matches!(ng.put(b"zz", b"v").await, Err(Error::KeyNotInRange { .. })));
+    assert!(matches!(
+        ng.put(b"a", b"v").await,
+        Err(Error::KeyNotInRange { .. })
+    ));
+    assert!(matches!(
+        ng.put(b"zz", b"v").await,
+        Err(Error::KeyNotInRange { .. })
+    ));
     // Oversized proposal.
     let big = vec![0u8; 1 << 20];
     assert!(matches!(
@@ -359,28 +433,43 @@ async fn bad_input_gets_typed_errors() {
         Err(Error::ProposalTooLarge { .. })
     ));
     // Proposal to a range this node does not have.
-    assert!(matches!(ng.compact_log(RangeId(99)).await, Err(Error::RangeNotFound(_))));
+    assert!(matches!(
+        ng.compact_log(RangeId(99)).await,
+        Err(Error::RangeNotFound(_))
+    ));
     // A stale epoch.
     let res = ng
         .propose(
             &key_in_range(2, "e"),
             vec![],
             flotilla::ProposeOptions {
-                epoch: Some(flotilla::proto::meta::RangeEpoch { conf_ver: 0, version: 0 }),
+                epoch: Some(flotilla::proto::meta::RangeEpoch {
+                    conf_ver: 0,
+                    version: 0,
+                }),
                 ..Default::default()
             },
         )
         .await;
     assert!(matches!(res, Err(Error::EpochNotMatch { .. })), "{res:?}");
     // A command the state machine cannot decode: refused, deterministic, not fatal.
-    let res = ng.propose(&key_in_range(2, "junk"), vec![0xff, 0xff, 0xff], Default::default()).await;
+    let res = ng
+        .propose(
+            &key_in_range(2, "junk"),
+            vec![0xff, 0xff, 0xff],
+            Default::default(),
+        )
+        .await;
     assert!(matches!(res, Err(Error::InvalidCommand(_))), "{res:?}");
     // Invalid configuration.
     let cfg = NodeGroupConfig {
         election_tick: 1,
         ..test_config(9)
     };
-    assert!(matches!(cfg.validate(), Err(flotilla::ConfigError::ElectionTickNotGreaterThanHeartbeat { .. })));
+    assert!(matches!(
+        cfg.validate(),
+        Err(flotilla::ConfigError::ElectionTickNotGreaterThanHeartbeat { .. })
+    ));
     // Garbage from the network: malformed raft bytes, wrong node, unknown group; nothing
     // panics and the group keeps serving.
     inject_garbage(&c);
@@ -392,16 +481,57 @@ fn inject_garbage(c: &Cluster) {
     use flotilla::proto::meta::ReplicaDescriptor;
     use flotilla::proto::transport::{NodeBatch, RaftMessage};
     use flotilla::transport::Transport;
-    let rd = |r: u64, n: u64| Some(ReplicaDescriptor { replica_id: r, node_id: n, role: 0 });
+    let rd = |r: u64, n: u64| {
+        Some(ReplicaDescriptor {
+            replica_id: r,
+            node_id: n,
+            role: 0,
+        })
+    };
     // A transport handle for a fake node 7 on the same network.
-    let t = c.net.register(NodeId(7), std::sync::Arc::new(|_b: NodeBatch| {}));
+    let t = c
+        .net
+        .register(NodeId(7), std::sync::Arc::new(|_b: NodeBatch| {}));
     let junk = vec![
-        RaftMessage { range_id: 2, from: rd(1, 1), to: rd(2, 2), message: vec![0xde, 0xad].into(), ..Default::default() },
-        RaftMessage { range_id: 2, from: None, to: None, ..Default::default() },
-        RaftMessage { range_id: 424242, from: rd(9, 7), to: rd(2, 2), message: vec![].into(), ..Default::default() },
+        RaftMessage {
+            range_id: 2,
+            from: rd(1, 1),
+            to: rd(2, 2),
+            message: vec![0xde, 0xad].into(),
+            ..Default::default()
+        },
+        RaftMessage {
+            range_id: 2,
+            from: None,
+            to: None,
+            ..Default::default()
+        },
+        RaftMessage {
+            range_id: 424242,
+            from: rd(9, 7),
+            to: rd(2, 2),
+            message: vec![].into(),
+            ..Default::default()
+        },
     ];
-    let _ = t.send(NodeId(2), NodeBatch { from_node: 7, to_node: 2, messages: junk, heartbeats: vec![] });
-    let _ = t.send(NodeId(2), NodeBatch { from_node: 7, to_node: 3, messages: vec![], heartbeats: vec![] });
+    let _ = t.send(
+        NodeId(2),
+        NodeBatch {
+            from_node: 7,
+            to_node: 2,
+            messages: junk,
+            heartbeats: vec![],
+        },
+    );
+    let _ = t.send(
+        NodeId(2),
+        NodeBatch {
+            from_node: 7,
+            to_node: 3,
+            messages: vec![],
+            heartbeats: vec![],
+        },
+    );
     std::thread::sleep(Duration::from_millis(100));
 }
 
@@ -422,20 +552,39 @@ async fn retried_request_is_applied_once() {
             value: to.to_vec().into(),
         })),
     };
-    let opts = flotilla::ProposeOptions { request_id: Some((77, 1)), epoch: None };
+    let opts = flotilla::ProposeOptions {
+        request_id: Some((77, 1)),
+        epoch: None,
+    };
     let first = ng.kv(cas(b"0", b"1"), opts).await.unwrap();
     assert!(first.ok);
     // The same request again (a client retry): the recorded answer, no second apply.
     let retry = ng.kv(cas(b"0", b"1"), opts).await.unwrap();
     assert_eq!(retry.encode_to_vec(), first.encode_to_vec());
     // A different request from a fresh seq is applied.
-    let opts2 = flotilla::ProposeOptions { request_id: Some((77, 2)), epoch: None };
+    let opts2 = flotilla::ProposeOptions {
+        request_id: Some((77, 2)),
+        epoch: None,
+    };
     let second = ng.kv(cas(b"0", b"2"), opts2).await.unwrap();
     assert!(!second.ok, "value is 1, not 0");
-    assert_eq!(ng.get(b"ctr", ReadConsistency::Linearizable).await.unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(
+        ng.get(b"ctr", ReadConsistency::Linearizable)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"1"[..])
+    );
     // A lease read on the leader agrees.
-    assert!(wait_until_async(T, || async {
-        ng.get(b"ctr", ReadConsistency::Lease).await.ok().flatten().as_deref() == Some(&b"1"[..])
-    })
-    .await);
+    assert!(
+        wait_until_async(T, || async {
+            ng.get(b"ctr", ReadConsistency::Lease)
+                .await
+                .ok()
+                .flatten()
+                .as_deref()
+                == Some(&b"1"[..])
+        })
+        .await
+    );
 }

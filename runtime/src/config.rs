@@ -210,7 +210,10 @@ mod tests {
     #[test]
     fn default_with_node_id_is_valid() {
         NodeGroupConfig::new(1).validate().unwrap();
-        NodeGroupConfig::new(1).raft_config(1, 0).validate().unwrap();
+        NodeGroupConfig::new(1)
+            .raft_config(1, 0)
+            .validate()
+            .unwrap();
     }
 
     #[test]

@@ -19,7 +19,9 @@ pub enum Error {
     #[error("range {0} is not hosted on this node")]
     RangeNotFound(RangeId),
     /// This replica is not the leader and does not forward: retry on `leader_hint` if given.
-    #[error("replica of range {range} on this node is not the leader (leader hint: {leader_hint:?})")]
+    #[error(
+        "replica of range {range} on this node is not the leader (leader hint: {leader_hint:?})"
+    )]
     NotLeader {
         /// The range.
         range: RangeId,

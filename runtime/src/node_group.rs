@@ -15,7 +15,9 @@ use dashmap::DashMap;
 use flotilla_proto::command::{
     kv_request, raft_command, KvRequest, KvResponse, RaftCommand, RequestHeader, RequestId,
 };
-use flotilla_proto::meta::{RangeDescriptor, RangeEpoch, RangeState, ReplicaDescriptor, ReplicaRole};
+use flotilla_proto::meta::{
+    RangeDescriptor, RangeEpoch, RangeState, ReplicaDescriptor, ReplicaRole,
+};
 use flotilla_proto::transport::NodeBatch;
 use flotilla_proto::{Message as _, NodeId, RangeId, ReplicaId};
 use flotilla_store::{Engine, GroupStorage, SPLIT_INIT_INDEX, SPLIT_INIT_TERM};
@@ -149,7 +151,11 @@ impl Shared {
 
     /// Creates an uninitialized replica for a message addressed to a group this node does not
     /// host yet, if the message may create one.
-    fn maybe_create(&self, env: &flotilla_proto::transport::RaftMessage, msg_type: MessageType) -> Option<Arc<ReplicaCell>> {
+    fn maybe_create(
+        &self,
+        env: &flotilla_proto::transport::RaftMessage,
+        msg_type: MessageType,
+    ) -> Option<Arc<ReplicaCell>> {
         let range = RangeId(env.range_id);
         let to = env.to?;
         // Only messages a leader or candidate sends to a (possibly new) member may create it.
@@ -216,7 +222,8 @@ impl Shared {
         let cell = ReplicaCell::new(range, Replica::new(raw, to.replica_id, range, self.node));
         entry.or_insert(cell.clone());
         self.awake.insert(range.0, cell.clone());
-        metrics::counter!("flotilla_runtime_replicas_created_total", "by" => "message").increment(1);
+        metrics::counter!("flotilla_runtime_replicas_created_total", "by" => "message")
+            .increment(1);
         Some(cell)
     }
 }
@@ -246,7 +253,8 @@ impl BatchHandler for Inbound {
                     .increment(1);
                 continue;
             };
-            if to.node_id != shared.node.0 || msg.to != to.replica_id || msg.from != from.replica_id {
+            if to.node_id != shared.node.0 || msg.to != to.replica_id || msg.from != from.replica_id
+            {
                 metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "inconsistent")
                     .increment(1);
                 continue;
@@ -265,7 +273,10 @@ impl BatchHandler for Inbound {
                 from,
                 from_conf_ver,
             };
-            if cell.send(pm, shared.config.mailbox_capacity, &shared.ready_tx).is_err() {
+            if cell
+                .send(pm, shared.config.mailbox_capacity, &shared.ready_tx)
+                .is_err()
+            {
                 // raft retransmits; dropping under overload is its flow control.
                 metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "mailbox_full")
                     .increment(1);
@@ -278,7 +289,7 @@ impl BatchHandler for Inbound {
 pub struct NodeGroup {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    ticker_stop: Mutex<Option<Sender<()>>>,
+    stop_tx: Mutex<Option<Sender<()>>>,
 }
 
 impl std::fmt::Debug for NodeGroup {
@@ -324,17 +335,18 @@ impl NodeGroup {
         let transport = connect(Arc::new(Inbound(shared.clone())));
         let _ = shared.transport.set(transport);
 
+        // Dropping `stop_tx` (shutdown) disconnects `stop_rx` and so wakes every thread.
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let mut threads = Vec::new();
         for i in 0..shared.config.worker_threads {
-            let (s, rx) = (shared.clone(), ready_rx.clone());
+            let (s, rx, stop) = (shared.clone(), ready_rx.clone(), stop_rx.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("raft-worker-{i}"))
-                    .spawn(move || crate::fsm::worker::run(s, rx))
+                    .spawn(move || crate::fsm::worker::run(s, rx, stop))
                     .map_err(|e| Error::Store(format!("cannot spawn worker: {e}")))?,
             );
         }
-        let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
         let s = shared.clone();
         threads.push(
             std::thread::Builder::new()
@@ -349,7 +361,7 @@ impl NodeGroup {
         Ok(NodeGroup {
             shared,
             threads: Mutex::new(threads),
-            ticker_stop: Mutex::new(Some(stop_tx)),
+            stop_tx: Mutex::new(Some(stop_tx)),
         })
     }
 
@@ -399,10 +411,15 @@ impl NodeGroup {
                 }
                 return Err(Error::AdminRefused(format!("{} already exists", desc.id())));
             }
-            let clash = !s.router.overlapping(&desc.start_key, &desc.end_key).is_empty()
-                || created.iter().any(|(d, _, _): &(RangeDescriptor, u64, GroupStorage)| {
-                    crate::router::overlaps(d, &desc) || d.range_id == desc.range_id
-                });
+            let clash = !s
+                .router
+                .overlapping(&desc.start_key, &desc.end_key)
+                .is_empty()
+                || created
+                    .iter()
+                    .any(|(d, _, _): &(RangeDescriptor, u64, GroupStorage)| {
+                        crate::router::overlaps(d, &desc) || d.range_id == desc.range_id
+                    });
             if clash {
                 return Err(Error::AdminRefused(format!(
                     "{} overlaps a range already hosted on {}",
@@ -445,7 +462,12 @@ impl NodeGroup {
 
     /// Proposes an application command to the range that owns `key`; resolves with the state
     /// machine's answer once the command is applied on this node.
-    pub async fn propose(&self, key: &[u8], command: Vec<u8>, opts: ProposeOptions) -> Result<Vec<u8>> {
+    pub async fn propose(
+        &self,
+        key: &[u8],
+        command: Vec<u8>,
+        opts: ProposeOptions,
+    ) -> Result<Vec<u8>> {
         let s = &self.shared;
         let size = command.len() as u64;
         if size > s.config.max_proposal_bytes {
@@ -467,16 +489,23 @@ impl NodeGroup {
             header: Some(RequestHeader {
                 range_id: desc.range_id,
                 epoch: desc.epoch,
-                request_id: opts.request_id.map(|(client_id, seq)| RequestId { client_id, seq }),
+                request_id: opts
+                    .request_id
+                    .map(|(client_id, seq)| RequestId { client_id, seq }),
                 proposer_node: s.node.0,
                 proposal_token: token,
             }),
             body: Some(raft_command::Body::App(command.into())),
         };
-        self.submit(desc.id(), token, rx, PeerMsg::Propose {
+        self.submit(
+            desc.id(),
             token,
-            data: cmd.encode_to_vec(),
-        })
+            rx,
+            PeerMsg::Propose {
+                token,
+                data: cmd.encode_to_vec(),
+            },
+        )
         .await
     }
 
@@ -508,7 +537,8 @@ impl NodeGroup {
             None => return Err(Error::InvalidCommand("empty KvRequest".into())),
         };
         let answer = self.propose(&key, req.encode_to_vec(), opts).await?;
-        KvResponse::decode(&answer[..]).map_err(|e| Error::InvalidCommand(format!("bad answer: {e}")))
+        KvResponse::decode(&answer[..])
+            .map_err(|e| Error::InvalidCommand(format!("bad answer: {e}")))
     }
 
     /// Writes `key = value` (default KV state machine).
@@ -579,9 +609,14 @@ impl NodeGroup {
     pub async fn transfer_leader(&self, range: RangeId, to: ReplicaId) -> Result<()> {
         let s = &self.shared;
         let (token, rx) = s.pending.register(s.config.proposal_timeout);
-        self.submit(range, token, rx, PeerMsg::TransferLeader { token, to: to.0 })
-            .await
-            .map(|_| ())
+        self.submit(
+            range,
+            token,
+            rx,
+            PeerMsg::TransferLeader { token, to: to.0 },
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Compacts the log of this node's replica of `range` up to its applied index now, so that
@@ -651,16 +686,8 @@ impl NodeGroup {
         if self.shared.stopped.swap(true, Ordering::AcqRel) {
             return;
         }
-        if let Some(tx) = self.ticker_stop.lock().take() {
-            let _ = tx.send(());
-        }
-        // Wake every worker so it sees `stopped`.
-        let workers = self.shared.config.worker_threads;
-        if let Some(cell) = self.shared.replicas.iter().next().map(|c| c.clone()) {
-            for _ in 0..workers {
-                let _ = self.shared.ready_tx.send(cell.clone());
-            }
-        }
+        // Disconnects the stop channel: the ticker and every worker return.
+        drop(self.stop_tx.lock().take());
         if let Some(t) = self.shared.transport.get() {
             t.shutdown();
         }
@@ -717,7 +744,10 @@ fn recover(shared: &Shared) -> Result<()> {
         let initialized = desc.state == RangeState::Normal as i32;
         let storage = GroupStorage::recover(shared.engine.clone(), rec)?;
         let raw = shared.raw_node(storage, me)?;
-        shared.register(ReplicaCell::new(range, Replica::new(raw, me, range, shared.node)));
+        shared.register(ReplicaCell::new(
+            range,
+            Replica::new(raw, me, range, shared.node),
+        ));
         if initialized {
             shared.router.upsert(desc);
         }

@@ -32,12 +32,19 @@ impl Inner {
     /// `start` (if any), then every range starting inside the interval.
     fn overlapping_keys(&self, start: &[u8], end: &[u8]) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        if let Some((k, d)) = self.by_start.range::<[u8], _>((Bound::Unbounded, Bound::Excluded(start))).next_back() {
+        if let Some((k, d)) = self
+            .by_start
+            .range::<[u8], _>((Bound::Unbounded, Bound::Excluded(start)))
+            .next_back()
+        {
             if d.end_key.is_empty() || &d.end_key[..] > start {
                 out.push(k.clone());
             }
         }
-        for (k, _) in self.by_start.range::<[u8], _>((Bound::Included(start), Bound::Unbounded)) {
+        for (k, _) in self
+            .by_start
+            .range::<[u8], _>((Bound::Included(start), Bound::Unbounded))
+        {
             if !end.is_empty() && k.as_slice() >= end {
                 break;
             }
@@ -56,7 +63,11 @@ impl RangeRouter {
     /// The range that contains `key`.
     pub fn lookup(&self, key: &[u8]) -> Result<RangeDescriptor> {
         let inner = self.inner.read();
-        match inner.by_start.range::<[u8], _>((Bound::Unbounded, Bound::Included(key))).next_back() {
+        match inner
+            .by_start
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
+            .next_back()
+        {
             Some((_, d)) if d.contains(key) => Ok(d.clone()),
             _ => Err(Error::KeyNotInRange { key: key.to_vec() }),
         }
@@ -65,7 +76,11 @@ impl RangeRouter {
     /// The id of the range that contains `key`, without cloning the descriptor.
     pub fn lookup_id(&self, key: &[u8]) -> Result<RangeId> {
         let inner = self.inner.read();
-        match inner.by_start.range::<[u8], _>((Bound::Unbounded, Bound::Included(key))).next_back() {
+        match inner
+            .by_start
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
+            .next_back()
+        {
             Some((_, d)) if d.contains(key) => Ok(d.id()),
             _ => Err(Error::KeyNotInRange { key: key.to_vec() }),
         }
@@ -86,7 +101,9 @@ impl RangeRouter {
                 displaced.push(d);
             }
         }
-        inner.start_of.insert(desc.range_id, desc.start_key.to_vec());
+        inner
+            .start_of
+            .insert(desc.range_id, desc.start_key.to_vec());
         inner.by_start.insert(desc.start_key.to_vec(), desc);
         displaced
     }

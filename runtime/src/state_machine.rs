@@ -102,7 +102,10 @@ impl StateMachine for KvStateMachine {
         // The router checked the key when it was proposed, but the range may have split
         // since: refuse rather than write into a neighbour's keys.
         if !range.contains(key) {
-            return Err(format!("key {key:02x?} is outside range {}", range.range_id));
+            return Err(format!(
+                "key {key:02x?} is outside range {}",
+                range.range_id
+            ));
         }
         let resp = match op {
             kv_request::Op::Put(p) => {

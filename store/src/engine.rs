@@ -8,7 +8,9 @@ use flotilla_proto::meta::{ApplyState, RangeDescriptor, StoreIdent};
 use flotilla_proto::{Message as _, NodeId, RangeId};
 use prost_raft::Message as _;
 use raft::prelude::{ConfState, Entry, HardState};
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions,
+};
 
 use crate::error::{Result, StoreError};
 use crate::keys::{self, StateKind, CF_DATA, CF_META, CF_RAFT};
@@ -157,7 +159,9 @@ impl Engine {
             Cf::Meta => CF_META,
         };
         // Opening created all three; a missing handle would be a bug in `open`.
-        self.db.cf_handle(name).expect("column family opened in Engine::open")
+        self.db
+            .cf_handle(name)
+            .expect("column family opened in Engine::open")
     }
 
     pub(crate) fn db(&self) -> &rocksdb::DB {
@@ -212,7 +216,11 @@ impl Engine {
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(self.config.sync);
         let mut wb = rocksdb::WriteBatch::default();
-        wb.put_cf(self.cf(Cf::Meta), keys::STORE_IDENT_KEY, ident.encode_to_vec());
+        wb.put_cf(
+            self.cf(Cf::Meta),
+            keys::STORE_IDENT_KEY,
+            ident.encode_to_vec(),
+        );
         self.db.write_opt(wb, &opts)?;
         Ok(())
     }
@@ -332,13 +340,10 @@ impl Engine {
 
     /// The index of the last log entry of `group`, if its log holds any.
     pub(crate) fn last_log_index(&self, group: RangeId) -> Result<Option<u64>> {
-        let lo = keys::log_key(group, 0);
-        let hi = keys::log_key(RangeId(group.0.wrapping_add(1)), 0);
+        let (lo, hi) = keys::log_bounds(group);
         let mut opts = ReadOptions::default();
         opts.set_iterate_lower_bound(lo.to_vec());
-        if group.0 != u64::MAX {
-            opts.set_iterate_upper_bound(hi.to_vec());
-        }
+        opts.set_iterate_upper_bound(hi.to_vec());
         let mut it = self.db.raw_iterator_cf_opt(self.cf(Cf::Raft), opts);
         it.seek_to_last();
         if !it.valid() {
@@ -348,12 +353,17 @@ impl Engine {
         let key = it.key().unwrap_or_default();
         match keys::parse_log_key(key) {
             Some((g, idx)) if g == group => Ok(Some(idx)),
-            _ => Err(StoreError::corrupt("log key", key, "outside the group's log")),
+            _ => Err(StoreError::corrupt(
+                "log key",
+                key,
+                "outside the group's log",
+            )),
         }
     }
 
     /// Reads log entries `[low, high)` of `group` from disk, stopping after `max_bytes`
-    /// (at least one entry is returned if any exists).
+    /// (at least one entry is returned if any exists). Returns whether the size limit stopped
+    /// the read (as opposed to the log running out).
     pub(crate) fn read_entries(
         &self,
         group: RangeId,
@@ -361,7 +371,7 @@ impl Engine {
         high: u64,
         max_bytes: u64,
         out: &mut Vec<Entry>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(keys::log_key(group, high).to_vec());
         let start = keys::log_key(group, low);
@@ -371,8 +381,7 @@ impl Engine {
             IteratorMode::From(&start, Direction::Forward),
         );
         let mut size = 0u64;
-        let mut expect = low;
-        for item in iter {
+        for (expect, item) in (low..).zip(iter) {
             let (k, v) = item?;
             let e = Entry::decode(&v[..]).map_err(|e| StoreError::corrupt("log entry", &k, e))?;
             if e.index != expect {
@@ -384,15 +393,14 @@ impl Engine {
             }
             size += v.len() as u64;
             if !out.is_empty() && size > max_bytes {
-                break;
+                return Ok(true);
             }
             out.push(e);
-            expect += 1;
             if size >= max_bytes {
-                break;
+                return Ok(true);
             }
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -469,11 +477,7 @@ impl WriteBatch {
     /// touched (it belongs to whichever range now owns those keys).
     pub fn destroy_group_state(&mut self, group: RangeId) {
         let next = RangeId(group.0.wrapping_add(1));
-        self.delete_range(
-            Cf::Raft,
-            &keys::log_key(group, 0),
-            &keys::log_key(next, 0),
-        );
+        self.delete_range(Cf::Raft, &keys::log_key(group, 0), &keys::log_key(next, 0));
         for kind in [StateKind::Hard, StateKind::Conf, StateKind::Apply] {
             self.delete(Cf::Raft, &keys::state_key(group, kind));
         }
@@ -507,5 +511,4 @@ impl WriteBatch {
         }
         Ok(())
     }
-
 }

@@ -67,6 +67,17 @@ pub fn parse_log_key(key: &[u8]) -> Option<(RangeId, u64)> {
     Some((RangeId(group), index))
 }
 
+/// `[start, end)` of every log key of `group`. The end is the first key after the group's
+/// log, also for `u64::MAX` (where "the next group" does not exist).
+pub fn log_bounds(group: RangeId) -> (Vec<u8>, Vec<u8>) {
+    let lo = log_key(group, 0).to_vec();
+    let hi = match group.0.checked_add(1) {
+        Some(next) => log_key(RangeId(next), 0).to_vec(),
+        None => vec![LOG_PREFIX + 1],
+    };
+    (lo, hi)
+}
+
 /// `0x02 | group | kind`.
 pub fn state_key(group: RangeId, kind: StateKind) -> [u8; 10] {
     let mut k = [0u8; 10];
@@ -110,9 +121,14 @@ pub fn client_key(group: RangeId, client: u64) -> [u8; 17] {
     k
 }
 
-/// `[start, end)` of every client record of `group`.
-pub fn client_bounds(group: RangeId) -> ([u8; 17], [u8; 17]) {
-    (client_key(group, 0), client_key(RangeId(group.0 + 1), 0))
+/// `[start, end)` of every client record of `group` (also for `u64::MAX`).
+pub fn client_bounds(group: RangeId) -> (Vec<u8>, Vec<u8>) {
+    let lo = client_key(group, 0).to_vec();
+    let hi = match group.0.checked_add(1) {
+        Some(next) => client_key(RangeId(next), 0).to_vec(),
+        None => vec![CLIENT_PREFIX + 1],
+    };
+    (lo, hi)
 }
 
 /// `0x01 | range` in `meta`.
@@ -183,6 +199,18 @@ mod tests {
             prop_assert!(ka.as_slice() >= lo.as_slice() && ka.as_slice() < hi.as_slice());
             prop_assert!(STORE_IDENT_KEY >= hi.as_slice());
         }
+    }
+
+    #[test]
+    fn bounds_hold_for_the_largest_group_id() {
+        let max = RangeId(u64::MAX);
+        let (lo, hi) = log_bounds(max);
+        let k = log_key(max, u64::MAX);
+        assert!(lo.as_slice() <= k.as_slice() && k.as_slice() < hi.as_slice());
+        assert!(hi.as_slice() <= state_start_key().as_slice());
+        let (lo, hi) = client_bounds(max);
+        let k = client_key(max, u64::MAX);
+        assert!(lo.as_slice() <= k.as_slice() && k.as_slice() < hi.as_slice());
     }
 
     #[test]

@@ -201,14 +201,20 @@ impl GroupStorage {
                 ),
             });
         }
-        for (i, e) in entries.iter().enumerate() {
-            if e.index != first_index + i as u64 {
-                return Err(StoreError::NonContiguousAppend {
-                    group: self.group,
-                    first: first_index,
-                    detail: format!("entry {i} has index {}", e.index),
-                });
-            }
+        // Check every index before writing any: a refused append must leave nothing in the
+        // caller's batch, which also carries other groups' writes.
+        if let Some((i, e)) = entries
+            .iter()
+            .enumerate()
+            .find(|(i, e)| e.index != first_index + *i as u64)
+        {
+            return Err(StoreError::NonContiguousAppend {
+                group: self.group,
+                first: first_index,
+                detail: format!("entry {i} has index {}", e.index),
+            });
+        }
+        for e in entries {
             batch.put(
                 Cf::Raft,
                 &keys::log_key(self.group, e.index),
@@ -229,7 +235,11 @@ impl GroupStorage {
         while self.cache.back().is_some_and(|e| e.index >= first_index) {
             self.cache.pop_back();
         }
-        if self.cache.back().is_some_and(|e| e.index + 1 != first_index) {
+        if self
+            .cache
+            .back()
+            .is_some_and(|e| e.index + 1 != first_index)
+        {
             self.cache.clear();
         }
         let limit = self.engine.config().log_cache_entries;
@@ -330,12 +340,8 @@ impl GroupStorage {
         descriptor: RangeDescriptor,
         batch: &mut WriteBatch,
     ) {
-        let next = RangeId(self.group.0.wrapping_add(1));
-        batch.delete_range(
-            Cf::Raft,
-            &keys::log_key(self.group, 0),
-            &keys::log_key(next, 0),
-        );
+        let (lo, hi) = keys::log_bounds(self.group);
+        batch.delete_range(Cf::Raft, &lo, &hi);
         self.cache = VecDeque::new();
         self.last_index = meta.index;
         self.last_term = meta.term;
@@ -385,13 +391,14 @@ impl GroupStorage {
             descriptor: Some(desc),
             inline_chunks: chunks,
         };
-        let mut snap = Snapshot::default();
-        snap.data = header.encode_to_vec();
-        let mut meta = SnapshotMetadata::default();
-        meta.index = self.apply_state.applied_index;
-        meta.term = self.apply_state.applied_term;
-        meta.conf_state = Some(self.conf_state.clone());
-        snap.metadata = Some(meta);
+        let snap = Snapshot {
+            data: header.encode_to_vec(),
+            metadata: Some(SnapshotMetadata {
+                index: self.apply_state.applied_index,
+                term: self.apply_state.applied_term,
+                conf_state: Some(self.conf_state.clone()),
+            }),
+        };
         Ok(snap)
     }
 
@@ -417,7 +424,11 @@ impl GroupStorage {
             Some(v) => Entry::decode(&v[..])
                 .map(|e| e.term)
                 .map_err(|e| StoreError::corrupt("log entry", &key, e)),
-            None => Err(StoreError::corrupt("log entry", &key, "missing inside the log")),
+            None => Err(StoreError::corrupt(
+                "log entry",
+                &key,
+                "missing inside the log",
+            )),
         }
     }
 
@@ -472,17 +483,18 @@ impl GroupStorage {
         let cache_start = self.cache.front().map_or(u64::MAX, |e| e.index);
         if low < cache_start {
             let disk_high = high.min(cache_start);
-            self.engine
+            let limited = self
+                .engine
                 .read_entries(self.group, low, disk_high, max, &mut out)?;
             if (out.len() as u64) < disk_high - low {
-                if out.is_empty() {
+                if !limited {
+                    // The log ran out inside an interval it claims to hold.
                     return Err(StoreError::corrupt(
                         "log entry",
-                        &keys::log_key(self.group, low),
+                        &keys::log_key(self.group, low + out.len() as u64),
                         "missing inside the log",
                     ));
                 }
-                // Stopped by the size limit.
                 return Ok(out);
             }
         }

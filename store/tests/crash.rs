@@ -35,7 +35,7 @@ const TERM: u64 = 3;
 /// that range deletes are part of what must be atomic.
 const COMPACT_EVERY: u64 = 16;
 const COMPACT_LAG: u64 = 8;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 /// The parent kills the child after this many `synced` lines of a round (seeded).
 const KILL_AFTER: std::ops::RangeInclusive<u64> = 20..=200;
 /// Upper bound on one round (start, run, kill, verify); the whole test stays well under a
@@ -94,8 +94,10 @@ fn truncated_after(n: u64) -> u64 {
 /// Batch 0: creates the groups.
 fn initialize(engine: &Arc<Engine>) -> Vec<GroupStorage> {
     let mut batch = engine.batch();
-    let mut cs = ConfState::default();
-    cs.voters = vec![1];
+    let cs = ConfState {
+        voters: vec![1],
+        ..Default::default()
+    };
     let groups = (0..GROUPS)
         .map(|g| {
             GroupStorage::initialize(
@@ -130,20 +132,23 @@ fn write_batch_n(
         .skip(which.start)
     {
         let g = g as u64;
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = TERM;
-        e.data = payload(g, n);
+        let e = Entry {
+            index,
+            term: TERM,
+            data: payload(g, n),
+            ..Default::default()
+        };
         s.append(&[e], &mut batch).expect("append");
-        let mut hs = HardState::default();
-        hs.term = TERM;
-        hs.vote = 1;
-        hs.commit = index;
+        let hs = HardState {
+            term: TERM,
+            vote: 1,
+            commit: index,
+        };
         s.set_hard_state(hs, &mut batch);
         s.set_applied(index, TERM, &mut batch);
         batch.put_data(&data_key(g, n), &payload(g, n));
         batch.put_data(&last_key(g), &n.to_be_bytes());
-        if n % COMPACT_EVERY == 0 {
+        if n.is_multiple_of(COMPACT_EVERY) {
             s.compact(truncated_after(n), &mut batch).expect("compact");
         }
     }

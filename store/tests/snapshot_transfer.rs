@@ -32,17 +32,18 @@ fn reopen(engine: Arc<Engine>) -> Arc<Engine> {
 }
 
 fn voters(ids: &[u64]) -> ConfState {
-    let mut cs = ConfState::default();
-    cs.voters = ids.to_vec();
-    cs
+    ConfState {
+        voters: ids.to_vec(),
+        ..Default::default()
+    }
 }
 
 fn snapshot_meta(index: u64, term: u64, ids: &[u64]) -> SnapshotMetadata {
-    let mut m = SnapshotMetadata::default();
-    m.index = index;
-    m.term = term;
-    m.conf_state = Some(voters(ids));
-    m
+    SnapshotMetadata {
+        index,
+        term,
+        conf_state: Some(voters(ids)),
+    }
 }
 
 /// 3000 keys `m/00000`.. with values of 0..200 bytes, plus neighbours on both sides.

@@ -80,22 +80,25 @@ fn desc(id: u64) -> RangeDescriptor {
 }
 
 fn voters(ids: &[u64]) -> ConfState {
-    let mut cs = ConfState::default();
-    cs.voters = ids.to_vec();
-    cs
+    ConfState {
+        voters: ids.to_vec(),
+        ..Default::default()
+    }
 }
 
 fn ent(index: u64, term: u64) -> Entry {
-    let mut e = Entry::default();
-    e.index = index;
-    e.term = term;
-    e
+    Entry {
+        index,
+        term,
+        ..Default::default()
+    }
 }
 
 fn ent_data(index: u64, term: u64, data: &[u8]) -> Entry {
-    let mut e = ent(index, term);
-    e.data = data.to_vec();
-    e
+    Entry {
+        data: data.to_vec(),
+        ..ent(index, term)
+    }
 }
 
 fn size(e: &Entry) -> u64 {
@@ -454,11 +457,11 @@ fn append() {
 }
 
 fn snapshot_meta(index: u64, term: u64, ids: &[u64]) -> SnapshotMetadata {
-    let mut m = SnapshotMetadata::default();
-    m.index = index;
-    m.term = term;
-    m.conf_state = Some(voters(ids));
-    m
+    SnapshotMetadata {
+        index,
+        term,
+        conf_state: Some(voters(ids)),
+    }
 }
 
 #[test]
@@ -626,10 +629,11 @@ fn initialized_group_survives_reopen() {
     let dir = TempDir::new().unwrap();
     let engine = open(dir.path(), 4);
     let mut s = new_group(&engine, 1, 5, 5, &[ent(6, 5), ent(7, 6), ent(8, 6)]);
-    let mut hs = HardState::default();
-    hs.term = 6;
-    hs.vote = 2;
-    hs.commit = 7;
+    let hs = HardState {
+        term: 6,
+        vote: 2,
+        commit: 7,
+    };
     let mut batch = engine.batch();
     s.set_hard_state(hs.clone(), &mut batch);
     s.set_applied(7, 6, &mut batch);
@@ -637,7 +641,7 @@ fn initialized_group_survives_reopen() {
     engine.write(batch, true).unwrap();
     let before = (
         s.initial_state().unwrap(),
-        s.apply_state().clone(),
+        *s.apply_state(),
         all_entries(&s),
     );
     drop(s);
@@ -656,7 +660,7 @@ fn initialized_group_survives_reopen() {
     let s = recover_group(&engine, 1);
     let after = (
         s.initial_state().unwrap(),
-        s.apply_state().clone(),
+        *s.apply_state(),
         all_entries(&s),
     );
     assert_eq!(after.0.hard_state, before.0.hard_state);

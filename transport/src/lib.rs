@@ -44,9 +44,9 @@
 //! };
 //!
 //! let net = MemNetwork::new();
-//! let received = Arc::new(parking_lot::Mutex::new(Vec::new()));
+//! let received = Arc::new(std::sync::Mutex::new(Vec::new()));
 //! let inbox = received.clone();
-//! let _n2 = net.register(NodeId(2), Arc::new(move |b: NodeBatch| inbox.lock().push(b)));
+//! let _n2 = net.register(NodeId(2), Arc::new(move |b: NodeBatch| inbox.lock().unwrap().push(b)));
 //! let n1 = net.register(NodeId(1), Arc::new(|_: NodeBatch| {}));
 //!
 //! let batch = || NodeBatch {
@@ -63,7 +63,7 @@
 //! net.remove_filter(cut);
 //! n1.send(NodeId(2), batch()).unwrap();
 //! assert!(net.wait_for_stats(Duration::from_secs(10), |s| s.delivered_messages == 1));
-//! assert_eq!(received.lock()[0].from_node, 1);
+//! assert_eq!(received.lock().unwrap()[0].from_node, 1);
 //! ```
 
 mod error;

@@ -145,8 +145,7 @@ impl ReplicaCell {
     /// Ends the worker's ownership; reschedules if work arrived after `take_work`.
     pub(crate) fn release(self: &Arc<Self>, ready: &Sender<Arc<ReplicaCell>>) {
         self.notified.store(false, Ordering::Release);
-        let has_work =
-            !self.mailbox.lock().is_empty() || self.ticks.load(Ordering::Acquire) > 0;
+        let has_work = !self.mailbox.lock().is_empty() || self.ticks.load(Ordering::Acquire) > 0;
         if has_work && !self.failed.load(Ordering::Acquire) {
             self.schedule(ready);
         }

@@ -106,13 +106,17 @@ impl Round {
     }
 }
 
-/// Body of one worker thread; returns when the ready queue is closed (shutdown).
-pub(crate) fn run(shared: Arc<Shared>, ready: Receiver<Arc<ReplicaCell>>) {
+/// Body of one worker thread; returns when `stop` is disconnected (shutdown).
+pub(crate) fn run(shared: Arc<Shared>, ready: Receiver<Arc<ReplicaCell>>, stop: Receiver<()>) {
     let mut round = Round::default();
     let max = shared.config.max_batch_replicas;
-    while let Ok(first) = ready.recv() {
+    loop {
+        let first = crossbeam_channel::select! {
+            recv(ready) -> c => match c { Ok(c) => c, Err(_) => return },
+            recv(stop) -> _ => return,
+        };
         if shared.is_stopped() {
-            break;
+            return;
         }
         let mut cells = vec![first];
         while cells.len() < max {
@@ -157,7 +161,10 @@ fn run_round(shared: &Shared, cells: &[Arc<ReplicaCell>], round: &mut Round) {
     round.flush(shared);
 
     if let Err(e) = shared.engine.write(batch, true) {
-        tracing::error!("raft log write failed, isolating {} replicas: {e}", held.len());
+        tracing::error!(
+            "raft log write failed, isolating {} replicas: {e}",
+            held.len()
+        );
         for (i, mut guard) in held.drain(..) {
             isolate(shared, &cells[i], &mut guard, round, &e.to_string());
         }
@@ -233,7 +240,13 @@ fn fail_msgs(msgs: Vec<PeerMsg>, round: &mut Round, err: Error) {
 }
 
 /// Takes a faulty replica out of service without touching the others.
-fn isolate(shared: &Shared, cell: &ReplicaCell, guard: &mut Guard<'_>, round: &mut Round, why: &str) {
+fn isolate(
+    shared: &Shared,
+    cell: &ReplicaCell,
+    guard: &mut Guard<'_>,
+    round: &mut Round,
+    why: &str,
+) {
     tracing::error!(range = %cell.range, "replica failed and is isolated: {why}");
     metrics::counter!("flotilla_runtime_replica_failures_total").increment(1);
     if let Some(mut r) = guard.take() {
@@ -265,7 +278,9 @@ fn destroy(
         }
         desc.state = flotilla_proto::meta::RangeState::Tombstone as i32;
         batch.put_descriptor(&desc);
-        shared.tombstones.insert(cell.range.0, desc.epoch_or_default().conf_ver);
+        shared
+            .tombstones
+            .insert(cell.range.0, desc.epoch_or_default().conf_ver);
     }
     let queued = cell.fail();
     fail_msgs(queued, round, Error::RangeNotFound(cell.range));

@@ -47,7 +47,13 @@ impl Replica {
         Ok(())
     }
 
-    fn apply_command(&mut self, e: &Entry, shared: &Shared, round: &mut Round, batch: &mut WriteBatch) {
+    fn apply_command(
+        &mut self,
+        e: &Entry,
+        shared: &Shared,
+        round: &mut Round,
+        batch: &mut WriteBatch,
+    ) {
         let cmd = match RaftCommand::decode(&e.data[..]) {
             Ok(c) => c,
             Err(err) => {
@@ -60,10 +66,12 @@ impl Replica {
         let header = cmd.header.unwrap_or_default();
         let token = (header.proposer_node == shared.node.0).then_some(header.proposal_token);
         let answer = match cmd.body {
-            Some(raft_command::Body::App(data)) => self.apply_app(&header, &data, e.index, shared, round, batch),
-            Some(raft_command::Body::Admin(_)) => {
-                Err(Error::AdminRefused("admin command not supported by this version".into()))
+            Some(raft_command::Body::App(data)) => {
+                self.apply_app(&header, &data, e.index, shared, round, batch)
             }
+            Some(raft_command::Body::Admin(_)) => Err(Error::AdminRefused(
+                "admin command not supported by this version".into(),
+            )),
             None => Err(Error::InvalidCommand("empty command".into())),
         };
         if let Some(t) = token {

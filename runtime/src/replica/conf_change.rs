@@ -53,7 +53,8 @@ impl Replica {
         if changes.is_empty() {
             return Err(Error::AdminRefused("no membership change given".into()));
         }
-        if self.raw.raft.has_pending_conf() || !self.raw.store().conf_state().voters_outgoing.is_empty()
+        if self.raw.raft.has_pending_conf()
+            || !self.raw.store().conf_state().voters_outgoing.is_empty()
         {
             return Err(Error::AdminRefused(
                 "a membership change is already in progress".into(),
@@ -69,7 +70,11 @@ impl Replica {
         for c in changes {
             let (kind, id) = match *c {
                 MembershipChange::AddVoter(node) | MembershipChange::AddLearner(node) => {
-                    if desc.replica_on(node).is_some() || added.iter().any(|r: &ReplicaDescriptor| r.node_id == node.0) {
+                    if desc.replica_on(node).is_some()
+                        || added
+                            .iter()
+                            .any(|r: &ReplicaDescriptor| r.node_id == node.0)
+                    {
                         return Err(Error::AdminRefused(format!(
                             "node {node} already hosts a replica of range {}",
                             self.range
@@ -81,7 +86,11 @@ impl Replica {
                     added.push(ReplicaDescriptor {
                         replica_id: id,
                         node_id: node.0,
-                        role: if voter { ReplicaRole::Voter } else { ReplicaRole::Learner } as i32,
+                        role: if voter {
+                            ReplicaRole::Voter
+                        } else {
+                            ReplicaRole::Learner
+                        } as i32,
                     });
                     let kind = if voter {
                         ConfChangeType::AddNode
@@ -91,7 +100,9 @@ impl Replica {
                     (kind, id)
                 }
                 MembershipChange::Promote(id) => match find(id.0) {
-                    Some(r) if r.role == ReplicaRole::Learner as i32 => (ConfChangeType::AddNode, id.0),
+                    Some(r) if r.role == ReplicaRole::Learner as i32 => {
+                        (ConfChangeType::AddNode, id.0)
+                    }
                     _ => return Err(Error::AdminRefused(format!("{id} is not a learner"))),
                 },
                 MembershipChange::Demote(id) => match find(id.0) {
@@ -134,25 +145,21 @@ impl Replica {
         round: &mut Round,
         batch: &mut flotilla_store::WriteBatch,
     ) {
+        // Our context rides in the entry's context (raft-rs's `propose_conf_change` puts it
+        // there), not in the conf change's own.
         let decoded = if e.get_entry_type() == EntryType::EntryConfChange {
-            raft::prelude::ConfChange::decode(&e.data[..]).map(|cc| {
-                let ctx = cc.context.clone();
-                (raft_proto::ConfChangeI::into_v2(cc), ctx)
-            })
+            raft::prelude::ConfChange::decode(&e.data[..]).map(raft_proto::ConfChangeI::into_v2)
         } else {
-            ConfChangeV2::decode(&e.data[..]).map(|cc| {
-                let ctx = cc.context.clone();
-                (cc, ctx)
-            })
+            ConfChangeV2::decode(&e.data[..])
         };
-        let (cc, ctx) = match decoded {
+        let cc = match decoded {
             Ok(v) => v,
             Err(err) => {
                 tracing::error!(range = %self.range, index = e.index, "undecodable conf change: {err}");
                 return;
             }
         };
-        let ctx = ConfChangeContext::decode(&ctx[..]).unwrap_or_default();
+        let ctx = ConfChangeContext::decode(&e.context[..]).unwrap_or_default();
         let token = ctx
             .header
             .as_ref()
@@ -187,7 +194,12 @@ impl Replica {
 
 /// The smallest replica id never used in this range.
 fn next_replica_id(desc: &RangeDescriptor) -> u64 {
-    let max = desc.replicas.iter().map(|r| r.replica_id).max().unwrap_or(0);
+    let max = desc
+        .replicas
+        .iter()
+        .map(|r| r.replica_id)
+        .max()
+        .unwrap_or(0);
     desc.next_replica_id.max(max + 1)
 }
 
@@ -208,7 +220,10 @@ fn descriptor_after(
     };
     let mut replicas = Vec::new();
     let mut push = |id: u64, role: ReplicaRole| {
-        if !replicas.iter().any(|r: &ReplicaDescriptor| r.replica_id == id) {
+        if !replicas
+            .iter()
+            .any(|r: &ReplicaDescriptor| r.replica_id == id)
+        {
             replicas.push(ReplicaDescriptor {
                 replica_id: id,
                 node_id: node_of(id),
@@ -226,9 +241,8 @@ fn descriptor_after(
     let mut epoch = desc.epoch_or_default();
     epoch.conf_ver += 1;
     desc.epoch = Some(epoch);
-    desc.next_replica_id = next_replica_id(old).max(
-        replicas.iter().map(|r| r.replica_id + 1).max().unwrap_or(0),
-    );
+    desc.next_replica_id =
+        next_replica_id(old).max(replicas.iter().map(|r| r.replica_id + 1).max().unwrap_or(0));
     desc.replicas = replicas;
     desc
 }

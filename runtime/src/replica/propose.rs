@@ -13,7 +13,13 @@ use crate::fsm::worker::Round;
 use crate::node_group::Shared;
 
 impl Replica {
-    pub(super) fn propose(&mut self, token: u64, data: Vec<u8>, shared: &Shared, round: &mut Round) {
+    pub(super) fn propose(
+        &mut self,
+        token: u64,
+        data: Vec<u8>,
+        shared: &Shared,
+        round: &mut Round,
+    ) {
         let leader = self.raw.raft.state == StateRole::Leader;
         if !leader && (!shared.config.forward_proposals || self.raw.raft.leader_id == 0) {
             round.complete(
@@ -39,7 +45,10 @@ impl Replica {
             Err(raft::Error::ProposalDropped) if leader => {
                 // A leader drops proposals when its uncommitted log is over budget or while it
                 // transfers leadership: both pass, so the caller should back off and retry.
-                round.complete(token, Err(Error::Busy("uncommitted log full or leader transferring")));
+                round.complete(
+                    token,
+                    Err(Error::Busy("uncommitted log full or leader transferring")),
+                );
             }
             Err(e) => {
                 tracing::debug!(range = %self.range, "proposal refused: {e}");

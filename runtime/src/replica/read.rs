@@ -27,7 +27,10 @@ pub(crate) struct PendingRead {
 impl Replica {
     pub(super) fn read(&mut self, token: u64, lease: bool, shared: &Shared, round: &mut Round) {
         if lease {
-            if self.is_leader() && self.raw.raft.in_lease() && self.raw.raft.commit_to_current_term() {
+            if self.is_leader()
+                && self.raw.raft.in_lease()
+                && self.raw.raft.commit_to_current_term()
+            {
                 let index = self.raw.raft.raft_log.committed;
                 self.reads.push(PendingRead {
                     token,

@@ -44,7 +44,8 @@ impl Replica {
                 self.range
             )));
         }
-        let mut import = SnapshotImport::begin(shared.engine.batch(), &desc.start_key, &desc.end_key)?;
+        let mut import =
+            SnapshotImport::begin(shared.engine.batch(), &desc.start_key, &desc.end_key)?;
         for c in &header.inline_chunks {
             import.add_chunk(c)?;
         }
@@ -60,7 +61,11 @@ impl Replica {
     }
 
     /// Compacts the log if it grew past the threshold.
-    pub(super) fn maybe_compact(&mut self, shared: &Shared, batch: &mut WriteBatch) -> crate::Result<()> {
+    pub(super) fn maybe_compact(
+        &mut self,
+        shared: &Shared,
+        batch: &mut WriteBatch,
+    ) -> crate::Result<()> {
         let cfg = &shared.config;
         let store = self.raw.store();
         let applied = store.apply_state().applied_index;
