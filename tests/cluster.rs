@@ -103,6 +103,11 @@ async fn three_nodes_host_a_thousand_groups() {
     let st = c.node(1).node_status();
     assert_eq!(st.replicas, 1000);
     assert_eq!(st.ranges, 1000);
+    // Leaders' heartbeats travel coalesced, many groups per node-pair batch.
+    let ok = c.net.wait_for_stats(T, |s| {
+        s.delivered_heartbeats > 1000 && s.delivered_batches < s.delivered_heartbeats
+    });
+    assert!(ok, "{:?}", c.net.stats());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,6 +91,9 @@ pub struct NodeGroupConfig {
     /// A follower forwards proposals to its leader instead of answering `NotLeader`.
     /// Default true.
     pub forward_proposals: bool,
+    /// Send leaders' heartbeats (and their responses) as compact `(group, from, to, term,
+    /// commit)` entries of the node pair's batch instead of full raft messages. Default true.
+    pub coalesce_heartbeats: bool,
     /// Compact a group's log when it holds more than this many applied entries. Default 1024.
     pub log_compact_threshold: u64,
     /// Entries kept below the applied index on compaction, so that slightly lagging
@@ -120,6 +123,7 @@ impl Default for NodeGroupConfig {
             max_proposal_bytes: 512 << 10,
             mailbox_capacity: 1024,
             forward_proposals: true,
+            coalesce_heartbeats: true,
             log_compact_threshold: 1024,
             log_compact_trailing: 64,
             proposal_timeout: Duration::from_secs(10),

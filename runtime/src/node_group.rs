@@ -18,7 +18,7 @@ use flotilla_proto::command::{
 use flotilla_proto::meta::{
     RangeDescriptor, RangeEpoch, RangeState, ReplicaDescriptor, ReplicaRole,
 };
-use flotilla_proto::transport::NodeBatch;
+use flotilla_proto::transport::{Heartbeat, NodeBatch};
 use flotilla_proto::{Message as _, NodeId, RangeId, ReplicaId};
 use flotilla_store::{Engine, GroupStorage, SPLIT_INIT_INDEX, SPLIT_INIT_TERM};
 use flotilla_transport::{BatchHandler, Transport};
@@ -228,6 +228,46 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Rebuilds the raft message a coalesced heartbeat stands for and queues it. Heartbeats
+    /// never create replicas (they carry no key range): the leader's appends do.
+    fn on_heartbeat(&self, from_node: u64, hb: Heartbeat) {
+        let Some(cell) = self.cell(RangeId(hb.range_id)) else {
+            metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "heartbeat_unknown_group")
+                .increment(1);
+            return;
+        };
+        let mut msg = raft::prelude::Message::default();
+        msg.set_msg_type(if hb.response {
+            MessageType::MsgHeartbeatResponse
+        } else {
+            MessageType::MsgHeartbeat
+        });
+        msg.from = hb.from_replica;
+        msg.to = hb.to_replica;
+        msg.term = hb.term;
+        msg.commit = hb.commit;
+        msg.context = hb.context.to_vec();
+        let pm = PeerMsg::Raft {
+            msg: Box::new(msg),
+            from: ReplicaDescriptor {
+                replica_id: hb.from_replica,
+                node_id: from_node,
+                role: ReplicaRole::Voter as i32,
+            },
+            // A heartbeat carries no epoch: its sender must be a member we know of.
+            from_conf_ver: 0,
+        };
+        if cell
+            .send(pm, self.config.mailbox_capacity, &self.ready_tx)
+            .is_err()
+        {
+            metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "mailbox_full")
+                .increment(1);
+        }
+    }
+}
+
 /// What the transport calls with each batch that arrives for this node.
 pub(crate) struct Inbound(Arc<Shared>);
 
@@ -238,6 +278,10 @@ impl BatchHandler for Inbound {
             metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "wrong_node")
                 .increment(batch.messages.len() as u64);
             return;
+        }
+        let from_node = batch.from_node;
+        for hb in batch.heartbeats {
+            shared.on_heartbeat(from_node, hb);
         }
         for env in batch.messages {
             let msg = match raft::prelude::Message::decode(&env.message[..]) {

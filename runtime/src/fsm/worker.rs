@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use flotilla_proto::command::ClientRecord;
-use flotilla_proto::transport::{NodeBatch, RaftMessage};
+use flotilla_proto::transport::{Heartbeat, NodeBatch, RaftMessage};
 use flotilla_proto::{NodeId, RangeId};
 use parking_lot::MutexGuard;
 
@@ -65,6 +65,15 @@ impl Round {
         let out = self.outbox.entry(node).or_default();
         out.batch.messages.push(msg);
         out.meta.push((range, to, is_snapshot));
+    }
+
+    pub(crate) fn push_heartbeat(&mut self, node: NodeId, hb: Heartbeat) {
+        self.outbox
+            .entry(node)
+            .or_default()
+            .batch
+            .heartbeats
+            .push(hb);
     }
 
     /// Hands each destination its batch. Failed deliveries and snapshot outcomes are reported

@@ -15,7 +15,7 @@ mod snapshot;
 use std::collections::VecDeque;
 
 use flotilla_proto::meta::{RangeDescriptor, ReplicaDescriptor};
-use flotilla_proto::transport::RaftMessage;
+use flotilla_proto::transport::{Heartbeat, RaftMessage};
 use flotilla_proto::{NodeId, RangeId};
 use flotilla_store::{GroupStorage, WriteBatch};
 use prost_raft::Message as _;
@@ -359,7 +359,30 @@ impl Replica {
                     .increment(1);
                 continue;
             };
-            let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
+            let msg_type = m.get_msg_type();
+            if shared.config.coalesce_heartbeats
+                && matches!(
+                    msg_type,
+                    MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse
+                )
+            {
+                // Carried as a compact entry of the node pair's batch; term and commit are the
+                // real message's, so the receiver rebuilds exactly what raft sent.
+                round.push_heartbeat(
+                    node,
+                    Heartbeat {
+                        range_id: self.range.0,
+                        from_replica: self.id,
+                        to_replica: m.to,
+                        term: m.term,
+                        commit: m.commit,
+                        response: msg_type == MessageType::MsgHeartbeatResponse,
+                        context: m.context.into(),
+                    },
+                );
+                continue;
+            }
+            let is_snapshot = msg_type == MessageType::MsgSnapshot;
             let to = ReplicaDescriptor {
                 replica_id: m.to,
                 node_id: node.0,
@@ -376,6 +399,5 @@ impl Replica {
             };
             round.push_message(node, env, is_snapshot, self.range, m.to);
         }
-        let _ = shared;
     }
 }
