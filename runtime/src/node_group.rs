@@ -14,6 +14,7 @@ use crossbeam_channel::{Receiver, Sender};
 use dashmap::DashMap;
 use flotilla_proto::command::{
     kv_request, raft_command, KvRequest, KvResponse, RaftCommand, RequestHeader, RequestId,
+    SplitResult,
 };
 use flotilla_proto::meta::{
     RangeDescriptor, RangeEpoch, RangeState, ReplicaDescriptor, ReplicaRole,
@@ -110,6 +111,18 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A range id for a new range (split). Random 63-bit ids: no coordinator is needed and a
+    /// collision among even a million ranges has a probability of about 1e-7; the split's
+    /// apply refuses an id this node already hosts.
+    pub(crate) fn allocate_range_id(&self) -> u64 {
+        loop {
+            let id = rand::random::<u64>() >> 1;
+            if id > 1 << 32 && self.cell(RangeId(id)).is_none() {
+                return id;
+            }
+        }
+    }
+
     pub(crate) fn cell(&self, range: RangeId) -> Option<Arc<ReplicaCell>> {
         self.replicas.get(&range.0).map(|c| c.clone())
     }
@@ -123,12 +136,16 @@ impl Shared {
         self.stopped.load(Ordering::Acquire)
     }
 
-    fn register(&self, cell: Arc<ReplicaCell>) {
+    pub(crate) fn register(&self, cell: Arc<ReplicaCell>) {
         self.awake.insert(cell.range.0, cell.clone());
         self.replicas.insert(cell.range.0, cell);
     }
 
-    fn raw_node(&self, storage: GroupStorage, replica_id: u64) -> Result<RawNode<GroupStorage>> {
+    pub(crate) fn raw_node(
+        &self,
+        storage: GroupStorage,
+        replica_id: u64,
+    ) -> Result<RawNode<GroupStorage>> {
         let applied = storage.apply_state().applied_index;
         let group = storage.group().0;
         let cfg = self.config.raft_config(replica_id, applied);
@@ -140,7 +157,7 @@ impl Shared {
     }
 
     /// Queues `msg` for `range`'s replica.
-    fn post(&self, range: RangeId, msg: PeerMsg) -> Result<()> {
+    pub(crate) fn post(&self, range: RangeId, msg: PeerMsg) -> Result<()> {
         let cell = self.cell(range).ok_or(Error::RangeNotFound(range))?;
         match cell.send(msg, self.config.mailbox_capacity, &self.ready_tx) {
             Ok(()) => Ok(()),
@@ -673,6 +690,46 @@ impl NodeGroup {
             .map(|_| ())
     }
 
+    /// Splits `range` at `split_key` (or, if `None`, at its middle key by key count) into
+    /// itself `[start, split_key)` and a new range `[split_key, end)`; this node's replica
+    /// must be the leader. Resolves with both halves once the split is applied here. No data
+    /// is copied.
+    pub async fn split(
+        &self,
+        range: RangeId,
+        split_key: Option<Vec<u8>>,
+    ) -> Result<(RangeDescriptor, RangeDescriptor)> {
+        let s = &self.shared;
+        let split_key = match split_key {
+            Some(k) => k,
+            None => {
+                let desc = s.router.get(range).ok_or(Error::RangeNotFound(range))?;
+                middle_key(&s.engine, &desc)?.ok_or_else(|| {
+                    Error::AdminRefused(format!("{range} has too few keys to split"))
+                })?
+            }
+        };
+        let new_range_id = s.allocate_range_id();
+        let (token, rx) = s.pending.register(s.config.proposal_timeout);
+        let answer = self
+            .submit(
+                range,
+                token,
+                rx,
+                PeerMsg::Split {
+                    token,
+                    split_key,
+                    new_range_id,
+                },
+            )
+            .await?;
+        let r = SplitResult::decode(&answer[..]).map_err(|e| Error::Store(e.to_string()))?;
+        match (r.left, r.right) {
+            (Some(l), Some(r)) => Ok((l, r)),
+            _ => Err(Error::Store("split answer without both halves".into())),
+        }
+    }
+
     /// Status of this node's replica of `range`.
     pub fn status(&self, range: RangeId) -> Result<ReplicaStatus> {
         let cell = self.shared.cell(range).ok_or(Error::RangeNotFound(range))?;
@@ -746,6 +803,17 @@ impl Drop for NodeGroup {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// The key in the middle of `desc`'s keys (by count), if it has at least two keys. Reads
+/// every key of the range once: fine for ranges of the size splits are configured for.
+fn middle_key(engine: &Engine, desc: &RangeDescriptor) -> Result<Option<Vec<u8>>> {
+    let keys = engine.scan(&desc.start_key, &desc.end_key, usize::MAX)?;
+    if keys.len() < 2 {
+        return Ok(None);
+    }
+    let mid = keys[keys.len() / 2].0.clone();
+    Ok((mid[..] != desc.start_key[..]).then_some(mid))
 }
 
 /// raft's conf state for a descriptor's replicas.

@@ -39,6 +39,12 @@ pub(crate) enum PeerMsg {
     },
     /// Ask raft to hand leadership to `to` (a replica id).
     TransferLeader { token: u64, to: u64 },
+    /// Split the range at `split_key` into itself and a new range `new_range_id`.
+    Split {
+        token: u64,
+        split_key: Vec<u8>,
+        new_range_id: u64,
+    },
     /// Start an election now (used by bootstrap and tests to avoid waiting for a timeout).
     Campaign,
     /// Compact the log up to the applied index now, so lagging followers get a snapshot.

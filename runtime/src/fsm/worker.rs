@@ -241,6 +241,7 @@ fn fail_msgs(msgs: Vec<PeerMsg>, round: &mut Round, err: Error) {
             | PeerMsg::Read { token, .. }
             | PeerMsg::ConfChange { token, .. }
             | PeerMsg::TransferLeader { token, .. }
+            | PeerMsg::Split { token, .. }
             | PeerMsg::CompactLog { token } => token,
             _ => continue,
         };

@@ -2,7 +2,7 @@
 //! de-duplication check), membership entries to raft and the descriptor. Everything an entry
 //! changes, and the new applied index, go into one batch.
 
-use flotilla_proto::command::{raft_command, ClientRecord, RaftCommand};
+use flotilla_proto::command::{admin_command, raft_command, ClientRecord, RaftCommand};
 use flotilla_proto::Message as _;
 use flotilla_store::WriteBatch;
 use raft::prelude::{Entry, EntryType};
@@ -69,9 +69,12 @@ impl Replica {
             Some(raft_command::Body::App(data)) => {
                 self.apply_app(&header, &data, e.index, shared, round, batch)
             }
-            Some(raft_command::Body::Admin(_)) => Err(Error::AdminRefused(
-                "admin command not supported by this version".into(),
-            )),
+            Some(raft_command::Body::Admin(admin)) => match admin.cmd {
+                Some(admin_command::Cmd::Split(split)) => {
+                    self.apply_split(&header, &split, (e.index, e.term), shared, batch)
+                }
+                None => Err(Error::AdminRefused("empty admin command".into())),
+            },
             None => Err(Error::InvalidCommand("empty command".into())),
         };
         if let Some(t) = token {
@@ -93,6 +96,21 @@ impl Replica {
         let Some(desc) = self.descriptor().cloned() else {
             return Err(Error::RangeNotFound(self.range));
         };
+        // A command routed before the range last changed shape (split, merge) is refused, the
+        // same way on every replica: the caller refreshes its view and retries.
+        if header
+            .epoch
+            .is_some_and(|e| e.version < desc.epoch_or_default().version)
+        {
+            return Err(Error::EpochNotMatch {
+                current: shared
+                    .router
+                    .overlapping(&desc.start_key, b"")
+                    .into_iter()
+                    .take(2)
+                    .collect(),
+            });
+        }
         let req = header.request_id.filter(|r| r.client_id != 0);
         if let Some(req) = req {
             let prev = match round.client_records.get(&(self.range.0, req.client_id)) {

@@ -4,13 +4,15 @@
 //! [`Replica::after_persist`]) and it writes into the round's batches and outbox.
 //!
 //! Each feature has its own file: proposals (`propose`), reads (`read`), membership
-//! (`conf_change`), applying entries (`apply`), snapshots and log compaction (`snapshot`).
+//! (`conf_change`), applying entries (`apply`), snapshots and log compaction (`snapshot`),
+//! range splits (`split`).
 
 mod apply;
 mod conf_change;
 mod propose;
 mod read;
 mod snapshot;
+mod split;
 
 use std::collections::VecDeque;
 
@@ -192,6 +194,11 @@ impl Replica {
                         );
                     }
                 }
+                PeerMsg::Split {
+                    token,
+                    split_key,
+                    new_range_id,
+                } => self.propose_split(token, split_key, new_range_id, shared, round),
                 PeerMsg::Campaign => {
                     if let Err(e) = self.raw.campaign() {
                         tracing::debug!(range = %self.range, "campaign refused: {e}");
