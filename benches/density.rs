@@ -97,7 +97,7 @@ async fn measure(groups: u64, tick: Duration) -> (f64, f64, f64, f64) {
     tokio::time::sleep(tick * 5).await;
     let rss = rss_bytes().saturating_sub(base);
     // CPU of the tick rounds: the process is otherwise idle.
-    let rounds = 20u32;
+    let rounds = 50u32;
     let c0 = cpu_seconds();
     tokio::time::sleep(tick * rounds).await;
     let tick_cpu_ms = (cpu_seconds() - c0) * 1e3 / rounds as f64;
