@@ -15,8 +15,8 @@ pub use flotilla_proto as proto;
 pub use flotilla_proto::{NodeId, RangeId, ReplicaId};
 pub use flotilla_runtime::{
     ApplyContext, ConfigError, Error, KvStateMachine, MembershipChange, NodeGroup, NodeGroupConfig,
-    NodeStatus, ProposeOptions, RangeRouter, ReadConsistency, ReplicaStatus, Result, StateMachine,
-    StateRole,
+    NodeStatus, ProposeOptions, RangeRouter, ReadConsistency, ReplicaStatus, Result, SplitConfig,
+    StateMachine, StateRole,
 };
 pub use flotilla_store::{Engine, StoreConfig, StoreError};
 pub use flotilla_transport as transport;

@@ -210,3 +210,71 @@ async fn split_survives_a_restart_of_every_node() {
         assert!(v.is_some());
     }
 }
+
+fn splitting_config(
+    keys: u64,
+    qps: u64,
+) -> impl Fn(u64) -> flotilla::NodeGroupConfig + Send + Sync {
+    move |n| flotilla::NodeGroupConfig {
+        split: flotilla::SplitConfig {
+            max_range_keys: keys,
+            load_qps: qps,
+            load_window: Duration::from_millis(500),
+            check_interval: Duration::from_millis(100),
+            ..Default::default()
+        },
+        ..flotilla::testing::test_config(n)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_split_by_themselves_when_they_hold_too_many_keys() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let c = Cluster::with_config(3, splitting_config(50, 0), Default::default());
+    let d = c.bootstrap(1).remove(0);
+    c.wait_leaders(&[d.id()], T).await;
+    for i in 0..400u32 {
+        c.put(format!("s{i:04}").as_bytes(), b"v", T).await.unwrap();
+    }
+    assert!(
+        wait_until(T, || c.node(1).ranges().len() >= 4).await,
+        "only {} ranges",
+        c.node(1).ranges().len()
+    );
+    for i in (0..400u32).step_by(7) {
+        let v = c
+            .get_from(2, format!("s{i:04}").as_bytes(), T)
+            .await
+            .unwrap();
+        assert!(v.is_some());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_range_splits_at_a_key_that_divides_its_load() {
+    let c = Cluster::with_config(3, splitting_config(0, 50), Default::default());
+    let d = c.bootstrap(1).remove(0);
+    c.wait_leaders(&[d.id()], T).await;
+    // Reads and writes spread over keys a..z through the leader's node.
+    let deadline = std::time::Instant::now() + T;
+    let mut i = 0u32;
+    while c.node(1).ranges().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hot range never split"
+        );
+        let key = [b'a' + (i % 26) as u8];
+        c.put(&key, b"x", T).await.unwrap();
+        i += 1;
+    }
+    let ranges = c.node(1).ranges();
+    let split_key = ranges[1].start_key.clone();
+    // The median of keys uniformly spread over a..z lands well inside, not at an edge.
+    assert!(
+        split_key[..] > b"c"[..] && split_key[..] < b"x"[..],
+        "{split_key:?}"
+    );
+}

@@ -49,9 +49,50 @@ pub enum ConfigError {
     /// A zero timeout fails every proposal.
     #[error("proposal_timeout must be non-zero")]
     ZeroProposalTimeout,
+    /// The split checker would spin.
+    #[error("split.check_interval and split.load_window must be non-zero")]
+    ZeroSplitInterval,
     /// The worker batch size bounds a round; zero would do nothing.
     #[error("max_batch_replicas must be at least 1")]
     ZeroBatch,
+}
+
+/// When ranges split by themselves. Splits on request (the admin API) need none of this.
+#[derive(Debug, Clone)]
+pub struct SplitConfig {
+    /// Split a range holding more than this many bytes of keys and values; 0 turns size
+    /// splits off. Default 64 MiB.
+    pub max_range_bytes: u64,
+    /// Split a range holding more than this many keys; 0 (the default) turns it off.
+    pub max_range_keys: u64,
+    /// Split a range receiving more than this many requests per second through this node;
+    /// 0 (the default) turns load splits off.
+    pub load_qps: u64,
+    /// The window over which load is measured. Default 10s.
+    pub load_window: Duration,
+    /// How often the split checker runs. Default 1s.
+    pub check_interval: Duration,
+}
+
+impl Default for SplitConfig {
+    fn default() -> Self {
+        SplitConfig {
+            max_range_bytes: 64 << 20,
+            max_range_keys: 0,
+            load_qps: 0,
+            load_window: Duration::from_secs(10),
+            check_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl SplitConfig {
+    /// Whether a range that received `writes` writes of `bytes` bytes since it was last
+    /// measured should be measured again: after an eighth of either limit.
+    pub(crate) fn should_check(&self, writes: u64, bytes: u64) -> bool {
+        (self.max_range_bytes > 0 && bytes >= (self.max_range_bytes / 8).max(1))
+            || (self.max_range_keys > 0 && writes >= (self.max_range_keys / 8).max(1))
+    }
 }
 
 /// How a NodeGroup runs its replicas.
@@ -102,6 +143,8 @@ pub struct NodeGroupConfig {
     /// A proposal or read whose outcome is not known after this long fails with
     /// `ProposalDropped` (outcome unknown: retry with the same request id). Default 10s.
     pub proposal_timeout: Duration,
+    /// Automatic splits by size and load.
+    pub split: SplitConfig,
 }
 
 impl Default for NodeGroupConfig {
@@ -127,6 +170,7 @@ impl Default for NodeGroupConfig {
             log_compact_threshold: 1024,
             log_compact_trailing: 64,
             proposal_timeout: Duration::from_secs(10),
+            split: SplitConfig::default(),
         }
     }
 }
@@ -183,6 +227,9 @@ impl NodeGroupConfig {
         }
         if self.proposal_timeout.is_zero() {
             return Err(ConfigError::ZeroProposalTimeout);
+        }
+        if self.split.check_interval.is_zero() || self.split.load_window.is_zero() {
+            return Err(ConfigError::ZeroSplitInterval);
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ mod replica;
 mod router;
 mod state_machine;
 
-pub use config::{ConfigError, NodeGroupConfig};
+pub use config::{ConfigError, NodeGroupConfig, SplitConfig};
 pub use error::{Error, Result};
 pub use node_group::{MembershipChange, NodeGroup, NodeStatus, ProposeOptions, ReadConsistency};
 pub use raft::StateRole;

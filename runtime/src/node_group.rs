@@ -105,6 +105,10 @@ pub(crate) struct Shared {
     /// from that membership era must not recreate it.
     pub(crate) tombstones: DashMap<u64, u64>,
     pub(crate) pending: Pending,
+    /// Ranges whose applied writes passed the split-check threshold since their last check.
+    pub(crate) split_candidates: Mutex<std::collections::HashSet<u64>>,
+    /// Client requests per range in the current load window (only ranges with traffic).
+    pub(crate) load: DashMap<u64, crate::fsm::split_checker::LoadStats>,
     pub(crate) ready_tx: Sender<Arc<ReplicaCell>>,
     logger: slog::Logger,
     stopped: AtomicBool,
@@ -120,6 +124,13 @@ impl Shared {
             if id > 1 << 32 && self.cell(RangeId(id)).is_none() {
                 return id;
             }
+        }
+    }
+
+    /// Counts a client request for load-based splits (only when they are on).
+    fn record_load(&self, range: u64, key: &[u8]) {
+        if self.config.split.load_qps > 0 {
+            self.load.entry(range).or_default().record(key);
         }
     }
 
@@ -389,6 +400,8 @@ impl NodeGroup {
             awake: DashMap::new(),
             tombstones: DashMap::new(),
             pending: Pending::default(),
+            split_candidates: Mutex::new(Default::default()),
+            load: DashMap::new(),
             ready_tx,
             stopped: AtomicBool::new(false),
         });
@@ -408,6 +421,13 @@ impl NodeGroup {
                     .map_err(|e| Error::Store(format!("cannot spawn worker: {e}")))?,
             );
         }
+        let (s, stop) = (shared.clone(), stop_rx.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("split-checker".into())
+                .spawn(move || crate::fsm::split_checker::run(s, stop))
+                .map_err(|e| Error::Store(format!("cannot spawn split checker: {e}")))?,
+        );
         let s = shared.clone();
         threads.push(
             std::thread::Builder::new()
@@ -538,6 +558,7 @@ impl NodeGroup {
             });
         }
         let desc = s.router.lookup(key)?;
+        s.record_load(desc.range_id, key);
         if let Some(epoch) = opts.epoch {
             if epoch.is_stale(&desc.epoch_or_default()) {
                 return Err(Error::EpochNotMatch {
@@ -630,6 +651,7 @@ impl NodeGroup {
     /// Reads `key` (default KV state machine) with the given consistency.
     pub async fn get(&self, key: &[u8], consistency: ReadConsistency) -> Result<Option<Vec<u8>>> {
         let desc = self.shared.router.lookup(key)?;
+        self.shared.record_load(desc.range_id, key);
         self.read_barrier(desc.id(), consistency).await?;
         // The range may have changed shape while we waited.
         let now = self.shared.router.lookup(key)?;

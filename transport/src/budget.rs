@@ -39,6 +39,11 @@ impl Charge {
         })
     }
 
+    /// Bytes this charge holds.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Charges `bytes` more to the same queue, over budget if need be: used for copies made
     /// by a duplicate filter, which the sender never asked for and cannot be refused.
     pub(crate) fn extra(&self, bytes: usize) -> Self {

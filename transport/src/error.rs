@@ -43,6 +43,37 @@ pub enum TransportError {
     /// The frame is dropped; the connection may be reset.
     #[error("malformed frame: {0}")]
     Decode(String),
+
+    /// A transport config value is wrong (from `validate()`); fix the named field.
+    #[error("invalid transport config: `{field}` {problem}")]
+    InvalidConfig {
+        /// The field at fault.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+
+    /// The address given for a node is not `host:port`. Fix the address book.
+    #[error("invalid address {addr:?} for node {node}: expected host:port")]
+    InvalidAddress {
+        /// The node the address was meant for.
+        node: NodeId,
+        /// The address as given.
+        addr: String,
+    },
+
+    /// The listening socket could not be opened (address in use, no permission).
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// The operating system's answer.
+        reason: String,
+    },
+
+    /// The TLS material (CA, certificate, key) could not be loaded. Fix the PEM files.
+    #[error("bad TLS material: {0}")]
+    Tls(String),
 }
 
 impl TransportError {

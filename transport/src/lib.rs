@@ -12,15 +12,15 @@
 //! - `error.rs`: [`TransportError`], the one error type of the crate.
 //! - `metric.rs`: the names of the metrics every implementation records.
 //! - `mem/`: [`MemNetwork`] and its per-node handle [`MemTransport`]; `delivery.rs` is the
-//!   per-node delivery thread, `budget.rs` the byte accounting behind [`TransportError::Full`],
-//!   `stats.rs` the counters tests wait on.
+//!   per-node delivery thread, `stats.rs` the counters tests wait on.
 //! - `filter/`: the [`Filter`] trait and the built-in filters (drop, delay, duplicate,
 //!   reorder, partition, isolate, predicate).
-//! - `grpc.rs` (not yet written): the tonic implementation, one long-lived stream per node
-//!   pair on the `RaftTransport.Batches` RPC (flotilla-proto's `grpc` feature). It will
-//!   implement [`Transport`], reuse [`TransportError`] (`Decode` and `FrameTooLarge` are mostly
-//!   its errors) and the metric names in `metric.rs`; nothing in `mem/` or `filter/` is shared
-//!   with it, and the runtime must not need to know which one it runs on.
+//! - `grpc/`: [`GrpcTransport`], the production transport: tonic, one long-lived
+//!   bidirectional stream per node pair on the `RaftTransport.Batches` RPC, merging what is
+//!   queued into one frame, reconnecting with backoff, optional mutual TLS ([`TlsConfig`]).
+//!   The runtime does not need to know which implementation it runs on.
+//! - `budget.rs`: the per-destination byte accounting behind [`TransportError::Full`], and
+//!   `wait.rs`: the change signal behind `wait_for_stats`; both shared by `mem/` and `grpc/`.
 //!
 //! # Contract shared by every implementation
 //!
@@ -66,10 +66,13 @@
 //! assert_eq!(received.lock().unwrap()[0].from_node, 1);
 //! ```
 
+mod budget;
 mod error;
 mod filter;
+mod grpc;
 mod mem;
 mod metric;
+mod wait;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -81,6 +84,7 @@ pub use filter::{
 };
 pub use flotilla_proto::transport::{Heartbeat, NodeBatch, RaftMessage};
 pub use flotilla_proto::NodeId;
+pub use grpc::{GrpcConfig, GrpcListener, GrpcStats, GrpcTransport, TlsConfig};
 pub use mem::{MemConfig, MemNetwork, MemTransport, NetStats};
 
 /// Receives what arrives for this node. Called from transport threads; must not block long.

@@ -71,3 +71,83 @@ pub(crate) fn queued_bytes_changed(delta: isize) {
         g.decrement(delta.unsigned_abs() as f64);
     }
 }
+
+// gRPC only. A "frame" is one NodeBatch on a Batches stream: what the sender merged from its
+// queue, or a ping. frames_sent / frame_messages is the batching factor under load.
+
+/// Counter: data frames written to Batches streams (pings not included).
+pub(crate) const GRPC_FRAMES_SENT_TOTAL: &str = "flotilla_transport_grpc_frames_sent_total";
+/// Counter: encoded bytes of those frames.
+pub(crate) const GRPC_SENT_BYTES: &str = "flotilla_transport_grpc_sent_bytes";
+/// Counter: raft messages and heartbeats carried by those frames.
+pub(crate) const GRPC_FRAME_MESSAGES_TOTAL: &str = "flotilla_transport_grpc_frame_messages_total";
+/// Counter: pings written (empty frames sent when a stream is idle).
+pub(crate) const GRPC_PINGS_SENT_TOTAL: &str = "flotilla_transport_grpc_pings_sent_total";
+/// Counter: frames read off Batches streams (pings included).
+pub(crate) const GRPC_FRAMES_RECEIVED_TOTAL: &str = "flotilla_transport_grpc_frames_received_total";
+/// Counter: encoded bytes of those frames.
+pub(crate) const GRPC_RECEIVED_BYTES: &str = "flotilla_transport_grpc_received_bytes";
+/// Counter, label `reason` (see [`Refused`]): frames from the network refused by the receiver.
+pub(crate) const GRPC_REFUSED_FRAMES_TOTAL: &str = "flotilla_transport_grpc_refused_frames_total";
+/// Counter: streams opened and acknowledged by their destination.
+pub(crate) const GRPC_CONNECTS_TOTAL: &str = "flotilla_transport_grpc_connects_total";
+/// Counter: attempts to open a stream that failed (refused, timed out, TLS, wrong node).
+pub(crate) const GRPC_CONNECT_FAILURES_TOTAL: &str =
+    "flotilla_transport_grpc_connect_failures_total";
+/// Counter: established streams that broke.
+pub(crate) const GRPC_DISCONNECTS_TOTAL: &str = "flotilla_transport_grpc_disconnects_total";
+
+/// Why the receiving side refused a frame; the `reason` label of [`GRPC_REFUSED_FRAMES_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Over the receiver's `max_frame_bytes`: the stream is closed (the sender reconnects).
+    TooLarge,
+    /// Addressed to another node (the sender's address book is wrong).
+    WrongNode,
+    /// From a node not in the receiver's peer map.
+    UnknownPeer,
+    /// The stream failed for another reason (malformed frame, reset).
+    StreamError,
+}
+
+impl Refused {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::WrongNode => "wrong_node",
+            Self::UnknownPeer => "unknown_peer",
+            Self::StreamError => "stream_error",
+        }
+    }
+}
+
+pub(crate) fn grpc_frame_sent(bytes: usize, items: usize) {
+    metrics::counter!(GRPC_FRAMES_SENT_TOTAL).increment(1);
+    metrics::counter!(GRPC_SENT_BYTES).increment(bytes as u64);
+    metrics::counter!(GRPC_FRAME_MESSAGES_TOTAL).increment(items as u64);
+}
+
+pub(crate) fn grpc_ping_sent() {
+    metrics::counter!(GRPC_PINGS_SENT_TOTAL).increment(1);
+}
+
+pub(crate) fn grpc_frame_received(bytes: usize) {
+    metrics::counter!(GRPC_FRAMES_RECEIVED_TOTAL).increment(1);
+    metrics::counter!(GRPC_RECEIVED_BYTES).increment(bytes as u64);
+}
+
+pub(crate) fn grpc_refused(why: Refused) {
+    metrics::counter!(GRPC_REFUSED_FRAMES_TOTAL, "reason" => why.label()).increment(1);
+}
+
+pub(crate) fn grpc_connected() {
+    metrics::counter!(GRPC_CONNECTS_TOTAL).increment(1);
+}
+
+pub(crate) fn grpc_connect_failed() {
+    metrics::counter!(GRPC_CONNECT_FAILURES_TOTAL).increment(1);
+}
+
+pub(crate) fn grpc_disconnected() {
+    metrics::counter!(GRPC_DISCONNECTS_TOTAL).increment(1);
+}

@@ -138,6 +138,15 @@ impl Replica {
                 }
             }
         }
+        if self.is_leader() {
+            let (writes, bytes) = &mut self.written_since_split_check;
+            *writes += 1;
+            *bytes += data.len() as u64;
+            if shared.config.split.should_check(*writes, *bytes) {
+                self.written_since_split_check = (0, 0);
+                shared.split_candidates.lock().insert(self.range.0);
+            }
+        }
         let result = {
             let mut ctx = ApplyContext::new(&shared.engine, batch, &mut round.overlay);
             shared.state_machine.apply(&desc, index, data, &mut ctx)

@@ -55,6 +55,9 @@ pub(crate) struct Replica {
     ready: Option<Ready>,
     /// Set when an applied membership change removed this replica.
     removed: bool,
+    /// Writes and their bytes applied while leader since the range was last measured for a
+    /// split.
+    written_since_split_check: (u64, u64),
 }
 
 impl std::fmt::Debug for Replica {
@@ -110,6 +113,7 @@ impl Replica {
             peers: Vec::new(),
             ready: None,
             removed: false,
+            written_since_split_check: (0, 0),
         }
     }
 

@@ -16,9 +16,9 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use flotilla_proto::transport::NodeBatch;
 use flotilla_proto::NodeId;
 
-use super::budget::Charge;
 use super::stats::Counters;
 use super::{Endpoint, Envelope, FilterSet, Inbound, Shared};
+use crate::budget::Charge;
 use crate::filter::{Action, Packet, Payload};
 use crate::{metric, BatchHandler};
 

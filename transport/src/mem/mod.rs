@@ -19,7 +19,6 @@
 //!   then be registered again with a new handler (a restart).
 //! - Batches a stopped node sent before it stopped are still delivered: they were on the wire.
 
-mod budget;
 mod delivery;
 mod stats;
 
@@ -42,10 +41,10 @@ use flotilla_proto::NodeId;
 use parking_lot::{Mutex, RwLock};
 use prost::Message;
 
-use self::budget::{Charge, QueueBytes};
 use self::delivery::Delivery;
 use self::stats::Counters;
 pub use self::stats::NetStats;
+use crate::budget::{Charge, QueueBytes};
 use crate::filter::{Filter, FilterId};
 use crate::metric::{self, Rejected};
 use crate::{BatchHandler, Transport, TransportError};
@@ -402,8 +401,14 @@ impl Transport for MemTransport {
                         Rejected::UnknownNode
                     }
                     TransportError::FrameTooLarge { .. } => Rejected::TooLarge,
-                    // `Decode` is a receive-side error; `send` never returns it.
-                    TransportError::Closed | TransportError::Decode(_) => Rejected::Closed,
+                    // The others are receive-side or construction errors; `send` never
+                    // returns them.
+                    TransportError::Closed
+                    | TransportError::Decode(_)
+                    | TransportError::InvalidConfig { .. }
+                    | TransportError::InvalidAddress { .. }
+                    | TransportError::Bind { .. }
+                    | TransportError::Tls(_) => Rejected::Closed,
                 };
                 metric::rejected(why);
                 counters.notify();

@@ -4,11 +4,10 @@
 //! waiting for a counter with a deadline, never by sleeping a guessed amount.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
-
-use parking_lot::{Condvar, Mutex};
+use std::time::Duration;
 
 use crate::filter::FilterKind;
+use crate::wait::Notifier;
 
 /// A snapshot of the network's counters, since the network was created. Messages and
 /// heartbeats are counted one by one; batches as the handler or sender saw them.
@@ -111,41 +110,6 @@ impl Counters {
         cond: impl FnMut(&NetStats) -> bool,
     ) -> bool {
         self.changed.wait_until(timeout, || self.snapshot(), cond)
-    }
-}
-
-/// A change signal without lost wake-ups.
-///
-/// The condition is checked while holding the lock that `notify` takes, so an update made
-/// after a check is always followed by a notification the waiter is already waiting for.
-#[derive(Debug, Default)]
-struct Notifier {
-    generation: Mutex<u64>,
-    cv: Condvar,
-}
-
-impl Notifier {
-    fn notify(&self) {
-        *self.generation.lock() += 1;
-        self.cv.notify_all();
-    }
-
-    fn wait_until<S>(
-        &self,
-        timeout: Duration,
-        snapshot: impl Fn() -> S,
-        mut cond: impl FnMut(&S) -> bool,
-    ) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut g = self.generation.lock();
-        loop {
-            if cond(&snapshot()) {
-                return true;
-            }
-            if self.cv.wait_until(&mut g, deadline).timed_out() {
-                return cond(&snapshot());
-            }
-        }
     }
 }
 
