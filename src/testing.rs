@@ -292,3 +292,74 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A NodeGroup on the real gRPC transport, as a node binary would run it.
+pub struct GrpcNode {
+    /// The node.
+    pub node: NodeGroup,
+    /// Its transport (for peer updates and statistics).
+    pub transport: Arc<flotilla_transport::GrpcTransport>,
+    /// The address it listens on.
+    pub addr: std::net::SocketAddr,
+}
+
+impl std::fmt::Debug for GrpcNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcNode")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// Starts one node per entry of `listen` (node ids 1..=n) on 127.0.0.x addresses (port 0 picks
+/// a free port), each with its engine in `dir/node-<id>`, all peers of each other over gRPC.
+/// Listeners are bound first so that every address is known before any node starts.
+pub fn start_grpc_nodes(
+    listen: &[std::net::SocketAddr],
+    config: impl Fn(u64) -> NodeGroupConfig,
+    dir: &std::path::Path,
+    runtime: tokio::runtime::Handle,
+) -> anyhow_free::Result<Vec<GrpcNode>> {
+    use flotilla_transport::{GrpcConfig, GrpcTransport};
+    let mut listeners = Vec::new();
+    for (i, addr) in listen.iter().enumerate() {
+        let id = NodeId(i as u64 + 1);
+        let l = GrpcTransport::bind(id, GrpcConfig::default(), *addr, runtime.clone())
+            .map_err(|e| e.to_string())?;
+        listeners.push(l);
+    }
+    let addrs: Vec<std::net::SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
+    for (i, l) in listeners.iter().enumerate() {
+        for (j, a) in addrs.iter().enumerate() {
+            if i != j {
+                l.set_peer(NodeId(j as u64 + 1), a.to_string())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    let mut nodes = Vec::new();
+    for (i, l) in listeners.into_iter().enumerate() {
+        let id = i as u64 + 1;
+        let engine = Engine::open(dir.join(format!("node-{id}")), StoreConfig::default())
+            .map_err(|e| e.to_string())?;
+        let mut transport = None;
+        let node = NodeGroup::start(config(id), engine, Arc::new(KvStateMachine), |h| {
+            let t = Arc::new(l.serve(h));
+            transport = Some(t.clone());
+            t as Arc<dyn Transport>
+        })
+        .map_err(|e| e.to_string())?;
+        nodes.push(GrpcNode {
+            node,
+            transport: transport.expect("connect was called"),
+            addr: addrs[i],
+        });
+    }
+    Ok(nodes)
+}
+
+/// Error plumbing for the harness without an error-handling dependency.
+pub mod anyhow_free {
+    /// A harness result: errors are rendered to strings.
+    pub type Result<T> = std::result::Result<T, String>;
+}
