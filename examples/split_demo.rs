@@ -37,11 +37,14 @@ fn config(node: u64) -> NodeGroupConfig {
     }
 }
 
+/// The last acknowledged value of a key, and values sent after it whose outcome is unknown
+/// (a timed-out write may still have been applied).
+type KeyHistory = (Option<Vec<u8>>, Vec<Vec<u8>>);
+
 /// What one client knows about its own keys.
 #[derive(Default)]
 struct History {
-    /// key → (last acknowledged value, values sent after it whose outcome is unknown)
-    keys: HashMap<Vec<u8>, (Option<Vec<u8>>, Vec<Vec<u8>>)>,
+    keys: HashMap<Vec<u8>, KeyHistory>,
     acked: u64,
 }
 
