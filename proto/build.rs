@@ -3,6 +3,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/meta.proto",
         "proto/transport.proto",
         "proto/command.proto",
+        "proto/kv.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

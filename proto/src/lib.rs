@@ -29,6 +29,12 @@ pub mod command {
     include!(concat!(env!("OUT_DIR"), "/flotilla.command.rs"));
 }
 
+/// The client KV API of a node.
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
+pub mod kv {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.kv.rs"));
+}
+
 pub use prost::Message;
 
 impl meta::RangeDescriptor {

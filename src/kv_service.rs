@@ -1,0 +1,96 @@
+//! The client KV API of a node over gRPC, and the one mapping from runtime errors to
+//! `tonic::Status`.
+
+use std::sync::Arc;
+
+use flotilla_proto::kv::kv_server::{Kv, KvServer};
+use flotilla_proto::kv::{
+    GetRequest, GetResponse, PutRequest, PutResponse, StatusRequest, StatusResponse,
+};
+use flotilla_runtime::{Error, NodeGroup, ProposeOptions, ReadConsistency};
+use tonic::{Request, Response, Status};
+
+/// Maps a runtime error to a gRPC status. Retryable conditions (leader changes, back-pressure,
+/// outcome unknown, a range that changed shape) are `UNAVAILABLE` or `ABORTED`, so that
+/// clients retry; the leader hint, when known, is in the message.
+pub fn to_status(e: Error) -> Status {
+    match e {
+        Error::NotLeader { .. } | Error::ProposalDropped | Error::Busy(_) | Error::Stopped => {
+            Status::unavailable(e.to_string())
+        }
+        Error::EpochNotMatch { .. } => Status::aborted(e.to_string()),
+        Error::KeyNotInRange { .. } | Error::RangeNotFound(_) => Status::not_found(e.to_string()),
+        Error::ProposalTooLarge { .. } | Error::InvalidCommand(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        Error::AdminRefused(_) => Status::failed_precondition(e.to_string()),
+        Error::Config(_) | Error::Store(_) | Error::ReplicaFailed(_) => {
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+/// The KV service over one NodeGroup.
+#[derive(Debug, Clone)]
+pub struct KvService {
+    node: Arc<NodeGroup>,
+}
+
+impl KvService {
+    /// A tonic server for `node`.
+    pub fn server(node: Arc<NodeGroup>) -> KvServer<KvService> {
+        KvServer::new(KvService { node })
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let r = req.into_inner();
+        let opts = ProposeOptions {
+            request_id: (r.client_id != 0).then_some((r.client_id, r.seq)),
+            epoch: None,
+        };
+        let cmd = flotilla_proto::command::KvRequest {
+            op: Some(flotilla_proto::command::kv_request::Op::Put(
+                flotilla_proto::command::Put {
+                    key: r.key,
+                    value: r.value,
+                },
+            )),
+        };
+        self.node.kv(cmd, opts).await.map_err(to_status)?;
+        Ok(Response::new(PutResponse {}))
+    }
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let r = req.into_inner();
+        let consistency = if r.stale {
+            ReadConsistency::Stale
+        } else {
+            ReadConsistency::Linearizable
+        };
+        let v = self
+            .node
+            .get(&r.key, consistency)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(GetResponse {
+            found: v.is_some(),
+            value: v.unwrap_or_default().into(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let s = self.node.node_status();
+        Ok(Response::new(StatusResponse {
+            node_id: s.node.0,
+            replicas: s.replicas as u64,
+            ranges: s.ranges as u64,
+            leaders: s.leaders as u64,
+        }))
+    }
+}

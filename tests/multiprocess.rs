@@ -1,0 +1,250 @@
+//! A real cluster of processes: three `flotilla-node` processes on 127.0.0.1 (free ports
+//! picked at run time) host 1,000 groups; a client writes and reads through them over gRPC;
+//! one node is killed with SIGKILL, writes continue on the other two, the node restarts from
+//! its data directory and catches up, and every acknowledged write is readable afterwards.
+//!
+//! A write is acknowledged only after it was applied on its leader, which needs it fsynced on a
+//! quorum: that is why a SIGKILL of any one node cannot lose it.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla::proto::kv::kv_client::KvClient;
+use flotilla::proto::kv::{GetRequest, PutRequest, StatusRequest};
+use flotilla::testing::key_in_range;
+use tonic::transport::Channel;
+
+const RANGES: usize = 1000;
+
+/// Kills every child on drop, so a failing test leaves no process behind.
+struct Procs {
+    children: Vec<Option<Child>>,
+    args: Vec<Vec<String>>,
+    dir: tempfile::TempDir,
+}
+
+impl Procs {
+    fn spawn(&mut self, i: usize) {
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("node-{}.log", i + 1))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_flotilla-node"))
+            .args(&self.args[i])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn flotilla-node");
+        self.children[i] = Some(child);
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> KvClient<Channel> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match KvClient::connect(format!("http://{addr}")).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() >= deadline => panic!("cannot connect to {addr}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+async fn put_any(
+    clients: &mut [KvClient<Channel>],
+    alive: &[usize],
+    key: &[u8],
+    value: &[u8],
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut i = 0;
+    while Instant::now() < deadline {
+        let c = &mut clients[alive[i % alive.len()]];
+        let req = PutRequest {
+            key: key.to_vec().into(),
+            value: value.to_vec().into(),
+            client_id: 0,
+            seq: 0,
+        };
+        if c.put(req).await.is_ok() {
+            return true;
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+async fn get(client: &mut KvClient<Channel>, key: &[u8], timeout: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match client
+            .get(GetRequest {
+                key: key.to_vec().into(),
+                stale: false,
+            })
+            .await
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                return r.found.then(|| r.value.to_vec());
+            }
+            Err(e) if Instant::now() >= deadline => panic!("read of {key:?} failed: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+async fn wait_leaders(clients: &mut [KvClient<Channel>], alive: &[usize], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut leaders = 0;
+        for &i in alive {
+            if let Ok(s) = clients[i].status(StatusRequest {}).await {
+                leaders += s.into_inner().leaders;
+            }
+        }
+        if leaders >= RANGES as u64 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {leaders} of {RANGES} ranges have a leader"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_survive_a_sigkill_and_lose_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let raft: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let client: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let peers = (0..3)
+        .map(|i| format!("{}={}", i + 1, raft[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let args = (0..3)
+        .map(|i| {
+            vec![
+                "--id".into(),
+                (i + 1).to_string(),
+                "--raft".into(),
+                raft[i].to_string(),
+                "--client".into(),
+                client[i].to_string(),
+                "--data-dir".into(),
+                dir.path().join(format!("n{}", i + 1)).display().to_string(),
+                "--peers".into(),
+                peers.clone(),
+                "--bootstrap-ranges".into(),
+                RANGES.to_string(),
+            ]
+        })
+        .collect();
+    let mut procs = Procs {
+        children: vec![None, None, None],
+        args,
+        dir,
+    };
+    for i in 0..3 {
+        procs.spawn(i);
+    }
+    let mut clients = Vec::new();
+    for a in &client {
+        clients.push(connect(*a, Duration::from_secs(60)).await);
+    }
+    let all = [0usize, 1, 2];
+    wait_leaders(&mut clients, &all, Duration::from_secs(120)).await;
+
+    // Phase 1: a write to every range, through all nodes.
+    let mut acked = Vec::new();
+    for r in 1..=RANGES as u64 {
+        let key = key_in_range(r, "a");
+        if put_any(
+            &mut clients,
+            &all[(r as usize) % 3..],
+            &key,
+            b"1",
+            Duration::from_secs(20),
+        )
+        .await
+        {
+            acked.push((key, b"1".to_vec()));
+        }
+    }
+    assert!(
+        acked.len() >= RANGES,
+        "phase 1 acknowledged only {}",
+        acked.len()
+    );
+
+    // Kill node 3 with SIGKILL; the other two keep accepting writes.
+    procs.kill(2);
+    let alive = [0usize, 1];
+    for r in (1..=RANGES as u64).step_by(3) {
+        let key = key_in_range(r, "b");
+        if put_any(&mut clients, &alive, &key, b"2", Duration::from_secs(30)).await {
+            acked.push((key, b"2".to_vec()));
+        }
+    }
+    assert!(
+        acked.len() >= RANGES + RANGES / 3,
+        "writes stalled with one node down"
+    );
+
+    // Restart node 3 from its data directory: it recovers its 1,000 replicas and catches up.
+    procs.spawn(2);
+    clients[2] = connect(client[2], Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = clients[2]
+            .status(StatusRequest {})
+            .await
+            .map(|s| s.into_inner());
+        if s.as_ref().is_ok_and(|s| s.replicas == RANGES as u64) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 did not recover its replicas: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every acknowledged write is readable, linearizably, through every node (node 3's
+    // reads wait for its replica to catch up to the leader's commit).
+    for (i, c) in clients.iter_mut().enumerate() {
+        for (k, v) in acked.iter().step_by(if i == 2 { 1 } else { 7 }) {
+            let got = get(c, k, Duration::from_secs(30)).await;
+            assert_eq!(
+                got.as_deref(),
+                Some(&v[..]),
+                "node {} lost {}",
+                i + 1,
+                String::from_utf8_lossy(k)
+            );
+        }
+    }
+}
