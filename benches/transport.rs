@@ -20,7 +20,9 @@
 //! Run: `cargo bench --bench transport`. Environment: `FLOTILLA_BENCH_SECS` (measured seconds
 //! per configuration, default 10), `FLOTILLA_BENCH_TICK_MS` (tick interval of the heartbeat
 //! part, default 100), `FLOTILLA_BENCH_GROUPS` (comma-separated group counts of the heartbeat
-//! part, default `1000,10000`). Prints, at the end:
+//! part, default `1000,10000`), `FLOTILLA_BENCH_MAX_BATCH` (`max_batch_replicas` of the heartbeat
+//! part, default 256: the runtime coalesces heartbeats per worker round, so this bounds how many
+//! replicas' heartbeats one round can put into one batch). Prints, at the end:
 //!
 //! ```text
 //! RESULT {"groups":N,"heartbeat_rpcs_per_pair_per_sec":X,"messages_per_batch":X,...}
@@ -95,6 +97,15 @@ fn config(node: u64, tick: Duration) -> NodeGroupConfig {
     NodeGroupConfig {
         tick_interval: tick,
         ..NodeGroupConfig::new(node)
+    }
+}
+
+/// The heartbeat part's config: `config` with an optional `max_batch_replicas` override.
+fn hb_config(node: u64, tick: Duration, max_batch: Option<usize>) -> NodeGroupConfig {
+    let c = config(node, tick);
+    NodeGroupConfig {
+        max_batch_replicas: max_batch.unwrap_or(c.max_batch_replicas),
+        ..c
     }
 }
 
@@ -221,9 +232,10 @@ async fn heartbeats(
     tick: Duration,
     window: Duration,
     settle: Duration,
+    max_batch: Option<usize>,
 ) -> Heartbeats {
     let t0 = Instant::now();
-    let c = Grpc::start(move |id| config(id, tick));
+    let c = Grpc::start(move |id| hb_config(id, tick, max_batch));
     let ranges = bootstrap(&c, groups);
     wait_settled(&c, &ranges, Duration::from_secs(900)).await;
     let setup_secs = t0.elapsed().as_secs_f64();
@@ -326,6 +338,8 @@ fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let secs = env_u64("FLOTILLA_BENCH_SECS").unwrap_or(if quick { 1 } else { 10 });
     let tick = Duration::from_millis(env_u64("FLOTILLA_BENCH_TICK_MS").unwrap_or(100));
+    let max_batch = env_u64("FLOTILLA_BENCH_MAX_BATCH").map(|n| n as usize);
+    let max_batch_shown = max_batch.unwrap_or(NodeGroupConfig::default().max_batch_replicas);
     let hb_groups: Vec<usize> = std::env::var("FLOTILLA_BENCH_GROUPS")
         .ok()
         .map(|s| s.split(',').filter_map(|g| g.trim().parse().ok()).collect())
@@ -347,7 +361,7 @@ fn main() {
         // Part 1: heartbeat frames as the number of idle groups grows.
         let settle = if quick { tick * 4 } else { tick * 30 };
         for &groups in &hb_groups {
-            let h = heartbeats(groups, tick, Duration::from_secs(secs), settle).await;
+            let h = heartbeats(groups, tick, Duration::from_secs(secs), settle, max_batch).await;
             eprintln!(
                 "groups={groups}: {:.1} heartbeat frames/s per node pair (per node {:.1}..{:.1}), \
                  {:.1} messages+heartbeats per frame, {:.0} heartbeats/s, {:.0} other messages/s, \
@@ -367,7 +381,7 @@ fn main() {
                  \"per_node_pair_min\":{:.2},\"per_node_pair_max\":{:.2},\"frames_per_sec\":{:.1},\
                  \"heartbeats_per_sec\":{:.0},\"other_messages_per_sec\":{:.1},\"pings\":{},\
                  \"bytes_per_frame\":{:.0},\"cpu_cores\":{:.2},\"elections_in_window\":{},\
-                 \"tick_interval_ms\":{},\"seconds\":{:.1}}}",
+                 \"tick_interval_ms\":{},\"max_batch_replicas\":{},\"seconds\":{:.1}}}",
                 h.groups,
                 h.per_pair_per_sec,
                 h.messages_per_batch,
@@ -381,6 +395,7 @@ fn main() {
                 h.cpu_cores,
                 h.elections,
                 tick.as_millis(),
+                max_batch_shown,
                 h.secs
             ));
         }

@@ -105,6 +105,8 @@ pub(crate) struct Shared {
     /// from that membership era must not recreate it.
     pub(crate) tombstones: DashMap<u64, u64>,
     pub(crate) pending: Pending,
+    /// Plain heartbeats waiting for the ticker, per destination node.
+    pub(crate) tick_heartbeats: Mutex<std::collections::HashMap<NodeId, Vec<Heartbeat>>>,
     /// Ranges whose applied writes passed the split-check threshold since their last check.
     pub(crate) split_candidates: Mutex<std::collections::HashSet<u64>>,
     /// Client requests per range in the current load window (only ranges with traffic).
@@ -400,6 +402,7 @@ impl NodeGroup {
             awake: DashMap::new(),
             tombstones: DashMap::new(),
             pending: Pending::default(),
+            tick_heartbeats: Mutex::new(Default::default()),
             split_candidates: Mutex::new(Default::default()),
             load: DashMap::new(),
             ready_tx,

@@ -1,7 +1,8 @@
 //! The one ticker thread of a NodeGroup.
 //!
 //! Every `tick_interval` it adds a tick to each *awake* replica (a counter and a schedule, no
-//! allocation) and expires requests past their deadline. It iterates only the awake set, so
+//! allocation), sends the heartbeats the previous tick's rounds produced as one batch per
+//! node pair, and expires requests past their deadline. It iterates only the awake set, so
 //! replicas that hibernate cost nothing here.
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ pub(crate) fn run(shared: Arc<Shared>, stop: Receiver<()>) {
             next = now + interval;
         }
         let started = Instant::now();
+        send_heartbeats(&shared);
         let mut ticked = 0u64;
         for cell in shared.awake.iter() {
             cell.tick(&shared.ready_tx);
@@ -38,5 +40,26 @@ pub(crate) fn run(shared: Arc<Shared>, stop: Receiver<()>) {
         metrics::counter!("flotilla_runtime_requests_expired_total").increment(expired as u64);
         metrics::histogram!("flotilla_runtime_tick_round_seconds")
             .record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Sends the plain heartbeats the rounds of the last tick produced: one batch per node pair.
+fn send_heartbeats(shared: &Shared) {
+    let pending = std::mem::take(&mut *shared.tick_heartbeats.lock());
+    let Some(transport) = shared.transport.get() else {
+        return;
+    };
+    for (node, heartbeats) in pending {
+        let count = heartbeats.len() as u64;
+        let batch = flotilla_proto::transport::NodeBatch {
+            from_node: shared.node.0,
+            to_node: node.0,
+            messages: Vec::new(),
+            heartbeats,
+        };
+        // A lost heartbeat is harmless: raft sends the next one.
+        if transport.send(node, batch).is_ok() {
+            metrics::counter!("flotilla_runtime_heartbeats_sent_total").increment(count);
+        }
     }
 }

@@ -40,6 +40,8 @@ pub(crate) struct Round {
     pub(crate) forced_compactions: Vec<(RangeId, u64)>,
     /// Set by a replica that has more to do right away.
     pub(crate) reschedule: bool,
+    /// Plain heartbeats for the ticker to send (see `push_heartbeat`).
+    tick_heartbeats: Vec<(NodeId, Heartbeat)>,
 }
 
 #[derive(Default)]
@@ -67,18 +69,32 @@ impl Round {
         out.meta.push((range, to, is_snapshot));
     }
 
+    /// Queues a coalesced heartbeat. Plain heartbeats (no read-index context) wait for the
+    /// ticker, which sends everything queued for a node pair as one message per tick, so
+    /// that heartbeat RPCs do not grow with the number of groups; heartbeats that carry a
+    /// read index context go with the round, because a linearizable read waits for them.
     pub(crate) fn push_heartbeat(&mut self, node: NodeId, hb: Heartbeat) {
-        self.outbox
-            .entry(node)
-            .or_default()
-            .batch
-            .heartbeats
-            .push(hb);
+        if hb.context.is_empty() {
+            self.tick_heartbeats.push((node, hb));
+        } else {
+            self.outbox
+                .entry(node)
+                .or_default()
+                .batch
+                .heartbeats
+                .push(hb);
+        }
     }
 
     /// Hands each destination its batch. Failed deliveries and snapshot outcomes are reported
     /// back to the sending replicas through their mailboxes.
     fn flush(&mut self, shared: &Shared) {
+        if !self.tick_heartbeats.is_empty() {
+            let mut pending = shared.tick_heartbeats.lock();
+            for (node, hb) in self.tick_heartbeats.drain(..) {
+                pending.entry(node).or_default().push(hb);
+            }
+        }
         let Some(transport) = shared.transport.get() else {
             self.outbox.clear();
             return;
@@ -157,7 +173,7 @@ fn run_round(shared: &Shared, cells: &[Arc<ReplicaCell>], round: &mut Round) {
         };
         let result = catch_unwind(AssertUnwindSafe(|| {
             replica.on_msgs(msgs, shared, round);
-            replica.on_ticks(ticks);
+            replica.on_ticks(ticks, shared);
             replica.collect_ready(shared, round, &mut batch)
         }));
         match result {
@@ -280,7 +296,8 @@ fn destroy(
     let Some(mut r) = guard.take() else {
         return;
     };
-    r.abort_pending(round, Error::RangeNotFound(cell.range));
+    // Proposals it appended may still commit under the next leader: outcome unknown.
+    r.abort_pending(round, Error::ProposalDropped);
     if let Some(mut desc) = r.descriptor().cloned() {
         batch.destroy_group_state(cell.range);
         if let Err(e) = batch.clear_data_range(&desc.start_key, &desc.end_key) {

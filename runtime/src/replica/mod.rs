@@ -262,9 +262,12 @@ impl Replica {
         }
     }
 
-    pub(crate) fn on_ticks(&mut self, ticks: u32) {
+    pub(crate) fn on_ticks(&mut self, ticks: u32, shared: &Shared) {
         for _ in 0..ticks {
             self.raw.tick();
+        }
+        if ticks > 0 && !self.reads.is_empty() {
+            self.retry_reads(ticks, shared);
         }
     }
 
@@ -315,7 +318,9 @@ impl Replica {
             self.send_raft(persisted, shared, round);
         }
         let committed = rd.take_committed_entries();
-        let mut light = self.raw.advance(rd);
+        // advance_append, not advance: raft must learn what was applied only after it was
+        // applied (its automatic leave of a joint configuration keys off that).
+        let mut light = self.raw.advance_append(rd);
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit, apply_batch);
         }
@@ -330,8 +335,8 @@ impl Replica {
                 self.apply_entries(entries, shared, round, apply_batch)?;
             }
         }
+        self.raw.advance_apply();
         if applied_any {
-            self.raw.advance_apply();
             self.maybe_compact(shared, apply_batch)?;
         }
         self.complete_reads(shared, round);
@@ -371,7 +376,20 @@ impl Replica {
                 continue;
             };
             let msg_type = m.get_msg_type();
+            // A follower that never acknowledged anything to this leader may not have a
+            // replica of the group yet (e.g. it missed the split that created it and gets the
+            // parent by snapshot): a coalesced heartbeat carries no key range and cannot create
+            // one, and a probing leader sends its next append only on a heartbeat response, so
+            // such heartbeats go as full messages, which can.
+            let maybe_uncreated = msg_type == MessageType::MsgHeartbeat
+                && self
+                    .raw
+                    .raft
+                    .prs()
+                    .get(m.to)
+                    .is_some_and(|pr| pr.matched == 0);
             if shared.config.coalesce_heartbeats
+                && !maybe_uncreated
                 && matches!(
                     msg_type,
                     MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse

@@ -22,6 +22,8 @@ pub(crate) struct PendingRead {
     pub(crate) token: u64,
     /// Set once raft returned the read index.
     index: Option<u64>,
+    /// Ticks since the read index was (re)requested.
+    waited: u32,
 }
 
 impl Replica {
@@ -35,6 +37,7 @@ impl Replica {
                 self.reads.push(PendingRead {
                     token,
                     index: Some(index),
+                    waited: 0,
                 });
                 self.complete_reads(shared, round);
             } else {
@@ -59,7 +62,29 @@ impl Replica {
             return;
         }
         self.raw.read_index(token.to_be_bytes().to_vec());
-        self.reads.push(PendingRead { token, index: None });
+        self.reads.push(PendingRead {
+            token,
+            index: None,
+            waited: 0,
+        });
+    }
+
+    /// Asks again for read indexes that have not arrived within two heartbeat intervals:
+    /// raft-rs does not resend a lost `MsgReadIndex` (or its answer), and a leader that has
+    /// not committed in its term yet drops the request.
+    pub(super) fn retry_reads(&mut self, ticks: u32, shared: &Shared) {
+        let patience = (2 * shared.config.heartbeat_tick) as u32;
+        let mut again = Vec::new();
+        for r in self.reads.iter_mut().filter(|r| r.index.is_none()) {
+            r.waited += ticks;
+            if r.waited >= patience {
+                r.waited = 0;
+                again.push(r.token);
+            }
+        }
+        for token in again {
+            self.raw.read_index(token.to_be_bytes().to_vec());
+        }
     }
 
     pub(super) fn on_read_states(&mut self, states: Vec<ReadState>) {
