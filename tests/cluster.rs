@@ -593,3 +593,28 @@ async fn retried_request_is_applied_once() {
         .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_replaces_a_replica_a_peer_message_created_first() {
+    // Nodes 1 and 2 bootstrap and elect; node 3 is connected but bootstraps late, so the
+    // leaders' messages create uninitialized replicas there first (as when node processes
+    // start one after another).
+    let c = Cluster::new(3);
+    let layout = Cluster::range_layout(20, &[1, 2, 3]);
+    for n in [1, 2] {
+        c.node(n).bootstrap_ranges(layout.clone()).unwrap();
+    }
+    for d in &layout {
+        c.node(1).campaign(d.id()).unwrap();
+    }
+    c.wait_leaders(&ids(&layout), T).await;
+    assert!(wait_until(T, || c.node(3).node_status().replicas == 20).await);
+    c.node(3).bootstrap_ranges(layout.clone()).unwrap();
+    for d in &layout {
+        let key = key_in_range(d.range_id, "late");
+        c.put(&key, b"v", T).await.unwrap();
+        let v = c.get_from(3, &key, T).await.unwrap();
+        assert_eq!(v.as_deref(), Some(&b"v"[..]));
+    }
+    assert_eq!(c.node(3).ranges().len(), 20);
+}

@@ -471,6 +471,7 @@ impl NodeGroup {
         let s = &self.shared;
         let mut batch = s.engine.batch();
         let mut created = Vec::with_capacity(descs.len());
+        let mut replaced = Vec::new();
         for desc in descs {
             let me = desc
                 .replica_on(s.node)
@@ -483,17 +484,25 @@ impl NodeGroup {
                     "range and replica ids must be non-zero".into(),
                 ));
             }
+            // A replica may already exist because a peer's message created it (uninitialized)
+            // before this node got to bootstrap: it is replaced, keeping its term and vote so
+            // that this node never votes twice in a term.
+            let mut carried = None;
             if let Some(existing) = s.cell(desc.id()) {
-                let same = existing
-                    .replica
-                    .lock()
-                    .as_ref()
-                    .and_then(|r| r.descriptor().cloned())
-                    .is_some_and(|d| d.start_key == desc.start_key && d.end_key == desc.end_key);
-                if same {
-                    continue;
+                let guard = existing.replica.lock();
+                match guard.as_ref() {
+                    Some(r) if r.is_initialized() => {
+                        let same = r.descriptor().is_some_and(|d| {
+                            d.start_key == desc.start_key && d.end_key == desc.end_key
+                        });
+                        if same {
+                            continue;
+                        }
+                        return Err(Error::AdminRefused(format!("{} already exists", desc.id())));
+                    }
+                    Some(r) => carried = Some((existing.clone(), r.hard_state())),
+                    None => {}
                 }
-                return Err(Error::AdminRefused(format!("{} already exists", desc.id())));
             }
             let clash = !s
                 .router
@@ -519,7 +528,7 @@ impl NodeGroup {
                     version: 1,
                 });
             }
-            let storage = GroupStorage::initialize(
+            let mut storage = GroupStorage::initialize(
                 s.engine.clone(),
                 desc.clone(),
                 conf_state_of(&desc),
@@ -527,9 +536,22 @@ impl NodeGroup {
                 SPLIT_INIT_TERM,
                 &mut batch,
             );
+            if let Some((old, hs)) = carried {
+                if hs.term > SPLIT_INIT_TERM {
+                    let mut merged = storage.hard_state().clone();
+                    merged.term = hs.term;
+                    merged.vote = hs.vote;
+                    storage.set_hard_state(merged, &mut batch);
+                }
+                replaced.push(old);
+            }
             created.push((desc, me, storage));
         }
         s.engine.write(batch, true)?;
+        for old in replaced {
+            old.fail();
+            *old.replica.lock() = None;
+        }
         for (desc, me, storage) in created {
             let raw = s.raw_node(storage, me)?;
             let cell = ReplicaCell::new(desc.id(), Replica::new(raw, me, desc.id(), s.node));

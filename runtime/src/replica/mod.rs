@@ -125,6 +125,14 @@ impl Replica {
         self.raw.store().descriptor()
     }
 
+    pub(crate) fn is_initialized(&self) -> bool {
+        self.raw.store().is_initialized()
+    }
+
+    pub(crate) fn hard_state(&self) -> raft::prelude::HardState {
+        self.raw.store().hard_state().clone()
+    }
+
     pub(crate) fn is_removed(&self) -> bool {
         self.removed
     }
