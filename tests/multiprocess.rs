@@ -50,6 +50,19 @@ impl Drop for Procs {
         for i in 0..self.children.len() {
             self.kill(i);
         }
+        if std::thread::panicking() {
+            // The nodes' own logs say why, when the client only sees an error.
+            for i in 0..self.children.len() {
+                let log =
+                    std::fs::read_to_string(self.dir.path().join(format!("node-{}.log", i + 1)))
+                        .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                eprintln!("--- node {} log (last {} lines) ---", i + 1, tail.len());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
     }
 }
 
@@ -111,7 +124,9 @@ async fn get(client: &mut KvClient<Channel>, key: &[u8], timeout: Duration) -> O
                 let r = r.into_inner();
                 return r.found.then(|| r.value.to_vec());
             }
-            Err(e) if Instant::now() >= deadline => panic!("read of {key:?} failed: {e}"),
+            Err(e) if Instant::now() >= deadline => {
+                panic!("read of {} failed: {e}", String::from_utf8_lossy(key))
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
@@ -236,6 +251,7 @@ async fn three_processes_survive_a_sigkill_and_lose_no_acknowledged_write() {
     // Every acknowledged write is readable, linearizably, through every node (node 3's
     // reads wait for its replica to catch up to the leader's commit).
     for (i, c) in clients.iter_mut().enumerate() {
+        eprintln!("verifying through node {}", i + 1);
         for (k, v) in acked.iter().step_by(if i == 2 { 1 } else { 7 }) {
             let got = get(c, k, Duration::from_secs(30)).await;
             assert_eq!(

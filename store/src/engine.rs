@@ -287,6 +287,29 @@ impl Engine {
             .get_cf(self.cf(Cf::Raft), keys::client_key(group, client))?)
     }
 
+    /// Every client record of `group`, as `(client_id, encoded record)`.
+    pub fn client_records(&self, group: RangeId) -> Result<Vec<(u64, Vec<u8>)>> {
+        let (lo, hi) = keys::client_bounds(group);
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(hi);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(Cf::Raft),
+            opts,
+            IteratorMode::From(&lo, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            let (k, v) = item?;
+            let client = k
+                .get(9..17)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::corrupt("client record key", &k, "bad length"))?;
+            out.push((client, v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Lists every group with raft state in this engine and what it needs to restart.
     pub fn recover(&self) -> Result<Vec<RecoveredGroup>> {
         let mut groups: Vec<RecoveredGroup> = Vec::new();
@@ -470,6 +493,15 @@ impl WriteBatch {
     /// Stores the last applied request of `client` in `group` (retry de-duplication).
     pub fn put_client_record(&mut self, group: RangeId, client: u64, record: &[u8]) {
         self.put(Cf::Raft, &keys::client_key(group, client), record);
+    }
+
+    /// Replaces every client record of `group` with `records` (snapshot install, split).
+    pub fn replace_client_records(&mut self, group: RangeId, records: &[(u64, Vec<u8>)]) {
+        let (lo, hi) = keys::client_bounds(group);
+        self.delete_range(Cf::Raft, &lo, &hi);
+        for (client, record) in records {
+            self.put_client_record(group, *client, record);
+        }
     }
 
     /// Removes everything raft knows about `group` on this node: log, state, client records.

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use flotilla_proto::meta::{ApplyState, RangeDescriptor, SnapshotHeader};
+use flotilla_proto::meta::{ApplyState, ClientRecordEntry, RangeDescriptor, SnapshotHeader};
 use flotilla_proto::{Message as _, RangeId};
 use prost_raft::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
@@ -387,9 +387,19 @@ impl GroupStorage {
                 Ok(())
             },
         )?;
+        let client_records = self
+            .engine
+            .client_records(self.group)?
+            .into_iter()
+            .map(|(client_id, record)| ClientRecordEntry {
+                client_id,
+                record: record.into(),
+            })
+            .collect();
         let header = SnapshotHeader {
             descriptor: Some(desc),
             inline_chunks: chunks,
+            client_records,
         };
         let snap = Snapshot {
             data: header.encode_to_vec(),

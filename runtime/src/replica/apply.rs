@@ -71,7 +71,7 @@ impl Replica {
             }
             Some(raft_command::Body::Admin(admin)) => match admin.cmd {
                 Some(admin_command::Cmd::Split(split)) => {
-                    self.apply_split(&header, &split, (e.index, e.term), shared, batch)
+                    self.apply_split(&header, &split, (e.index, e.term), shared, round, batch)
                 }
                 None => Err(Error::AdminRefused("empty admin command".into())),
             },

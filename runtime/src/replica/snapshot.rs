@@ -49,6 +49,12 @@ impl Replica {
         for c in &header.inline_chunks {
             import.add_chunk(c)?;
         }
+        let records: Vec<(u64, Vec<u8>)> = header
+            .client_records
+            .iter()
+            .map(|r| (r.client_id, r.record.to_vec()))
+            .collect();
+        import.batch().replace_client_records(self.range, &records);
         self.raw
             .mut_store()
             .apply_snapshot_state(&meta, desc.clone(), import.batch());

@@ -99,6 +99,7 @@ impl Replica {
         split: &Split,
         (index, term): (u64, u64),
         shared: &Shared,
+        round: &mut Round,
         batch: &mut WriteBatch,
     ) -> crate::Result<Vec<u8>> {
         let desc = self
@@ -164,6 +165,20 @@ impl Replica {
             SPLIT_INIT_TERM,
             batch,
         );
+        // Retry de-duplication follows the keys: a client's retry may now route to either half,
+        // so both start with the parent's records (those on disk, and this round's).
+        let mut records: std::collections::HashMap<u64, Vec<u8>> = shared
+            .engine
+            .client_records(self.range)?
+            .into_iter()
+            .collect();
+        for ((range, client), rec) in &round.client_records {
+            if *range == self.range.0 {
+                records.insert(*client, rec.encode_to_vec());
+            }
+        }
+        let records: Vec<(u64, Vec<u8>)> = records.into_iter().collect();
+        batch.replace_client_records(right.id(), &records);
         if let Some(hs) = carried_hard_state.filter(|hs| hs.term > SPLIT_INIT_TERM) {
             let mut merged = storage.hard_state().clone();
             merged.term = hs.term;
