@@ -105,6 +105,9 @@ pub(crate) struct Shared {
     /// from that membership era must not recreate it.
     pub(crate) tombstones: DashMap<u64, u64>,
     pub(crate) pending: Pending,
+    /// Serializes creating replicas by message with bootstrapping them, so that a placeholder
+    /// written for a message can never land on disk after (and over) a bootstrapped range.
+    create_lock: Mutex<()>,
     /// Plain heartbeats waiting for the ticker, per destination node.
     pub(crate) tick_heartbeats: Mutex<std::collections::HashMap<NodeId, Vec<Heartbeat>>>,
     /// Ranges whose applied writes passed the split-check threshold since their last check.
@@ -219,9 +222,9 @@ impl Shared {
                 .increment(1);
             return None;
         }
-        let entry = self.replicas.entry(range.0);
-        if let dashmap::mapref::entry::Entry::Occupied(o) = &entry {
-            return Some(o.get().clone());
+        let _creating = self.create_lock.lock();
+        if let Some(cell) = self.cell(range) {
+            return Some(cell);
         }
         let storage = GroupStorage::new_uninitialized(self.engine.clone(), range);
         // Persist who we are before raft can vote: after a restart the replica must come back
@@ -250,8 +253,7 @@ impl Shared {
             }
         };
         let cell = ReplicaCell::new(range, Replica::new(raw, to.replica_id, range, self.node));
-        entry.or_insert(cell.clone());
-        self.awake.insert(range.0, cell.clone());
+        self.register(cell.clone());
         metrics::counter!("flotilla_runtime_replicas_created_total", "by" => "message")
             .increment(1);
         Some(cell)
@@ -402,6 +404,7 @@ impl NodeGroup {
             awake: DashMap::new(),
             tombstones: DashMap::new(),
             pending: Pending::default(),
+            create_lock: Mutex::new(()),
             tick_heartbeats: Mutex::new(Default::default()),
             split_candidates: Mutex::new(Default::default()),
             load: DashMap::new(),
@@ -469,6 +472,7 @@ impl NodeGroup {
     /// [`NodeGroup::bootstrap_range`] for many ranges with one synced write.
     pub fn bootstrap_ranges(&self, descs: Vec<RangeDescriptor>) -> Result<()> {
         let s = &self.shared;
+        let _creating = s.create_lock.lock();
         let mut batch = s.engine.batch();
         let mut created = Vec::with_capacity(descs.len());
         let mut replaced = Vec::new();
