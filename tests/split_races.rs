@@ -292,6 +292,14 @@ async fn split_racing_a_leader_isolation_is_atomic() {
     // 1. The split entry stays on the leader only.
     let l = c.leader_of(d.id()).unwrap();
     let range = d.id();
+    assert!(
+        wait_until(T, || {
+            let st = c.node(l).status(range).unwrap();
+            st.commit == st.last_index
+        })
+        .await
+    );
+    let before = c.node(l).status(range).unwrap().last_index;
     let appends = c
         .net
         .add_filter(Box::new(PredicateFilter::messages(move |from, _, m| {
@@ -307,7 +315,7 @@ async fn split_racing_a_leader_isolation_is_atomic() {
     assert!(
         wait_until(T, || {
             let st = c.node(l).status(range).unwrap();
-            st.last_index > st.commit
+            st.last_index > before && st.last_index > st.commit
         })
         .await
     );
@@ -333,6 +341,16 @@ async fn split_racing_a_leader_isolation_is_atomic() {
     let range = c.node(1).range_of(&key(80)).unwrap().id();
     c.wait_leaders(&[range], T).await;
     let l = c.leader_of(range).unwrap();
+    // Everything the leader has (its new term's first entry among it) must be committed
+    // first, or the wait below could pass on that entry before the split is even proposed.
+    assert!(
+        wait_until(T, || {
+            let st = c.node(l).status(range).unwrap();
+            st.commit == st.last_index
+        })
+        .await
+    );
+    let before = c.node(l).status(range).unwrap().last_index;
     let acks = c
         .net
         .add_filter(Box::new(PredicateFilter::messages(move |_, to, m| {
@@ -350,7 +368,8 @@ async fn split_racing_a_leader_isolation_is_atomic() {
         wait_until(T, || {
             let li = c.node(l).status(range).unwrap().last_index;
             let st = c.node(l).status(range).unwrap();
-            st.last_index > st.commit
+            st.last_index > before
+                && st.last_index > st.commit
                 && followers
                     .iter()
                     .all(|&f| c.node(f).status(range).unwrap().last_index >= li)

@@ -55,6 +55,9 @@ pub(crate) struct Replica {
     ready: Option<Ready>,
     /// Set when an applied membership change removed this replica.
     removed: bool,
+    /// Campaigns left to retry (every two ticks, while no leader is known) for a group this
+    /// node's split just created.
+    pub(crate) campaign_retries: u8,
     /// Writes and their bytes applied while leader since the range was last measured for a
     /// split.
     written_since_split_check: (u64, u64),
@@ -114,6 +117,7 @@ impl Replica {
             ready: None,
             removed: false,
             written_since_split_check: (0, 0),
+            campaign_retries: 0,
         }
     }
 
@@ -276,6 +280,14 @@ impl Replica {
         }
         if ticks > 0 && !self.reads.is_empty() {
             self.retry_reads(ticks, shared);
+        }
+        if self.campaign_retries > 0 && ticks > 0 {
+            if self.raw.raft.leader_id != 0 {
+                self.campaign_retries = 0;
+            } else if self.raw.raft.election_elapsed >= 2 {
+                self.campaign_retries -= 1;
+                let _ = self.raw.campaign();
+            }
         }
     }
 

@@ -193,7 +193,14 @@ impl Replica {
 
         let me = self.id;
         let raw = shared.raw_node(storage, me)?;
-        let cell = ReplicaCell::new(right.id(), Replica::new(raw, me, right.id(), shared.node));
+        let mut replica = Replica::new(raw, me, right.id(), shared.node);
+        if self.is_leader() {
+            // Followers that have not applied the split yet drop the new group's (pre)votes
+            // (their parent still covers its keys), so one campaign often goes unanswered;
+            // a few quick retries spare the new half a full election timeout.
+            replica.campaign_retries = 4;
+        }
+        let cell = ReplicaCell::new(right.id(), replica);
         if let Some(old) = existing {
             old.fail();
         }
