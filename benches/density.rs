@@ -9,6 +9,7 @@
 //! Run: `cargo bench --bench density`. Prints one line per size:
 //! `RESULT {"groups_per_node":N,"rss_bytes_per_replica":X,"tick_round_cpu_ms":X}`.
 
+use flotilla::testing::measure::{cpu_seconds, rss_bytes};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,26 +17,6 @@ use flotilla::proto::meta::{RangeDescriptor, RangeEpoch, ReplicaDescriptor};
 use flotilla::testing::{range_start_key, wait_until};
 use flotilla::transport::{MemNetwork, Transport};
 use flotilla::{Engine, KvStateMachine, NodeGroup, NodeGroupConfig, NodeId, RangeId, StateRole};
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
-}
-
-fn cpu_seconds() -> f64 {
-    // utime + stime of the whole process, from /proc (clock ticks of 1/100 s).
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ut: f64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    let st: f64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    (ut + st) / 100.0
-}
 
 fn desc(i: u64, n: u64) -> RangeDescriptor {
     RangeDescriptor {

@@ -5,6 +5,7 @@
 //! seconds per configuration, default 10). Prints one line per configuration:
 //! `RESULT {"active_groups":N,"proposals_per_sec":X,"p50_ms":X,"p99_ms":X}`.
 
+use flotilla::testing::measure::percentile;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,14 +20,6 @@ fn config(node: u64) -> NodeGroupConfig {
         tick_interval: Duration::from_millis(100),
         ..NodeGroupConfig::new(node)
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
 }
 
 async fn run(c: Arc<Cluster>, active: usize, proposers: usize, secs: u64) -> (f64, f64, f64) {

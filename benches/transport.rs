@@ -31,6 +31,7 @@
 //! RESULT {"grpc_to_memory_throughput_ratio":X}
 //! ```
 
+use flotilla::testing::measure::{cpu_seconds, percentile};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -111,24 +112,6 @@ fn hb_config(node: u64, tick: Duration, max_batch: Option<usize>) -> NodeGroupCo
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|s| s.parse().ok())
-}
-
-fn cpu_seconds() -> f64 {
-    // utime + stime of the whole process, from /proc (clock ticks of 1/100 s).
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ut: f64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    let st: f64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
-    (ut + st) / 100.0
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
 }
 
 /// The node whose replica of `range` is leader (the highest term, if several claim it).

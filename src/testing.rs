@@ -363,3 +363,38 @@ pub mod anyhow_free {
     /// A harness result: errors are rendered to strings.
     pub type Result<T> = std::result::Result<T, String>;
 }
+
+/// Measurement helpers shared by the benchmarks.
+pub mod measure {
+    /// The value at quantile `p` (0..=1) of an ascending `sorted` slice; 0 if empty.
+    pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+        if sorted.is_empty() {
+            return 0.0;
+        }
+        let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted[i]
+    }
+
+    /// CPU seconds (user + system) this process has used, from `/proc/self/stat` (10 ms
+    /// resolution); 0 where /proc is missing.
+    pub fn cpu_seconds() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the command name, which may itself contain spaces and parentheses.
+        let after = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ut: f64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        let st: f64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        (ut + st) / 100.0
+    }
+
+    /// Resident set size of this process in bytes, from `/proc/self/statm`.
+    pub fn rss_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        pages * 4096
+    }
+}
