@@ -9,41 +9,13 @@
 //! Run: `cargo bench --bench density`. Prints one line per size:
 //! `RESULT {"groups_per_node":N,"rss_bytes_per_replica":X,"tick_round_cpu_ms":X}`.
 
-use flotilla::testing::measure::{cpu_seconds, rss_bytes};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla::proto::meta::{RangeDescriptor, RangeEpoch, ReplicaDescriptor};
-use flotilla::testing::{range_start_key, wait_until};
+use flotilla::testing::measure::{cpu_seconds, rss_bytes};
+use flotilla::testing::{wait_until, Cluster};
 use flotilla::transport::{MemNetwork, Transport};
 use flotilla::{Engine, KvStateMachine, NodeGroup, NodeGroupConfig, NodeId, RangeId, StateRole};
-
-fn desc(i: u64, n: u64) -> RangeDescriptor {
-    RangeDescriptor {
-        range_id: i,
-        start_key: if i == 1 {
-            Default::default()
-        } else {
-            range_start_key(i).into()
-        },
-        end_key: if i == n {
-            Default::default()
-        } else {
-            range_start_key(i + 1).into()
-        },
-        epoch: Some(RangeEpoch {
-            conf_ver: 1,
-            version: 1,
-        }),
-        replicas: vec![ReplicaDescriptor {
-            replica_id: 1,
-            node_id: 1,
-            role: 0,
-        }],
-        state: 0,
-        next_replica_id: 2,
-    }
-}
 
 async fn measure(groups: u64, tick: Duration) -> (f64, f64, f64, f64) {
     let dir = tempfile::tempdir().unwrap();
@@ -61,7 +33,8 @@ async fn measure(groups: u64, tick: Duration) -> (f64, f64, f64, f64) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = rss_bytes();
     let t = Instant::now();
-    let all: Vec<RangeDescriptor> = (1..=groups).map(|i| desc(i, groups)).collect();
+    // Single-voter groups on node 1.
+    let all = Cluster::range_layout(groups as usize, &[1]);
     for chunk in all.chunks(1000) {
         ng.bootstrap_ranges(chunk.to_vec()).unwrap();
     }

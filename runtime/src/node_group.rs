@@ -541,12 +541,7 @@ impl NodeGroup {
                 &mut batch,
             );
             if let Some((old, hs)) = carried {
-                if hs.term > SPLIT_INIT_TERM {
-                    let mut merged = storage.hard_state().clone();
-                    merged.term = hs.term;
-                    merged.vote = hs.vote;
-                    storage.set_hard_state(merged, &mut batch);
-                }
+                storage.adopt_vote(&hs, &mut batch);
                 replaced.push(old);
             }
             created.push((desc, me, storage));
@@ -755,9 +750,11 @@ impl NodeGroup {
             Some(k) => k,
             None => {
                 let desc = s.router.get(range).ok_or(Error::RangeNotFound(range))?;
-                middle_key(&s.engine, &desc)?.ok_or_else(|| {
-                    Error::AdminRefused(format!("{range} has too few keys to split"))
-                })?
+                crate::fsm::split_checker::measure(&s.engine, &desc)?
+                    .middle_key
+                    .ok_or_else(|| {
+                        Error::AdminRefused(format!("{range} has too few keys to split"))
+                    })?
             }
         };
         let new_range_id = s.allocate_range_id();
@@ -854,17 +851,6 @@ impl Drop for NodeGroup {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-/// The key in the middle of `desc`'s keys (by count), if it has at least two keys. Reads
-/// every key of the range once: fine for ranges of the size splits are configured for.
-fn middle_key(engine: &Engine, desc: &RangeDescriptor) -> Result<Option<Vec<u8>>> {
-    let keys = engine.scan(&desc.start_key, &desc.end_key, usize::MAX)?;
-    if keys.len() < 2 {
-        return Ok(None);
-    }
-    let mid = keys[keys.len() / 2].0.clone();
-    Ok((mid[..] != desc.start_key[..]).then_some(mid))
 }
 
 /// raft's conf state for a descriptor's replicas.

@@ -73,19 +73,6 @@ impl RangeRouter {
         }
     }
 
-    /// The id of the range that contains `key`, without cloning the descriptor.
-    pub fn lookup_id(&self, key: &[u8]) -> Result<RangeId> {
-        let inner = self.inner.read();
-        match inner
-            .by_start
-            .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
-            .next_back()
-        {
-            Some((_, d)) if d.contains(key) => Ok(d.id()),
-            _ => Err(Error::KeyNotInRange { key: key.to_vec() }),
-        }
-    }
-
     /// Inserts or replaces `desc`. Any other range it overlaps is removed first: a newer
     /// descriptor (from a split, merge or snapshot) supersedes the old shape. Returns the
     /// ranges that were displaced.
@@ -174,12 +161,12 @@ mod tests {
         let r = RangeRouter::new();
         r.upsert(desc(1, b"", b"m"));
         r.upsert(desc(2, b"p", b""));
-        assert_eq!(r.lookup_id(b"").unwrap(), RangeId(1));
-        assert_eq!(r.lookup_id(b"l\xff").unwrap(), RangeId(1));
+        assert_eq!(r.lookup(b"").unwrap().id(), RangeId(1));
+        assert_eq!(r.lookup(b"l\xff").unwrap().id(), RangeId(1));
         assert!(matches!(r.lookup(b"m"), Err(Error::KeyNotInRange { .. })));
         assert!(matches!(r.lookup(b"o"), Err(Error::KeyNotInRange { .. })));
-        assert_eq!(r.lookup_id(b"p").unwrap(), RangeId(2));
-        assert_eq!(r.lookup_id(b"\xff\xff").unwrap(), RangeId(2));
+        assert_eq!(r.lookup(b"p").unwrap().id(), RangeId(2));
+        assert_eq!(r.lookup(b"\xff\xff").unwrap().id(), RangeId(2));
     }
 
     #[test]

@@ -351,8 +351,15 @@ impl Engine {
                 }
             }
         }
+        // One scan of the descriptors rather than a point read per group: this runs at
+        // start-up for every group of the node.
+        let mut descriptors: std::collections::HashMap<u64, RangeDescriptor> = self
+            .descriptors()?
+            .into_iter()
+            .map(|d| (d.range_id, d))
+            .collect();
         for g in &mut groups {
-            g.descriptor = self.descriptor(g.group)?;
+            g.descriptor = descriptors.remove(&g.group.0);
             g.last_index = self
                 .last_log_index(g.group)?
                 .unwrap_or(g.apply_state.truncated_index)

@@ -259,6 +259,18 @@ impl GroupStorage {
         self.write_hard_state(batch);
     }
 
+    /// Keeps the term and vote of an earlier incarnation of this replica (an uninitialized
+    /// one that a peer's message created and that may have voted) when it is newer than this
+    /// storage's, so that the node never votes twice in one term.
+    pub fn adopt_vote(&mut self, earlier: &HardState, batch: &mut WriteBatch) {
+        if earlier.term > self.hard_state.term {
+            let mut hs = self.hard_state.clone();
+            hs.term = earlier.term;
+            hs.vote = earlier.vote;
+            self.set_hard_state(hs, batch);
+        }
+    }
+
     /// Moves commit forward (raft reports commit separately from the hard state when only the
     /// commit index changed).
     pub fn set_commit(&mut self, commit: u64, batch: &mut WriteBatch) {

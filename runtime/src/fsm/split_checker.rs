@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use flotilla_proto::meta::RangeDescriptor;
 use flotilla_proto::RangeId;
+use flotilla_store::Engine;
 
 use crate::fsm::mailbox::PeerMsg;
 use crate::node_group::Shared;
@@ -100,22 +101,41 @@ fn leader_descriptor(shared: &Shared, range: RangeId) -> Option<RangeDescriptor>
     }
 }
 
+/// What one scan of a range's keys tells.
+pub(crate) struct RangeSize {
+    pub(crate) keys: u64,
+    pub(crate) bytes: u64,
+    /// The key in the middle by count, if the range has at least two keys and it is not the
+    /// range's start key (a split there would leave the left side empty).
+    pub(crate) middle_key: Option<Vec<u8>>,
+}
+
+/// Reads every key of `desc` once: fine for ranges of the size splits are configured for.
+pub(crate) fn measure(engine: &Engine, desc: &RangeDescriptor) -> crate::Result<RangeSize> {
+    let rows = engine.scan(&desc.start_key, &desc.end_key, usize::MAX)?;
+    let bytes = rows.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+    let middle_key = (rows.len() >= 2)
+        .then(|| rows[rows.len() / 2].0.clone())
+        .filter(|mid| mid[..] != desc.start_key[..]);
+    Ok(RangeSize {
+        keys: rows.len() as u64,
+        bytes,
+        middle_key,
+    })
+}
+
 /// Measures `range` and returns its middle key if it is over a size limit.
 fn size_split_key(shared: &Shared, range: RangeId) -> Option<Vec<u8>> {
     let cfg = &shared.config.split;
     let desc = leader_descriptor(shared, range)?;
-    let rows = shared
-        .engine
-        .scan(&desc.start_key, &desc.end_key, usize::MAX)
-        .ok()?;
-    let bytes: u64 = rows.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
-    let too_big = (cfg.max_range_bytes > 0 && bytes > cfg.max_range_bytes)
-        || (cfg.max_range_keys > 0 && rows.len() as u64 > cfg.max_range_keys);
-    if !too_big || rows.len() < 2 {
-        return None;
+    let size = measure(&shared.engine, &desc).ok()?;
+    let too_big = (cfg.max_range_bytes > 0 && size.bytes > cfg.max_range_bytes)
+        || (cfg.max_range_keys > 0 && size.keys > cfg.max_range_keys);
+    if too_big {
+        size.middle_key
+    } else {
+        None
     }
-    let mid = rows[rows.len() / 2].0.clone();
-    (mid[..] != desc.start_key[..]).then_some(mid)
 }
 
 fn propose_split(shared: &Shared, range: RangeId, key: Vec<u8>, why: &'static str) {

@@ -179,11 +179,8 @@ impl Replica {
         }
         let records: Vec<(u64, Vec<u8>)> = records.into_iter().collect();
         batch.replace_client_records(right.id(), &records);
-        if let Some(hs) = carried_hard_state.filter(|hs| hs.term > SPLIT_INIT_TERM) {
-            let mut merged = storage.hard_state().clone();
-            merged.term = hs.term;
-            merged.vote = hs.vote;
-            storage.set_hard_state(merged, batch);
+        if let Some(hs) = &carried_hard_state {
+            storage.adopt_vote(hs, batch);
         }
         // The split, and everything applied before it in this round, reaches the disk before
         // the new group can write anything of its own.
