@@ -153,6 +153,7 @@ impl Cluster {
                     .collect(),
                 state: 0,
                 next_replica_id: replicas.iter().max().copied().unwrap_or(0) + 1,
+                merge: None,
             })
             .collect()
     }

@@ -46,8 +46,8 @@ pub enum ConfigError {
     /// Zero would compact on every apply and force snapshots on every lagging follower.
     #[error("log_compact_threshold must be at least 1")]
     ZeroCompactThreshold,
-    /// A zero timeout fails every proposal.
-    #[error("proposal_timeout must be non-zero")]
+    /// A zero timeout fails every proposal (or merge).
+    #[error("proposal_timeout and merge_timeout must be non-zero")]
     ZeroProposalTimeout,
     /// The split checker would spin.
     #[error("split.check_interval and split.load_window must be non-zero")]
@@ -143,6 +143,9 @@ pub struct NodeGroupConfig {
     /// A proposal or read whose outcome is not known after this long fails with
     /// `ProposalDropped` (outcome unknown: retry with the same request id). Default 10s.
     pub proposal_timeout: Duration,
+    /// How long `NodeGroup::merge` waits for a prepared merge to finish before it answers
+    /// `ProposalDropped` (the merge still finishes or rolls back by itself). Default 30s.
+    pub merge_timeout: Duration,
     /// Automatic splits by size and load.
     pub split: SplitConfig,
 }
@@ -170,6 +173,7 @@ impl Default for NodeGroupConfig {
             log_compact_threshold: 1024,
             log_compact_trailing: 64,
             proposal_timeout: Duration::from_secs(10),
+            merge_timeout: Duration::from_secs(30),
             split: SplitConfig::default(),
         }
     }
@@ -225,7 +229,7 @@ impl NodeGroupConfig {
         if self.log_compact_threshold == 0 {
             return Err(ConfigError::ZeroCompactThreshold);
         }
-        if self.proposal_timeout.is_zero() {
+        if self.proposal_timeout.is_zero() || self.merge_timeout.is_zero() {
             return Err(ConfigError::ZeroProposalTimeout);
         }
         if self.split.check_interval.is_zero() || self.split.load_window.is_zero() {

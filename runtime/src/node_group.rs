@@ -105,6 +105,9 @@ pub(crate) struct Shared {
     /// from that membership era must not recreate it.
     pub(crate) tombstones: DashMap<u64, u64>,
     pub(crate) pending: Pending,
+    /// Merge sources handed over to their target (range id → prepare index): taken out of
+    /// service, waiting for the target's CommitMerge apply to tombstone them.
+    pub(crate) handovers: DashMap<u64, u64>,
     /// Serializes creating replicas by message with bootstrapping them, so that a placeholder
     /// written for a message can never land on disk after (and over) a bootstrapped range.
     create_lock: Mutex<()>,
@@ -404,6 +407,7 @@ impl NodeGroup {
             awake: DashMap::new(),
             tombstones: DashMap::new(),
             pending: Pending::default(),
+            handovers: DashMap::new(),
             create_lock: Mutex::new(()),
             tick_heartbeats: Mutex::new(Default::default()),
             split_candidates: Mutex::new(Default::default()),
@@ -775,6 +779,56 @@ impl NodeGroup {
         match (r.left, r.right) {
             (Some(l), Some(r)) => Ok((l, r)),
             _ => Err(Error::Store("split answer without both halves".into())),
+        }
+    }
+
+    /// Merges range `source` into the adjacent range `target` (their replicas must be on the
+    /// same nodes), so that a split can be undone. Call it on the node of the source's leader.
+    /// Resolves with the target's new descriptor once this node's target replica covers both;
+    /// the source refuses requests (`Busy`) from the prepare until then.
+    ///
+    /// # Errors
+    ///
+    /// - `AdminRefused`: not adjacent, not on the same nodes, a range is already merging, a
+    ///   membership change is in progress, a source replica lags far behind, or the merge was
+    ///   rolled back because the target changed meanwhile.
+    /// - `NotLeader`: this node does not lead the source.
+    /// - `ProposalDropped`: the merge did not finish within `merge_timeout`; it still
+    ///   completes (or rolls back) by itself.
+    pub async fn merge(&self, source: RangeId, target: RangeId) -> Result<RangeDescriptor> {
+        let s = &self.shared;
+        let src = s.router.get(source).ok_or(Error::RangeNotFound(source))?;
+        let tgt = s.router.get(target).ok_or(Error::RangeNotFound(target))?;
+        crate::replica::check_mergeable(&src, &tgt)?;
+        let (token, rx) = s.pending.register(s.config.proposal_timeout);
+        self.submit(
+            source,
+            token,
+            rx,
+            PeerMsg::PrepareMerge { token, target: tgt },
+        )
+        .await?;
+        let covers = |d: &RangeDescriptor| {
+            d.start_key <= src.start_key
+                && (d.end_key.is_empty() || (!src.end_key.is_empty() && d.end_key >= src.end_key))
+        };
+        let deadline = std::time::Instant::now() + s.config.merge_timeout;
+        loop {
+            if let Some(t) = s.router.get(target).filter(|t| covers(t)) {
+                return Ok(t);
+            }
+            if s.router.get(source).is_some_and(|d| d.merge.is_none()) {
+                return Err(Error::AdminRefused(format!(
+                    "merge of {source} into {target} rolled back: the target changed meanwhile"
+                )));
+            }
+            if s.is_stopped() {
+                return Err(Error::Stopped);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::ProposalDropped);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
-use flotilla_proto::meta::ReplicaDescriptor;
+use flotilla_proto::meta::{RangeDescriptor, ReplicaDescriptor};
 use flotilla_proto::RangeId;
 use parking_lot::Mutex;
 use raft::prelude::Message;
@@ -45,6 +45,19 @@ pub(crate) enum PeerMsg {
         split_key: Vec<u8>,
         new_range_id: u64,
     },
+    /// Merge this range (the source) into the adjacent `target`: proposes PrepareMerge.
+    PrepareMerge { token: u64, target: RangeDescriptor },
+    /// A merge source's leader asks the target replica beside it to propose this CommitMerge
+    /// (forwarded to the target's leader whatever `forward_proposals` says).
+    ProposeMerge { data: Vec<u8> },
+    /// The target committed the merge: the prepare entry at `prepare_index` is committed, so
+    /// this source replica may apply up to it.
+    MergeCatchUp {
+        prepare_index: u64,
+        prepare_term: u64,
+    },
+    /// A merge source applied its prepare entry: a target waiting on it can go on.
+    MergeResume,
     /// Start an election now (used by bootstrap and tests to avoid waiting for a timeout).
     Campaign,
     /// Compact the log up to the applied index now, so lagging followers get a snapshot.
@@ -53,6 +66,22 @@ pub(crate) enum PeerMsg {
     Unreachable { to: u64 },
     /// Outcome of sending a snapshot to `to`.
     SnapshotStatus { to: u64, ok: bool },
+}
+
+impl PeerMsg {
+    /// The completion token of a client request, for messages that carry one.
+    pub(crate) fn token(&self) -> Option<u64> {
+        match self {
+            PeerMsg::Propose { token, .. }
+            | PeerMsg::Read { token, .. }
+            | PeerMsg::ConfChange { token, .. }
+            | PeerMsg::TransferLeader { token, .. }
+            | PeerMsg::Split { token, .. }
+            | PeerMsg::PrepareMerge { token, .. }
+            | PeerMsg::CompactLog { token } => Some(*token),
+            _ => None,
+        }
+    }
 }
 
 /// One replica and the state that schedules it.

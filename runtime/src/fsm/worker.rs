@@ -173,7 +173,7 @@ fn run_round(shared: &Shared, cells: &[Arc<ReplicaCell>], round: &mut Round) {
         };
         let result = catch_unwind(AssertUnwindSafe(|| {
             replica.on_msgs(msgs, shared, round);
-            replica.on_ticks(ticks, shared);
+            replica.on_ticks(ticks, shared, round);
             replica.collect_ready(shared, round, &mut batch)
         }));
         match result {
@@ -239,6 +239,21 @@ fn run_round(shared: &Shared, cells: &[Arc<ReplicaCell>], round: &mut Round) {
             isolate(shared, &cells[*i], guard, round, &e.to_string());
         }
     }
+    // Merge sources that reached their prepare entry leave service now that what they applied
+    // is written; their target absorbs them in its next round.
+    for (i, guard) in held.iter_mut() {
+        let Some(prepare) = guard.as_ref().and_then(|r| r.hand_over_index()) else {
+            continue;
+        };
+        let Some(mut r) = guard.take() else { continue };
+        r.abort_pending(round, Error::Busy("range is being merged; retry shortly"));
+        let range = cells[*i].range;
+        shared.handovers.insert(range.0, prepare);
+        if let Some(target) = r.merge_target() {
+            let _ = shared.post(target, PeerMsg::MergeResume);
+        }
+        tracing::debug!(%range, prepare, "merge source handed over to its target");
+    }
     round.finish(shared);
     round.flush(shared);
     drop(held);
@@ -251,16 +266,7 @@ fn run_round(shared: &Shared, cells: &[Arc<ReplicaCell>], round: &mut Round) {
 }
 
 fn fail_msgs(msgs: Vec<PeerMsg>, round: &mut Round, err: Error) {
-    for m in msgs {
-        let token = match m {
-            PeerMsg::Propose { token, .. }
-            | PeerMsg::Read { token, .. }
-            | PeerMsg::ConfChange { token, .. }
-            | PeerMsg::TransferLeader { token, .. }
-            | PeerMsg::Split { token, .. }
-            | PeerMsg::CompactLog { token } => token,
-            _ => continue,
-        };
+    for token in msgs.iter().filter_map(PeerMsg::token) {
         round.complete(token, Err(err.clone()));
     }
 }

@@ -1,12 +1,16 @@
 //! Applying committed entries: normal entries go to the state machine (after the retry
-//! de-duplication check), membership entries to raft and the descriptor. Everything an entry
-//! changes, and the new applied index, go into one batch.
+//! de-duplication check), admin entries to their module (split, merge), membership entries to
+//! raft and the descriptor. Everything an entry changes, and the new applied index, go into
+//! one batch.
 
-use flotilla_proto::command::{admin_command, raft_command, ClientRecord, RaftCommand};
+use flotilla_proto::command::{
+    admin_command, raft_command, AdminCommand, ClientRecord, RaftCommand,
+};
 use flotilla_proto::Message as _;
 use flotilla_store::WriteBatch;
 use raft::prelude::{Entry, EntryType};
 
+use super::merge::Applied;
 use super::Replica;
 use crate::error::Error;
 use crate::fsm::worker::Round;
@@ -14,6 +18,9 @@ use crate::node_group::Shared;
 use crate::state_machine::ApplyContext;
 
 impl Replica {
+    /// Applies `entries` in order. A CommitMerge whose source is not ready stops the apply:
+    /// it and everything after it wait in `stalled` (raft hands committed entries out once)
+    /// and the applied index stays before it.
     pub(super) fn apply_entries(
         &mut self,
         entries: Vec<Entry>,
@@ -21,29 +28,31 @@ impl Replica {
         round: &mut Round,
         batch: &mut WriteBatch,
     ) -> crate::Result<()> {
-        let Some(last) = entries.last() else {
-            return Ok(());
-        };
-        let (last_index, last_term) = (last.index, last.term);
-        for e in &entries {
+        let mut last = None;
+        let mut entries = entries.into_iter();
+        while let Some(e) = entries.next() {
             match e.get_entry_type() {
                 EntryType::EntryNormal => {
                     if !e.data.is_empty() {
-                        self.apply_command(e, shared, round, batch);
+                        if let Applied::Wait = self.apply_command(&e, shared, round, batch) {
+                            self.stalled = std::iter::once(e).chain(entries).collect();
+                            break;
+                        }
                     }
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                    self.apply_conf_change_entry(e, shared, round, batch);
+                    self.apply_conf_change_entry(&e, shared, round, batch);
                 }
             }
+            last = Some((e.index, e.term));
             self.settle_proposals(e.index, e.term, round);
             if self.removed {
                 break;
             }
         }
-        self.raw
-            .mut_store()
-            .set_applied(last_index, last_term, batch);
+        if let Some((index, term)) = last {
+            self.raw.mut_store().set_applied(index, term, batch);
+        }
         Ok(())
     }
 
@@ -53,25 +62,48 @@ impl Replica {
         shared: &Shared,
         round: &mut Round,
         batch: &mut WriteBatch,
-    ) {
+    ) -> Applied {
         let cmd = match RaftCommand::decode(&e.data[..]) {
             Ok(c) => c,
             Err(err) => {
                 // Only our own proposals enter the log, so this is a bug or a damaged log;
                 // skipping it on every replica keeps them identical.
                 tracing::error!(range = %self.range, index = e.index, "undecodable command: {err}");
-                return;
+                return Applied::Done;
             }
         };
         let header = cmd.header.unwrap_or_default();
         let token = (header.proposer_node == shared.node.0).then_some(header.proposal_token);
+        let at = (e.index, e.term);
+        // A merge source past its prepare entry refuses everything but the rollback: the
+        // target takes its keys as of the prepare entry.
+        let frozen = self.merge_state().is_some()
+            && !matches!(
+                &cmd.body,
+                Some(raft_command::Body::Admin(AdminCommand {
+                    cmd: Some(admin_command::Cmd::RollbackMerge(_))
+                }))
+            );
         let answer = match cmd.body {
+            _ if frozen => Err(Error::Busy("range is being merged; retry shortly")),
             Some(raft_command::Body::App(data)) => {
                 self.apply_app(&header, &data, e.index, shared, round, batch)
             }
             Some(raft_command::Body::Admin(admin)) => match admin.cmd {
                 Some(admin_command::Cmd::Split(split)) => {
-                    self.apply_split(&header, &split, (e.index, e.term), shared, round, batch)
+                    self.apply_split(&header, &split, at, shared, round, batch)
+                }
+                Some(admin_command::Cmd::PrepareMerge(p)) => {
+                    self.apply_prepare_merge(&header, &p, at, shared, batch)
+                }
+                Some(admin_command::Cmd::CommitMerge(c)) => {
+                    match self.apply_commit_merge(&header, &c, at, shared, round, batch) {
+                        Ok(answer) => answer,
+                        Err(()) => return Applied::Wait,
+                    }
+                }
+                Some(admin_command::Cmd::RollbackMerge(r)) => {
+                    self.apply_rollback_merge(&r, shared, batch)
                 }
                 None => Err(Error::AdminRefused("empty admin command".into())),
             },
@@ -80,6 +112,7 @@ impl Replica {
         if let Some(t) = token {
             round.complete(t, answer);
         }
+        Applied::Done
     }
 
     /// Applies an application command once per request id: a retry of the last applied

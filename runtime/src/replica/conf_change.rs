@@ -50,6 +50,9 @@ impl Replica {
                 leader_hint: self.leader_hint(),
             });
         }
+        if self.merge_state().is_some() {
+            return Err(Error::Busy("range is being merged; retry shortly"));
+        }
         if changes.is_empty() {
             return Err(Error::AdminRefused("no membership change given".into()));
         }
@@ -165,6 +168,14 @@ impl Replica {
             .as_ref()
             .filter(|h| h.proposer_node == shared.node.0)
             .map(|h| h.proposal_token);
+        if self.merge_state().is_some() {
+            // A merge source is frozen at its prepare entry: the change is skipped on every
+            // replica alike (raft's configuration stays as it was).
+            if let Some(t) = token {
+                round.complete(t, Err(Error::Busy("range is being merged; retry shortly")));
+            }
+            return;
+        }
         match self.raw.apply_conf_change(&cc) {
             Ok(cs) => {
                 let Some(old) = self.descriptor().cloned() else {

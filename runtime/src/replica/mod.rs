@@ -5,10 +5,11 @@
 //!
 //! Each feature has its own file: proposals (`propose`), reads (`read`), membership
 //! (`conf_change`), applying entries (`apply`), snapshots and log compaction (`snapshot`),
-//! range splits (`split`).
+//! range splits (`split`) and merges (`merge`).
 
 mod apply;
 mod conf_change;
+mod merge;
 mod propose;
 mod read;
 mod snapshot;
@@ -29,6 +30,7 @@ use crate::fsm::mailbox::PeerMsg;
 use crate::fsm::worker::Round;
 use crate::node_group::Shared;
 
+pub(crate) use merge::check_mergeable;
 pub(crate) use read::PendingRead;
 
 /// A proposal this replica appended as leader: if a different entry is applied at its index,
@@ -61,6 +63,13 @@ pub(crate) struct Replica {
     /// Writes and their bytes applied while leader since the range was last measured for a
     /// split.
     written_since_split_check: (u64, u64),
+    /// Committed entries not applied yet because a CommitMerge waits for its source (see
+    /// `merge`). Empty otherwise.
+    stalled: Vec<raft::prelude::Entry>,
+    /// Ticks before a merge source's leader proposes its CommitMerge or rollback again.
+    merge_retry: u8,
+    /// Set on a merge source once the target beside it applies the CommitMerge.
+    merge_requested: bool,
 }
 
 impl std::fmt::Debug for Replica {
@@ -118,6 +127,9 @@ impl Replica {
             removed: false,
             written_since_split_check: (0, 0),
             campaign_retries: 0,
+            stalled: Vec::new(),
+            merge_retry: 0,
+            merge_requested: false,
         }
     }
 
@@ -215,6 +227,16 @@ impl Replica {
                     split_key,
                     new_range_id,
                 } => self.propose_split(token, split_key, new_range_id, shared, round),
+                PeerMsg::PrepareMerge { token, target } => {
+                    self.propose_prepare_merge(token, target, shared, round)
+                }
+                PeerMsg::ProposeMerge { data } => self.append(0, data, shared, round, true),
+                PeerMsg::MergeCatchUp {
+                    prepare_index,
+                    prepare_term,
+                } => self.merge_catch_up(prepare_index, prepare_term),
+                // Only schedules a round, in which a waiting CommitMerge is tried again.
+                PeerMsg::MergeResume => {}
                 PeerMsg::Campaign => {
                     if let Err(e) = self.raw.campaign() {
                         tracing::debug!(range = %self.range, "campaign refused: {e}");
@@ -274,9 +296,12 @@ impl Replica {
         }
     }
 
-    pub(crate) fn on_ticks(&mut self, ticks: u32, shared: &Shared) {
+    pub(crate) fn on_ticks(&mut self, ticks: u32, shared: &Shared, round: &mut Round) {
         for _ in 0..ticks {
             self.raw.tick();
+        }
+        if ticks > 0 && self.merge_state().is_some() {
+            self.merge_tick(shared, round);
         }
         if ticks > 0 && !self.reads.is_empty() {
             self.retry_reads(ticks, shared);
@@ -330,32 +355,38 @@ impl Replica {
         round: &mut Round,
         apply_batch: &mut WriteBatch,
     ) -> crate::Result<()> {
-        let Some(mut rd) = self.ready.take() else {
-            return Ok(());
-        };
-        let persisted = rd.take_persisted_messages();
-        if !persisted.is_empty() {
-            self.send_raft(persisted, shared, round);
-        }
-        let committed = rd.take_committed_entries();
-        // advance_append, not advance: raft must learn what was applied only after it was
-        // applied (its automatic leave of a joint configuration keys off that).
-        let mut light = self.raw.advance_append(rd);
-        if let Some(commit) = light.commit_index() {
-            self.raw.mut_store().set_commit(commit, apply_batch);
-        }
-        let msgs = light.take_messages();
-        if !msgs.is_empty() {
-            self.send_raft(msgs, shared, round);
-        }
-        let mut applied_any = false;
-        for entries in [committed, light.take_committed_entries()] {
-            if !entries.is_empty() {
-                applied_any = true;
-                self.apply_entries(entries, shared, round, apply_batch)?;
+        // Entries a CommitMerge held back go first.
+        let mut entries = self.take_stalled();
+        if let Some(mut rd) = self.ready.take() {
+            let persisted = rd.take_persisted_messages();
+            if !persisted.is_empty() {
+                self.send_raft(persisted, shared, round);
             }
+            entries.extend(rd.take_committed_entries());
+            // advance_append, not advance: raft must learn what was applied only after it was
+            // applied (its automatic leave of a joint configuration keys off that).
+            let mut light = self.raw.advance_append(rd);
+            if let Some(commit) = light.commit_index() {
+                self.raw.mut_store().set_commit(commit, apply_batch);
+            }
+            let msgs = light.take_messages();
+            if !msgs.is_empty() {
+                self.send_raft(msgs, shared, round);
+            }
+            entries.extend(light.take_committed_entries());
+        } else if entries.is_empty() {
+            return Ok(());
         }
-        self.raw.advance_apply();
+        let applied_any = !entries.is_empty();
+        if applied_any {
+            self.apply_entries(entries, shared, round, apply_batch)?;
+        }
+        if self.stalled.is_empty() {
+            self.raw.advance_apply();
+        } else {
+            let applied = self.raw.store().apply_state().applied_index;
+            self.raw.advance_apply_to(applied);
+        }
         if applied_any {
             self.maybe_compact(shared, apply_batch)?;
         }

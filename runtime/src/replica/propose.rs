@@ -13,6 +13,7 @@ use crate::fsm::worker::Round;
 use crate::node_group::Shared;
 
 impl Replica {
+    /// Proposes a client or admin command; a merge source refuses them all.
     pub(super) fn propose(
         &mut self,
         token: u64,
@@ -20,8 +21,29 @@ impl Replica {
         shared: &Shared,
         round: &mut Round,
     ) {
+        if self.merge_state().is_some() {
+            round.complete(
+                token,
+                Err(Error::Busy("range is being merged; retry shortly")),
+            );
+            return;
+        }
+        self.append(token, data, shared, round, false);
+    }
+
+    /// Appends `data` to the log as leader, or forwards it to the leader (if allowed by the
+    /// config or `force_forward`).
+    pub(super) fn append(
+        &mut self,
+        token: u64,
+        data: Vec<u8>,
+        shared: &Shared,
+        round: &mut Round,
+        force_forward: bool,
+    ) {
         let leader = self.raw.raft.state == StateRole::Leader;
-        if !leader && (!shared.config.forward_proposals || self.raw.raft.leader_id == 0) {
+        let forward = shared.config.forward_proposals || force_forward;
+        if !leader && (!forward || self.raw.raft.leader_id == 0) {
             round.complete(
                 token,
                 Err(Error::NotLeader {

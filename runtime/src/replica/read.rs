@@ -28,6 +28,14 @@ pub(crate) struct PendingRead {
 
 impl Replica {
     pub(super) fn read(&mut self, token: u64, lease: bool, shared: &Shared, round: &mut Round) {
+        // Once the target may have taken the keys over, this replica's view is not the latest.
+        if self.merge_state().is_some() {
+            round.complete(
+                token,
+                Err(Error::Busy("range is being merged; retry shortly")),
+            );
+            return;
+        }
         if lease {
             if self.is_leader()
                 && self.raw.raft.in_lease()

@@ -133,6 +133,7 @@ impl Replica {
             replicas: desc.replicas.clone(),
             state: RangeState::Normal as i32,
             next_replica_id: desc.next_replica_id,
+            merge: None,
         };
         self.raw.mut_store().set_descriptor(left.clone(), batch);
 

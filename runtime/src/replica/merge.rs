@@ -1,0 +1,503 @@
+//! Range merge: two adjacent ranges whose replicas live on the same nodes become one, with no
+//! data copied (the keys of both already live in the shared `data` column family). The
+//! protocol is TiKV's (`PrepareMerge` on the source, `CommitMerge` on the target,
+//! `RollbackMerge` when the target moved on), simplified by one thing we can rely on: every
+//! source replica has a target replica beside it in the same process.
+//!
+//! Phases:
+//! - **Prepare** (source log, index P): the source freezes. From that entry on it refuses every
+//!   write, read and admin command (the refusal is decided at apply, so every replica refuses
+//!   the same entries), and its epoch moves on (`version` and `conf_ver`) so that requests
+//!   routed before the merge fail fast.
+//! - **Commit** (target log, index C): the source's leader proposes it once every source
+//!   replica has the entry at P in its log (raft's `matched >= P`), so that each of them can
+//!   reach P without any other source replica's help. Each target replica applies C only
+//!   when the source replica beside it has applied exactly up to P; if it has not, the target
+//!   stops applying at C, tells the source that P is committed (the target committed C, and C
+//!   is only ever proposed after P committed), and resumes once the source caught up. The
+//!   apply of C then extends the target over the source's keys, merges the retry records and
+//!   tombstones the source replica, in one synced batch.
+//! - **Rollback** (source log): if the target's epoch moved past the one recorded at prepare
+//!   (it split, changed membership, or started a merge of its own), C can never apply
+//!   (it requires that exact epoch, and epochs only grow), so the source's leader unfreezes
+//!   the source.
+//!
+//! Invariants: a source replica never applies anything past P (the target destroys it under
+//! its lock, in the batch that moves the keys); the target takes the keys on every node at the
+//! same log position C, after the source there applied everything up to P, so every node ends
+//! with the same data.
+
+use std::collections::{BTreeSet, HashMap};
+
+use flotilla_proto::command::{
+    admin_command, raft_command, AdminCommand, ClientRecord, CommitMerge, PrepareMerge,
+    RaftCommand, RequestHeader, RollbackMerge,
+};
+use flotilla_proto::meta::{MergeState, RangeDescriptor, RangeEpoch, RangeState};
+use flotilla_proto::{Message as _, RangeId};
+use flotilla_store::WriteBatch;
+use raft::prelude::Entry;
+
+use super::Replica;
+use crate::error::Error;
+use crate::fsm::mailbox::PeerMsg;
+use crate::fsm::worker::Round;
+use crate::node_group::Shared;
+
+/// Ticks a source leader waits before proposing its CommitMerge (or RollbackMerge) again.
+const MERGE_RETRY_TICKS: u8 = 10;
+
+/// How far (in entries) a source replica may lag its leader when a merge is prepared: the
+/// commit waits until every replica has the prepare entry, so a far-behind or down replica
+/// would keep the source frozen.
+const PREPARE_MAX_LAG: u64 = 1024;
+
+/// What applying an entry came to: done, or wait (a CommitMerge whose source is not ready).
+pub(super) enum Applied {
+    Done,
+    Wait,
+}
+
+/// Checks that `source` can merge into `target`: adjacent, on the same nodes, neither already
+/// merging.
+pub(crate) fn check_mergeable(
+    source: &RangeDescriptor,
+    target: &RangeDescriptor,
+) -> Result<(), Error> {
+    let refuse = |why: String| Err(Error::AdminRefused(why));
+    if source.range_id == target.range_id {
+        return refuse(format!("cannot merge {} into itself", source.id()));
+    }
+    if source.merge.is_some() || target.merge.is_some() {
+        return refuse("a range of the pair is already merging".into());
+    }
+    let left_of = !source.end_key.is_empty() && source.end_key == target.start_key;
+    let right_of = !target.end_key.is_empty() && target.end_key == source.start_key;
+    if !left_of && !right_of {
+        return refuse(format!(
+            "{} and {} are not adjacent",
+            source.id(),
+            target.id()
+        ));
+    }
+    let nodes = |d: &RangeDescriptor| {
+        d.replicas
+            .iter()
+            .map(|r| r.node_id)
+            .collect::<BTreeSet<_>>()
+    };
+    if nodes(source) != nodes(target) {
+        return refuse(format!(
+            "{} and {} are not replicated on the same nodes; move replicas first",
+            source.id(),
+            target.id()
+        ));
+    }
+    Ok(())
+}
+
+/// The target's descriptor once it absorbed `source`.
+fn merged(target: &RangeDescriptor, source: &RangeDescriptor) -> RangeDescriptor {
+    let mut d = target.clone();
+    // An empty key is both "start of the key space" and "end of it": adjacency is decided
+    // on non-empty boundaries only.
+    if !source.end_key.is_empty() && source.end_key == target.start_key {
+        d.start_key = source.start_key.clone();
+    } else {
+        d.end_key = source.end_key.clone();
+    }
+    let (t, s) = (target.epoch_or_default(), source.epoch_or_default());
+    d.epoch = Some(RangeEpoch {
+        conf_ver: t.conf_ver,
+        version: t.version.max(s.version) + 1,
+    });
+    d
+}
+
+/// Whether `local` moved past `expected` for good (epochs only grow).
+fn moved_past(local: &RangeEpoch, expected: &RangeEpoch) -> bool {
+    local.version > expected.version || local.conf_ver > expected.conf_ver
+}
+
+fn admin(header: RequestHeader, cmd: admin_command::Cmd) -> Vec<u8> {
+    RaftCommand {
+        header: Some(header),
+        body: Some(raft_command::Body::Admin(AdminCommand { cmd: Some(cmd) })),
+    }
+    .encode_to_vec()
+}
+
+impl Replica {
+    /// The merge this replica's range is the source of, if any.
+    pub(crate) fn merge_state(&self) -> Option<&MergeState> {
+        self.descriptor().and_then(|d| d.merge.as_deref())
+    }
+
+    /// Leader: proposes `PrepareMerge` of this range into `target`.
+    pub(super) fn propose_prepare_merge(
+        &mut self,
+        token: u64,
+        target: RangeDescriptor,
+        shared: &Shared,
+        round: &mut Round,
+    ) {
+        let check = || -> Result<RangeDescriptor, Error> {
+            if !self.is_leader() {
+                return Err(Error::NotLeader {
+                    range: self.range,
+                    leader_hint: self.leader_hint(),
+                });
+            }
+            let desc = self
+                .descriptor()
+                .cloned()
+                .ok_or(Error::RangeNotFound(self.range))?;
+            check_mergeable(&desc, &target)?;
+            if self.raw.raft.has_pending_conf()
+                || !self.raw.store().conf_state().voters_outgoing.is_empty()
+            {
+                return Err(Error::AdminRefused(
+                    "a membership change is in progress; merge after it".into(),
+                ));
+            }
+            let last = self.raw.raft.raft_log.last_index();
+            for (id, pr) in self.raw.raft.prs().iter() {
+                if pr.matched + PREPARE_MAX_LAG < last {
+                    return Err(Error::AdminRefused(format!(
+                        "replica {id} of {} lags {} entries behind; merge once it caught up",
+                        self.range,
+                        last - pr.matched
+                    )));
+                }
+            }
+            Ok(desc)
+        };
+        let desc = match check() {
+            Ok(d) => d,
+            Err(e) => return round.complete(token, Err(e)),
+        };
+        let header = RequestHeader {
+            range_id: self.range.0,
+            epoch: desc.epoch,
+            proposer_node: shared.node.0,
+            proposal_token: token,
+            ..Default::default()
+        };
+        let data = admin(
+            header,
+            admin_command::Cmd::PrepareMerge(PrepareMerge {
+                target: Some(target),
+            }),
+        );
+        self.propose(token, data, shared, round);
+    }
+
+    /// Source, every replica: freezes the range. The answer is the encoded descriptor.
+    pub(super) fn apply_prepare_merge(
+        &mut self,
+        header: &RequestHeader,
+        prepare: &PrepareMerge,
+        (index, term): (u64, u64),
+        shared: &Shared,
+        batch: &mut WriteBatch,
+    ) -> crate::Result<Vec<u8>> {
+        let desc = self
+            .descriptor()
+            .cloned()
+            .ok_or(Error::RangeNotFound(self.range))?;
+        let epoch = desc.epoch_or_default();
+        if header.epoch.is_none_or(|e| e != epoch) {
+            return Err(Error::EpochNotMatch {
+                current: vec![desc],
+            });
+        }
+        let target = prepare
+            .target
+            .clone()
+            .ok_or_else(|| Error::AdminRefused("prepare merge without a target".into()))?;
+        check_mergeable(&desc, &target)?;
+        let mut frozen = desc;
+        frozen.epoch = Some(RangeEpoch {
+            conf_ver: epoch.conf_ver + 1,
+            version: epoch.version + 1,
+        });
+        frozen.merge = Some(Box::new(MergeState {
+            target: Some(Box::new(target.clone())),
+            prepare_index: index,
+            prepare_term: term,
+        }));
+        self.raw.mut_store().set_descriptor(frozen.clone(), batch);
+        shared.router.upsert(frozen.clone());
+        self.merge_retry = 0;
+        // The target beside us may be waiting for this apply.
+        let _ = shared.post(target.id(), PeerMsg::MergeResume);
+        tracing::info!(source = %self.range, target = %target.id(), index, "merge prepared");
+        Ok(frozen.encode_to_vec())
+    }
+
+    /// Source, every tick while merging: the leader proposes the CommitMerge to the target
+    /// once every replica has the prepare entry, or the rollback once the target moved on.
+    pub(super) fn merge_tick(&mut self, shared: &Shared, round: &mut Round) {
+        let Some(state) = self.merge_state().cloned() else {
+            return;
+        };
+        if !self.is_leader() {
+            return;
+        }
+        if self.merge_retry > 0 {
+            self.merge_retry -= 1;
+            return;
+        }
+        let Some(target) = state.target.as_ref() else {
+            return;
+        };
+        // The target replica beside us tells what the target group did: if its epoch moved
+        // past the prepared one, no CommitMerge can ever apply (a lagging replica with an
+        // older epoch just means "not yet").
+        match shared.engine.descriptor(target.id()) {
+            Ok(Some(local)) => {
+                let gone = local.state == RangeState::Tombstone as i32;
+                if gone || moved_past(&local.epoch_or_default(), &target.epoch_or_default()) {
+                    let desc = self.descriptor().cloned().unwrap_or_default();
+                    let header = RequestHeader {
+                        range_id: self.range.0,
+                        epoch: desc.epoch,
+                        ..Default::default()
+                    };
+                    let data = admin(
+                        header,
+                        admin_command::Cmd::RollbackMerge(RollbackMerge {
+                            prepare_index: state.prepare_index,
+                        }),
+                    );
+                    self.append(0, data, shared, round, false);
+                    self.merge_retry = MERGE_RETRY_TICKS;
+                    return;
+                }
+            }
+            // Not known here (yet): the replicas were on the same nodes at prepare, so wait.
+            Ok(None) | Err(_) => return,
+        }
+        let everyone_has_prepare = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .all(|(_, pr)| pr.matched >= state.prepare_index);
+        if !everyone_has_prepare {
+            return;
+        }
+        let header = RequestHeader {
+            range_id: target.range_id,
+            epoch: target.epoch,
+            ..Default::default()
+        };
+        let data = admin(
+            header,
+            admin_command::Cmd::CommitMerge(CommitMerge {
+                source: self.descriptor().cloned(),
+            }),
+        );
+        // The target replica beside us proposes it (forwarding to its leader if need be).
+        let _ = shared.post(target.id(), PeerMsg::ProposeMerge { data });
+        self.merge_retry = MERGE_RETRY_TICKS;
+    }
+
+    /// Source: the target beside us is applying the CommitMerge, so the prepare entry is
+    /// committed: let raft know (this replica then applies up to it without waiting for a
+    /// leader), and hand the replica over once it got there.
+    pub(super) fn merge_catch_up(&mut self, prepare_index: u64, prepare_term: u64) {
+        self.merge_requested = true;
+        let log = &mut self.raw.raft.raft_log;
+        if log.committed < prepare_index
+            && log.last_index() >= prepare_index
+            && log.term(prepare_index).ok() == Some(prepare_term)
+        {
+            log.commit_to(prepare_index);
+        }
+    }
+
+    /// Source, every replica: unfreezes the range if the merge is the one prepared.
+    pub(super) fn apply_rollback_merge(
+        &mut self,
+        rollback: &RollbackMerge,
+        shared: &Shared,
+        batch: &mut WriteBatch,
+    ) -> crate::Result<Vec<u8>> {
+        let mut desc = self
+            .descriptor()
+            .cloned()
+            .ok_or(Error::RangeNotFound(self.range))?;
+        match &desc.merge {
+            Some(m) if m.prepare_index == rollback.prepare_index => {}
+            _ => return Err(Error::AdminRefused("no such merge to roll back".into())),
+        }
+        desc.merge = None;
+        let mut epoch = desc.epoch_or_default();
+        epoch.version += 1;
+        desc.epoch = Some(epoch);
+        self.raw.mut_store().set_descriptor(desc.clone(), batch);
+        shared.router.upsert(desc.clone());
+        tracing::info!(range = %self.range, "merge rolled back: the target changed");
+        metrics::counter!("flotilla_runtime_merge_rollbacks_total").increment(1);
+        Ok(desc.encode_to_vec())
+    }
+
+    /// Target, every replica: absorbs the source once the source replica beside it applied
+    /// up to the prepare entry; otherwise asks it to catch up and returns `Wait`.
+    pub(super) fn apply_commit_merge(
+        &mut self,
+        header: &RequestHeader,
+        commit: &CommitMerge,
+        (index, term): (u64, u64),
+        shared: &Shared,
+        round: &mut Round,
+        batch: &mut WriteBatch,
+    ) -> Result<crate::Result<Vec<u8>>, ()> {
+        let desc = match self.descriptor().cloned() {
+            Some(d) => d,
+            None => return Ok(Err(Error::RangeNotFound(self.range))),
+        };
+        if header.epoch != desc.epoch {
+            return Ok(Err(Error::EpochNotMatch {
+                current: vec![desc],
+            }));
+        }
+        let Some(source) = commit.source.clone() else {
+            return Ok(Err(Error::AdminRefused(
+                "commit merge without a source".into(),
+            )));
+        };
+        let Some(state) = source.merge.clone().filter(|m| {
+            m.target
+                .as_ref()
+                .is_some_and(|t| t.range_id == self.range.0)
+        }) else {
+            return Ok(Err(Error::AdminRefused(
+                "commit merge of a source not prepared for this target".into(),
+            )));
+        };
+        let mut unfrozen = source.clone();
+        unfrozen.merge = None;
+        if let Err(e) = check_mergeable(&unfrozen, &desc) {
+            return Ok(Err(e));
+        }
+
+        // The source replica beside us must have applied exactly up to the prepare entry and
+        // handed itself over (it then never writes again): ask it, and wait.
+        let source_id = source.id();
+        if shared.handovers.get(&source_id.0).map(|p| *p) != Some(state.prepare_index) {
+            if shared.cell(source_id).is_none() {
+                return self.source_missing(source_id, &state);
+            }
+            let _ = shared.post(
+                source_id,
+                PeerMsg::MergeCatchUp {
+                    prepare_index: state.prepare_index,
+                    prepare_term: state.prepare_term,
+                },
+            );
+            return Err(());
+        }
+
+        let new = merged(&desc, &source);
+        self.raw.mut_store().set_descriptor(new.clone(), batch);
+        if let Err(e) = self.absorb_client_records(source_id, shared, round, batch) {
+            return Ok(Err(e));
+        }
+        let mut tomb = source;
+        tomb.state = RangeState::Tombstone as i32;
+        batch.destroy_group_state(source_id);
+        batch.put_descriptor(&tomb);
+        // Like a split: the merge and everything applied before it reach the disk together.
+        self.raw.mut_store().set_applied(index, term, batch);
+        let full = std::mem::replace(batch, shared.engine.batch());
+        if let Err(e) = shared.engine.write(full, true) {
+            return Ok(Err(e.into()));
+        }
+
+        shared.handovers.remove(&source_id.0);
+        if let Some(cell) = shared.cell(source_id) {
+            for token in cell.fail().iter().filter_map(PeerMsg::token) {
+                round.complete(token, Err(Error::RangeNotFound(source_id)));
+            }
+        }
+        shared.unregister(source_id);
+        shared
+            .tombstones
+            .insert(source_id.0, tomb.epoch_or_default().conf_ver);
+        shared.router.upsert(new.clone());
+        metrics::counter!("flotilla_runtime_merges_total").increment(1);
+        tracing::info!(source = %source_id, target = %self.range, index, "ranges merged");
+        Ok(Ok(new.encode_to_vec()))
+    }
+
+    /// The source replica is not on this node although the merge requires it: either it is
+    /// already merged into us (nothing to do but wait for a consistent view) or something
+    /// removed it. Both keep the target from taking keys it has no data for.
+    fn source_missing(
+        &self,
+        source: RangeId,
+        state: &MergeState,
+    ) -> Result<crate::Result<Vec<u8>>, ()> {
+        tracing::error!(
+            %source, target = %self.range, prepare = state.prepare_index,
+            "merge source replica missing on this node; the target waits"
+        );
+        Err(())
+    }
+
+    /// Gives the target every retry record of the source that is newer than its own, so a
+    /// client's retry is answered the same whichever range it reaches.
+    fn absorb_client_records(
+        &self,
+        source: RangeId,
+        shared: &Shared,
+        round: &Round,
+        batch: &mut WriteBatch,
+    ) -> crate::Result<()> {
+        let seq_of = |b: &[u8]| ClientRecord::decode(b).map(|r| r.seq).unwrap_or(0);
+        let mut mine: HashMap<u64, u64> = shared
+            .engine
+            .client_records(self.range)?
+            .into_iter()
+            .map(|(c, b)| (c, seq_of(&b)))
+            .collect();
+        let mut theirs: HashMap<u64, Vec<u8>> =
+            shared.engine.client_records(source)?.into_iter().collect();
+        for ((range, client), rec) in &round.client_records {
+            if *range == self.range.0 {
+                mine.insert(*client, rec.seq);
+            } else if *range == source.0 {
+                theirs.insert(*client, rec.encode_to_vec());
+            }
+        }
+        for (client, rec) in theirs {
+            if mine.get(&client).is_none_or(|s| *s < seq_of(&rec)) {
+                batch.put_client_record(self.range, client, &rec);
+            }
+        }
+        Ok(())
+    }
+
+    /// The prepare index, once this source replica applied it and the target asked for it:
+    /// the worker then takes the replica out of service (after writing the round's apply
+    /// batch) and the target absorbs it.
+    pub(crate) fn hand_over_index(&self) -> Option<u64> {
+        if !self.merge_requested {
+            return None;
+        }
+        let p = self.merge_state()?.prepare_index;
+        (self.raw.store().apply_state().applied_index >= p).then_some(p)
+    }
+
+    /// The target a handed-over source goes to.
+    pub(crate) fn merge_target(&self) -> Option<RangeId> {
+        self.merge_state()?.target.as_ref().map(|t| t.id())
+    }
+
+    /// Entries a waiting CommitMerge held back, to be applied again.
+    pub(super) fn take_stalled(&mut self) -> Vec<Entry> {
+        std::mem::take(&mut self.stalled)
+    }
+}
