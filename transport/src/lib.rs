@@ -83,7 +83,7 @@ pub use filter::{
     Packet, PartitionFilter, Payload, PredicateFilter, ReorderFilter, Scoped,
 };
 pub use flotilla_proto::transport::{Heartbeat, NodeBatch, RaftMessage};
-pub use flotilla_proto::NodeId;
+pub use flotilla_proto::{NodeId, RangeId, ReplicaId};
 pub use grpc::{GrpcConfig, GrpcListener, GrpcStats, GrpcTransport, TlsConfig};
 pub use mem::{MemConfig, MemNetwork, MemTransport, NetStats};
 
@@ -98,6 +98,29 @@ pub use mem::{MemConfig, MemNetwork, MemTransport, NetStats};
 pub trait BatchHandler: Send + Sync + 'static {
     /// Handles one batch sent to this node by `batch.from_node`.
     fn on_batch(&self, batch: NodeBatch);
+
+    /// The outcome of a snapshot this node sent, from a transport whose
+    /// [`Transport::reports_snapshots`] is true: exactly one call per snapshot envelope of a
+    /// batch that [`Transport::send`] accepted. Called like [`BatchHandler::on_batch`] (same
+    /// thread rules); the default ignores it, which is right for handlers of transports that
+    /// do not report.
+    fn on_snapshot_status(&self, report: SnapshotReport) {
+        let _ = report;
+    }
+}
+
+/// How a snapshot transfer ended, for raft's `report_snapshot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// The destination node.
+    pub to: NodeId,
+    /// The group the snapshot is of.
+    pub range: RangeId,
+    /// The replica it was for (raft's `to`).
+    pub to_replica: ReplicaId,
+    /// True once the destination acknowledged the whole snapshot and handed it to its
+    /// handler; false for every failure (refused, broken, timed out, never started).
+    pub ok: bool,
 }
 
 impl<F> BatchHandler for F
@@ -142,6 +165,16 @@ pub trait Transport: Send + Sync + 'static {
         let _ = from;
         None
     }
+
+    /// Whether this transport reports the outcome of the snapshots it sends (envelopes with
+    /// `RaftMessage::snapshot` set) through [`BatchHandler::on_snapshot_status`], once each
+    /// transfer has ended. When false (the default, and [`MemTransport`]), a snapshot counts
+    /// as sent when `send` accepts its batch, and the caller reports that to raft itself.
+    /// When true and `send` returns `Ok`, the caller must wait for the report; when `send`
+    /// returns an error, no report follows and the caller reports the failure itself.
+    fn reports_snapshots(&self) -> bool {
+        false
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Arc<T> {
@@ -159,5 +192,9 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     fn last_heard_from(&self, from: NodeId) -> Option<Instant> {
         (**self).last_heard_from(from)
+    }
+
+    fn reports_snapshots(&self) -> bool {
+        (**self).reports_snapshots()
     }
 }
