@@ -18,6 +18,7 @@
 //! - `grpc/`: [`GrpcTransport`], the production transport: tonic, one long-lived
 //!   bidirectional stream per node pair on the `RaftTransport.Batches` RPC, merging what is
 //!   queued into one frame, reconnecting with backoff, optional mutual TLS ([`TlsConfig`]).
+//!   Raft snapshots go apart, streamed in chunks on the `RaftTransport.Snapshot` RPC.
 //!   The runtime does not need to know which implementation it runs on.
 //! - `budget.rs`: the per-destination byte accounting behind [`TransportError::Full`], and
 //!   `wait.rs`: the change signal behind `wait_for_stats`; both shared by `mem/` and `grpc/`.
@@ -31,6 +32,11 @@
 //!   destination may be merged into one. Raft tolerates loss, so a full queue rejects
 //!   ([`TransportError::Full`]) instead of blocking.
 //! - The transport sets `from_node` and `to_node` of every batch it delivers.
+//! - Snapshots (envelopes with `RaftMessage::snapshot` set) are delivered whole or not at
+//!   all. A transport may send them apart from the rest of their batch, and so out of order
+//!   with it. If it says so ([`Transport::reports_snapshots`]), it reports the outcome of each
+//!   one `send` accepted exactly once ([`BatchHandler::on_snapshot_status`]); otherwise the
+//!   caller treats an accepted snapshot as sent.
 //!
 //! # Example
 //!

@@ -1,5 +1,6 @@
 //! The production transport: tonic gRPC, one long-lived bidirectional stream per ordered node
-//! pair on `RaftTransport.Batches`, optional mutual TLS.
+//! pair on `RaftTransport.Batches`, snapshots streamed in chunks on `RaftTransport.Snapshot`
+//! (one call and connection per transfer), optional mutual TLS.
 //!
 //! # Layout and threads
 //!
@@ -11,6 +12,8 @@
 //! - `server.rs`: the receiving side. The tonic service, one tokio task per inbound stream,
 //!   and the node's one delivery thread (`flotilla-grpc-<node>`) that calls the
 //!   [`BatchHandler`].
+//! - `snapshot.rs`: snapshot streaming, both sides: one tokio task per outgoing transfer,
+//!   and the assembly of an incoming one before it goes to the delivery thread.
 //! - `config.rs`: [`GrpcConfig`], [`TlsConfig`]; `stats.rs`: [`GrpcStats`].
 //!
 //! Tasks run on the tokio runtime whose handle is passed in; the transport does not own
@@ -29,6 +32,11 @@
 //!   frame exceeds [`GrpcConfig::max_frame_bytes`]; the sender then reconnects.
 //! - [`Transport::last_heard_from`] is the last frame or ack from that node; pings keep it
 //!   fresh on idle links.
+//! - Snapshot envelopes never go on the Batches stream, so their size is bounded by
+//!   [`GrpcConfig::max_snapshot_bytes`], not `max_frame_bytes`. The receiver delivers a
+//!   snapshot only whole, and acknowledges only after its handler returned; the sender
+//!   reports every transfer of an accepted batch exactly once
+//!   ([`Transport::reports_snapshots`] is true), ok only on that acknowledgement.
 //!
 //! # Example
 //!

@@ -6,8 +6,8 @@
 //! (`flotilla-grpc-<node>`), which calls the [`BatchHandler`]. One thread for all senders keeps
 //! the handler contract of the crate: calls for one node never overlap, and batches from one
 //! sender arrive in the order sent. Received snapshots and the outcomes of the snapshots this
-//! node sent reach the handler through the same thread. The handler may block (it can write to disk when it
-//! creates a replica); it does so on that thread, never on a tokio worker.
+//! node sent reach the handler through the same thread. The handler may block (it can write
+//! to disk when it creates a replica); it does so on that thread, never on a tokio worker.
 //!
 //! Back-pressure: a batch waits for room in the inbound byte budget (a semaphore shared by
 //! all streams) before it is queued for delivery. While a stream task waits, it reads nothing
