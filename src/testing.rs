@@ -321,11 +321,23 @@ pub fn start_grpc_nodes(
     dir: &std::path::Path,
     runtime: tokio::runtime::Handle,
 ) -> anyhow_free::Result<Vec<GrpcNode>> {
-    use flotilla_transport::{GrpcConfig, GrpcTransport};
+    let grpc = flotilla_transport::GrpcConfig::default();
+    start_grpc_nodes_with(listen, config, grpc, dir, runtime)
+}
+
+/// [`start_grpc_nodes`] with the transport settings `grpc` on every node.
+pub fn start_grpc_nodes_with(
+    listen: &[std::net::SocketAddr],
+    config: impl Fn(u64) -> NodeGroupConfig,
+    grpc: flotilla_transport::GrpcConfig,
+    dir: &std::path::Path,
+    runtime: tokio::runtime::Handle,
+) -> anyhow_free::Result<Vec<GrpcNode>> {
+    use flotilla_transport::GrpcTransport;
     let mut listeners = Vec::new();
     for (i, addr) in listen.iter().enumerate() {
         let id = NodeId(i as u64 + 1);
-        let l = GrpcTransport::bind(id, GrpcConfig::default(), *addr, runtime.clone())
+        let l = GrpcTransport::bind(id, grpc.clone(), *addr, runtime.clone())
             .map_err(|e| e.to_string())?;
         listeners.push(l);
     }
@@ -341,22 +353,56 @@ pub fn start_grpc_nodes(
     let mut nodes = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
         let id = i as u64 + 1;
-        let engine = Engine::open(dir.join(format!("node-{id}")), StoreConfig::default())
-            .map_err(|e| e.to_string())?;
-        let mut transport = None;
-        let node = NodeGroup::start(config(id), engine, Arc::new(KvStateMachine), |h| {
-            let t = Arc::new(l.serve(h));
-            transport = Some(t.clone());
-            t as Arc<dyn Transport>
-        })
-        .map_err(|e| e.to_string())?;
-        nodes.push(GrpcNode {
-            node,
-            transport: transport.expect("connect was called"),
-            addr: addrs[i],
-        });
+        nodes.push(serve_grpc_node(l, config(id), dir)?);
     }
     Ok(nodes)
+}
+
+/// Starts (or restarts, from its engine in `dir/node-<id>`) node `id` alone on `listen`, with
+/// `peers` (node id and address of every other node). To restart a node that
+/// [`start_grpc_nodes`] started, pass its old address: the others still send there. Call it
+/// off the tokio runtime, after the old node's `shutdown` returned (which then waits for its
+/// server to let go of the port).
+pub fn start_grpc_node(
+    id: u64,
+    listen: std::net::SocketAddr,
+    peers: &[(u64, std::net::SocketAddr)],
+    config: NodeGroupConfig,
+    grpc: flotilla_transport::GrpcConfig,
+    dir: &std::path::Path,
+    runtime: tokio::runtime::Handle,
+) -> anyhow_free::Result<GrpcNode> {
+    let l = flotilla_transport::GrpcTransport::bind(NodeId(id), grpc, listen, runtime)
+        .map_err(|e| e.to_string())?;
+    for (node, addr) in peers {
+        l.set_peer(NodeId(*node), addr.to_string())
+            .map_err(|e| e.to_string())?;
+    }
+    serve_grpc_node(l, config, dir)
+}
+
+/// Opens the node's engine and starts its NodeGroup on the bound listener.
+fn serve_grpc_node(
+    l: flotilla_transport::GrpcListener,
+    config: NodeGroupConfig,
+    dir: &std::path::Path,
+) -> anyhow_free::Result<GrpcNode> {
+    let id = config.node_id;
+    let addr = l.local_addr();
+    let engine = Engine::open(dir.join(format!("node-{id}")), StoreConfig::default())
+        .map_err(|e| e.to_string())?;
+    let mut transport = None;
+    let node = NodeGroup::start(config, engine, Arc::new(KvStateMachine), |h| {
+        let t = Arc::new(l.serve(h));
+        transport = Some(t.clone());
+        t as Arc<dyn Transport>
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(GrpcNode {
+        node,
+        transport: transport.expect("connect was called"),
+        addr,
+    })
 }
 
 /// Error plumbing for the harness without an error-handling dependency.

@@ -73,6 +73,7 @@ fn envelope(
         start_key: d.start_key.clone(),
         end_key: d.end_key.clone(),
         message: m.encode_to_vec().into(),
+        snapshot: m.get_msg_type() == MessageType::MsgSnapshot,
     }
 }
 

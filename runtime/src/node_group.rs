@@ -22,7 +22,7 @@ use flotilla_proto::meta::{
 use flotilla_proto::transport::{Heartbeat, NodeBatch};
 use flotilla_proto::{Message as _, NodeId, RangeId, ReplicaId};
 use flotilla_store::{Engine, GroupStorage, SPLIT_INIT_INDEX, SPLIT_INIT_TERM};
-use flotilla_transport::{BatchHandler, Transport};
+use flotilla_transport::{BatchHandler, SnapshotReport, Transport};
 use parking_lot::Mutex;
 use prost_raft::Message as _;
 use raft::prelude::{ConfState, MessageType};
@@ -303,10 +303,25 @@ impl Shared {
     }
 }
 
-/// What the transport calls with each batch that arrives for this node.
+/// What the transport calls with each batch that arrives for this node, and with the outcome
+/// of each snapshot it streamed for a replica of this node.
 pub(crate) struct Inbound(Arc<Shared>);
 
 impl BatchHandler for Inbound {
+    /// Hands the outcome to the sending replica, whose raft then leaves the follower's
+    /// Snapshot state (a failure makes it send a new snapshot later). Queued regardless of
+    /// the mailbox capacity, as the worker does: a lost report would leave the follower
+    /// waiting for a snapshot forever.
+    fn on_snapshot_status(&self, report: SnapshotReport) {
+        if let Some(cell) = self.0.cell(report.range) {
+            let msg = PeerMsg::SnapshotStatus {
+                to: report.to_replica.0,
+                ok: report.ok,
+            };
+            let _ = cell.send(msg, usize::MAX, &self.0.ready_tx);
+        }
+    }
+
     fn on_batch(&self, batch: NodeBatch) {
         let shared = &self.0;
         if batch.to_node != shared.node.0 {

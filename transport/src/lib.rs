@@ -18,6 +18,7 @@
 //! - `grpc/`: [`GrpcTransport`], the production transport: tonic, one long-lived
 //!   bidirectional stream per node pair on the `RaftTransport.Batches` RPC, merging what is
 //!   queued into one frame, reconnecting with backoff, optional mutual TLS ([`TlsConfig`]).
+//!   Raft snapshots go apart, streamed in chunks on the `RaftTransport.Snapshot` RPC.
 //!   The runtime does not need to know which implementation it runs on.
 //! - `budget.rs`: the per-destination byte accounting behind [`TransportError::Full`], and
 //!   `wait.rs`: the change signal behind `wait_for_stats`; both shared by `mem/` and `grpc/`.
@@ -31,6 +32,11 @@
 //!   destination may be merged into one. Raft tolerates loss, so a full queue rejects
 //!   ([`TransportError::Full`]) instead of blocking.
 //! - The transport sets `from_node` and `to_node` of every batch it delivers.
+//! - Snapshots (envelopes with `RaftMessage::snapshot` set) are delivered whole or not at
+//!   all. A transport may send them apart from the rest of their batch, and so out of order
+//!   with it. If it says so ([`Transport::reports_snapshots`]), it reports the outcome of each
+//!   one `send` accepted exactly once ([`BatchHandler::on_snapshot_status`]); otherwise the
+//!   caller treats an accepted snapshot as sent.
 //!
 //! # Example
 //!
@@ -83,7 +89,7 @@ pub use filter::{
     Packet, PartitionFilter, Payload, PredicateFilter, ReorderFilter, Scoped,
 };
 pub use flotilla_proto::transport::{Heartbeat, NodeBatch, RaftMessage};
-pub use flotilla_proto::NodeId;
+pub use flotilla_proto::{NodeId, RangeId, ReplicaId};
 pub use grpc::{GrpcConfig, GrpcListener, GrpcStats, GrpcTransport, TlsConfig};
 pub use mem::{MemConfig, MemNetwork, MemTransport, NetStats};
 
@@ -98,6 +104,29 @@ pub use mem::{MemConfig, MemNetwork, MemTransport, NetStats};
 pub trait BatchHandler: Send + Sync + 'static {
     /// Handles one batch sent to this node by `batch.from_node`.
     fn on_batch(&self, batch: NodeBatch);
+
+    /// The outcome of a snapshot this node sent, from a transport whose
+    /// [`Transport::reports_snapshots`] is true: exactly one call per snapshot envelope of a
+    /// batch that [`Transport::send`] accepted. Called like [`BatchHandler::on_batch`] (same
+    /// thread rules); the default ignores it, which is right for handlers of transports that
+    /// do not report.
+    fn on_snapshot_status(&self, report: SnapshotReport) {
+        let _ = report;
+    }
+}
+
+/// How a snapshot transfer ended, for raft's `report_snapshot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// The destination node.
+    pub to: NodeId,
+    /// The group the snapshot is of.
+    pub range: RangeId,
+    /// The replica it was for (raft's `to`).
+    pub to_replica: ReplicaId,
+    /// True once the destination acknowledged the whole snapshot and handed it to its
+    /// handler; false for every failure (refused, broken, timed out, never started).
+    pub ok: bool,
 }
 
 impl<F> BatchHandler for F
@@ -142,6 +171,16 @@ pub trait Transport: Send + Sync + 'static {
         let _ = from;
         None
     }
+
+    /// Whether this transport reports the outcome of the snapshots it sends (envelopes with
+    /// `RaftMessage::snapshot` set) through [`BatchHandler::on_snapshot_status`], once each
+    /// transfer has ended. When false (the default, and [`MemTransport`]), a snapshot counts
+    /// as sent when `send` accepts its batch, and the caller reports that to raft itself.
+    /// When true and `send` returns `Ok`, the caller must wait for the report; when `send`
+    /// returns an error, no report follows and the caller reports the failure itself.
+    fn reports_snapshots(&self) -> bool {
+        false
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Arc<T> {
@@ -159,5 +198,9 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     fn last_heard_from(&self, from: NodeId) -> Option<Instant> {
         (**self).last_heard_from(from)
+    }
+
+    fn reports_snapshots(&self) -> bool {
+        (**self).reports_snapshots()
     }
 }

@@ -151,3 +151,77 @@ pub(crate) fn grpc_connect_failed() {
 pub(crate) fn grpc_disconnected() {
     metrics::counter!(GRPC_DISCONNECTS_TOTAL).increment(1);
 }
+
+// gRPC snapshot streaming: one Snapshot call per transfer, in chunks.
+
+/// Counter, label `outcome` (`ok` or `failed`): snapshot transfers this node sent, by how
+/// they were reported.
+pub(crate) const GRPC_SNAPSHOTS_SENT_TOTAL: &str = "flotilla_transport_grpc_snapshots_sent_total";
+/// Counter: chunk frames written to Snapshot streams.
+pub(crate) const GRPC_SNAPSHOT_CHUNKS_SENT_TOTAL: &str =
+    "flotilla_transport_grpc_snapshot_chunks_sent_total";
+/// Counter: snapshot bytes in those frames.
+pub(crate) const GRPC_SNAPSHOT_SENT_BYTES: &str = "flotilla_transport_grpc_snapshot_sent_bytes";
+/// Counter: whole snapshots received and handed to the handler.
+pub(crate) const GRPC_SNAPSHOTS_RECEIVED_TOTAL: &str =
+    "flotilla_transport_grpc_snapshots_received_total";
+/// Counter: chunk frames read off Snapshot streams.
+pub(crate) const GRPC_SNAPSHOT_CHUNKS_RECEIVED_TOTAL: &str =
+    "flotilla_transport_grpc_snapshot_chunks_received_total";
+/// Counter: snapshot bytes in those frames.
+pub(crate) const GRPC_SNAPSHOT_RECEIVED_BYTES: &str =
+    "flotilla_transport_grpc_snapshot_received_bytes";
+/// Counter, label `reason` (see [`SnapshotRefused`]): snapshots refused by the receiver.
+pub(crate) const GRPC_REFUSED_SNAPSHOTS_TOTAL: &str =
+    "flotilla_transport_grpc_refused_snapshots_total";
+
+/// Why the receiving side refused a snapshot; the `reason` label of
+/// [`GRPC_REFUSED_SNAPSHOTS_TOTAL`]. A refused snapshot is discarded whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SnapshotRefused {
+    /// Announced larger than the receiver's `max_snapshot_bytes`.
+    TooLarge,
+    /// The stream ended early, broke, timed out, or overran the announced length.
+    Incomplete,
+    /// No start frame, a second one, or an envelope that does not decode or match it.
+    Malformed,
+    /// `max_concurrent_snapshots` transfers were already being received.
+    Busy,
+    /// Addressed to another node, or from a node not in the peer map.
+    Misaddressed,
+}
+
+impl SnapshotRefused {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::Incomplete => "incomplete",
+            Self::Malformed => "malformed",
+            Self::Busy => "busy",
+            Self::Misaddressed => "misaddressed",
+        }
+    }
+}
+
+pub(crate) fn grpc_snapshot_sent(ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    metrics::counter!(GRPC_SNAPSHOTS_SENT_TOTAL, "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn grpc_snapshot_chunk_sent(bytes: usize) {
+    metrics::counter!(GRPC_SNAPSHOT_CHUNKS_SENT_TOTAL).increment(1);
+    metrics::counter!(GRPC_SNAPSHOT_SENT_BYTES).increment(bytes as u64);
+}
+
+pub(crate) fn grpc_snapshot_received() {
+    metrics::counter!(GRPC_SNAPSHOTS_RECEIVED_TOTAL).increment(1);
+}
+
+pub(crate) fn grpc_snapshot_chunk_received(bytes: usize) {
+    metrics::counter!(GRPC_SNAPSHOT_CHUNKS_RECEIVED_TOTAL).increment(1);
+    metrics::counter!(GRPC_SNAPSHOT_RECEIVED_BYTES).increment(bytes as u64);
+}
+
+pub(crate) fn grpc_snapshot_refused(why: SnapshotRefused) {
+    metrics::counter!(GRPC_REFUSED_SNAPSHOTS_TOTAL, "reason" => why.label()).increment(1);
+}

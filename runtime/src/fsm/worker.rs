@@ -87,7 +87,9 @@ impl Round {
     }
 
     /// Hands each destination its batch. Failed deliveries and snapshot outcomes are reported
-    /// back to the sending replicas through their mailboxes.
+    /// back to the sending replicas through their mailboxes. A transport that streams
+    /// snapshots reports their outcome itself once the transfer ends (see `Inbound`); here only
+    /// a snapshot it refused outright is reported, so every snapshot gets exactly one report.
     fn flush(&mut self, shared: &Shared) {
         if !self.tick_heartbeats.is_empty() {
             let mut pending = shared.tick_heartbeats.lock();
@@ -99,6 +101,7 @@ impl Round {
             self.outbox.clear();
             return;
         };
+        let reports_snapshots = transport.reports_snapshots();
         for (node, out) in self.outbox.drain() {
             let mut batch = out.batch;
             batch.from_node = shared.node.0;
@@ -106,7 +109,7 @@ impl Round {
             let ok = transport.send(node, batch).is_ok();
             for (range, to, is_snapshot) in out.meta {
                 let report = if is_snapshot {
-                    Some(PeerMsg::SnapshotStatus { to, ok })
+                    (!ok || !reports_snapshots).then_some(PeerMsg::SnapshotStatus { to, ok })
                 } else if !ok {
                     Some(PeerMsg::Unreachable { to })
                 } else {

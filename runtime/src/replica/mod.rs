@@ -476,6 +476,7 @@ impl Replica {
                 start_key: start.clone(),
                 end_key: end.clone(),
                 message: m.encode_to_vec().into(),
+                snapshot: is_snapshot,
             };
             round.push_message(node, env, is_snapshot, self.range, m.to);
         }

@@ -45,6 +45,25 @@ pub struct GrpcConfig {
     /// are dropped and counted (`unknown_peer`), so a stray or misconfigured process cannot
     /// inject raft messages. Default: false.
     pub accept_unknown_peers: bool,
+    /// Bytes of snapshot per frame of a `Snapshot` stream. Snapshots (raft messages marked
+    /// `snapshot`) never travel on the Batches stream: each is streamed in chunks of this
+    /// size on a call of its own, so it may be far larger than `max_frame_bytes`. Must leave
+    /// room for the frame's header within `max_frame_bytes`. Default: 2 MiB.
+    pub snapshot_chunk_bytes: usize,
+    /// Largest snapshot (encoded envelope), both ways: a larger one is not sent (its
+    /// transfer is reported failed at once) and a receiver refuses one whose announced size
+    /// exceeds its own limit. The receiver holds a whole snapshot in memory before handing it
+    /// on. Default: 1 GiB.
+    pub max_snapshot_bytes: u64,
+    /// Snapshot transfers this node runs at once, per direction: sending (over the limit, a
+    /// snapshot's transfer is reported failed at once and raft sends it again later, rather
+    /// than queueing unbounded memory) and receiving (over the limit, a sender's call is
+    /// refused as busy). Default: 4.
+    pub max_concurrent_snapshots: usize,
+    /// How long one snapshot transfer may take, connect to acknowledgement, on either side;
+    /// past it the transfer fails (the receiver discards what it has). Size it for
+    /// `max_snapshot_bytes` over the slowest link. Default: 60 s.
+    pub snapshot_timeout: Duration,
     /// Mutual TLS between nodes; `None` is plaintext. Default: `None`.
     pub tls: Option<TlsConfig>,
 }
@@ -62,6 +81,10 @@ impl Default for GrpcConfig {
             ping_timeout: Duration::from_secs(10),
             inbound_budget_bytes: 64 << 20,
             accept_unknown_peers: false,
+            snapshot_chunk_bytes: 2 << 20,
+            max_snapshot_bytes: 1 << 30,
+            max_concurrent_snapshots: 4,
+            snapshot_timeout: Duration::from_secs(60),
             tls: None,
         }
     }
@@ -69,6 +92,10 @@ impl Default for GrpcConfig {
 
 /// The largest length a gRPC frame's 4-byte length prefix can carry.
 const MAX_GRPC_FRAME: usize = u32::MAX as usize;
+
+/// Room kept in a snapshot frame, beyond its chunk, for the frame's own fields (the first
+/// frame's `SnapshotStart` is six varints, well under this).
+pub(crate) const SNAPSHOT_FRAME_OVERHEAD: usize = 256;
 
 impl GrpcConfig {
     /// Checks every field; the PEM contents of `tls` are only parsed when the transport binds.
@@ -116,6 +143,28 @@ impl GrpcConfig {
         }
         if self.inbound_budget_bytes > MAX_GRPC_FRAME {
             return bad("inbound_budget_bytes", "must be below 4 GiB");
+        }
+        if self.snapshot_chunk_bytes == 0 {
+            return bad("snapshot_chunk_bytes", "must be positive");
+        }
+        if self
+            .snapshot_chunk_bytes
+            .saturating_add(SNAPSHOT_FRAME_OVERHEAD)
+            > self.max_frame_bytes
+        {
+            return bad(
+                "snapshot_chunk_bytes",
+                "must be below max_frame_bytes by at least 256 bytes (the frame's header)",
+            );
+        }
+        if self.max_snapshot_bytes == 0 {
+            return bad("max_snapshot_bytes", "must be positive");
+        }
+        if self.max_concurrent_snapshots == 0 {
+            return bad("max_concurrent_snapshots", "must be positive");
+        }
+        if self.snapshot_timeout.is_zero() {
+            return bad("snapshot_timeout", "must be positive");
         }
         if let Some(tls) = &self.tls {
             tls.validate()?;
@@ -206,8 +255,16 @@ mod tests {
         let ok = GrpcConfig::default();
         assert_eq!(field_of(&ok), None);
         type Mistake = (&'static str, fn(&mut GrpcConfig));
-        let cases: [Mistake; 8] = [
+        let cases: [Mistake; 12] = [
             ("queue_budget_bytes", |c| c.queue_budget_bytes = 0),
+            ("snapshot_chunk_bytes", |c| {
+                c.snapshot_chunk_bytes = c.max_frame_bytes
+            }),
+            ("max_snapshot_bytes", |c| c.max_snapshot_bytes = 0),
+            ("max_concurrent_snapshots", |c| {
+                c.max_concurrent_snapshots = 0
+            }),
+            ("snapshot_timeout", |c| c.snapshot_timeout = Duration::ZERO),
             ("max_frame_bytes", |c| c.max_frame_bytes = usize::MAX),
             ("batch_max_messages", |c| c.batch_max_messages = 0),
             ("connect_timeout", |c| c.connect_timeout = Duration::ZERO),

@@ -1,5 +1,6 @@
 //! The production transport: tonic gRPC, one long-lived bidirectional stream per ordered node
-//! pair on `RaftTransport.Batches`, optional mutual TLS.
+//! pair on `RaftTransport.Batches`, snapshots streamed in chunks on `RaftTransport.Snapshot`
+//! (one call and connection per transfer), optional mutual TLS.
 //!
 //! # Layout and threads
 //!
@@ -11,6 +12,8 @@
 //! - `server.rs`: the receiving side. The tonic service, one tokio task per inbound stream,
 //!   and the node's one delivery thread (`flotilla-grpc-<node>`) that calls the
 //!   [`BatchHandler`].
+//! - `snapshot.rs`: snapshot streaming, both sides: one tokio task per outgoing transfer,
+//!   and the assembly of an incoming one before it goes to the delivery thread.
 //! - `config.rs`: [`GrpcConfig`], [`TlsConfig`]; `stats.rs`: [`GrpcStats`].
 //!
 //! Tasks run on the tokio runtime whose handle is passed in; the transport does not own
@@ -29,6 +32,11 @@
 //!   frame exceeds [`GrpcConfig::max_frame_bytes`]; the sender then reconnects.
 //! - [`Transport::last_heard_from`] is the last frame or ack from that node; pings keep it
 //!   fresh on idle links.
+//! - Snapshot envelopes never go on the Batches stream, so their size is bounded by
+//!   [`GrpcConfig::max_snapshot_bytes`], not `max_frame_bytes`. The receiver delivers a
+//!   snapshot only whole, and acknowledges only after its handler returned; the sender
+//!   reports every transfer of an accepted batch exactly once
+//!   ([`Transport::reports_snapshots`] is true), ok only on that acknowledgement.
 //!
 //! # Example
 //!
@@ -61,8 +69,11 @@
 mod config;
 mod peer;
 mod server;
+mod snapshot;
 mod stats;
 
+#[cfg(test)]
+mod snapshot_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -78,12 +89,12 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use flotilla_proto::transport::raft_transport_server::RaftTransportServer;
-use flotilla_proto::transport::NodeBatch;
+use flotilla_proto::transport::{NodeBatch, RaftMessage};
 use flotilla_proto::NodeId;
 use parking_lot::{Mutex, RwLock};
 use prost::Message;
 use tokio::runtime::Handle;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 
@@ -110,6 +121,10 @@ pub(crate) struct Inner {
     heard: DashMap<NodeId, Instant>,
     started: Instant,
     counters: Counters,
+    /// Snapshot transfers under way, one permit each (`max_concurrent_snapshots` per
+    /// direction).
+    outbound_snapshots: Arc<Semaphore>,
+    inbound_snapshots: Arc<Semaphore>,
     closed: AtomicBool,
     /// Flips to true once, on shutdown; server and stream tasks watch it.
     shutdown: watch::Sender<bool>,
@@ -312,6 +327,7 @@ impl GrpcTransport {
             let _in_runtime = runtime.enter();
             tokio::net::TcpListener::from_std(std_listener).map_err(bind_err)?
         };
+        let snapshots = config.max_concurrent_snapshots;
         let inner = Arc::new(Inner {
             node,
             config,
@@ -321,6 +337,8 @@ impl GrpcTransport {
             heard: DashMap::new(),
             started: Instant::now(),
             counters: Counters::default(),
+            outbound_snapshots: Arc::new(Semaphore::new(snapshots)),
+            inbound_snapshots: Arc::new(Semaphore::new(snapshots)),
             closed: AtomicBool::new(false),
             shutdown: watch::Sender::new(false),
         });
@@ -402,32 +420,61 @@ impl GrpcTransport {
         self.inner.counters.wait_until(timeout, cond)
     }
 
+    /// Queues the batch and starts its snapshots' transfers; the size queued, if any. On an
+    /// error nothing is queued and no transfer started, so the caller reports every snapshot
+    /// of the batch failed itself; on success each transfer reports its own outcome.
     fn try_send(&self, to: NodeId, mut batch: NodeBatch) -> Result<Option<usize>, TransportError> {
         let inner = &self.inner;
         if inner.is_closed() {
             return Err(TransportError::Closed);
         }
-        if batch.messages.is_empty() && batch.heartbeats.is_empty() {
+        let snapshots = take_snapshots(&mut batch);
+        let has_batch = !(batch.messages.is_empty() && batch.heartbeats.is_empty());
+        if !has_batch && snapshots.is_empty() {
             return Ok(None);
         }
         let peer = inner.peer(to).ok_or(TransportError::UnknownNode(to))?;
-        batch.from_node = inner.node.0;
-        batch.to_node = to.0;
-        let size = batch.encoded_len();
-        let limit = inner.config.max_frame_bytes;
-        if size > limit {
-            return Err(TransportError::FrameTooLarge { size, limit });
+        if !snapshots.is_empty() && peer.state() == State::Backoff {
+            // Known down: fail now rather than with a connect timeout.
+            return Err(TransportError::Unreachable(to));
         }
-        let (messages, heartbeats) = (batch.messages.len(), batch.heartbeats.len());
-        peer.enqueue(batch, size, inner.config.queue_budget_bytes)?;
-        Counters::add(&inner.counters.sent_messages, messages as u64);
-        Counters::add(&inner.counters.sent_heartbeats, heartbeats as u64);
-        Ok(Some(size))
+        let mut queued = None;
+        if has_batch {
+            batch.from_node = inner.node.0;
+            batch.to_node = to.0;
+            let size = batch.encoded_len();
+            let limit = inner.config.max_frame_bytes;
+            if size > limit {
+                return Err(TransportError::FrameTooLarge { size, limit });
+            }
+            let (messages, heartbeats) = (batch.messages.len(), batch.heartbeats.len());
+            peer.enqueue(batch, size, inner.config.queue_budget_bytes)?;
+            Counters::add(&inner.counters.sent_messages, messages as u64);
+            Counters::add(&inner.counters.sent_heartbeats, heartbeats as u64);
+            queued = Some(size);
+        }
+        for env in snapshots {
+            snapshot::start(inner, &self.delivery, to, peer.addr(), env);
+        }
+        Ok(queued)
     }
 }
 
+/// Takes the snapshot envelopes out of `batch`, keeping the order of the rest.
+fn take_snapshots(batch: &mut NodeBatch) -> Vec<RaftMessage> {
+    if !batch.messages.iter().any(|m| m.snapshot) {
+        return Vec::new();
+    }
+    let (snapshots, rest) = std::mem::take(&mut batch.messages)
+        .into_iter()
+        .partition(|m| m.snapshot);
+    batch.messages = rest;
+    snapshots
+}
+
 impl Transport for GrpcTransport {
-    /// Queues `batch` for `to`'s stream; an empty batch is accepted and discarded.
+    /// Queues `batch` for `to`'s stream; an empty batch is accepted and discarded. Snapshot
+    /// envelopes are taken out and streamed on calls of their own (see `reports_snapshots`).
     /// `Unreachable` means the stream to `to` is down and waiting to reconnect.
     fn send(&self, to: NodeId, batch: NodeBatch) -> Result<(), TransportError> {
         let counters = &self.inner.counters;
@@ -492,6 +539,12 @@ impl Transport for GrpcTransport {
         {
             tracing::warn!(node = %inner.node, "gRPC server did not stop within {SERVER_STOP_WAIT:?}");
         }
+    }
+
+    /// True: every snapshot of an accepted batch is reported through
+    /// [`BatchHandler::on_snapshot_status`] once its transfer ends.
+    fn reports_snapshots(&self) -> bool {
+        true
     }
 
     /// The last frame or ack from `from`. For a peer never heard from: the instant this

@@ -109,6 +109,11 @@ impl Peer {
         self.state.store(state as u8, Ordering::Release);
     }
 
+    /// Its current address.
+    pub(crate) fn addr(&self) -> String {
+        self.addr.borrow().clone()
+    }
+
     /// Points the peer at a new address; a live stream to the old one is dropped.
     pub(crate) fn set_addr(&self, addr: String) {
         self.addr.send_if_modified(|cur| {

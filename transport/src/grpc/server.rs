@@ -1,12 +1,13 @@
-//! The receiving side: the tonic service behind `RaftTransport.Batches`, one tokio task per
-//! inbound stream, and the node's one delivery thread.
+//! The receiving side: the tonic service behind `RaftTransport.Batches` (and `Snapshot`, served
+//! by `snapshot.rs`), one tokio task per inbound stream, and the node's one delivery thread.
 //!
 //! A stream task reads frames in order, checks them (addressed to us, from a known peer),
 //! acknowledges every frame, and passes batches on to the delivery thread
 //! (`flotilla-grpc-<node>`), which calls the [`BatchHandler`]. One thread for all senders keeps
 //! the handler contract of the crate: calls for one node never overlap, and batches from one
-//! sender arrive in the order sent. The handler may block (it can write to disk when it
-//! creates a replica); it does so on that thread, never on a tokio worker.
+//! sender arrive in the order sent. Received snapshots and the outcomes of the snapshots this
+//! node sent reach the handler through the same thread. The handler may block (it can write
+//! to disk when it creates a replica); it does so on that thread, never on a tokio worker.
 //!
 //! Back-pressure: a batch waits for room in the inbound byte budget (a semaphore shared by
 //! all streams) before it is queued for delivery. While a stream task waits, it reads nothing
@@ -18,17 +19,17 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 use flotilla_proto::transport::raft_transport_server::RaftTransport;
-use flotilla_proto::transport::{BatchAck, NodeBatch};
+use flotilla_proto::transport::{BatchAck, NodeBatch, SnapshotAck, SnapshotChunkFrame};
 use parking_lot::Mutex;
 use prost::Message;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::stats::Counters;
 use super::Inner;
 use crate::metric::{self, Refused};
-use crate::BatchHandler;
+use crate::{BatchHandler, SnapshotReport};
 
 /// Acks buffered per stream. Acks are cumulative, so when the buffer is full (the sender is
 /// slow to read them) one is skipped and the next says the same and more.
@@ -36,8 +37,11 @@ const ACK_BUFFER: usize = 16;
 
 /// What goes to the delivery thread.
 pub(crate) enum Deliver {
-    /// A checked batch, holding its share of the inbound budget until handled.
-    Batch(NodeBatch, OwnedSemaphorePermit),
+    /// A checked batch, holding its share of the inbound budget until handled, and what to
+    /// tell once handled (a received snapshot's call waits for it to acknowledge).
+    Batch(NodeBatch, OwnedSemaphorePermit, Option<oneshot::Sender<()>>),
+    /// The outcome of a snapshot this node sent.
+    Report(SnapshotReport),
     /// Stop: sent once by `shutdown`.
     Stop,
 }
@@ -46,6 +50,8 @@ pub(crate) enum Deliver {
 pub(crate) struct Delivery {
     tx: Sender<Deliver>,
     budget: Arc<Semaphore>,
+    /// The budget's size (`inbound_budget_bytes`).
+    budget_bytes: usize,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -57,7 +63,8 @@ impl Delivery {
     /// If the thread cannot be spawned.
     pub(crate) fn start(inner: Arc<Inner>, handler: Arc<dyn BatchHandler>) -> Delivery {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let budget = Arc::new(Semaphore::new(inner.config.inbound_budget_bytes));
+        let budget_bytes = inner.config.inbound_budget_bytes;
+        let budget = Arc::new(Semaphore::new(budget_bytes));
         let thread = std::thread::Builder::new()
             .name(format!("flotilla-grpc-{}", inner.node))
             .spawn(move || deliver(&inner, &*handler, rx))
@@ -65,8 +72,34 @@ impl Delivery {
         Delivery {
             tx,
             budget,
+            budget_bytes,
             thread: Mutex::new(Some(thread)),
         }
+    }
+
+    /// Queues `report` for the handler. Lost only if the thread is gone (after shutdown).
+    pub(crate) fn report(&self, report: SnapshotReport) {
+        let _ = self.tx.send(Deliver::Report(report));
+    }
+
+    /// Delivers a whole received snapshot (`batch`, `size` bytes) in turn with the batches,
+    /// within the inbound budget; returns once the handler has returned, true, or false if
+    /// the delivery thread stopped first.
+    pub(crate) async fn deliver_whole(&self, batch: NodeBatch, size: usize) -> bool {
+        // As for frames: at most the whole budget, so that a larger snapshot gets through alone.
+        let permits = size.min(self.budget_bytes) as u32;
+        let Ok(permit) = self.budget.clone().acquire_many_owned(permits).await else {
+            return false;
+        };
+        let (done_tx, done_rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Deliver::Batch(batch, permit, Some(done_tx)))
+            .is_err()
+        {
+            return false;
+        }
+        done_rx.await.is_ok()
     }
 
     /// Stops the thread after the batch it is handling, and waits for it unless called from
@@ -89,15 +122,31 @@ impl Delivery {
 fn deliver(inner: &Inner, handler: &dyn BatchHandler, rx: Receiver<Deliver>) {
     let counters = &inner.counters;
     for item in rx {
-        let Deliver::Batch(batch, permit) = item else {
-            return;
-        };
         if inner.is_closed() {
             return;
         }
+        let (batch, permit, done) = match item {
+            Deliver::Batch(batch, permit, done) => (batch, permit, done),
+            Deliver::Report(report) => {
+                handler.on_snapshot_status(report);
+                let counter = if report.ok {
+                    &counters.snapshots_sent
+                } else {
+                    &counters.snapshots_failed
+                };
+                Counters::add(counter, 1);
+                metric::grpc_snapshot_sent(report.ok);
+                counters.notify();
+                continue;
+            }
+            Deliver::Stop => return,
+        };
         let (messages, heartbeats) = (batch.messages.len(), batch.heartbeats.len());
         handler.on_batch(batch);
         drop(permit);
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
         Counters::add(&counters.delivered_batches, 1);
         Counters::add(&counters.delivered_messages, messages as u64);
         Counters::add(&counters.delivered_heartbeats, heartbeats as u64);
@@ -132,6 +181,19 @@ impl RaftTransport for Service {
             acks,
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunkFrame>>,
+    ) -> Result<Response<SnapshotAck>, Status> {
+        if self.inner.is_closed() {
+            return Err(Status::unavailable("node is shutting down"));
+        }
+        let frames = request.into_inner();
+        super::snapshot::receive(self.inner.clone(), self.delivery.clone(), frames)
+            .await
+            .map(Response::new)
     }
 }
 
@@ -179,7 +241,11 @@ async fn serve_stream(
             let Ok(permit) = permit else {
                 return; // the semaphore is never closed; nothing to deliver to if it were
             };
-            if delivery.tx.send(Deliver::Batch(batch, permit)).is_err() {
+            if delivery
+                .tx
+                .send(Deliver::Batch(batch, permit, None))
+                .is_err()
+            {
                 return; // the delivery thread is gone: shut down, or its handler panicked
             }
         }

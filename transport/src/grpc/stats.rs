@@ -93,6 +93,36 @@ counters! {
     refused_unknown_peer,
     /// Streams that failed for another reason (malformed frame, reset by the sender).
     stream_errors,
+
+    // Snapshots, sending side. Every snapshot `send` accepted ends in exactly one of
+    // `snapshots_sent` and `snapshots_failed`, counted once the handler has the report.
+    /// Snapshot transfers the destination acknowledged whole (reported ok).
+    snapshots_sent,
+    /// Snapshot transfers that failed or never started (reported not ok).
+    snapshots_failed,
+    /// Chunk frames written to Snapshot streams.
+    snapshot_chunks_sent,
+    /// Snapshot bytes (of the encoded envelope) in those frames.
+    snapshot_bytes_sent,
+
+    // Snapshots, receiving side.
+    /// Whole snapshots handed to the `BatchHandler` (also counted as delivered batches).
+    snapshots_received,
+    /// Chunk frames read off Snapshot streams, of complete and refused transfers alike.
+    snapshot_chunks_received,
+    /// Snapshot bytes in those frames.
+    snapshot_bytes_received,
+    /// Snapshots refused for their size: over `max_snapshot_bytes`.
+    snapshots_refused_too_large,
+    /// Snapshots whose stream ended early, broke or overran its announced length.
+    snapshots_refused_incomplete,
+    /// Snapshots refused for their content: no start frame, or an envelope that does not
+    /// decode or does not match the start frame.
+    snapshots_refused_malformed,
+    /// Snapshots refused because `max_concurrent_snapshots` transfers were under way.
+    snapshots_refused_busy,
+    /// Snapshots addressed to another node, or from a node not in the peer map.
+    snapshots_refused_misaddressed,
 }
 
 impl GrpcStats {
@@ -106,6 +136,16 @@ impl GrpcStats {
     /// Frames refused or dropped by this node as a receiver, for any reason.
     pub fn refused(&self) -> u64 {
         self.refused_too_large + self.refused_wrong_node + self.refused_unknown_peer
+    }
+
+    /// Snapshots refused by this node as a receiver, for any reason: none of them was
+    /// delivered, in whole or in part.
+    pub fn snapshots_refused(&self) -> u64 {
+        self.snapshots_refused_too_large
+            + self.snapshots_refused_incomplete
+            + self.snapshots_refused_malformed
+            + self.snapshots_refused_busy
+            + self.snapshots_refused_misaddressed
     }
 }
 

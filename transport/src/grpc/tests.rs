@@ -239,6 +239,7 @@ fn an_oversized_frame_is_refused_and_the_stream_recovers() {
     let rt = runtime();
     let small = GrpcConfig {
         max_frame_bytes: 64 << 10,
+        snapshot_chunk_bytes: 32 << 10,
         ..config()
     };
     let n1 = Node::start(&rt, 1, config());
