@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla::proto::meta::RangeDescriptor;
-use flotilla::testing::{wait_until, Cluster};
+use flotilla::testing::{wait_until, wait_until_async, Cluster};
 use flotilla::transport::{IsolateFilter, Payload, PredicateFilter};
 use flotilla::{Error, NodeId, RangeId, ReadConsistency};
 use prost_raft::Message as _;
@@ -393,4 +393,82 @@ async fn target_waits_for_a_source_replica_that_never_learned_the_prepare_commit
     c.put(b"m30", b"after", T).await.unwrap();
     let v = c.get_from(lagger, b"m30", T).await.unwrap();
     assert_eq!(v.as_deref(), Some(&b"after"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_that_missed_the_merge_catches_up_by_a_snapshot_of_the_merged_range() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    // A follower gets the prepare entry but never learns it committed, and its target replica
+    // misses the merge and the log after it (compacted away). The snapshot of the merged
+    // range it then receives overlaps its stale source replica: that replica is retired and
+    // the snapshot installed.
+    let c = Arc::new(Cluster::new(3));
+    let d = c.bootstrap(1).remove(0);
+    c.wait_leaders(&[d.id()], T).await;
+    for i in 0..40u32 {
+        c.put(format!("m{i:02}").as_bytes(), b"v", T).await.unwrap();
+    }
+    let (left, right) = split(&c, d.id(), b"m20").await;
+    c.wait_leaders(&[right.id(), left.id()], T).await;
+    let l = c.leader_of(right.id()).unwrap();
+    let lagger = (1..=3)
+        .find(|&n| n != l && Some(n) != c.leader_of(left.id()))
+        .unwrap();
+    let commit = c.node(l).status(right.id()).unwrap().commit;
+    assert!(
+        wait_until(T, || c
+            .node(lagger)
+            .status(right.id())
+            .is_ok_and(|s| s.applied == commit))
+        .await
+    );
+    let (source, target) = (right.range_id, left.range_id);
+    let cut = c.net.add_filter(Box::new(PredicateFilter::new(move |p| {
+        if p.to != NodeId(lagger) {
+            return false;
+        }
+        let range = p.payload.range_id();
+        if range == RangeId(target) {
+            return true;
+        }
+        range == RangeId(source)
+            && match &p.payload {
+                Payload::Heartbeat(h) => h.commit > commit,
+                Payload::Message(m) => {
+                    Message::decode(&m.message[..]).is_ok_and(|m| m.commit > commit)
+                }
+            }
+    })));
+    merge(&c, right.id(), left.id()).await.unwrap();
+    // Through the nodes that know the merged range (the lagger still routes to the source).
+    let writer = c.leader_of(left.id()).unwrap();
+    assert!(
+        wait_until_async(T, || async {
+            c.node(writer).put(b"m30", b"after").await.is_ok()
+        })
+        .await
+    );
+    for n in (1..=3).filter(|&n| n != lagger) {
+        assert!(wait_until(T, || c.node(n).ranges().len() == 1).await);
+        c.node(n).compact_log(left.id()).await.unwrap();
+    }
+    assert_eq!(
+        c.node(lagger).ranges().len(),
+        2,
+        "the lagger saw nothing yet"
+    );
+    c.net.remove_filter(cut);
+    assert!(
+        wait_until(T, || c.node(lagger).ranges().len() == 1).await,
+        "lagger still has {:?}",
+        c.node(lagger).ranges()
+    );
+    assert!(!c.node(lagger).is_failed(left.id()));
+    let v = c.get_from(lagger, b"m30", T).await.unwrap();
+    assert_eq!(v.as_deref(), Some(&b"after"[..]));
+    let v = c.get_from(lagger, b"m05", T).await.unwrap();
+    assert_eq!(v.as_deref(), Some(&b"v"[..]));
 }

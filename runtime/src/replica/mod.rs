@@ -201,7 +201,7 @@ impl Replica {
                     from_conf_ver,
                 } => {
                     self.learn_peer(&from);
-                    self.on_raft_message(*msg, from_conf_ver)
+                    self.on_raft_message(*msg, from_conf_ver, shared, round)
                 }
                 PeerMsg::Propose { token, data } => self.propose(token, data, shared, round),
                 PeerMsg::Read { token, lease } => self.read(token, lease, shared, round),
@@ -261,7 +261,13 @@ impl Replica {
 
     /// Steps a message from the network after checking that raft can take it: raft-rs
     /// panics or misbehaves on some inconsistent input, so the checks come first.
-    fn on_raft_message(&mut self, msg: Message, from_conf_ver: u64) {
+    fn on_raft_message(
+        &mut self,
+        msg: Message,
+        from_conf_ver: u64,
+        shared: &Shared,
+        round: &mut Round,
+    ) {
         if msg.to != self.id {
             metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "wrong_replica")
                 .increment(1);
@@ -281,6 +287,13 @@ impl Replica {
                     .increment(1);
                 return;
             }
+        }
+        if msg.get_msg_type() == MessageType::MsgSnapshot
+            && !self.accept_snapshot(&msg, shared, round)
+        {
+            metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "snapshot_overlap")
+                .increment(1);
+            return;
         }
         if let Err(e) = self.raw.step(msg) {
             metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "step_error")

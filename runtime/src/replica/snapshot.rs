@@ -4,7 +4,9 @@
 //! applied entries, keeping `log_compact_trailing` of them for slightly lagging followers. A
 //! follower that needs what was compacted gets a snapshot: the range's data as of the
 //! leader's applied index plus its descriptor, built by the store and installed atomically
-//! (data, descriptor, raft state in one synced batch).
+//! (data, descriptor, raft state in one synced batch). A snapshot whose keys overlap another
+//! range here is refused before raft sees it, unless that range was absorbed by the
+//! snapshot's range in a merge this node missed: that replica is retired first.
 
 use flotilla_proto::meta::{RangeState, SnapshotHeader};
 use flotilla_proto::Message as _;
@@ -17,6 +19,43 @@ use crate::fsm::worker::Round;
 use crate::node_group::Shared;
 
 impl Replica {
+    /// Decides, before raft sees it, whether a snapshot may be installed here: its keys must
+    /// not overlap another range this node serves, unless every such range is one the
+    /// snapshot's range absorbed by a merge this node has not finished (inside its span, with
+    /// an older version: epochs only grow along a range's history, so an older range inside
+    /// a newer one's span no longer owns its keys). Those replicas are retired here so that
+    /// the snapshot can take their keys. A refused snapshot is dropped; the leader retries.
+    pub(super) fn accept_snapshot(
+        &mut self,
+        msg: &raft::prelude::Message,
+        shared: &Shared,
+        round: &mut Round,
+    ) -> bool {
+        let Ok(header) = SnapshotHeader::decode(&msg.get_snapshot().data[..]) else {
+            return false;
+        };
+        let Some(desc) = header.descriptor else {
+            return false;
+        };
+        let others: Vec<_> = shared
+            .router
+            .overlapping(&desc.start_key, &desc.end_key)
+            .into_iter()
+            .filter(|d| d.range_id != self.range.0)
+            .collect();
+        let version = desc.epoch_or_default().version;
+        let absorbed = |d: &flotilla_proto::meta::RangeDescriptor| {
+            let inside = d.start_key >= desc.start_key
+                && (desc.end_key.is_empty()
+                    || (!d.end_key.is_empty() && d.end_key <= desc.end_key));
+            inside && d.epoch_or_default().version < version
+        };
+        if !others.iter().all(absorbed) {
+            return false;
+        }
+        others.iter().all(|d| retire(d, shared, round))
+    }
+
     /// Installs a snapshot raft handed us in a Ready.
     pub(super) fn apply_snapshot(
         &mut self,
@@ -99,4 +138,51 @@ impl Replica {
     pub(crate) fn compact_to(&mut self, index: u64, batch: &mut WriteBatch) -> crate::Result<()> {
         Ok(self.raw.mut_store().compact(index, batch)?)
     }
+}
+
+/// Takes the replica of a range that another range absorbed out of service: tombstone and
+/// raft state written (synced) at once; its keys stay for the absorbing range's snapshot,
+/// which replaces them. False if the replica is busy in another round (try again later).
+fn retire(
+    desc: &flotilla_proto::meta::RangeDescriptor,
+    shared: &Shared,
+    round: &mut Round,
+) -> bool {
+    let id = desc.id();
+    let Some(cell) = shared.cell(id) else {
+        shared.router.remove(id);
+        return true;
+    };
+    let Some(mut guard) = cell.replica.try_lock() else {
+        return false;
+    };
+    let mut batch = shared.engine.batch();
+    let mut tomb = desc.clone();
+    tomb.state = RangeState::Tombstone as i32;
+    batch.destroy_group_state(id);
+    batch.put_descriptor(&tomb);
+    if let Err(e) = shared.engine.write(batch, true) {
+        tracing::error!(range = %id, "cannot retire an absorbed replica: {e}");
+        return false;
+    }
+    if let Some(mut r) = guard.take() {
+        r.abort_pending(round, Error::RangeNotFound(id));
+    }
+    drop(guard);
+    for token in cell
+        .fail()
+        .iter()
+        .filter_map(crate::fsm::mailbox::PeerMsg::token)
+    {
+        round.complete(token, Err(Error::RangeNotFound(id)));
+    }
+    shared.handovers.remove(&id.0);
+    shared.unregister(id);
+    shared.router.remove(id);
+    shared
+        .tombstones
+        .insert(id.0, tomb.epoch_or_default().conf_ver);
+    metrics::counter!("flotilla_runtime_replicas_retired_total").increment(1);
+    tracing::info!(range = %id, "replica retired: a snapshot of the range that absorbed it arrived");
+    true
 }
