@@ -74,6 +74,7 @@ fn envelope(
         end_key: d.end_key.clone(),
         message: m.encode_to_vec().into(),
         snapshot: m.get_msg_type() == MessageType::MsgSnapshot,
+        replicas: d.replicas.clone(),
     }
 }
 
@@ -675,4 +676,69 @@ async fn node_restarted_while_partitioned_catches_up_by_snapshot_after_compactio
         }
         assert!(!c.node(n).is_failed(range));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_member_sender_creates_a_replica() {
+    let c = Cluster::new(3);
+    let t = c.net.register(NodeId(9), Arc::new(|_b: NodeBatch| {}));
+    let d = RangeDescriptor {
+        range_id: 777,
+        epoch: Some(RangeEpoch {
+            conf_ver: 1,
+            version: 1,
+        }),
+        ..Default::default()
+    };
+    let vote = |from: u64| {
+        let mut m = raft_msg(MessageType::MsgRequestVote, from, 2, 5);
+        m.log_term = 5;
+        m.index = 5;
+        m
+    };
+    let with_members = |from: (u64, u64), members: Vec<(u64, u64)>| {
+        let mut env = envelope(&d, from, (2, 2), Some(1), &vote(from.0));
+        env.replicas = members
+            .into_iter()
+            .map(|(r, n)| rd(r, n).unwrap())
+            .collect();
+        env
+    };
+    // No membership claim; a sender that claims to live on another node than the one the
+    // batch came from; a claim that does not list the addressee.
+    inject(
+        &c,
+        &t,
+        vec![batch(
+            2,
+            vec![
+                with_members((9, 9), vec![]),
+                with_members((1, 1), vec![(1, 1), (2, 2)]),
+                with_members((9, 9), vec![(9, 9), (3, 3)]),
+            ],
+            vec![],
+        )],
+    );
+    c.node(2).node_status(); // the handler ran synchronously: nothing was created
+    assert!(
+        c.node(2).status(RangeId(777)).is_err(),
+        "created by a non-member"
+    );
+    // A member on the sending node, addressed to a member here: the replica is created
+    // (uninitialized, waiting for its leader's snapshot).
+    inject(
+        &c,
+        &t,
+        vec![batch(
+            2,
+            vec![with_members((9, 9), vec![(9, 9), (2, 2)])],
+            vec![],
+        )],
+    );
+    assert!(wait_until(T, || c.node(2).status(RangeId(777)).is_ok()).await);
+    assert!(
+        c.node(2).ranges().is_empty(),
+        "an uninitialized replica has no keys"
+    );
+    c.net.unregister(NodeId(9));
 }

@@ -190,6 +190,7 @@ impl Shared {
     fn maybe_create(
         &self,
         env: &flotilla_proto::transport::RaftMessage,
+        from_node: u64,
         msg_type: MessageType,
     ) -> Option<Arc<ReplicaCell>> {
         let range = RangeId(env.range_id);
@@ -203,6 +204,20 @@ impl Shared {
                 | MessageType::MsgRequestVote
                 | MessageType::MsgRequestPreVote
         ) {
+            return None;
+        }
+        // As TiKV: only a current member may create a replica here, and only of a member on
+        // this node. The sender vouches with its descriptor, and must live on the node the
+        // batch came from.
+        let from = env.from?;
+        let member = |id: u64, node: u64| {
+            env.replicas
+                .iter()
+                .any(|r| r.replica_id == id && r.node_id == node)
+        };
+        if !member(from.replica_id, from_node) || !member(to.replica_id, self.node.0) {
+            metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "not_member")
+                .increment(1);
             return None;
         }
         let conf_ver = env.epoch.unwrap_or_default().conf_ver;
@@ -356,7 +371,7 @@ impl BatchHandler for Inbound {
             let range = RangeId(env.range_id);
             let cell = match shared.cell(range) {
                 Some(c) => c,
-                None => match shared.maybe_create(&env, msg.get_msg_type()) {
+                None => match shared.maybe_create(&env, from_node, msg.get_msg_type()) {
                     Some(c) => c,
                     None => continue,
                 },

@@ -445,13 +445,13 @@ impl Replica {
             // parent by snapshot): a coalesced heartbeat carries no key range and cannot create
             // one, and a probing leader sends its next append only on a heartbeat response, so
             // such heartbeats go as full messages, which can.
-            let maybe_uncreated = msg_type == MessageType::MsgHeartbeat
-                && self
-                    .raw
-                    .raft
-                    .prs()
-                    .get(m.to)
-                    .is_some_and(|pr| pr.matched == 0);
+            let never_acked = self
+                .raw
+                .raft
+                .prs()
+                .get(m.to)
+                .is_some_and(|pr| pr.matched == 0);
+            let maybe_uncreated = msg_type == MessageType::MsgHeartbeat && never_acked;
             if shared.config.coalesce_heartbeats
                 && !maybe_uncreated
                 && matches!(
@@ -481,6 +481,18 @@ impl Replica {
                 node_id: node.0,
                 role: 0,
             };
+            // What a receiver without the group needs to check membership (see maybe_create).
+            let may_create = match msg_type {
+                MessageType::MsgSnapshot
+                | MessageType::MsgRequestVote
+                | MessageType::MsgRequestPreVote => true,
+                MessageType::MsgAppend | MessageType::MsgHeartbeat => never_acked,
+                _ => false,
+            };
+            let replicas = match (may_create, desc) {
+                (true, Some(d)) => d.replicas.clone(),
+                _ => Vec::new(),
+            };
             let env = RaftMessage {
                 range_id: self.range.0,
                 from: Some(from),
@@ -490,6 +502,7 @@ impl Replica {
                 end_key: end.clone(),
                 message: m.encode_to_vec().into(),
                 snapshot: is_snapshot,
+                replicas,
             };
             round.push_message(node, env, is_snapshot, self.range, m.to);
         }
