@@ -274,8 +274,7 @@ fn an_interrupted_transfer_is_never_delivered() {
 
     // The sender ends its stream after a quarter of the announced bytes.
     let (tx, call) = raw_call(&rt, &n2);
-    tx.blocking_send(frame(Some(start.clone()), 256 << 10))
-        .unwrap();
+    tx.blocking_send(frame(Some(start), 256 << 10)).unwrap();
     drop(tx);
     let status = rt.block_on(call).unwrap().expect_err("refused");
     assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
