@@ -93,6 +93,8 @@ impl Admin for AdminService {
         }))
     }
 
+    /// Reads each replica's status for its leader: cheap per range, but it walks them all, so
+    /// it is for operators and tools, not a per-request routing lookup.
     async fn ranges(
         &self,
         _req: Request<RangesRequest>,
