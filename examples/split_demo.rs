@@ -1,33 +1,41 @@
 //! The range-split demo, the project's main job: a 3-node cluster on this machine (three
 //! NodeGroups talking real gRPC over 127.0.0.1, each on its own RocksDB) starts with one
 //! range; 8 clients write continuously; ranges split live — automatically when they pass a
-//! key count, and on request (the admin API splits the biggest range every half second) —
-//! until there are at least 64. The range table is printed as it changes. Then the writers
-//! stop and every acknowledged write is read back (linearizably, from every node) and checked
-//! against its last acknowledged value.
+//! key count, and on request (`NodeGroup::split` of the biggest range every half second) —
+//! until there are at least 64. The range table is printed as it changes. Then, with the
+//! writers still running, some splits are undone: adjacent pairs (the smallest by key count)
+//! are merged live on the source's leader. Then the writers stop and every acknowledged write
+//! is read back (linearizably, from every node) and checked against its last acknowledged
+//! value.
 //!
 //! Run: `cargo run --release --example split_demo` (or `bash scripts/run.sh`).
 //! Ends with `verified N acknowledged writes across M ranges: 0 lost` and a `RESULT {json}`
 //! line; exits non-zero if anything was lost.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla::proto::meta::{RangeDescriptor, RangeEpoch, ReplicaDescriptor};
-use flotilla::testing::{start_grpc_nodes, test_config, GrpcNode};
-use flotilla::{Error, NodeGroupConfig, ReadConsistency, SplitConfig, StateRole};
+use flotilla::testing::{start_grpc_nodes, test_config, wait_until, GrpcNode};
+use flotilla::{Error, NodeGroupConfig, RangeId, ReadConsistency, SplitConfig, StateRole};
 
 const NODES: usize = 3;
 const CLIENTS: usize = 8;
 const TARGET_RANGES: usize = 64;
 const MAX_RANGE_KEYS: u64 = 150;
+/// Merges wanted once the ranges reached the target, while the writers still run.
+const MERGES: usize = 8;
+/// Attempts per pair before the demo gives up on it (leader moved, busy, outcome unknown).
+const MERGE_ATTEMPTS: usize = 5;
 
 fn config(node: u64) -> NodeGroupConfig {
     NodeGroupConfig {
         tick_interval: Duration::from_millis(20),
+        // A merge that has not finished by then is reported as skipped, not waited for.
+        merge_timeout: Duration::from_secs(5),
         split: SplitConfig {
             max_range_keys: MAX_RANGE_KEYS,
             check_interval: Duration::from_millis(100),
@@ -78,39 +86,187 @@ async fn put(nodes: &[GrpcNode], key: &[u8], value: &[u8], deadline: Instant) ->
     }
 }
 
-fn print_table(nodes: &[GrpcNode], limit: usize) {
+/// Keys of `d` in node 1's engine (the data of every range lives in one column family).
+fn key_count(nodes: &[GrpcNode], d: &RangeDescriptor) -> usize {
+    nodes[0]
+        .node
+        .engine()
+        .scan(&d.start_key, &d.end_key, usize::MAX)
+        .map(|v| v.len())
+        .unwrap_or(0)
+}
+
+/// Prints the first `limit` ranges of node 1's table, and wherever they are the rows of the
+/// ranges `merged` left (noting those that split again since).
+fn print_table(nodes: &[GrpcNode], limit: usize, merged: &[RangeDescriptor]) {
     let ranges = nodes[0].node.ranges();
     println!(
         "  {:>20}  {:<16} {:<16} {:>6} {:>6}",
         "range", "start", "end", "leader", "keys"
     );
-    let show = |k: &[u8]| {
+    let show = |k: &[u8], empty: &str| {
         if k.is_empty() {
-            "-∞/+∞".to_string()
+            empty.to_string()
         } else {
             String::from_utf8_lossy(k).into_owned()
         }
     };
-    for d in ranges.iter().take(limit) {
+    let mut hidden = 0;
+    for (i, d) in ranges.iter().enumerate() {
+        let note = match merged.iter().find(|m| m.id() == d.id()) {
+            Some(m) if m.start_key == d.start_key && m.end_key == d.end_key => "  merged",
+            Some(_) => "  merged, split again",
+            None => "",
+        };
+        if i >= limit && note.is_empty() {
+            hidden += 1;
+            continue;
+        }
         let leader = leader_node(nodes, d).map_or("-".into(), |i| format!("n{}", i + 1));
-        let keys = nodes[0]
-            .node
-            .engine()
-            .scan(&d.start_key, &d.end_key, usize::MAX)
-            .map(|v| v.len())
-            .unwrap_or(0);
         println!(
-            "  {:>20}  {:<16} {:<16} {:>6} {:>6}",
+            "  {:>20}  {:<16} {:<16} {:>6} {:>6}{}",
             d.id().to_string(),
-            show(&d.start_key),
-            show(&d.end_key),
+            show(&d.start_key, "-∞"),
+            show(&d.end_key, "+∞"),
             leader,
-            keys
+            key_count(nodes, d),
+            note
         );
     }
-    if ranges.len() > limit {
-        println!("  ... and {} more ranges", ranges.len() - limit);
+    if hidden > 0 {
+        println!("  ... and {hidden} more ranges");
     }
+}
+
+/// The adjacent pair with the fewest keys together whose right range has a known leader and
+/// neither range is in `exclude`: (source = right, target = left, source leader's index).
+fn pick_pair(
+    nodes: &[GrpcNode],
+    exclude: &HashSet<RangeId>,
+) -> Option<(RangeDescriptor, RangeDescriptor, usize)> {
+    let ranges = nodes[0].node.ranges();
+    ranges
+        .windows(2)
+        .filter(|w| w[0].end_key == w[1].start_key)
+        .filter(|w| {
+            w.iter()
+                .all(|d| !exclude.contains(&d.id()) && d.merge.is_none())
+        })
+        .filter_map(|w| {
+            let leader = leader_node(nodes, &w[1])?;
+            let keys = key_count(nodes, &w[0]) + key_count(nodes, &w[1]);
+            Some((keys, w[1].clone(), w[0].clone(), leader))
+        })
+        .min_by_key(|p| p.0)
+        .map(|(_, source, target, leader)| (source, target, leader))
+}
+
+/// Whether `node` already sees the keys of `source` in `target` (a merge whose answer was
+/// lost may still have finished).
+fn absorbed(node: &GrpcNode, source: &RangeDescriptor, target: RangeId) -> bool {
+    node.node
+        .range_of(&source.start_key)
+        .is_ok_and(|d| d.id() == target)
+}
+
+/// Merges `source` into `target` on the node leading the source, following leader hints and
+/// retrying transient errors up to [`MERGE_ATTEMPTS`] times. Returns the merged descriptor and
+/// the attempts it took.
+async fn merge_pair(
+    nodes: &[GrpcNode],
+    source: &RangeDescriptor,
+    target: &RangeDescriptor,
+    mut on: usize,
+) -> Result<(RangeDescriptor, usize), Error> {
+    let mut last = Error::ProposalDropped;
+    for attempt in 1..=MERGE_ATTEMPTS {
+        match nodes[on].node.merge(source.id(), target.id()).await {
+            Ok(d) => return Ok((d, attempt)),
+            Err(Error::NotLeader { leader_hint, .. }) => {
+                on = leader_hint
+                    .map(|n| n.0 as usize - 1)
+                    .or_else(|| leader_node(nodes, source))
+                    .unwrap_or((on + 1) % NODES);
+                last = Error::NotLeader {
+                    range: source.id(),
+                    leader_hint,
+                };
+            }
+            Err(Error::ProposalDropped) => {
+                // The merge still finishes or rolls back by itself: wait for either.
+                let node = &nodes[on];
+                wait_until(Duration::from_secs(5), || {
+                    absorbed(node, source, target.id())
+                        || node
+                            .node
+                            .ranges()
+                            .iter()
+                            .any(|d| d.id() == source.id() && d.merge.is_none())
+                })
+                .await;
+                if absorbed(node, source, target.id()) {
+                    return Ok((node.node.range_of(&source.start_key)?, attempt));
+                }
+                last = Error::ProposalDropped;
+            }
+            Err(e @ (Error::Busy(_) | Error::EpochNotMatch { .. })) => last = e,
+            // Refused (a range of the pair split again, the merge rolled back) or gone: the
+            // pair is stale, retrying it will not help.
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(last)
+}
+
+/// What the merge phase did.
+#[derive(Default)]
+struct Merges {
+    /// The merged ranges as their merge left them.
+    done: Vec<RangeDescriptor>,
+    /// Pairs given up on.
+    skipped: usize,
+}
+
+/// Merges up to [`MERGES`] adjacent pairs, one at a time, each chosen from the current range
+/// table (the writers and the size checker keep changing it); a merged range is not merged
+/// again. Prints every merge or skip.
+async fn merge_some(nodes: &[GrpcNode]) -> Merges {
+    let mut m = Merges::default();
+    let mut exclude = HashSet::new();
+    while m.done.len() < MERGES && m.done.len() + m.skipped < 2 * MERGES {
+        let Some((source, target, leader)) = pick_pair(nodes, &exclude) else {
+            println!("  no more adjacent pairs with a known leader to merge");
+            break;
+        };
+        let keys = key_count(nodes, &source) + key_count(nodes, &target);
+        let t = Instant::now();
+        match merge_pair(nodes, &source, &target, leader).await {
+            Ok((d, attempts)) => {
+                println!(
+                    "  merged {} into {} on n{} ({keys} keys, {} ms, {attempts} attempt{})",
+                    source.id(),
+                    target.id(),
+                    leader + 1,
+                    t.elapsed().as_millis(),
+                    if attempts == 1 { "" } else { "s" }
+                );
+                exclude.insert(d.id());
+                m.done.push(d);
+            }
+            Err(e) => {
+                println!(
+                    "  skipped merging {} into {}: {e}",
+                    source.id(),
+                    target.id()
+                );
+                exclude.insert(source.id());
+                exclude.insert(target.id());
+                m.skipped += 1;
+            }
+        }
+    }
+    m
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -203,22 +359,17 @@ async fn main() -> anyhow::Result<()> {
         }));
     }
 
-    // Splits on request: every half second, split the range with the most keys.
+    // Splits on request: every half second, split the range with the most keys (until the
+    // merges start: it would split the merged ranges first, as they are the biggest).
     let requested = Arc::new(AtomicU64::new(0));
+    let stop_splits = Arc::new(AtomicBool::new(false));
     let admin = {
-        let (nodes, stop, requested) = (nodes.clone(), stop.clone(), requested.clone());
+        let (nodes, stop, requested) = (nodes.clone(), stop_splits.clone(), requested.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let ranges = nodes[0].node.ranges();
-                let biggest = ranges.iter().max_by_key(|d| {
-                    nodes[0]
-                        .node
-                        .engine()
-                        .scan(&d.start_key, &d.end_key, usize::MAX)
-                        .map(|v| v.len())
-                        .unwrap_or(0)
-                });
+                let biggest = ranges.iter().max_by_key(|d| key_count(&nodes, d));
                 let Some(d) = biggest else { continue };
                 let Some(l) = leader_node(&nodes, d) else {
                     continue;
@@ -247,7 +398,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = std::io::stdout().flush();
         if count >= last_count * 2 || (count >= TARGET_RANGES && last_count < TARGET_RANGES) {
             println!("\n\nrange table ({count} ranges):");
-            print_table(&nodes, 12);
+            print_table(&nodes, 12, &[]);
             println!();
             last_count = count;
         }
@@ -256,8 +407,20 @@ async fn main() -> anyhow::Result<()> {
         }
         anyhow::ensure!(Instant::now() < deadline, "only {count} ranges after 180s");
     }
-    stop.store(true, Ordering::Relaxed);
+    stop_splits.store(true, Ordering::Relaxed);
     admin.await?;
+
+    // Undo some splits while the writers keep writing.
+    println!("\nmerging up to {MERGES} adjacent pairs (the smallest) while the writers run:");
+    let merges = merge_some(&nodes).await;
+    println!(
+        "\nrange table after {} merges ({} ranges; merged ones marked):",
+        merges.done.len(),
+        nodes[0].node.ranges().len()
+    );
+    print_table(&nodes, 12, &merges.done);
+
+    stop.store(true, Ordering::Relaxed);
     let mut histories = Vec::new();
     for c in clients {
         histories.push(c.await?);
@@ -267,7 +430,19 @@ async fn main() -> anyhow::Result<()> {
         "\nwriters stopped; final range table ({} ranges):",
         ranges.len()
     );
-    print_table(&nodes, usize::MAX);
+    print_table(&nodes, usize::MAX, &merges.done);
+    // With ~100 keys per range, a merged pair is above MAX_RANGE_KEYS: the size checker splits
+    // it again once it has taken enough writes (no merge policy keeps it from doing so: the
+    // demo merges on request, to show merges under load). Say how many it did.
+    let intact = merges
+        .done
+        .iter()
+        .filter(|m| {
+            ranges
+                .iter()
+                .any(|d| d.id() == m.id() && d.start_key == m.start_key && d.end_key == m.end_key)
+        })
+        .count();
 
     // Verify every acknowledged write on every node.
     let mut checks = Vec::new();
@@ -320,28 +495,32 @@ async fn main() -> anyhow::Result<()> {
     let acked: u64 = histories.iter().map(|h| h.acked).sum();
     let lost = lost.load(Ordering::Relaxed);
     let keys = checks.len();
-    let auto = nodes[0].node.ranges().len() as u64
-        - 1
-        - requested
-            .load(Ordering::Relaxed)
-            .min(ranges.len() as u64 - 1);
+    // Every split adds a range and every merge removes one.
+    let splits = ranges.len() as u64 - 1 + merges.done.len() as u64;
+    let auto = splits - requested.load(Ordering::Relaxed).min(splits);
     let frames: u64 = nodes.iter().map(|n| n.transport.stats().frames_sent).sum();
     let msgs: u64 = nodes
         .iter()
         .map(|n| n.transport.stats().sent_messages)
         .sum();
     println!(
-        "\nsplits: {} on request, {auto} automatic by size; gRPC: {msgs} raft messages in {frames} frames",
-        requested.load(Ordering::Relaxed)
+        "\nsplits: {} on request, {auto} automatic by size; merges: {} ({} pairs skipped, {} merged ranges split again by size); gRPC: {msgs} raft messages in {frames} frames",
+        requested.load(Ordering::Relaxed),
+        merges.done.len(),
+        merges.skipped,
+        merges.done.len() - intact
     );
     println!(
         "verified {acked} acknowledged writes ({keys} keys, last values, on all {NODES} nodes) across {} ranges: {lost} lost",
         ranges.len()
     );
     println!(
-        "RESULT {{\"demo\":\"range_split\",\"nodes\":{NODES},\"ranges\":{},\"acknowledged_writes\":{acked},\"keys_verified\":{keys},\"lost\":{lost},\"splits_requested\":{},\"seconds\":{:.1}}}",
+        "RESULT {{\"demo\":\"range_split\",\"nodes\":{NODES},\"ranges\":{},\"acknowledged_writes\":{acked},\"keys_verified\":{keys},\"lost\":{lost},\"splits_requested\":{},\"merges\":{},\"merges_skipped\":{},\"merges_split_again\":{},\"seconds\":{:.1}}}",
         ranges.len(),
         requested.load(Ordering::Relaxed),
+        merges.done.len(),
+        merges.skipped,
+        merges.done.len() - intact,
         started.elapsed().as_secs_f64()
     );
     for n in nodes.iter() {

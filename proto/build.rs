@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/transport.proto",
         "proto/command.proto",
         "proto/kv.proto",
+        "proto/admin.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

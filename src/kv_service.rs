@@ -7,15 +7,30 @@ use flotilla_proto::kv::kv_server::{Kv, KvServer};
 use flotilla_proto::kv::{
     GetRequest, GetResponse, PutRequest, PutResponse, StatusRequest, StatusResponse,
 };
+use flotilla_proto::NodeId;
 use flotilla_runtime::{Error, NodeGroup, ProposeOptions, ReadConsistency};
 use tonic::{Request, Response, Status};
 
+/// The response metadata key that names the leader's node id (decimal) on a `NotLeader`
+/// status, so that a client can retry on that node without parsing the message.
+pub const LEADER_NODE_METADATA: &str = "flotilla-leader-node";
+
 /// Maps a runtime error to a gRPC status. Retryable conditions (leader changes, back-pressure,
 /// outcome unknown, a range that changed shape) are `UNAVAILABLE` or `ABORTED`, so that
-/// clients retry; the leader hint, when known, is in the message.
+/// clients retry; the leader hint, when known, is in the message and, for a client to read,
+/// in the [`LEADER_NODE_METADATA`] metadata (see [`leader_hint`]).
 pub fn to_status(e: Error) -> Status {
     match e {
-        Error::NotLeader { .. } | Error::ProposalDropped | Error::Busy(_) | Error::Stopped => {
+        Error::NotLeader { leader_hint, .. } => {
+            let mut status = Status::unavailable(e.to_string());
+            if let Some(node) = leader_hint {
+                status
+                    .metadata_mut()
+                    .insert(LEADER_NODE_METADATA, node.0.into());
+            }
+            status
+        }
+        Error::ProposalDropped | Error::Busy(_) | Error::Stopped => {
             Status::unavailable(e.to_string())
         }
         Error::EpochNotMatch { .. } => Status::aborted(e.to_string()),
@@ -28,6 +43,12 @@ pub fn to_status(e: Error) -> Status {
             Status::internal(e.to_string())
         }
     }
+}
+
+/// The leader's node named by a status from [`to_status`], if it carries one.
+pub fn leader_hint(status: &Status) -> Option<NodeId> {
+    let v = status.metadata().get(LEADER_NODE_METADATA)?;
+    v.to_str().ok()?.parse().ok().map(NodeId)
 }
 
 /// The KV service over one NodeGroup.

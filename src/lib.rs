@@ -9,6 +9,7 @@
 //! examples, benchmarks and the in-memory cluster harness ([`testing`]) that tests and
 //! benchmarks share. See ARCHITECTURE.md for the map.
 
+pub mod admin_service;
 pub mod kv_service;
 pub mod testing;
 

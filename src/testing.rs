@@ -296,8 +296,8 @@ where
 
 /// A NodeGroup on the real gRPC transport, as a node binary would run it.
 pub struct GrpcNode {
-    /// The node.
-    pub node: NodeGroup,
+    /// The node (shared, so that gRPC services can be served over it).
+    pub node: Arc<NodeGroup>,
     /// Its transport (for peer updates and statistics).
     pub transport: Arc<flotilla_transport::GrpcTransport>,
     /// The address it listens on.
@@ -381,6 +381,24 @@ pub fn start_grpc_node(
     serve_grpc_node(l, config, dir)
 }
 
+/// Serves `node`'s client APIs (KV and admin, as `flotilla-node` does) on a free port of
+/// 127.0.0.1, on the current tokio runtime until it stops; returns the address.
+pub fn serve_client_api(node: Arc<NodeGroup>) -> anyhow_free::Result<std::net::SocketAddr> {
+    let incoming = tonic::transport::server::TcpIncoming::bind(([127, 0, 0, 1], 0).into())
+        .map_err(|e| e.to_string())?;
+    let addr = incoming.local_addr().map_err(|e| e.to_string())?;
+    let server = tonic::transport::Server::builder()
+        .add_service(crate::kv_service::KvService::server(node.clone()))
+        .add_service(crate::admin_service::AdminService::server(node))
+        .serve_with_incoming(incoming);
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            eprintln!("client API server on {addr} stopped: {e}");
+        }
+    });
+    Ok(addr)
+}
+
 /// Opens the node's engine and starts its NodeGroup on the bound listener.
 fn serve_grpc_node(
     l: flotilla_transport::GrpcListener,
@@ -399,7 +417,7 @@ fn serve_grpc_node(
     })
     .map_err(|e| e.to_string())?;
     Ok(GrpcNode {
-        node,
+        node: Arc::new(node),
         transport: transport.expect("connect was called"),
         addr,
     })

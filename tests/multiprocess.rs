@@ -10,6 +10,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use flotilla::proto::admin::admin_client::AdminClient;
+use flotilla::proto::admin::RangesRequest;
 use flotilla::proto::kv::kv_client::KvClient;
 use flotilla::proto::kv::{GetRequest, PutRequest, StatusRequest};
 use flotilla::testing::key_in_range;
@@ -193,6 +195,15 @@ async fn three_processes_survive_a_sigkill_and_lose_no_acknowledged_write() {
     }
     let all = [0usize, 1, 2];
     wait_leaders(&mut clients, &all, Duration::from_secs(120)).await;
+    // The node binary serves the admin API beside the KV API (tests/admin.rs covers it).
+    let table = AdminClient::connect(format!("http://{}", client[0]))
+        .await
+        .unwrap()
+        .ranges(RangesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((table.node_id, table.ranges.len()), (1, RANGES));
 
     // Phase 1: a write to every range, through all nodes.
     let mut acked = Vec::new();

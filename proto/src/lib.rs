@@ -35,6 +35,12 @@ pub mod kv {
     include!(concat!(env!("OUT_DIR"), "/flotilla.kv.rs"));
 }
 
+/// The admin API of a node: split, merge, range table.
+#[allow(missing_docs, clippy::all, missing_debug_implementations)]
+pub mod admin {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.admin.rs"));
+}
+
 pub use prost::Message;
 
 impl meta::RangeDescriptor {

@@ -1,4 +1,6 @@
-//! A Flotilla node process: one NodeGroup on the gRPC transport, serving the KV client API.
+//! A Flotilla node process: one NodeGroup on the gRPC transport, serving the KV client API
+//! (`flotilla.kv.Kv`) and the admin API (`flotilla.admin.Admin`: split, merge, range table)
+//! on the client address.
 //!
 //! ```text
 //! flotilla-node --id 1 --raft 127.0.0.1:7001 --client 127.0.0.1:8001 --data-dir /tmp/n1 \
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use flotilla::admin_service::AdminService;
 use flotilla::kv_service::KvService;
 use flotilla::testing::Cluster;
 use flotilla::transport::{GrpcConfig, GrpcTransport, Transport};
@@ -120,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
     };
     tonic::transport::Server::builder()
         .add_service(KvService::server(node.clone()))
+        .add_service(AdminService::server(node.clone()))
         .serve_with_shutdown(args.client, shutdown)
         .await?;
     node.shutdown();
