@@ -6,7 +6,10 @@
 //! both halves serve, i.e. both have a leader and each has acknowledged a write (a put through
 //! its leader). Seven splits per size; their keys cut 3%, 6%, ... off the top of the filled key
 //! space, so each split's parent still holds at least 80% of the data. A split copies no data,
-//! so the latency must not grow with the range's size.
+//! so the latency must not grow with the range's size. Then the seven slices are merged back
+//! one by one (`merge_ms`: from the admin call `merge(slice, parent)` on the slice's leader
+//! until the merged range acknowledged a write in the slice's former keys); a merge copies no
+//! data either.
 //!
 //! The new group's first election races the followers' apply of the split: when its pre-vote
 //! reaches a follower that has not applied the split yet, the follower drops it (the range
@@ -166,6 +169,41 @@ async fn measure_split(c: &Cluster, split_key: &[u8], parent_bytes: u64) -> Samp
     }
 }
 
+/// Merges the range holding `source_key` back into its left neighbour (the big parent) and
+/// times it until the merged range acknowledged a write in the source's former keys.
+async fn measure_merge(c: &Cluster, source_key: &[u8]) -> f64 {
+    let source = c.node(1).range_of(source_key).unwrap();
+    let target = c
+        .node(1)
+        .ranges()
+        .into_iter()
+        .find(|d| d.end_key == source.start_key)
+        .expect("left neighbour");
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(60);
+    loop {
+        let l = c.leader_of(source.id()).unwrap_or(1);
+        match c.node(l).merge(source.id(), target.id()).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "merge keeps failing: {e}");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    let mut k = source_key.to_vec();
+    k.extend_from_slice(b"~merged");
+    serve_write(c, &k).await;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    wait(
+        "every node to apply the merge",
+        Duration::from_secs(60),
+        || (1..=3).all(|n| c.node(n).range_of(source_key).unwrap().range_id == target.range_id),
+    )
+    .await;
+    ms
+}
+
 fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let value_size: usize = std::env::var("FLOTILLA_SPLIT_VALUE")
@@ -219,6 +257,17 @@ fn main() {
                 );
                 samples.push(sample);
             }
+            // Undo the splits, smallest slice first: each merge folds a slice back into the
+            // parent, which holds most of the data.
+            let mut merges = Vec::new();
+            for s in (1..=splits).rev() {
+                let at = n - n * 3 * s / 100;
+                let ms = measure_merge(&c, &data_key(at)).await;
+                eprintln!("  merge back {s}: {ms:.2} ms");
+                merges.push(ms);
+            }
+            let merge_all: Vec<String> = merges.iter().map(|x| format!("{x:.2}")).collect();
+            let m_merge = median(&mut merges);
             let mut total: Vec<f64> = samples.iter().map(|s| s.total_ms).collect();
             let mut call: Vec<f64> = samples.iter().map(|s| s.call_ms).collect();
             let mut leader: Vec<f64> = samples.iter().map(|s| s.leader_ms).collect();
@@ -232,9 +281,10 @@ fn main() {
             let (m_total, m_call, m_leader) =
                 (median(&mut total), median(&mut call), median(&mut leader));
             lines.push(format!(
-                "RESULT {{\"range_bytes\":{},\"split_ms\":{m_total:.2},\"split_call_ms\":{m_call:.2},\"both_leaders_ms\":{m_leader:.2},\"fast_median_ms\":{m_fast:.2},\"slow_samples\":{slow},\"samples_ms\":[{}],\"min_parent_bytes\":{min_parent},\"value_bytes\":{value_size},\"fill_secs\":{fill_secs:.1}}}",
+                "RESULT {{\"range_bytes\":{},\"split_ms\":{m_total:.2},\"split_call_ms\":{m_call:.2},\"both_leaders_ms\":{m_leader:.2},\"fast_median_ms\":{m_fast:.2},\"slow_samples\":{slow},\"samples_ms\":[{}],\"merge_ms\":{m_merge:.2},\"merge_samples_ms\":[{}],\"min_parent_bytes\":{min_parent},\"value_bytes\":{value_size},\"fill_secs\":{fill_secs:.1}}}",
                 n * pair,
-                all.join(",")
+                all.join(","),
+                merge_all.join(",")
             ));
             drop(c);
         }

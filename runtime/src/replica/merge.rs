@@ -236,18 +236,25 @@ impl Replica {
     }
 
     /// Source, every tick while merging: the leader proposes the CommitMerge to the target
-    /// once every replica has the prepare entry, or the rollback once the target moved on.
+    /// once every replica has the prepare entry, or the rollback once the target moved on;
+    /// after a proposal it waits `MERGE_RETRY_TICKS` before proposing again.
     pub(super) fn merge_tick(&mut self, shared: &Shared, round: &mut Round) {
-        let Some(state) = self.merge_state().cloned() else {
-            return;
-        };
-        if !self.is_leader() {
-            return;
-        }
         if self.merge_retry > 0 {
             self.merge_retry -= 1;
             return;
         }
+        self.merge_check(shared, round);
+    }
+
+    /// Source leader, after every round while merging and nothing is in flight: the commit
+    /// goes out as soon as the last replica acknowledged the prepare entry, not a tick later.
+    pub(super) fn merge_check(&mut self, shared: &Shared, round: &mut Round) {
+        if self.merge_retry > 0 || !self.is_leader() {
+            return;
+        }
+        let Some(state) = self.merge_state().cloned() else {
+            return;
+        };
         let Some(target) = state.target.as_ref() else {
             return;
         };

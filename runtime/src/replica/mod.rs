@@ -388,6 +388,11 @@ impl Replica {
             }
             entries.extend(light.take_committed_entries());
         } else if entries.is_empty() {
+            // An append response may have been all that happened: it can complete a merge's
+            // precondition.
+            if self.merge_state().is_some() {
+                self.merge_check(shared, round);
+            }
             return Ok(());
         }
         let applied_any = !entries.is_empty();
@@ -404,6 +409,9 @@ impl Replica {
             self.maybe_compact(shared, apply_batch)?;
         }
         self.complete_reads(shared, round);
+        if self.merge_state().is_some() {
+            self.merge_check(shared, round);
+        }
         // Follow-up work (e.g. a commit learned from the apply): run another round.
         if self.raw.has_ready() {
             round.reschedule = true;

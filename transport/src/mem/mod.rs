@@ -55,10 +55,11 @@ use crate::{BatchHandler, Transport, TransportError};
 pub struct MemConfig {
     /// Bytes (encoded) that may be queued from one node to another and not yet delivered
     /// (including batches a handler is still processing) before `send` returns
-    /// [`TransportError::Full`]. An empty queue accepts any batch within
-    /// `max_frame_bytes`. Default: 32 MiB.
+    /// [`TransportError::Full`]; snapshot envelopes are not counted. An empty queue accepts
+    /// any batch within `max_frame_bytes`. Default: 32 MiB.
     pub queue_budget_bytes: usize,
-    /// Largest batch `send` accepts, in encoded bytes; larger ones get
+    /// Largest batch `send` accepts, in encoded bytes, not counting snapshot envelopes
+    /// (`RaftMessage.snapshot`), which travel beside the frames as on gRPC; larger ones get
     /// [`TransportError::FrameTooLarge`]. Default: 16 MiB.
     pub max_frame_bytes: usize,
 }
@@ -354,13 +355,26 @@ impl MemTransport {
         batch.from_node = self.node.0;
         batch.to_node = to.0;
         let size = batch.encoded_len();
+        // Snapshots travel beside the frames, as on gRPC (which streams them in chunks): they
+        // count against neither the frame limit nor the queue budget, or a range bigger than a
+        // frame could never catch a follower up.
+        let snapshot_bytes: usize = batch
+            .messages
+            .iter()
+            .filter(|m| m.snapshot)
+            .map(|m| m.encoded_len())
+            .sum();
+        let framed = size.saturating_sub(snapshot_bytes);
         let limit = self.shared.config.max_frame_bytes;
-        if size > limit {
-            return Err(TransportError::FrameTooLarge { size, limit });
+        if framed > limit {
+            return Err(TransportError::FrameTooLarge {
+                size: framed,
+                limit,
+            });
         }
         let dest = self.shared.endpoint(to)?;
         let queue = self.queues.entry(to).or_default().clone();
-        let charge = Charge::reserve(&queue, size, self.shared.config.queue_budget_bytes)
+        let charge = Charge::reserve(&queue, framed, self.shared.config.queue_budget_bytes)
             .map_err(|queued_bytes| TransportError::Full { to, queued_bytes })?;
         let envelope = Envelope {
             from: self.node,

@@ -475,3 +475,31 @@ fn registering_twice_panics() {
     let _a = net.register(N1, Recorder::new());
     let _b = net.register(N1, Recorder::new());
 }
+
+#[test]
+fn snapshots_travel_beside_the_frame_limit_and_the_queue_budget() {
+    let net = MemNetwork::with_config(MemConfig {
+        queue_budget_bytes: 1 << 20,
+        max_frame_bytes: 1 << 20,
+    });
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let _n2 = net.register(N2, Arc::new(move |b: NodeBatch| sink.lock().push(b)));
+    let n1 = net.register(N1, Arc::new(|_: NodeBatch| {}));
+    let big = |snapshot| NodeBatch {
+        messages: vec![RaftMessage {
+            range_id: 1,
+            message: vec![7u8; 4 << 20].into(),
+            snapshot,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    assert!(matches!(
+        n1.send(N2, big(false)),
+        Err(TransportError::FrameTooLarge { .. })
+    ));
+    n1.send(N2, big(true)).unwrap();
+    assert!(net.wait_for_stats(WAIT, |s| s.delivered_messages == 1));
+    assert_eq!(got.lock()[0].messages[0].message.len(), 4 << 20);
+}
