@@ -6,7 +6,9 @@
 //!    answer. With `coalesce_heartbeats` (the default) every heartbeat and response travels as
 //!    a compact entry of the node pair's `NodeBatch`, so the number of frames (the "RPCs": one
 //!    frame is one `NodeBatch` message on the pair's long-lived stream) should not grow with
-//!    N; only the frames get fuller. Measured from [`GrpcStats`] deltas over a window once
+//!    N; only the frames get fuller. `heartbeat_rpcs_per_pair_per_sec` counts the frames
+//!    that carried heartbeats (`GrpcStats::heartbeat_frames`); `frames_per_pair_per_sec`
+//!    counts every frame. Measured from [`GrpcStats`] deltas over a window once
 //!    every group has a leader and every replica has caught up with its leader's commit.
 //!    `GrpcStats` counts per sending node, not per destination, so per pair means
 //!    `frames_sent` summed over the nodes / 6 ordered pairs / seconds (the load is symmetric:
@@ -198,6 +200,8 @@ struct Heartbeats {
     per_pair_per_sec: f64,
     per_node_pair_min: f64,
     per_node_pair_max: f64,
+    /// Every data frame, heartbeats or not (elections and catch-up add frames of their own).
+    frames_per_pair_per_sec: f64,
     messages_per_batch: f64,
     frames_per_sec: f64,
     heartbeats_per_sec: f64,
@@ -236,6 +240,7 @@ async fn heartbeats(
         s0.iter().zip(&s1).map(|(a, b)| f(b) - f(a)).collect()
     };
     let frames = delta(|s| s.frames_sent);
+    let hb_frames: u64 = delta(|s| s.heartbeat_frames).iter().sum();
     let messages: u64 = delta(|s| s.frame_messages).iter().sum();
     let hbs: u64 = delta(|s| s.frame_heartbeats).iter().sum();
     let bytes: u64 = delta(|s| s.frame_bytes).iter().sum();
@@ -255,7 +260,8 @@ async fn heartbeats(
     };
     Heartbeats {
         groups,
-        per_pair_per_sec: total as f64 / PAIRS as f64 / secs,
+        per_pair_per_sec: hb_frames as f64 / PAIRS as f64 / secs,
+        frames_per_pair_per_sec: total as f64 / PAIRS as f64 / secs,
         per_node_pair_min: frames.iter().map(|f| per_peer(*f)).fold(f64::MAX, f64::min),
         per_node_pair_max: frames.iter().map(|f| per_peer(*f)).fold(0.0, f64::max),
         messages_per_batch: per_frame(messages + hbs),
@@ -361,7 +367,7 @@ fn main() {
             );
             results.push(format!(
                 "RESULT {{\"groups\":{},\"heartbeat_rpcs_per_pair_per_sec\":{:.2},\"messages_per_batch\":{:.2},\
-                 \"per_node_pair_min\":{:.2},\"per_node_pair_max\":{:.2},\"frames_per_sec\":{:.1},\
+                 \"per_node_pair_min\":{:.2},\"per_node_pair_max\":{:.2},\"frames_per_pair_per_sec\":{:.2},\"frames_per_sec\":{:.1},\
                  \"heartbeats_per_sec\":{:.0},\"other_messages_per_sec\":{:.1},\"pings\":{},\
                  \"bytes_per_frame\":{:.0},\"cpu_cores\":{:.2},\"elections_in_window\":{},\
                  \"tick_interval_ms\":{},\"max_batch_replicas\":{},\"seconds\":{:.1}}}",
@@ -370,6 +376,7 @@ fn main() {
                 h.messages_per_batch,
                 h.per_node_pair_min,
                 h.per_node_pair_max,
+                h.frames_per_pair_per_sec,
                 h.frames_per_sec,
                 h.heartbeats_per_sec,
                 h.messages_per_sec,

@@ -354,6 +354,7 @@ async fn write(
         Counters::add(&counters.frames_sent, 1);
         Counters::add(&counters.frame_messages, messages as u64);
         Counters::add(&counters.frame_heartbeats, heartbeats as u64);
+        Counters::add(&counters.heartbeat_frames, u64::from(heartbeats > 0));
         Counters::add(&counters.frame_bytes, bytes as u64);
         metric::grpc_frame_sent(bytes, messages + heartbeats);
         counters.notify();

@@ -59,6 +59,9 @@ counters! {
     frame_messages,
     /// Heartbeats carried by those frames.
     frame_heartbeats,
+    /// Data frames that carried at least one heartbeat: the "heartbeat RPCs", which should
+    /// stay at about one per tick per node pair however many groups there are.
+    heartbeat_frames,
     /// Encoded bytes of those frames.
     frame_bytes,
     /// Pings written (empty frames on an idle stream).
