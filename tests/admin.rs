@@ -135,12 +135,20 @@ async fn split_list_merge_and_error_codes_over_grpc() {
         h.nodes[l].node.put(&key(i), b"v").await.unwrap();
     }
 
-    // Split r1 at k0100 on its leader.
-    let s = h.admins[l]
-        .split(split_by_id(1, &key(100)))
-        .await
-        .unwrap()
-        .into_inner();
+    // Split r1 at k0100 on its leader (following the hint if leadership moved meanwhile).
+    let mut node = l;
+    let deadline = Instant::now() + T;
+    let s = loop {
+        match h.admins[node].split(split_by_id(1, &key(100))).await {
+            Ok(r) => break r.into_inner(),
+            Err(e) if Instant::now() < deadline && e.code() == Code::Unavailable => {
+                node = leader_hint(&e).map_or((node + 1) % 3, |n| n.0 as usize - 1);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("split: {e:?}"),
+        }
+    };
+    let l = node;
     let (left, right) = (s.left.unwrap(), s.right.unwrap());
     assert_eq!(left.range_id, 1);
     assert_eq!(
@@ -154,7 +162,7 @@ async fn split_list_merge_and_error_codes_over_grpc() {
     assert_ne!(right.range_id, 1);
     assert_eq!(left.epoch.unwrap().version, 2);
     assert_eq!(left.replicas.len(), 3);
-    assert_eq!(left.leader_node_id, l as u64 + 1);
+    assert!((1..=3).contains(&left.leader_node_id), "{left:?}");
 
     // Split the range holding k0150 at its middle key (no split key given).
     let rl = h.leader(right.range_id).await;
@@ -212,36 +220,43 @@ async fn split_list_merge_and_error_codes_over_grpc() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
-    // A node that does not lead the range answers UNAVAILABLE and names the leader.
-    let tl = h.leader(third.range_id).await;
-    let follower = (tl + 1) % 3;
+    // A node that does not lead the range answers UNAVAILABLE and names the leader. (Should
+    // leadership move between the checks, the round is repeated.)
     let deadline = Instant::now() + T;
-    while h
-        .ranges(follower)
-        .await
-        .iter()
-        .find(|r| r.range_id == third.range_id)
-        .is_none_or(|r| r.leader_node_id == 0)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "follower never learned the leader"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    loop {
+        let tl = h.leader(third.range_id).await;
+        let follower = (tl + 1) % 3;
+        let knows = |r: &[RangeInfo]| {
+            r.iter()
+                .find(|r| r.range_id == third.range_id)
+                .is_some_and(|r| r.leader_node_id == tl as u64 + 1)
+        };
+        while !knows(&h.ranges(follower).await) {
+            assert!(
+                Instant::now() < deadline,
+                "follower never learned the leader"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let m = h.admins[follower]
+            .merge(merge(third.range_id, right.range_id))
+            .await
+            .unwrap_err();
+        let s = h.admins[follower]
+            .split(split_by_id(third.range_id, &key(190)))
+            .await
+            .unwrap_err();
+        let still = h.leader(third.range_id).await == tl;
+        if !still && Instant::now() < deadline {
+            continue;
+        }
+        for e in [&m, &s] {
+            assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+            assert_eq!(leader_hint(e), Some(NodeId(tl as u64 + 1)), "{e:?}");
+        }
+        assert!(m.message().contains(&format!("n{}", tl + 1)), "{m:?}");
+        break;
     }
-    let e = h.admins[follower]
-        .merge(merge(third.range_id, right.range_id))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-    assert_eq!(leader_hint(&e), Some(NodeId(tl as u64 + 1)), "{e:?}");
-    assert!(e.message().contains(&format!("n{}", tl + 1)), "{e:?}");
-    let e = h.admins[follower]
-        .split(split_by_id(third.range_id, &key(190)))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-    assert_eq!(leader_hint(&e), Some(NodeId(tl as u64 + 1)), "{e:?}");
 
     // Merge back, each time on the node the hint points to: third into the middle range, then
     // the middle range into r1.
