@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla::proto::meta::RangeDescriptor;
-use flotilla::testing::{wait_until, wait_until_async, Cluster};
+use flotilla::testing::{test_config, wait_until, wait_until_async, Cluster};
 use flotilla::transport::{IsolateFilter, Payload, PredicateFilter};
-use flotilla::{Error, NodeId, RangeId, ReadConsistency};
+use flotilla::{Error, NodeGroupConfig, NodeId, RangeId, ReadConsistency, StoreConfig};
 use prost_raft::Message as _;
 use raft::prelude::Message;
 
@@ -471,4 +471,56 @@ async fn replica_that_missed_the_merge_catches_up_by_a_snapshot_of_the_merged_ra
     assert_eq!(v.as_deref(), Some(&b"after"[..]));
     let v = c.get_from(lagger, b"m05", T).await.unwrap();
     assert_eq!(v.as_deref(), Some(&b"v"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_waits_for_a_stopped_node_and_finishes_after_it_restarts() {
+    // A node is down when the merge is prepared: the source freezes, but the commit waits
+    // until that node's source replica has the prepare entry; the node restarts from its
+    // store, catches up and every node ends with the merged range.
+    let quick = |node| NodeGroupConfig {
+        merge_timeout: Duration::from_millis(500),
+        ..test_config(node)
+    };
+    let mut c = Cluster::with_config(3, quick, StoreConfig::default());
+    let d = c.bootstrap(1).remove(0);
+    c.wait_leaders(&[d.id()], T).await;
+    let mut data = Vec::new();
+    for i in 0..40u32 {
+        let k = format!("m{i:02}").into_bytes();
+        c.put(&k, b"v", T).await.unwrap();
+        data.push((k, b"v".to_vec()));
+    }
+    let (left, right) = split(&c, d.id(), b"m20").await;
+    c.wait_leaders(&[right.id(), left.id()], T).await;
+    let l = c.leader_of(right.id()).unwrap();
+    let down = (1..=3)
+        .find(|&n| n != l && Some(n) != c.leader_of(left.id()))
+        .unwrap_or_else(|| (1..=3).find(|&n| n != l).unwrap());
+    c.stop(down);
+    let res = c.node(l).merge(right.id(), left.id()).await;
+    assert!(matches!(res, Err(Error::ProposalDropped)), "{res:?}");
+    assert!(c
+        .node(l)
+        .ranges()
+        .iter()
+        .any(|r| r.range_id == right.range_id && r.merge.is_some()));
+    c.start(down);
+    for n in 1..=3 {
+        assert!(
+            wait_until(T, || c.node(n).ranges().len() == 1).await,
+            "node {n} still has {:?}",
+            c.node(n).ranges()
+        );
+    }
+    let writer = c.leader_of(left.id()).unwrap_or(l);
+    assert!(
+        wait_until_async(T, || async {
+            c.node(writer).put(b"m30", b"after").await.is_ok()
+        })
+        .await
+    );
+    data.retain(|(k, _)| k != b"m30");
+    data.push((b"m30".to_vec(), b"after".to_vec()));
+    assert_readable_everywhere(&c, &data).await;
 }
