@@ -270,3 +270,37 @@ async fn leader_transfer_moves_leadership_and_ignores_non_members() {
         assert!(!c.node(n).is_failed(range));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_proposal_to_a_lost_leader_is_answered_once_leadership_moves() {
+    // The leader is cut off right after a follower forwarded a proposal to it: the follower
+    // answers ProposalDropped (outcome unknown) as soon as it follows a new leader, long
+    // before the proposal timeout.
+    let patient = |node| NodeGroupConfig {
+        proposal_timeout: Duration::from_secs(120),
+        ..stable_config(node)
+    };
+    let c = Cluster::with_config(3, patient, StoreConfig::default());
+    let d = c.bootstrap(1).remove(0);
+    c.wait_leaders(&[d.id()], T).await;
+    let leader = c.leader_of(d.id()).unwrap();
+    let f = follower_of(&c, d.id(), leader).await.unwrap();
+    let cut = c
+        .net
+        .add_filter(Box::new(flotilla::transport::IsolateFilter::new(NodeId(
+            leader,
+        ))));
+    let started = Instant::now();
+    let res = tokio::time::timeout(Duration::from_secs(60), c.node(f).put(b"lost", b"v"))
+        .await
+        .expect("the forwarded proposal waited for its timeout");
+    assert!(matches!(res, Err(Error::ProposalDropped)), "{res:?}");
+    assert!(
+        c.node(f).status(d.id()).unwrap().leader_node != Some(NodeId(leader)),
+        "answered while still following the lost leader"
+    );
+    eprintln!("answered after {:?}", started.elapsed());
+    c.net.remove_filter(cut);
+    // A retry goes through the new leader.
+    c.put(b"lost", b"v", T).await.unwrap();
+}

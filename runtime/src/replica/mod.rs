@@ -70,6 +70,10 @@ pub(crate) struct Replica {
     merge_retry: u8,
     /// Set on a merge source once the target beside it applies the CommitMerge.
     merge_requested: bool,
+    /// Proposals this follower forwarded to its leader, with that leader: if leadership moves
+    /// before they apply, they are answered `ProposalDropped` at once rather than at
+    /// `proposal_timeout` (see `propose.rs`). Empty for almost every replica.
+    forwarded: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -130,6 +134,7 @@ impl Replica {
             stalled: Vec::new(),
             merge_retry: 0,
             merge_requested: false,
+            forwarded: Vec::new(),
         }
     }
 
@@ -393,6 +398,9 @@ impl Replica {
             if self.merge_state().is_some() {
                 self.merge_check(shared, round);
             }
+            if !self.forwarded.is_empty() {
+                self.settle_forwarded(shared, round);
+            }
             return Ok(());
         }
         let applied_any = !entries.is_empty();
@@ -412,6 +420,9 @@ impl Replica {
         if self.merge_state().is_some() {
             self.merge_check(shared, round);
         }
+        if !self.forwarded.is_empty() {
+            self.settle_forwarded(shared, round);
+        }
         // Follow-up work (e.g. a commit learned from the apply): run another round.
         if self.raw.has_ready() {
             round.reschedule = true;
@@ -423,6 +434,9 @@ impl Replica {
     pub(crate) fn abort_pending(&mut self, round: &mut Round, err: Error) {
         for p in self.proposals.drain(..) {
             round.complete(p.token, Err(err.clone()));
+        }
+        for (token, _) in self.forwarded.drain(..) {
+            round.complete(token, Err(Error::ProposalDropped));
         }
         for r in self.reads.drain(..) {
             round.complete(r.token, Err(err.clone()));

@@ -3,7 +3,9 @@
 //! The leader appends it and remembers `(index, term, token)`; a follower forwards it to the
 //! leader through raft (`MsgPropose`) when forwarding is on, or answers `NotLeader`. Either
 //! way the proposer's future completes when this node applies the entry (the token is inside
-//! it) or when the proposal is known lost.
+//! it) or when the proposal is known lost. A follower remembers which leader it forwarded to:
+//! if leadership moves first, the proposal is answered `ProposalDropped` (outcome unknown)
+//! right away instead of at `proposal_timeout`.
 
 use raft::StateRole;
 
@@ -62,8 +64,13 @@ impl Replica {
                     token,
                 });
             }
-            // Forwarded: the token inside the entry completes it when it applies here.
-            Ok(()) => {}
+            // Forwarded: the token inside the entry completes it when it applies here; should
+            // the leader change first, `settle_forwarded` answers it.
+            Ok(()) => {
+                if token != 0 {
+                    self.forwarded.push((token, self.raw.raft.leader_id));
+                }
+            }
             Err(raft::Error::ProposalDropped) if leader => {
                 // A leader drops proposals when its uncommitted log is over budget or while it
                 // transfers leadership: both pass, so the caller should back off and retry.
@@ -76,6 +83,27 @@ impl Replica {
                 tracing::debug!(range = %self.range, "proposal refused: {e}");
                 round.complete(token, Err(Error::ProposalDropped));
             }
+        }
+    }
+
+    /// Forwarded proposals whose leader is no longer the leader are answered
+    /// `ProposalDropped` (outcome unknown: the old leader may have appended them, and the
+    /// new one may still commit them; a retry with the same request id is safe). Those that
+    /// completed meanwhile are forgotten.
+    pub(super) fn settle_forwarded(&mut self, shared: &Shared, round: &mut Round) {
+        let leader = self.raw.raft.leader_id;
+        self.forwarded.retain(|&(token, to)| {
+            if !shared.pending.contains(token) {
+                return false;
+            }
+            if to != leader {
+                round.complete(token, Err(Error::ProposalDropped));
+                return false;
+            }
+            true
+        });
+        if self.forwarded.is_empty() {
+            self.forwarded = Vec::new();
         }
     }
 
