@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use flotilla::proto::meta::RangeDescriptor;
 use flotilla::testing::{test_config, wait_until, wait_until_async, Cluster};
-use flotilla::transport::{IsolateFilter, Payload, PredicateFilter};
+use flotilla::transport::{FilterId, IsolateFilter, Packet, Payload, PredicateFilter};
 use flotilla::{Error, NodeGroupConfig, NodeId, RangeId, ReadConsistency, StoreConfig};
 use prost_raft::Message as _;
 use raft::prelude::Message;
+use tokio::task::JoinHandle;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -35,6 +36,86 @@ async fn split(c: &Cluster, range: RangeId, key: &[u8]) -> (RangeDescriptor, Ran
     c.wait_leaders(&[range], T).await;
     let l = c.leader_of(range).unwrap();
     c.node(l).split(range, Some(key.to_vec())).await.unwrap()
+}
+
+/// One range with keys `m00`..`m39` (value `v`, returned) split at `m20`; both halves have
+/// a leader.
+async fn two_halves(c: &Cluster) -> (RangeDescriptor, RangeDescriptor, Vec<(Vec<u8>, Vec<u8>)>) {
+    let d = c.bootstrap(1).remove(0);
+    c.wait_leaders(&[d.id()], T).await;
+    let mut data = Vec::new();
+    for i in 0..40u32 {
+        let k = format!("m{i:02}").into_bytes();
+        c.put(&k, b"v", T).await.unwrap();
+        data.push((k, b"v".to_vec()));
+    }
+    let (left, right) = split(c, d.id(), b"m20").await;
+    c.wait_leaders(&[right.id(), left.id()], T).await;
+    (left, right, data)
+}
+
+/// Cuts a follower of the source off, starts merging `right` into `left` on the source's
+/// leader and waits until that leader froze the source. Returns the leader, the cut-off
+/// node, the cut and the merge call.
+async fn prepare_with_a_follower_cut_off(
+    c: &Arc<Cluster>,
+    left: &RangeDescriptor,
+    right: &RangeDescriptor,
+) -> (
+    u64,
+    u64,
+    FilterId,
+    JoinHandle<Result<RangeDescriptor, Error>>,
+) {
+    let l = c.leader_of(right.id()).unwrap();
+    let lagger = (1..=3).find(|&n| n != l).unwrap();
+    let cut = c
+        .net
+        .add_filter(Box::new(IsolateFilter::new(NodeId(lagger))));
+    let task = {
+        let (c, source, target) = (c.clone(), right.id(), left.id());
+        tokio::spawn(async move { c.node(l).merge(source, target).await })
+    };
+    assert!(
+        wait_until(T, || c
+            .node(l)
+            .ranges()
+            .iter()
+            .any(|r| r.range_id == right.range_id && r.merge.is_some()))
+        .await
+    );
+    (l, lagger, cut, task)
+}
+
+/// Waits until `lagger`'s replica of `source` applied everything its leader `l` committed (so
+/// the source's next entry will be a prepare), then returns a packet predicate that hides from
+/// `lagger` every later commit index of `source`: it gets the entries but never learns that
+/// they committed.
+async fn hide_next_commits(
+    c: &Cluster,
+    source: &RangeDescriptor,
+    l: u64,
+    lagger: u64,
+) -> impl Fn(&Packet) -> bool + Send + Sync + 'static {
+    let commit = c.node(l).status(source.id()).unwrap().commit;
+    assert!(
+        wait_until(T, || c
+            .node(lagger)
+            .status(source.id())
+            .is_ok_and(|s| s.applied == commit))
+        .await
+    );
+    let source = source.id();
+    move |p: &Packet| {
+        p.to == NodeId(lagger)
+            && p.payload.range_id() == source
+            && match &p.payload {
+                Payload::Heartbeat(h) => h.commit > commit,
+                Payload::Message(m) => {
+                    Message::decode(&m.message[..]).is_ok_and(|m| m.commit > commit)
+                }
+            }
+    }
 }
 
 async fn assert_readable_everywhere(c: &Cluster, data: &[(Vec<u8>, Vec<u8>)]) {
@@ -220,32 +301,10 @@ async fn merges_under_concurrent_writes_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_cut_off_during_merge_delays_it_and_catches_up() {
     let c = Arc::new(Cluster::new(3));
-    let d = c.bootstrap(1).remove(0);
-    c.wait_leaders(&[d.id()], T).await;
-    for i in 0..40u32 {
-        c.put(format!("m{i:02}").as_bytes(), b"v", T).await.unwrap();
-    }
-    let (left, right) = split(&c, d.id(), b"m20").await;
-    c.wait_leaders(&[right.id()], T).await;
-    let l = c.leader_of(right.id()).unwrap();
-    let lagger = (1..=3).find(|&n| n != l).unwrap();
-    let cut = c
-        .net
-        .add_filter(Box::new(IsolateFilter::new(NodeId(lagger))));
-    let task = {
-        let (c, source, target) = (c.clone(), right.id(), left.id());
-        tokio::spawn(async move { c.node(l).merge(source, target).await })
-    };
+    let (left, right, _) = two_halves(&c).await;
     // The source is frozen at once, but the target cannot take it over while a source
     // replica misses the prepare entry.
-    assert!(
-        wait_until(T, || c
-            .node(l)
-            .ranges()
-            .iter()
-            .any(|r| r.range_id == right.range_id && r.merge.is_some()))
-        .await
-    );
+    let (l, lagger, cut, task) = prepare_with_a_follower_cut_off(&c, &left, &right).await;
     let res = c.node(l).put(b"m30", b"frozen").await;
     assert!(matches!(res, Err(Error::Busy(_))), "{res:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -268,31 +327,9 @@ async fn follower_cut_off_during_merge_delays_it_and_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn merge_rolls_back_when_the_target_splits_meanwhile() {
     let c = Arc::new(Cluster::new(3));
-    let d = c.bootstrap(1).remove(0);
-    c.wait_leaders(&[d.id()], T).await;
-    for i in 0..40u32 {
-        c.put(format!("m{i:02}").as_bytes(), b"v", T).await.unwrap();
-    }
-    let (left, right) = split(&c, d.id(), b"m20").await;
-    c.wait_leaders(&[right.id()], T).await;
-    let l = c.leader_of(right.id()).unwrap();
-    let lagger = (1..=3).find(|&n| n != l).unwrap();
+    let (left, right, _) = two_halves(&c).await;
     // With a source replica cut off, the merge stays prepared long enough to split the target.
-    let cut = c
-        .net
-        .add_filter(Box::new(IsolateFilter::new(NodeId(lagger))));
-    let task = {
-        let (c, source, target) = (c.clone(), right.id(), left.id());
-        tokio::spawn(async move { c.node(l).merge(source, target).await })
-    };
-    assert!(
-        wait_until(T, || c
-            .node(l)
-            .ranges()
-            .iter()
-            .any(|r| r.range_id == right.range_id && r.merge.is_some()))
-        .await
-    );
+    let (_, _, cut, task) = prepare_with_a_follower_cut_off(&c, &left, &right).await;
     let (_, _) = split(&c, left.id(), b"m10").await;
     let res = task.await.unwrap();
     assert!(
@@ -350,36 +387,12 @@ async fn target_waits_for_a_source_replica_that_never_learned_the_prepare_commit
     // by the source's leader that it committed. Its target replica must wait at the
     // CommitMerge, tell the source replica the entry is committed, and merge once it applied.
     let c = Arc::new(Cluster::new(3));
-    let d = c.bootstrap(1).remove(0);
-    c.wait_leaders(&[d.id()], T).await;
-    for i in 0..40u32 {
-        c.put(format!("m{i:02}").as_bytes(), b"v", T).await.unwrap();
-    }
-    let (left, right) = split(&c, d.id(), b"m20").await;
-    c.wait_leaders(&[right.id()], T).await;
+    let (left, right, _) = two_halves(&c).await;
     c.put(b"m25", b"w", T).await.unwrap();
     let l = c.leader_of(right.id()).unwrap();
     let lagger = (1..=3).find(|&n| n != l).unwrap();
-    // Wait until the lagger's source replica has applied everything so far: the next entry
-    // of the source is the prepare.
-    let commit = c.node(l).status(right.id()).unwrap().commit;
-    assert!(
-        wait_until(T, || c
-            .node(lagger)
-            .status(right.id())
-            .is_ok_and(|s| s.applied == commit))
-        .await
-    );
-    let source = right.range_id;
-    let hide_commit = c.net.add_filter(Box::new(PredicateFilter::new(move |p| {
-        if p.to != NodeId(lagger) || p.payload.range_id() != RangeId(source) {
-            return false;
-        }
-        match &p.payload {
-            Payload::Heartbeat(h) => h.commit > commit,
-            Payload::Message(m) => Message::decode(&m.message[..]).is_ok_and(|m| m.commit > commit),
-        }
-    })));
+    let hides = hide_next_commits(&c, &right, l, lagger).await;
+    let hide_commit = c.net.add_filter(Box::new(PredicateFilter::new(hides)));
     let merged = merge(&c, right.id(), left.id()).await.unwrap();
     assert!(merged.start_key.is_empty() && merged.end_key.is_empty());
     assert!(
@@ -406,41 +419,15 @@ async fn replica_that_missed_the_merge_catches_up_by_a_snapshot_of_the_merged_ra
     // range it then receives overlaps its stale source replica: that replica is retired and
     // the snapshot installed.
     let c = Arc::new(Cluster::new(3));
-    let d = c.bootstrap(1).remove(0);
-    c.wait_leaders(&[d.id()], T).await;
-    for i in 0..40u32 {
-        c.put(format!("m{i:02}").as_bytes(), b"v", T).await.unwrap();
-    }
-    let (left, right) = split(&c, d.id(), b"m20").await;
-    c.wait_leaders(&[right.id(), left.id()], T).await;
+    let (left, right, _) = two_halves(&c).await;
     let l = c.leader_of(right.id()).unwrap();
     let lagger = (1..=3)
         .find(|&n| n != l && Some(n) != c.leader_of(left.id()))
         .unwrap();
-    let commit = c.node(l).status(right.id()).unwrap().commit;
-    assert!(
-        wait_until(T, || c
-            .node(lagger)
-            .status(right.id())
-            .is_ok_and(|s| s.applied == commit))
-        .await
-    );
-    let (source, target) = (right.range_id, left.range_id);
+    let hides = hide_next_commits(&c, &right, l, lagger).await;
+    let target = left.id();
     let cut = c.net.add_filter(Box::new(PredicateFilter::new(move |p| {
-        if p.to != NodeId(lagger) {
-            return false;
-        }
-        let range = p.payload.range_id();
-        if range == RangeId(target) {
-            return true;
-        }
-        range == RangeId(source)
-            && match &p.payload {
-                Payload::Heartbeat(h) => h.commit > commit,
-                Payload::Message(m) => {
-                    Message::decode(&m.message[..]).is_ok_and(|m| m.commit > commit)
-                }
-            }
+        (p.to == NodeId(lagger) && p.payload.range_id() == target) || hides(p)
     })));
     merge(&c, right.id(), left.id()).await.unwrap();
     // Through the nodes that know the merged range (the lagger still routes to the source).
@@ -483,16 +470,7 @@ async fn merge_waits_for_a_stopped_node_and_finishes_after_it_restarts() {
         ..test_config(node)
     };
     let mut c = Cluster::with_config(3, quick, StoreConfig::default());
-    let d = c.bootstrap(1).remove(0);
-    c.wait_leaders(&[d.id()], T).await;
-    let mut data = Vec::new();
-    for i in 0..40u32 {
-        let k = format!("m{i:02}").into_bytes();
-        c.put(&k, b"v", T).await.unwrap();
-        data.push((k, b"v".to_vec()));
-    }
-    let (left, right) = split(&c, d.id(), b"m20").await;
-    c.wait_leaders(&[right.id(), left.id()], T).await;
+    let (left, right, mut data) = two_halves(&c).await;
     let l = c.leader_of(right.id()).unwrap();
     let down = (1..=3)
         .find(|&n| n != l && Some(n) != c.leader_of(left.id()))

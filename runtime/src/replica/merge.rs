@@ -30,15 +30,13 @@
 use std::collections::{BTreeSet, HashMap};
 
 use flotilla_proto::command::{
-    admin_command, raft_command, AdminCommand, ClientRecord, CommitMerge, PrepareMerge,
-    RaftCommand, RequestHeader, RollbackMerge,
+    admin_command, ClientRecord, CommitMerge, PrepareMerge, RequestHeader, RollbackMerge,
 };
 use flotilla_proto::meta::{MergeState, RangeDescriptor, RangeEpoch, RangeState};
 use flotilla_proto::{Message as _, RangeId};
 use flotilla_store::WriteBatch;
-use raft::prelude::Entry;
 
-use super::Replica;
+use super::{admin_entry, Replica};
 use crate::error::Error;
 use crate::fsm::mailbox::PeerMsg;
 use crate::fsm::worker::Round;
@@ -119,14 +117,6 @@ fn moved_past(local: &RangeEpoch, expected: &RangeEpoch) -> bool {
     local.version > expected.version || local.conf_ver > expected.conf_ver
 }
 
-fn admin(header: RequestHeader, cmd: admin_command::Cmd) -> Vec<u8> {
-    RaftCommand {
-        header: Some(header),
-        body: Some(raft_command::Body::Admin(AdminCommand { cmd: Some(cmd) })),
-    }
-    .encode_to_vec()
-}
-
 impl Replica {
     /// The merge this replica's range is the source of, if any.
     pub(crate) fn merge_state(&self) -> Option<&MergeState> {
@@ -142,24 +132,8 @@ impl Replica {
         round: &mut Round,
     ) {
         let check = || -> Result<RangeDescriptor, Error> {
-            if !self.is_leader() {
-                return Err(Error::NotLeader {
-                    range: self.range,
-                    leader_hint: self.leader_hint(),
-                });
-            }
-            let desc = self
-                .descriptor()
-                .cloned()
-                .ok_or(Error::RangeNotFound(self.range))?;
+            let desc = self.admin_descriptor("merge")?;
             check_mergeable(&desc, &target)?;
-            if self.raw.raft.has_pending_conf()
-                || !self.raw.store().conf_state().voters_outgoing.is_empty()
-            {
-                return Err(Error::AdminRefused(
-                    "a membership change is in progress; merge after it".into(),
-                ));
-            }
             let last = self.raw.raft.raft_log.last_index();
             for (id, pr) in self.raw.raft.prs().iter() {
                 if pr.matched + PREPARE_MAX_LAG < last {
@@ -183,7 +157,7 @@ impl Replica {
             proposal_token: token,
             ..Default::default()
         };
-        let data = admin(
+        let data = admin_entry(
             header,
             admin_command::Cmd::PrepareMerge(PrepareMerge {
                 target: Some(target),
@@ -271,7 +245,7 @@ impl Replica {
                         epoch: desc.epoch,
                         ..Default::default()
                     };
-                    let data = admin(
+                    let data = admin_entry(
                         header,
                         admin_command::Cmd::RollbackMerge(RollbackMerge {
                             prepare_index: state.prepare_index,
@@ -299,7 +273,7 @@ impl Replica {
             epoch: target.epoch,
             ..Default::default()
         };
-        let data = admin(
+        let data = admin_entry(
             header,
             admin_command::Cmd::CommitMerge(CommitMerge {
                 source: self.descriptor().cloned(),
@@ -395,7 +369,13 @@ impl Replica {
         let source_id = source.id();
         if shared.handovers.get(&source_id.0).map(|p| *p) != Some(state.prepare_index) {
             if shared.cell(source_id).is_none() {
-                return self.source_missing(source_id, &state);
+                // Required by the merge but not on this node (removed by something else):
+                // wait rather than take keys this node may have no data for.
+                tracing::error!(
+                    source = %source_id, target = %self.range, prepare = state.prepare_index,
+                    "merge source replica missing on this node; the target waits"
+                );
+                return Err(());
             }
             let _ = shared.post(
                 source_id,
@@ -437,21 +417,6 @@ impl Replica {
         metrics::counter!("flotilla_runtime_merges_total").increment(1);
         tracing::info!(source = %source_id, target = %self.range, index, "ranges merged");
         Ok(Ok(new.encode_to_vec()))
-    }
-
-    /// The source replica is not on this node although the merge requires it: either it is
-    /// already merged into us (nothing to do but wait for a consistent view) or something
-    /// removed it. Both keep the target from taking keys it has no data for.
-    fn source_missing(
-        &self,
-        source: RangeId,
-        state: &MergeState,
-    ) -> Result<crate::Result<Vec<u8>>, ()> {
-        tracing::error!(
-            %source, target = %self.range, prepare = state.prepare_index,
-            "merge source replica missing on this node; the target waits"
-        );
-        Err(())
     }
 
     /// Gives the target every retry record of the source that is newer than its own, so a
@@ -501,10 +466,5 @@ impl Replica {
     /// The target a handed-over source goes to.
     pub(crate) fn merge_target(&self) -> Option<RangeId> {
         self.merge_state()?.target.as_ref().map(|t| t.id())
-    }
-
-    /// Entries a waiting CommitMerge held back, to be applied again.
-    pub(super) fn take_stalled(&mut self) -> Vec<Entry> {
-        std::mem::take(&mut self.stalled)
     }
 }

@@ -17,9 +17,12 @@ mod split;
 
 use std::collections::VecDeque;
 
+use flotilla_proto::command::{
+    admin_command, raft_command, AdminCommand, RaftCommand, RequestHeader,
+};
 use flotilla_proto::meta::{RangeDescriptor, ReplicaDescriptor};
 use flotilla_proto::transport::{Heartbeat, RaftMessage};
-use flotilla_proto::{NodeId, RangeId};
+use flotilla_proto::{Message as _, NodeId, RangeId};
 use flotilla_store::{GroupStorage, WriteBatch};
 use prost_raft::Message as _;
 use raft::prelude::{Message, MessageType};
@@ -32,6 +35,15 @@ use crate::node_group::Shared;
 
 pub(crate) use merge::check_mergeable;
 pub(crate) use read::PendingRead;
+
+/// An encoded admin entry (split, merge) for the log.
+fn admin_entry(header: RequestHeader, cmd: admin_command::Cmd) -> Vec<u8> {
+    RaftCommand {
+        header: Some(header),
+        body: Some(raft_command::Body::Admin(AdminCommand { cmd: Some(cmd) })),
+    }
+    .encode_to_vec()
+}
 
 /// A proposal this replica appended as leader: if a different entry is applied at its index,
 /// it was overwritten by a new leader and its proposer learns at once.
@@ -374,7 +386,7 @@ impl Replica {
         apply_batch: &mut WriteBatch,
     ) -> crate::Result<()> {
         // Entries a CommitMerge held back go first.
-        let mut entries = self.take_stalled();
+        let mut entries = std::mem::take(&mut self.stalled);
         if let Some(mut rd) = self.ready.take() {
             let persisted = rd.take_persisted_messages();
             if !persisted.is_empty() {
@@ -428,6 +440,30 @@ impl Replica {
             round.reschedule = true;
         }
         Ok(())
+    }
+
+    /// The checks every admin proposal (split, merge) starts with: this replica leads, its
+    /// range is initialized, and no membership change is in flight. `what` names the request
+    /// in the refusal.
+    pub(super) fn admin_descriptor(&self, what: &str) -> Result<RangeDescriptor, Error> {
+        if !self.is_leader() {
+            return Err(Error::NotLeader {
+                range: self.range,
+                leader_hint: self.leader_hint(),
+            });
+        }
+        let desc = self
+            .descriptor()
+            .cloned()
+            .ok_or(Error::RangeNotFound(self.range))?;
+        if self.raw.raft.has_pending_conf()
+            || !self.raw.store().conf_state().voters_outgoing.is_empty()
+        {
+            return Err(Error::AdminRefused(format!(
+                "a membership change is in progress; {what} after it"
+            )));
+        }
+        Ok(desc)
     }
 
     /// Fails everything this replica was waiting on (it is being destroyed or isolated).

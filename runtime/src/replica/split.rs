@@ -16,14 +16,12 @@
 //!
 //! The data of both halves already lives in the shared `data` column family.
 
-use flotilla_proto::command::{
-    admin_command, raft_command, AdminCommand, RaftCommand, RequestHeader, Split, SplitResult,
-};
+use flotilla_proto::command::{admin_command, RequestHeader, Split, SplitResult};
 use flotilla_proto::meta::{RangeDescriptor, RangeEpoch, RangeState};
 use flotilla_proto::{Message as _, RangeId};
 use flotilla_store::{GroupStorage, WriteBatch, SPLIT_INIT_INDEX, SPLIT_INIT_TERM};
 
-use super::Replica;
+use super::{admin_entry, Replica};
 use crate::error::Error;
 use crate::fsm::mailbox::{PeerMsg, ReplicaCell};
 use crate::fsm::worker::Round;
@@ -39,28 +37,12 @@ impl Replica {
         round: &mut Round,
     ) {
         let check = || -> Result<RangeDescriptor, Error> {
-            if !self.is_leader() {
-                return Err(Error::NotLeader {
-                    range: self.range,
-                    leader_hint: self.leader_hint(),
-                });
-            }
-            let desc = self
-                .descriptor()
-                .cloned()
-                .ok_or(Error::RangeNotFound(self.range))?;
+            let desc = self.admin_descriptor("split")?;
             if !desc.contains(&split_key) || split_key[..] == desc.start_key[..] {
                 return Err(Error::AdminRefused(format!(
                     "split key {split_key:02x?} is not strictly inside range {}",
                     self.range
                 )));
-            }
-            if self.raw.raft.has_pending_conf()
-                || !self.raw.store().conf_state().voters_outgoing.is_empty()
-            {
-                return Err(Error::AdminRefused(
-                    "a membership change is in progress; split after it".into(),
-                ));
             }
             if new_range_id == 0 || shared.cell(RangeId(new_range_id)).is_some() {
                 return Err(Error::AdminRefused(format!(
@@ -73,23 +55,22 @@ impl Replica {
             Ok(d) => d,
             Err(e) => return round.complete(token, Err(e)),
         };
-        let cmd = RaftCommand {
-            header: Some(RequestHeader {
-                range_id: self.range.0,
-                epoch: desc.epoch,
-                proposer_node: shared.node.0,
-                proposal_token: token,
-                ..Default::default()
-            }),
-            body: Some(raft_command::Body::Admin(AdminCommand {
-                cmd: Some(admin_command::Cmd::Split(Split {
-                    split_key: split_key.into(),
-                    new_range_id,
-                    new_replica_ids: desc.replicas.iter().map(|r| r.replica_id).collect(),
-                })),
-            })),
+        let header = RequestHeader {
+            range_id: self.range.0,
+            epoch: desc.epoch,
+            proposer_node: shared.node.0,
+            proposal_token: token,
+            ..Default::default()
         };
-        self.propose(token, cmd.encode_to_vec(), shared, round);
+        let data = admin_entry(
+            header,
+            admin_command::Cmd::Split(Split {
+                split_key: split_key.into(),
+                new_range_id,
+                new_replica_ids: desc.replicas.iter().map(|r| r.replica_id).collect(),
+            }),
+        );
+        self.propose(token, data, shared, round);
     }
 
     /// Applies a committed split; the answer is an encoded [`SplitResult`].
