@@ -39,10 +39,26 @@ pub fn to_status(e: Error) -> Status {
             Status::invalid_argument(e.to_string())
         }
         Error::AdminRefused(_) => Status::failed_precondition(e.to_string()),
-        Error::Config(_) | Error::Store(_) | Error::ReplicaFailed(_) => {
-            Status::internal(e.to_string())
-        }
+        Error::Config(_)
+        | Error::Store(_)
+        | Error::BadSnapshot { .. }
+        | Error::RaftInit { .. }
+        | Error::Spawn { .. }
+        | Error::BadAnswer { .. }
+        | Error::ReplicaFailed(_) => Status::internal(error_chain(&e)),
     }
+}
+
+/// An error with its sources, so that a client sees why the store or the OS failed.
+fn error_chain(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
 }
 
 /// The leader's node named by a status from [`to_status`], if it carries one.

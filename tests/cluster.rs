@@ -475,6 +475,13 @@ async fn bad_input_gets_typed_errors() {
         cfg.validate(),
         Err(flotilla::ConfigError::ElectionTickNotGreaterThanHeartbeat { .. })
     ));
+    // Lease reads without check-quorum would never hold a lease: refused up front rather
+    // than every lease read failing with a misleading NotLeader.
+    let cfg = NodeGroupConfig {
+        check_quorum: false,
+        ..test_config(9)
+    };
+    assert!(cfg.validate().is_err(), "lease reads without check_quorum");
     // Garbage from the network: malformed raft bytes, wrong node, unknown group; nothing
     // panics and the group keeps serving.
     inject_garbage(&c);

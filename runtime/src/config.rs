@@ -55,6 +55,11 @@ pub enum ConfigError {
     /// The worker batch size bounds a round; zero would do nothing.
     #[error("max_batch_replicas must be at least 1")]
     ZeroBatch,
+    /// A leader only holds a lease while check-quorum is on (raft-rs's own `validate` refuses
+    /// the combination): every lease read would fail. Turn `check_quorum` on, or
+    /// `lease_reads` off.
+    #[error("lease_reads needs check_quorum")]
+    LeaseReadsWithoutCheckQuorum,
 }
 
 /// When ranges split by themselves. Splits on request (the admin API) need none of this.
@@ -115,8 +120,12 @@ pub struct NodeGroupConfig {
     /// Pre-vote: a partitioned node does not disrupt the group when it returns. Default true.
     pub pre_vote: bool,
     /// A leader steps down when it has not heard from a quorum for an election timeout.
-    /// Default true (required for lease reads).
+    /// Default true (required by `lease_reads`).
     pub check_quorum: bool,
+    /// Serve `ReadConsistency::Lease` reads on a leader under its lease, without a round trip
+    /// (safe while clock drift stays below the election timeout). Needs `check_quorum`. When
+    /// off, lease reads are refused with `InvalidCommand`. Default true.
+    pub lease_reads: bool,
     /// Most bytes of entries in one append message. Default 1 MiB.
     pub max_size_per_msg: u64,
     /// Most in-flight append messages per follower. raft-rs allocates this many slots
@@ -163,6 +172,7 @@ impl Default for NodeGroupConfig {
             election_tick: 10,
             pre_vote: true,
             check_quorum: true,
+            lease_reads: true,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 32,
             max_uncommitted_bytes: 8 << 20,
@@ -235,6 +245,9 @@ impl NodeGroupConfig {
         if self.split.check_interval.is_zero() || self.split.load_window.is_zero() {
             return Err(ConfigError::ZeroSplitInterval);
         }
+        if self.lease_reads && !self.check_quorum {
+            return Err(ConfigError::LeaseReadsWithoutCheckQuorum);
+        }
         Ok(())
     }
 
@@ -269,6 +282,18 @@ mod tests {
             .raft_config(1, 0)
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn check_quorum_may_be_off_when_lease_reads_are() {
+        let cfg = NodeGroupConfig {
+            check_quorum: false,
+            lease_reads: false,
+            ..NodeGroupConfig::new(1)
+        };
+        cfg.validate().unwrap();
+        // raft-rs agrees once lease reads are off (it refuses LeaseBased without check-quorum).
+        cfg.raft_config(1, 0).validate().unwrap();
     }
 
     #[test]
@@ -338,6 +363,13 @@ mod tests {
                     ..base.clone()
                 },
                 ConfigError::ZeroProposalTimeout,
+            ),
+            (
+                NodeGroupConfig {
+                    check_quorum: false,
+                    ..base.clone()
+                },
+                ConfigError::LeaseReadsWithoutCheckQuorum,
             ),
         ];
         for (cfg, want) in cases {

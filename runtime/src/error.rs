@@ -1,5 +1,9 @@
 //! The runtime's one error type. Variants split into "retry or redirect" (the caller acts on
 //! them: another node, a fresh range table, later) and "this node cannot serve" (stop, fix).
+//! Errors that come from below (the store, raft-rs, the OS) keep their source: `Error` is
+//! `Clone` (one failure may answer many waiting requests), so sources are held in an `Arc`.
+
+use std::sync::Arc;
 
 use flotilla_proto::meta::RangeDescriptor;
 use flotilla_proto::{NodeId, RangeId};
@@ -60,8 +64,45 @@ pub enum Error {
     #[error("invalid config: {0}")]
     Config(#[from] ConfigError),
     /// The store failed; the node should stop serving.
-    #[error("store: {0}")]
-    Store(String),
+    #[error("store failed")]
+    Store(#[source] Arc<flotilla_store::StoreError>),
+    /// A snapshot received for a range could not be installed (undecodable, no descriptor, or
+    /// its keys overlap another range here): the replica is isolated; restart the node.
+    #[error("snapshot of range {range} cannot be installed: {reason}")]
+    BadSnapshot {
+        /// The range.
+        range: RangeId,
+        /// Why.
+        reason: String,
+    },
+    /// raft-rs refused to start a replica from its stored state (damaged raft state): the
+    /// replica is not served; restore it from its peers.
+    #[error("cannot start the replica of range {range}")]
+    RaftInit {
+        /// The range.
+        range: RangeId,
+        /// What raft-rs said.
+        #[source]
+        source: Arc<raft::Error>,
+    },
+    /// The operating system refused to start one of the NodeGroup's threads.
+    #[error("cannot spawn thread {thread}")]
+    Spawn {
+        /// The thread's name.
+        thread: &'static str,
+        /// The OS error.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// A replica's answer to an admin request did not decode: a bug, since both ends are this
+    /// process. Report it.
+    #[error("internal: undecodable answer to {what}: {reason}")]
+    BadAnswer {
+        /// Which request.
+        what: &'static str,
+        /// The decoder's complaint.
+        reason: String,
+    },
     /// The group's replica hit an internal fault (raft-rs panicked on it) and was isolated;
     /// other groups keep running. Restart the node to recover it from its log.
     #[error("replica of range {0} failed and was isolated; restart the node")]
@@ -73,9 +114,26 @@ pub enum Error {
 
 impl From<flotilla_store::StoreError> for Error {
     fn from(e: flotilla_store::StoreError) -> Self {
-        Error::Store(e.to_string())
+        Error::Store(Arc::new(e))
     }
 }
 
 /// Result alias of the runtime.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::Error;
+
+    #[test]
+    fn a_store_error_keeps_its_source() {
+        let e = Error::from(flotilla_store::StoreError::WrongNode {
+            expected: 1,
+            found: 2,
+        });
+        let source = e.source().expect("the store error is the source");
+        assert!(source.to_string().contains("node 2"), "{source}");
+    }
+}

@@ -1,31 +1,38 @@
 //! flotilla-runtime: the NodeGroup, which hosts thousands of raft-rs group replicas in one
 //! process on a shared store, a small worker pool and one ticker.
 //!
-//! Layout:
-//! - [`NodeGroup`] (`node_group`): the public API and the shared state.
-//! - `fsm/`: the thread model — mailboxes and scheduling, the worker round (group commit),
-//!   the ticker. Nothing else knows about threads.
-//! - `replica/`: one group's replica on raft-rs, one file per feature (propose, read,
-//!   membership, apply, snapshot and compaction). Knows nothing about threads.
-//! - [`RangeRouter`] (`router`): key → range.
-//! - [`StateMachine`] (`state_machine`): what entries are applied to; [`KvStateMachine`] is
-//!   the default.
-//! - [`NodeGroupConfig`] (`config`), [`Error`] (`error`).
+//! Layout, from the bottom up (a module imports only from the layers below it):
+//! 1. Leaves: the config ([`NodeGroupConfig`]), [`Error`] (`error`), the API types (`api`), the
+//!    [`RangeRouter`] (`router`), the [`StateMachine`] (`state_machine`), `pending`
+//!    (completions), `logger`.
+//! 2. `replica/`: one group's replica on raft-rs, one file per feature (propose, read,
+//!    membership, apply, snapshot and compaction, split, merge). Knows nothing of threads or
+//!    of the NodeGroup: it is driven through a narrow context and returns effects.
+//! 3. `fsm/`: the shell — the shared registry, the replica lifecycle (`life`), mailboxes and
+//!    scheduling, the worker round (group commit), the ticker, the split checker.
+//! 4. [`NodeGroup`] (`node_group`): the public API; `inbound` (what the transport delivers),
+//!    `status` (status queries).
+//!
+//! ARCHITECTURE.md at the repository root states the rule and the reasons.
 
+mod api;
 mod config;
 mod error;
 mod fsm;
+mod inbound;
 mod logger;
 mod node_group;
 mod pending;
 mod replica;
 mod router;
 mod state_machine;
+mod status;
 
+pub use api::{MembershipChange, NodeStatus, ProposeOptions, ReadConsistency};
 pub use config::{ConfigError, NodeGroupConfig, SplitConfig};
 pub use error::{Error, Result};
-pub use node_group::{MembershipChange, NodeGroup, NodeStatus, ProposeOptions, ReadConsistency};
+pub use node_group::NodeGroup;
 pub use raft::StateRole;
 pub use replica::ReplicaStatus;
 pub use router::RangeRouter;
-pub use state_machine::{ApplyContext, KvStateMachine, StateMachine};
+pub use state_machine::{ApplyContext, ApplyError, KvStateMachine, StateMachine};

@@ -4,13 +4,38 @@
 //! A state machine writes through an [`ApplyContext`]: the writes go into the same WriteBatch
 //! as the group's applied index, so data and applied index can never disagree after a crash,
 //! and reads through it see the writes of earlier entries of the same batch.
+//!
+//! Its errors come in two kinds that must never be confused ([`ApplyError`]): a *refusal* is
+//! part of the replicated outcome (every replica refuses the same command the same way, and the
+//! answer is recorded for retries), while a *store failure* happened on this replica only and
+//! must not become an answer: the replica is isolated instead, and recovers from its log.
 
 use std::collections::HashMap;
 
 use flotilla_proto::command::{kv_request, KvRequest, KvResponse};
 use flotilla_proto::meta::RangeDescriptor;
 use flotilla_proto::Message as _;
-use flotilla_store::{Engine, WriteBatch};
+use flotilla_store::{Engine, StoreError, WriteBatch};
+
+/// Why a state machine did not apply a command.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The command is refused, deterministically: every replica refuses it alike, and the
+    /// proposer gets `Error::InvalidCommand` with this text.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The store failed while applying on this replica. Not an outcome of the command: the
+    /// replica is isolated (its applied index does not move past the entry) and a restart
+    /// applies the entry again from the log.
+    #[error("store failed during apply")]
+    Store(#[from] StoreError),
+}
+
+impl From<&str> for ApplyError {
+    fn from(why: &str) -> Self {
+        ApplyError::Refused(why.to_string())
+    }
+}
 
 /// Reads and writes of one apply pass (one worker round), buffered in one WriteBatch.
 pub struct ApplyContext<'a> {
@@ -42,11 +67,16 @@ impl<'a> ApplyContext<'a> {
     }
 
     /// The current value of `key`, including writes earlier in this apply pass.
-    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    ///
+    /// # Errors
+    ///
+    /// The store's error: pass it on (`?` turns it into [`ApplyError::Store`]); never turn it
+    /// into an answer.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
         }
-        self.engine.get(key).map_err(|e| e.to_string())
+        self.engine.get(key)
     }
 
     /// Writes `key`.
@@ -67,15 +97,21 @@ impl<'a> ApplyContext<'a> {
 /// writes and the same answer on every replica.
 pub trait StateMachine: Send + Sync + 'static {
     /// Applies `command` (committed at `index` in the group of `range`). `Ok` is the answer
-    /// sent to the proposer; `Err` refuses the command (also deterministically) and becomes
-    /// `Error::InvalidCommand` for the proposer. Either way the entry counts as applied.
+    /// sent to the proposer.
+    ///
+    /// # Errors
+    ///
+    /// [`ApplyError::Refused`] refuses the command (deterministically); it becomes
+    /// `Error::InvalidCommand` for the proposer and the entry counts as applied.
+    /// [`ApplyError::Store`] is a failure of this replica's store: the entry does not count as
+    /// applied and the replica is isolated.
     fn apply(
         &self,
         range: &RangeDescriptor,
         index: u64,
         command: &[u8],
         ctx: &mut ApplyContext<'_>,
-    ) -> Result<Vec<u8>, String>;
+    ) -> Result<Vec<u8>, ApplyError>;
 }
 
 /// The default state machine: a KV store partitioned by range over the engine's `data`
@@ -90,8 +126,9 @@ impl StateMachine for KvStateMachine {
         _index: u64,
         command: &[u8],
         ctx: &mut ApplyContext<'_>,
-    ) -> Result<Vec<u8>, String> {
-        let req = KvRequest::decode(command).map_err(|e| format!("undecodable KvRequest: {e}"))?;
+    ) -> Result<Vec<u8>, ApplyError> {
+        let req = KvRequest::decode(command)
+            .map_err(|e| ApplyError::Refused(format!("undecodable KvRequest: {e}")))?;
         let op = req.op.ok_or("empty KvRequest")?;
         let key = match &op {
             kv_request::Op::Put(p) => &p.key,
@@ -102,10 +139,10 @@ impl StateMachine for KvStateMachine {
         // The router checked the key when it was proposed, but the range may have split
         // since: refuse rather than write into a neighbour's keys.
         if !range.contains(key) {
-            return Err(format!(
+            return Err(ApplyError::Refused(format!(
                 "key {key:02x?} is outside range {}",
                 range.range_id
-            ));
+            )));
         }
         let resp = match op {
             kv_request::Op::Put(p) => {

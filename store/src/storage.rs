@@ -331,8 +331,9 @@ impl GroupStorage {
         Ok(())
     }
 
-    /// Drops cached entries up to `index` (they stay on disk). Idle groups call this so that
-    /// their memory shrinks to the fixed part.
+    /// Drops cached entries up to `index` (they stay on disk), so that a group's memory can
+    /// shrink to its fixed part. Nothing in the runtime calls it yet: it is meant for groups
+    /// that go idle once hibernation exists; the storage contract tests cover it.
     pub fn evict_cache_to(&mut self, index: u64) {
         while self.cache.front().is_some_and(|e| e.index <= index) {
             self.cache.pop_front();

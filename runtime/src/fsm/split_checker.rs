@@ -19,32 +19,9 @@ use flotilla_proto::meta::RangeDescriptor;
 use flotilla_proto::RangeId;
 use flotilla_store::Engine;
 
-use crate::fsm::mailbox::PeerMsg;
-use crate::node_group::Shared;
-
-/// Requests counted for one range in the current load window.
-#[derive(Debug, Default)]
-pub(crate) struct LoadStats {
-    requests: u64,
-    sample: Vec<Vec<u8>>,
-}
-
-const SAMPLE: usize = 64;
-
-impl LoadStats {
-    /// Counts a request on `key`, keeping a uniform sample of the keys (reservoir sampling).
-    pub(crate) fn record(&mut self, key: &[u8]) {
-        self.requests += 1;
-        if self.sample.len() < SAMPLE {
-            self.sample.push(key.to_vec());
-        } else {
-            let slot = rand::random::<u64>() % self.requests;
-            if (slot as usize) < SAMPLE {
-                self.sample[slot as usize] = key.to_vec();
-            }
-        }
-    }
-}
+use crate::fsm::load::LoadStats;
+use crate::fsm::shared::Shared;
+use crate::replica::PeerMsg;
 
 /// Body of the split checker thread; returns when `stop` is disconnected.
 pub(crate) fn run(shared: Arc<Shared>, stop: Receiver<()>) {
@@ -111,7 +88,7 @@ pub(crate) struct RangeSize {
 }
 
 /// Reads every key of `desc` once: fine for ranges of the size splits are configured for.
-pub(crate) fn measure(engine: &Engine, desc: &RangeDescriptor) -> crate::Result<RangeSize> {
+pub(crate) fn measure(engine: &Engine, desc: &RangeDescriptor) -> crate::error::Result<RangeSize> {
     let rows = engine.scan(&desc.start_key, &desc.end_key, usize::MAX)?;
     let bytes = rows.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
     let middle_key = (rows.len() >= 2)

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use crate::node_group::Shared;
+use crate::fsm::shared::Shared;
 
 /// Body of the ticker thread; returns when `stop` is signalled or dropped.
 pub(crate) fn run(shared: Arc<Shared>, stop: Receiver<()>) {

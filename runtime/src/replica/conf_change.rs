@@ -14,27 +14,25 @@ use raft::prelude::{
     EntryType,
 };
 
-use super::Replica;
+use super::{Effect, Env, Output, Replica};
+use crate::api::MembershipChange;
 use crate::error::Error;
-use crate::fsm::worker::Round;
-use crate::node_group::Shared;
-use crate::MembershipChange;
 
 impl Replica {
     pub(super) fn propose_conf_change(
         &mut self,
         token: u64,
         changes: Vec<MembershipChange>,
-        shared: &Shared,
-        round: &mut Round,
+        env: &Env<'_>,
+        out: &mut Output,
     ) {
-        match self.build_conf_change(token, &changes, shared) {
+        match self.build_conf_change(token, &changes, env) {
             Ok((cc, ctx)) => {
                 if let Err(e) = self.raw.propose_conf_change(ctx, cc) {
-                    round.complete(token, Err(Error::AdminRefused(e.to_string())));
+                    out.complete(token, Err(Error::AdminRefused(e.to_string())));
                 }
             }
-            Err(e) => round.complete(token, Err(e)),
+            Err(e) => out.complete(token, Err(e)),
         }
     }
 
@@ -42,7 +40,7 @@ impl Replica {
         &self,
         token: u64,
         changes: &[MembershipChange],
-        shared: &Shared,
+        env: &Env<'_>,
     ) -> Result<(ConfChangeV2, Vec<u8>), Error> {
         if !self.is_leader() {
             return Err(Error::NotLeader {
@@ -130,7 +128,7 @@ impl Replica {
         let ctx = ConfChangeContext {
             header: Some(RequestHeader {
                 range_id: self.range.0,
-                proposer_node: shared.node.0,
+                proposer_node: env.node.0,
                 proposal_token: token,
                 ..Default::default()
             }),
@@ -144,8 +142,8 @@ impl Replica {
     pub(super) fn apply_conf_change_entry(
         &mut self,
         e: &Entry,
-        shared: &Shared,
-        round: &mut Round,
+        env: &Env<'_>,
+        out: &mut Output,
         batch: &mut flotilla_store::WriteBatch,
     ) {
         // Our context rides in the entry's context (raft-rs's `propose_conf_change` puts it
@@ -166,13 +164,13 @@ impl Replica {
         let token = ctx
             .header
             .as_ref()
-            .filter(|h| h.proposer_node == shared.node.0)
+            .filter(|h| h.proposer_node == env.node.0)
             .map(|h| h.proposal_token);
         if self.merge_state().is_some() {
             // A merge source is frozen at its prepare entry: the change is skipped on every
             // replica alike (raft's configuration stays as it was).
             if let Some(t) = token {
-                round.complete(t, Err(Error::Busy("range is being merged; retry shortly")));
+                out.complete(t, Err(Error::Busy("range is being merged; retry shortly")));
             }
             return;
         }
@@ -186,17 +184,19 @@ impl Replica {
                 let store = self.raw.mut_store();
                 store.set_conf_state(cs, batch);
                 store.set_descriptor(desc.clone(), batch);
-                if !self.removed {
-                    shared.router.upsert(desc.clone());
+                if self.removed {
+                    out.effect(Effect::Removed);
+                } else {
+                    out.effect(Effect::Route(desc.clone()));
                 }
                 if let Some(t) = token {
-                    round.complete(t, Ok(desc.encode_to_vec()));
+                    out.complete(t, Ok(desc.encode_to_vec()));
                 }
             }
             Err(err) => {
                 tracing::warn!(range = %self.range, "membership change refused by raft: {err}");
                 if let Some(t) = token {
-                    round.complete(t, Err(Error::AdminRefused(err.to_string())));
+                    out.complete(t, Err(Error::AdminRefused(err.to_string())));
                 }
             }
         }

@@ -36,11 +36,9 @@ use flotilla_proto::meta::{MergeState, RangeDescriptor, RangeEpoch, RangeState};
 use flotilla_proto::{Message as _, RangeId};
 use flotilla_store::WriteBatch;
 
-use super::{admin_entry, Replica};
+use super::apply::{Outcome, Step};
+use super::{admin_entry, Effect, Env, Output, PeerMsg, Replica};
 use crate::error::Error;
-use crate::fsm::mailbox::PeerMsg;
-use crate::fsm::worker::Round;
-use crate::node_group::Shared;
 
 /// Ticks a source leader waits before proposing its CommitMerge (or RollbackMerge) again.
 const MERGE_RETRY_TICKS: u8 = 10;
@@ -49,12 +47,6 @@ const MERGE_RETRY_TICKS: u8 = 10;
 /// commit waits until every replica has the prepare entry, so a far-behind or down replica
 /// would keep the source frozen.
 const PREPARE_MAX_LAG: u64 = 1024;
-
-/// What applying an entry came to: done, or wait (a CommitMerge whose source is not ready).
-pub(super) enum Applied {
-    Done,
-    Wait,
-}
 
 /// Checks that `source` can merge into `target`: adjacent, on the same nodes, neither already
 /// merging.
@@ -128,8 +120,8 @@ impl Replica {
         &mut self,
         token: u64,
         target: RangeDescriptor,
-        shared: &Shared,
-        round: &mut Round,
+        env: &Env<'_>,
+        out: &mut Output,
     ) {
         let check = || -> Result<RangeDescriptor, Error> {
             let desc = self.admin_descriptor("merge")?;
@@ -148,12 +140,12 @@ impl Replica {
         };
         let desc = match check() {
             Ok(d) => d,
-            Err(e) => return round.complete(token, Err(e)),
+            Err(e) => return out.complete(token, Err(e)),
         };
         let header = RequestHeader {
             range_id: self.range.0,
             epoch: desc.epoch,
-            proposer_node: shared.node.0,
+            proposer_node: env.node.0,
             proposal_token: token,
             ..Default::default()
         };
@@ -163,7 +155,7 @@ impl Replica {
                 target: Some(target),
             }),
         );
-        self.propose(token, data, shared, round);
+        self.propose(token, data, env, out);
     }
 
     /// Source, every replica: freezes the range. The answer is the encoded descriptor.
@@ -172,9 +164,9 @@ impl Replica {
         header: &RequestHeader,
         prepare: &PrepareMerge,
         (index, term): (u64, u64),
-        shared: &Shared,
+        out: &mut Output,
         batch: &mut WriteBatch,
-    ) -> crate::Result<Vec<u8>> {
+    ) -> Outcome {
         let desc = self
             .descriptor()
             .cloned()
@@ -201,10 +193,10 @@ impl Replica {
             prepare_term: term,
         }));
         self.raw.mut_store().set_descriptor(frozen.clone(), batch);
-        shared.router.upsert(frozen.clone());
+        out.effect(Effect::Route(frozen.clone()));
         self.merge_retry = 0;
         // The target beside us may be waiting for this apply.
-        let _ = shared.post(target.id(), PeerMsg::MergeResume);
+        out.effect(Effect::Post(target.id(), PeerMsg::MergeResume));
         tracing::info!(source = %self.range, target = %target.id(), index, "merge prepared");
         Ok(frozen.encode_to_vec())
     }
@@ -212,17 +204,17 @@ impl Replica {
     /// Source, every tick while merging: the leader proposes the CommitMerge to the target
     /// once every replica has the prepare entry, or the rollback once the target moved on;
     /// after a proposal it waits `MERGE_RETRY_TICKS` before proposing again.
-    pub(super) fn merge_tick(&mut self, shared: &Shared, round: &mut Round) {
+    pub(super) fn merge_tick(&mut self, env: &Env<'_>, out: &mut Output) {
         if self.merge_retry > 0 {
             self.merge_retry -= 1;
             return;
         }
-        self.merge_check(shared, round);
+        self.merge_check(env, out);
     }
 
     /// Source leader, after every round while merging and nothing is in flight: the commit
     /// goes out as soon as the last replica acknowledged the prepare entry, not a tick later.
-    pub(super) fn merge_check(&mut self, shared: &Shared, round: &mut Round) {
+    pub(super) fn merge_check(&mut self, env: &Env<'_>, out: &mut Output) {
         if self.merge_retry > 0 || !self.is_leader() {
             return;
         }
@@ -235,7 +227,7 @@ impl Replica {
         // The target replica beside us tells what the target group did: if its epoch moved
         // past the prepared one, no CommitMerge can ever apply (a lagging replica with an
         // older epoch just means "not yet").
-        match shared.engine.descriptor(target.id()) {
+        match env.engine.descriptor(target.id()) {
             Ok(Some(local)) => {
                 let gone = local.state == RangeState::Tombstone as i32;
                 if gone || moved_past(&local.epoch_or_default(), &target.epoch_or_default()) {
@@ -251,7 +243,7 @@ impl Replica {
                             prepare_index: state.prepare_index,
                         }),
                     );
-                    self.append(0, data, shared, round, false);
+                    self.append(0, data, env, out, false);
                     self.merge_retry = MERGE_RETRY_TICKS;
                     return;
                 }
@@ -280,7 +272,7 @@ impl Replica {
             }),
         );
         // The target replica beside us proposes it (forwarding to its leader if need be).
-        let _ = shared.post(target.id(), PeerMsg::ProposeMerge { data });
+        out.effect(Effect::Post(target.id(), PeerMsg::ProposeMerge { data }));
         self.merge_retry = MERGE_RETRY_TICKS;
     }
 
@@ -302,9 +294,9 @@ impl Replica {
     pub(super) fn apply_rollback_merge(
         &mut self,
         rollback: &RollbackMerge,
-        shared: &Shared,
+        out: &mut Output,
         batch: &mut WriteBatch,
-    ) -> crate::Result<Vec<u8>> {
+    ) -> Outcome {
         let mut desc = self
             .descriptor()
             .cloned()
@@ -318,7 +310,7 @@ impl Replica {
         epoch.version += 1;
         desc.epoch = Some(epoch);
         self.raw.mut_store().set_descriptor(desc.clone(), batch);
-        shared.router.upsert(desc.clone());
+        out.effect(Effect::Route(desc.clone()));
         tracing::info!(range = %self.range, "merge rolled back: the target changed");
         metrics::counter!("flotilla_runtime_merge_rollbacks_total").increment(1);
         Ok(desc.encode_to_vec())
@@ -331,92 +323,82 @@ impl Replica {
         header: &RequestHeader,
         commit: &CommitMerge,
         (index, term): (u64, u64),
-        shared: &Shared,
-        round: &mut Round,
+        env: &Env<'_>,
+        out: &mut Output,
         batch: &mut WriteBatch,
-    ) -> Result<crate::Result<Vec<u8>>, ()> {
+    ) -> crate::error::Result<Step> {
         let desc = match self.descriptor().cloned() {
             Some(d) => d,
-            None => return Ok(Err(Error::RangeNotFound(self.range))),
+            None => return Ok(Step::Done(Err(Error::RangeNotFound(self.range)))),
         };
         if header.epoch != desc.epoch {
-            return Ok(Err(Error::EpochNotMatch {
+            return Ok(Step::Done(Err(Error::EpochNotMatch {
                 current: vec![desc],
-            }));
+            })));
         }
         let Some(source) = commit.source.clone() else {
-            return Ok(Err(Error::AdminRefused(
+            return Ok(Step::Done(Err(Error::AdminRefused(
                 "commit merge without a source".into(),
-            )));
+            ))));
         };
         let Some(state) = source.merge.clone().filter(|m| {
             m.target
                 .as_ref()
                 .is_some_and(|t| t.range_id == self.range.0)
         }) else {
-            return Ok(Err(Error::AdminRefused(
+            return Ok(Step::Done(Err(Error::AdminRefused(
                 "commit merge of a source not prepared for this target".into(),
-            )));
+            ))));
         };
         let mut unfrozen = source.clone();
         unfrozen.merge = None;
         if let Err(e) = check_mergeable(&unfrozen, &desc) {
-            return Ok(Err(e));
+            return Ok(Step::Done(Err(e)));
         }
 
         // The source replica beside us must have applied exactly up to the prepare entry and
         // handed itself over (it then never writes again): ask it, and wait.
         let source_id = source.id();
-        if shared.handovers.get(&source_id.0).map(|p| *p) != Some(state.prepare_index) {
-            if shared.cell(source_id).is_none() {
+        if env.host.handed_over(source_id) != Some(state.prepare_index) {
+            if !env.host.hosts(source_id) {
                 // Required by the merge but not on this node (removed by something else):
                 // wait rather than take keys this node may have no data for.
                 tracing::error!(
                     source = %source_id, target = %self.range, prepare = state.prepare_index,
                     "merge source replica missing on this node; the target waits"
                 );
-                return Err(());
+                return Ok(Step::Wait);
             }
-            let _ = shared.post(
+            out.effect(Effect::Post(
                 source_id,
                 PeerMsg::MergeCatchUp {
                     prepare_index: state.prepare_index,
                     prepare_term: state.prepare_term,
                 },
-            );
-            return Err(());
+            ));
+            return Ok(Step::Wait);
         }
 
         let new = merged(&desc, &source);
         self.raw.mut_store().set_descriptor(new.clone(), batch);
-        if let Err(e) = self.absorb_client_records(source_id, shared, round, batch) {
-            return Ok(Err(e));
+        if let Err(e) = self.absorb_client_records(source_id, env, out, batch) {
+            return Ok(Step::Done(Err(e)));
         }
         let mut tomb = source;
         tomb.state = RangeState::Tombstone as i32;
         batch.destroy_group_state(source_id);
         batch.put_descriptor(&tomb);
-        // Like a split: the merge and everything applied before it reach the disk together.
+        // Like a split: the merge and everything applied before it reach the disk together,
+        // before the source leaves the node.
         self.raw.mut_store().set_applied(index, term, batch);
-        let full = std::mem::replace(batch, shared.engine.batch());
-        if let Err(e) = shared.engine.write(full, true) {
-            return Ok(Err(e.into()));
-        }
-
-        shared.handovers.remove(&source_id.0);
-        if let Some(cell) = shared.cell(source_id) {
-            for token in cell.fail().iter().filter_map(PeerMsg::token) {
-                round.complete(token, Err(Error::RangeNotFound(source_id)));
-            }
-        }
-        shared.unregister(source_id);
-        shared
-            .tombstones
-            .insert(source_id.0, tomb.epoch_or_default().conf_ver);
-        shared.router.upsert(new.clone());
-        metrics::counter!("flotilla_runtime_merges_total").increment(1);
+        out.sync_apply = true;
+        out.effect(Effect::MergedAway {
+            source: source_id,
+            tombstone: tomb,
+            merged: new.clone(),
+        });
         tracing::info!(source = %source_id, target = %self.range, index, "ranges merged");
-        Ok(Ok(new.encode_to_vec()))
+        Ok(Step::Done(Ok(new.encode_to_vec())))
     }
 
     /// Gives the target every retry record of the source that is newer than its own, so a
@@ -424,20 +406,20 @@ impl Replica {
     fn absorb_client_records(
         &self,
         source: RangeId,
-        shared: &Shared,
-        round: &Round,
+        env: &Env<'_>,
+        out: &Output,
         batch: &mut WriteBatch,
-    ) -> crate::Result<()> {
+    ) -> crate::error::Result<()> {
         let seq_of = |b: &[u8]| ClientRecord::decode(b).map(|r| r.seq).unwrap_or(0);
-        let mut mine: HashMap<u64, u64> = shared
+        let mut mine: HashMap<u64, u64> = env
             .engine
             .client_records(self.range)?
             .into_iter()
             .map(|(c, b)| (c, seq_of(&b)))
             .collect();
         let mut theirs: HashMap<u64, Vec<u8>> =
-            shared.engine.client_records(source)?.into_iter().collect();
-        for ((range, client), rec) in &round.client_records {
+            env.engine.client_records(source)?.into_iter().collect();
+        for ((range, client), rec) in &out.client_records {
             if *range == self.range.0 {
                 mine.insert(*client, rec.seq);
             } else if *range == source.0 {
@@ -452,19 +434,24 @@ impl Replica {
         Ok(())
     }
 
-    /// The prepare index, once this source replica applied it and the target asked for it:
-    /// the worker then takes the replica out of service (after writing the round's apply
-    /// batch) and the target absorbs it.
-    pub(crate) fn hand_over_index(&self) -> Option<u64> {
+    /// Source: once this replica applied its prepare entry and the target asked for it, asks
+    /// its owner to take it out of service (after the round's apply batch is written) so that
+    /// the target absorbs it.
+    pub(super) fn maybe_hand_over(&self, out: &mut Output) {
         if !self.merge_requested {
-            return None;
+            return;
         }
-        let p = self.merge_state()?.prepare_index;
-        (self.raw.store().apply_state().applied_index >= p).then_some(p)
-    }
-
-    /// The target a handed-over source goes to.
-    pub(crate) fn merge_target(&self) -> Option<RangeId> {
-        self.merge_state()?.target.as_ref().map(|t| t.id())
+        let Some(state) = self.merge_state() else {
+            return;
+        };
+        let Some(target) = state.target.as_ref().map(|t| t.id()) else {
+            return;
+        };
+        if self.raw.store().apply_state().applied_index >= state.prepare_index {
+            out.effect(Effect::HandOver {
+                prepare: state.prepare_index,
+                target,
+            });
+        }
     }
 }

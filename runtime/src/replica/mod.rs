@@ -1,19 +1,28 @@
 //! One group's replica on this node: raft-rs's `RawNode` over the group's storage, plus the
-//! little state the runtime keeps beside it. This module knows nothing of threads: the worker
-//! calls it in phases ([`Replica::on_msgs`], [`Replica::on_ticks`], [`Replica::collect_ready`],
-//! [`Replica::after_persist`]) and it writes into the round's batches and outbox.
+//! little state the runtime keeps beside it. This module knows nothing of threads: its owner
+//! (a worker, or a test on one thread) calls it in phases ([`Replica::on_msgs`],
+//! [`Replica::on_ticks`], [`Replica::collect_ready`], [`Replica::after_persist`]) with an
+//! [`Env`] to read and an [`Output`] to write (see `context`): messages, completions, the
+//! round's batches, and lifecycle effects that the owner carries out. Nothing here imports
+//! `fsm/` or `node_group`.
 //!
-//! Each feature has its own file: proposals (`propose`), reads (`read`), membership
-//! (`conf_change`), applying entries (`apply`), snapshots and log compaction (`snapshot`),
-//! range splits (`split`) and merges (`merge`).
+//! Each feature has its own file: the inputs (`msg`), the seam (`context`), proposals
+//! (`propose`), reads (`read`), membership (`conf_change`), applying entries (`apply`),
+//! snapshots and log compaction (`snapshot`), range splits (`split`) and merges (`merge`),
+//! messages to other nodes (`send`).
 
 mod apply;
 mod conf_change;
+mod context;
 mod merge;
+mod msg;
 mod propose;
 mod read;
+mod send;
 mod snapshot;
 mod split;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 
@@ -21,19 +30,17 @@ use flotilla_proto::command::{
     admin_command, raft_command, AdminCommand, RaftCommand, RequestHeader,
 };
 use flotilla_proto::meta::{RangeDescriptor, ReplicaDescriptor};
-use flotilla_proto::transport::{Heartbeat, RaftMessage};
 use flotilla_proto::{Message as _, NodeId, RangeId};
 use flotilla_store::{GroupStorage, WriteBatch};
-use prost_raft::Message as _;
 use raft::prelude::{Message, MessageType};
 use raft::{RawNode, Ready, StateRole};
 
+use crate::config::NodeGroupConfig;
 use crate::error::Error;
-use crate::fsm::mailbox::PeerMsg;
-use crate::fsm::worker::Round;
-use crate::node_group::Shared;
 
+pub(crate) use context::{Effect, Env, Existing, Host, Output};
 pub(crate) use merge::check_mergeable;
+pub(crate) use msg::PeerMsg;
 pub(crate) use read::PendingRead;
 
 /// An encoded admin entry (split, merge) for the log.
@@ -70,8 +77,10 @@ pub(crate) struct Replica {
     /// Set when an applied membership change removed this replica.
     removed: bool,
     /// Campaigns left to retry (every two ticks, while no leader is known) for a group this
-    /// node's split just created.
-    pub(crate) campaign_retries: u8,
+    /// node's split just created: followers that have not applied the split yet drop the new
+    /// group's (pre)votes (their parent still covers its keys), so one campaign often goes
+    /// unanswered; a few quick retries spare the new half a full election timeout.
+    campaign_retries: u8,
     /// Writes and their bytes applied while leader since the range was last measured for a
     /// split.
     written_since_split_check: (u64, u64),
@@ -86,6 +95,9 @@ pub(crate) struct Replica {
     /// before they apply, they are answered `ProposalDropped` at once rather than at
     /// `proposal_timeout` (see `propose.rs`). Empty for almost every replica.
     forwarded: Vec<(u64, u64)>,
+    /// The placeholder descriptor of a replica created by a message, until its first round
+    /// writes it with the round's batch (who we are must be on disk before raft votes).
+    placeholder: Option<Box<RangeDescriptor>>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -147,7 +159,59 @@ impl Replica {
             merge_retry: 0,
             merge_requested: false,
             forwarded: Vec::new(),
+            placeholder: None,
         }
+    }
+
+    /// Opens a replica over `storage` with raft configured from `config` (raft-rs logs through
+    /// `logger`, which should carry the node).
+    pub(crate) fn open(
+        storage: GroupStorage,
+        id: u64,
+        node: NodeId,
+        config: &NodeGroupConfig,
+        logger: &slog::Logger,
+    ) -> crate::error::Result<Replica> {
+        let applied = storage.apply_state().applied_index;
+        let range = storage.group();
+        let cfg = config.raft_config(id, applied);
+        let logger = logger.new(slog::o!("group" => range.0, "replica" => id));
+        let raw = RawNode::new(&cfg, storage, &logger).map_err(|source| Error::RaftInit {
+            range,
+            source: std::sync::Arc::new(source),
+        })?;
+        Ok(Replica::new(raw, id, range, node))
+    }
+
+    /// A replica created by a message for a group this node does not host yet: uninitialized
+    /// (raft will send it a snapshot), with a placeholder descriptor naming its replica id that
+    /// its first round writes (see `placeholder`).
+    pub(crate) fn open_uninitialized(
+        engine: std::sync::Arc<flotilla_store::Engine>,
+        range: RangeId,
+        id: u64,
+        node: NodeId,
+        config: &NodeGroupConfig,
+        logger: &slog::Logger,
+    ) -> crate::error::Result<Replica> {
+        let storage = GroupStorage::new_uninitialized(engine, range);
+        let mut replica = Replica::open(storage, id, node, config, logger)?;
+        replica.placeholder = Some(Box::new(RangeDescriptor {
+            range_id: range.0,
+            state: flotilla_proto::meta::RangeState::Uninitialized as i32,
+            replicas: vec![ReplicaDescriptor {
+                replica_id: id,
+                node_id: node.0,
+                role: flotilla_proto::meta::ReplicaRole::Voter as i32,
+            }],
+            ..Default::default()
+        }));
+        Ok(replica)
+    }
+
+    /// Starts the new group of a split with a few quick campaigns (see `campaign_retries`).
+    pub(crate) fn campaign_soon(&mut self) {
+        self.campaign_retries = 4;
     }
 
     pub(crate) fn is_leader(&self) -> bool {
@@ -164,10 +228,6 @@ impl Replica {
 
     pub(crate) fn hard_state(&self) -> raft::prelude::HardState {
         self.raw.store().hard_state().clone()
-    }
-
-    pub(crate) fn is_removed(&self) -> bool {
-        self.removed
     }
 
     pub(crate) fn status(&self) -> ReplicaStatus {
@@ -209,7 +269,7 @@ impl Replica {
     }
 
     /// Handles everything that was in the mailbox.
-    pub(crate) fn on_msgs(&mut self, msgs: Vec<PeerMsg>, shared: &Shared, round: &mut Round) {
+    pub(crate) fn on_msgs(&mut self, msgs: Vec<PeerMsg>, env: &Env<'_>, out: &mut Output) {
         for m in msgs {
             match m {
                 PeerMsg::Raft {
@@ -218,19 +278,19 @@ impl Replica {
                     from_conf_ver,
                 } => {
                     self.learn_peer(&from);
-                    self.on_raft_message(*msg, from_conf_ver, shared, round)
+                    self.on_raft_message(*msg, from_conf_ver, env, out)
                 }
-                PeerMsg::Propose { token, data } => self.propose(token, data, shared, round),
-                PeerMsg::Read { token, lease } => self.read(token, lease, shared, round),
+                PeerMsg::Propose { token, data } => self.propose(token, data, env, out),
+                PeerMsg::Read { token, lease } => self.read(token, lease, env, out),
                 PeerMsg::ConfChange { token, changes } => {
-                    self.propose_conf_change(token, changes, shared, round)
+                    self.propose_conf_change(token, changes, env, out)
                 }
                 PeerMsg::TransferLeader { token, to } => {
                     if self.is_leader() {
                         self.raw.transfer_leader(to);
-                        round.complete(token, Ok(Vec::new()));
+                        out.complete(token, Ok(Vec::new()));
                     } else {
-                        round.complete(
+                        out.complete(
                             token,
                             Err(Error::NotLeader {
                                 range: self.range,
@@ -243,11 +303,11 @@ impl Replica {
                     token,
                     split_key,
                     new_range_id,
-                } => self.propose_split(token, split_key, new_range_id, shared, round),
+                } => self.propose_split(token, split_key, new_range_id, env, out),
                 PeerMsg::PrepareMerge { token, target } => {
-                    self.propose_prepare_merge(token, target, shared, round)
+                    self.propose_prepare_merge(token, target, env, out)
                 }
-                PeerMsg::ProposeMerge { data } => self.append(0, data, shared, round, true),
+                PeerMsg::ProposeMerge { data } => self.append(0, data, env, out, true),
                 PeerMsg::MergeCatchUp {
                     prepare_index,
                     prepare_term,
@@ -260,8 +320,8 @@ impl Replica {
                     }
                 }
                 PeerMsg::CompactLog { token } => {
-                    let r = self.force_compact(round);
-                    round.complete(token, r.map(|_| Vec::new()));
+                    let r = self.force_compact(out);
+                    out.complete(token, r.map(|_| Vec::new()));
                 }
                 PeerMsg::Unreachable { to } => self.raw.report_unreachable(to),
                 PeerMsg::SnapshotStatus { to, ok } => {
@@ -282,8 +342,8 @@ impl Replica {
         &mut self,
         msg: Message,
         from_conf_ver: u64,
-        shared: &Shared,
-        round: &mut Round,
+        env: &Env<'_>,
+        out: &mut Output,
     ) {
         if msg.to != self.id {
             metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "wrong_replica")
@@ -305,9 +365,7 @@ impl Replica {
                 return;
             }
         }
-        if msg.get_msg_type() == MessageType::MsgSnapshot
-            && !self.accept_snapshot(&msg, shared, round)
-        {
+        if msg.get_msg_type() == MessageType::MsgSnapshot && !self.accept_snapshot(&msg, env, out) {
             metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "snapshot_overlap")
                 .increment(1);
             return;
@@ -326,15 +384,15 @@ impl Replica {
         }
     }
 
-    pub(crate) fn on_ticks(&mut self, ticks: u32, shared: &Shared, round: &mut Round) {
+    pub(crate) fn on_ticks(&mut self, ticks: u32, env: &Env<'_>, out: &mut Output) {
         for _ in 0..ticks {
             self.raw.tick();
         }
         if ticks > 0 && self.merge_state().is_some() {
-            self.merge_tick(shared, round);
+            self.merge_tick(env, out);
         }
         if ticks > 0 && !self.reads.is_empty() {
-            self.retry_reads(ticks, shared);
+            self.retry_reads(ticks, env);
         }
         if self.campaign_retries > 0 && ticks > 0 {
             if self.raw.raft.leader_id != 0 {
@@ -350,20 +408,23 @@ impl Replica {
     /// an incoming snapshot, and adds entries and hard state to the round's batch.
     pub(crate) fn collect_ready(
         &mut self,
-        shared: &Shared,
-        round: &mut Round,
+        env: &Env<'_>,
+        out: &mut Output,
         batch: &mut WriteBatch,
-    ) -> crate::Result<()> {
+    ) -> crate::error::Result<()> {
+        if let Some(p) = self.placeholder.take() {
+            batch.put_descriptor(&p);
+        }
         if !self.raw.has_ready() {
             return Ok(());
         }
         let mut rd = self.raw.ready();
         // Leader appends may go out before the local fsync (raft thesis 10.2.1).
         if !rd.messages().is_empty() {
-            self.send_raft(rd.take_messages(), shared, round);
+            self.send_raft(rd.take_messages(), env, out);
         }
         if !rd.snapshot().is_empty() {
-            self.apply_snapshot(rd.snapshot().clone(), shared, round)?;
+            self.apply_snapshot(rd.snapshot().clone(), env, out)?;
         }
         self.raw.mut_store().append(rd.entries(), batch)?;
         if let Some(hs) = rd.hs() {
@@ -381,16 +442,16 @@ impl Replica {
     /// advances raft, applies committed entries into `apply_batch`.
     pub(crate) fn after_persist(
         &mut self,
-        shared: &Shared,
-        round: &mut Round,
+        env: &Env<'_>,
+        out: &mut Output,
         apply_batch: &mut WriteBatch,
-    ) -> crate::Result<()> {
+    ) -> crate::error::Result<()> {
         // Entries a CommitMerge held back go first.
         let mut entries = std::mem::take(&mut self.stalled);
         if let Some(mut rd) = self.ready.take() {
             let persisted = rd.take_persisted_messages();
             if !persisted.is_empty() {
-                self.send_raft(persisted, shared, round);
+                self.send_raft(persisted, env, out);
             }
             entries.extend(rd.take_committed_entries());
             // advance_append, not advance: raft must learn what was applied only after it was
@@ -401,23 +462,24 @@ impl Replica {
             }
             let msgs = light.take_messages();
             if !msgs.is_empty() {
-                self.send_raft(msgs, shared, round);
+                self.send_raft(msgs, env, out);
             }
             entries.extend(light.take_committed_entries());
         } else if entries.is_empty() {
             // An append response may have been all that happened: it can complete a merge's
             // precondition.
             if self.merge_state().is_some() {
-                self.merge_check(shared, round);
+                self.merge_check(env, out);
             }
             if !self.forwarded.is_empty() {
-                self.settle_forwarded(shared, round);
+                self.settle_forwarded(env, out);
             }
+            self.maybe_hand_over(out);
             return Ok(());
         }
         let applied_any = !entries.is_empty();
         if applied_any {
-            self.apply_entries(entries, shared, round, apply_batch)?;
+            self.apply_entries(entries, env, out, apply_batch)?;
         }
         if self.stalled.is_empty() {
             self.raw.advance_apply();
@@ -426,18 +488,19 @@ impl Replica {
             self.raw.advance_apply_to(applied);
         }
         if applied_any {
-            self.maybe_compact(shared, apply_batch)?;
+            self.maybe_compact(env, apply_batch)?;
         }
-        self.complete_reads(shared, round);
+        self.complete_reads(env, out);
         if self.merge_state().is_some() {
-            self.merge_check(shared, round);
+            self.merge_check(env, out);
         }
         if !self.forwarded.is_empty() {
-            self.settle_forwarded(shared, round);
+            self.settle_forwarded(env, out);
         }
+        self.maybe_hand_over(out);
         // Follow-up work (e.g. a commit learned from the apply): run another round.
         if self.raw.has_ready() {
-            round.reschedule = true;
+            out.reschedule = true;
         }
         Ok(())
     }
@@ -467,102 +530,15 @@ impl Replica {
     }
 
     /// Fails everything this replica was waiting on (it is being destroyed or isolated).
-    pub(crate) fn abort_pending(&mut self, round: &mut Round, err: Error) {
+    pub(crate) fn abort_pending(&mut self, out: &mut Output, err: Error) {
         for p in self.proposals.drain(..) {
-            round.complete(p.token, Err(err.clone()));
+            out.complete(p.token, Err(err.clone()));
         }
         for (token, _) in self.forwarded.drain(..) {
-            round.complete(token, Err(Error::ProposalDropped));
+            out.complete(token, Err(Error::ProposalDropped));
         }
         for r in self.reads.drain(..) {
-            round.complete(r.token, Err(err.clone()));
-        }
-    }
-
-    /// Turns raft messages into our envelopes in the round's outbox, per destination node.
-    fn send_raft(&mut self, msgs: Vec<Message>, shared: &Shared, round: &mut Round) {
-        let desc = self.descriptor();
-        let (epoch, start, end) = match desc {
-            Some(d) => (d.epoch, d.start_key.clone(), d.end_key.clone()),
-            None => (None, Default::default(), Default::default()),
-        };
-        let from = ReplicaDescriptor {
-            replica_id: self.id,
-            node_id: self.node.0,
-            role: 0,
-        };
-        for m in msgs {
-            let Some(node) = self.node_of(m.to) else {
-                metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "unknown_peer")
-                    .increment(1);
-                continue;
-            };
-            let msg_type = m.get_msg_type();
-            // A follower that never acknowledged anything to this leader may not have a
-            // replica of the group yet (e.g. it missed the split that created it and gets the
-            // parent by snapshot): a coalesced heartbeat carries no key range and cannot create
-            // one, and a probing leader sends its next append only on a heartbeat response, so
-            // such heartbeats go as full messages, which can.
-            let never_acked = self
-                .raw
-                .raft
-                .prs()
-                .get(m.to)
-                .is_some_and(|pr| pr.matched == 0);
-            let maybe_uncreated = msg_type == MessageType::MsgHeartbeat && never_acked;
-            if shared.config.coalesce_heartbeats
-                && !maybe_uncreated
-                && matches!(
-                    msg_type,
-                    MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse
-                )
-            {
-                // Carried as a compact entry of the node pair's batch; term and commit are the
-                // real message's, so the receiver rebuilds exactly what raft sent.
-                round.push_heartbeat(
-                    node,
-                    Heartbeat {
-                        range_id: self.range.0,
-                        from_replica: self.id,
-                        to_replica: m.to,
-                        term: m.term,
-                        commit: m.commit,
-                        response: msg_type == MessageType::MsgHeartbeatResponse,
-                        context: m.context.into(),
-                    },
-                );
-                continue;
-            }
-            let is_snapshot = msg_type == MessageType::MsgSnapshot;
-            let to = ReplicaDescriptor {
-                replica_id: m.to,
-                node_id: node.0,
-                role: 0,
-            };
-            // What a receiver without the group needs to check membership (see maybe_create).
-            let may_create = match msg_type {
-                MessageType::MsgSnapshot
-                | MessageType::MsgRequestVote
-                | MessageType::MsgRequestPreVote => true,
-                MessageType::MsgAppend | MessageType::MsgHeartbeat => never_acked,
-                _ => false,
-            };
-            let replicas = match (may_create, desc) {
-                (true, Some(d)) => d.replicas.clone(),
-                _ => Vec::new(),
-            };
-            let env = RaftMessage {
-                range_id: self.range.0,
-                from: Some(from),
-                to: Some(to),
-                epoch,
-                start_key: start.clone(),
-                end_key: end.clone(),
-                message: m.encode_to_vec().into(),
-                snapshot: is_snapshot,
-                replicas,
-            };
-            round.push_message(node, env, is_snapshot, self.range, m.to);
+            out.complete(r.token, Err(err.clone()));
         }
     }
 }

@@ -9,28 +9,20 @@
 
 use raft::StateRole;
 
-use super::{LocalProposal, Replica};
+use super::{Env, LocalProposal, Output, Replica};
 use crate::error::Error;
-use crate::fsm::worker::Round;
-use crate::node_group::Shared;
 
 impl Replica {
     /// Proposes a client or admin command; a merge source refuses them all.
-    pub(super) fn propose(
-        &mut self,
-        token: u64,
-        data: Vec<u8>,
-        shared: &Shared,
-        round: &mut Round,
-    ) {
+    pub(super) fn propose(&mut self, token: u64, data: Vec<u8>, env: &Env<'_>, out: &mut Output) {
         if self.merge_state().is_some() {
-            round.complete(
+            out.complete(
                 token,
                 Err(Error::Busy("range is being merged; retry shortly")),
             );
             return;
         }
-        self.append(token, data, shared, round, false);
+        self.append(token, data, env, out, false);
     }
 
     /// Appends `data` to the log as leader, or forwards it to the leader (if allowed by the
@@ -39,14 +31,14 @@ impl Replica {
         &mut self,
         token: u64,
         data: Vec<u8>,
-        shared: &Shared,
-        round: &mut Round,
+        env: &Env<'_>,
+        out: &mut Output,
         force_forward: bool,
     ) {
         let leader = self.raw.raft.state == StateRole::Leader;
-        let forward = shared.config.forward_proposals || force_forward;
+        let forward = env.config.forward_proposals || force_forward;
         if !leader && (!forward || self.raw.raft.leader_id == 0) {
-            round.complete(
+            out.complete(
                 token,
                 Err(Error::NotLeader {
                     range: self.range,
@@ -74,14 +66,14 @@ impl Replica {
             Err(raft::Error::ProposalDropped) if leader => {
                 // A leader drops proposals when its uncommitted log is over budget or while it
                 // transfers leadership: both pass, so the caller should back off and retry.
-                round.complete(
+                out.complete(
                     token,
                     Err(Error::Busy("uncommitted log full or leader transferring")),
                 );
             }
             Err(e) => {
                 tracing::debug!(range = %self.range, "proposal refused: {e}");
-                round.complete(token, Err(Error::ProposalDropped));
+                out.complete(token, Err(Error::ProposalDropped));
             }
         }
     }
@@ -90,14 +82,14 @@ impl Replica {
     /// `ProposalDropped` (outcome unknown: the old leader may have appended them, and the
     /// new one may still commit them; a retry with the same request id is safe). Those that
     /// completed meanwhile are forgotten.
-    pub(super) fn settle_forwarded(&mut self, shared: &Shared, round: &mut Round) {
+    pub(super) fn settle_forwarded(&mut self, env: &Env<'_>, out: &mut Output) {
         let leader = self.raw.raft.leader_id;
         self.forwarded.retain(|&(token, to)| {
-            if !shared.pending.contains(token) {
+            if !env.pending.contains(token) {
                 return false;
             }
             if to != leader {
-                round.complete(token, Err(Error::ProposalDropped));
+                out.complete(token, Err(Error::ProposalDropped));
                 return false;
             }
             true
@@ -109,14 +101,14 @@ impl Replica {
 
     /// Settles local proposals at or below `index` once the entry at `index` (of `term`) has
     /// been applied: an older proposal at the same index with another term was overwritten.
-    pub(super) fn settle_proposals(&mut self, index: u64, term: u64, round: &mut Round) {
+    pub(super) fn settle_proposals(&mut self, index: u64, term: u64, out: &mut Output) {
         while let Some(p) = self.proposals.front().copied() {
             if p.index > index {
                 break;
             }
             self.proposals.pop_front();
             if p.index < index || p.term != term {
-                round.complete(p.token, Err(Error::ProposalDropped));
+                out.complete(p.token, Err(Error::ProposalDropped));
             }
             // Otherwise the apply path completed it through the token in the entry.
         }

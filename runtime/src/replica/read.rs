@@ -11,10 +11,8 @@
 
 use raft::ReadState;
 
-use super::Replica;
+use super::{Env, Output, Replica};
 use crate::error::Error;
-use crate::fsm::worker::Round;
-use crate::node_group::Shared;
 
 /// A read waiting for its read index, then for the apply to reach it.
 #[derive(Debug)]
@@ -27,12 +25,22 @@ pub(crate) struct PendingRead {
 }
 
 impl Replica {
-    pub(super) fn read(&mut self, token: u64, lease: bool, shared: &Shared, round: &mut Round) {
+    pub(super) fn read(&mut self, token: u64, lease: bool, env: &Env<'_>, out: &mut Output) {
         // Once the target may have taken the keys over, this replica's view is not the latest.
         if self.merge_state().is_some() {
-            round.complete(
+            out.complete(
                 token,
                 Err(Error::Busy("range is being merged; retry shortly")),
+            );
+            return;
+        }
+        if lease && !env.config.lease_reads {
+            out.complete(
+                token,
+                Err(Error::InvalidCommand(
+                    "lease reads are off on this node (lease_reads = false); read linearizably"
+                        .into(),
+                )),
             );
             return;
         }
@@ -47,9 +55,9 @@ impl Replica {
                     index: Some(index),
                     waited: 0,
                 });
-                self.complete_reads(shared, round);
+                self.complete_reads(env, out);
             } else {
-                round.complete(
+                out.complete(
                     token,
                     Err(Error::NotLeader {
                         range: self.range,
@@ -60,7 +68,7 @@ impl Replica {
             return;
         }
         if self.raw.raft.leader_id == 0 {
-            round.complete(
+            out.complete(
                 token,
                 Err(Error::NotLeader {
                     range: self.range,
@@ -80,8 +88,8 @@ impl Replica {
     /// Asks again for read indexes that have not arrived within two heartbeat intervals:
     /// raft-rs does not resend a lost `MsgReadIndex` (or its answer), and a leader that has
     /// not committed in its term yet drops the request.
-    pub(super) fn retry_reads(&mut self, ticks: u32, shared: &Shared) {
-        let patience = (2 * shared.config.heartbeat_tick) as u32;
+    pub(super) fn retry_reads(&mut self, ticks: u32, env: &Env<'_>) {
+        let patience = (2 * env.config.heartbeat_tick) as u32;
         let mut again = Vec::new();
         for r in self.reads.iter_mut().filter(|r| r.index.is_none()) {
             r.waited += ticks;
@@ -108,18 +116,18 @@ impl Replica {
     }
 
     /// Completes reads whose index has been applied.
-    pub(super) fn complete_reads(&mut self, shared: &Shared, round: &mut Round) {
+    pub(super) fn complete_reads(&mut self, env: &Env<'_>, out: &mut Output) {
         if self.reads.is_empty() {
             return;
         }
         let applied = self.raw.raft.raft_log.applied;
         self.reads.retain(|r| match r.index {
             Some(i) if i <= applied => {
-                round.complete(r.token, Ok(Vec::new()));
+                out.complete(r.token, Ok(Vec::new()));
                 false
             }
             // A read whose caller gave up (timed out) is forgotten.
-            _ => shared.pending.contains(r.token),
+            _ => env.pending.contains(r.token),
         });
         if self.reads.is_empty() {
             self.reads = Vec::new();

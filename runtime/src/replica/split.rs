@@ -8,11 +8,12 @@
 //!   epoch moved or the key is no longer inside; otherwise shrink the left descriptor to
 //!   `[start, split_key)` and bump its version, write the right descriptor `[split_key, end)`
 //!   with the new range id (same members and replica ids: ids are scoped to a group) and the
-//!   new group's initial raft state at index/term 5 — all in the apply batch, which is then
-//!   written **synced** before the new replica exists, so no state of the new group can reach
-//!   the disk ahead of its creation.
-//! - **On apply result**: register the new replica, update the router with both halves, and on
-//!   the parent's leader start the new group's election at once.
+//!   new group's initial raft state at index/term 5 — all in the round's apply batch, which is
+//!   then written **synced** before the new replica exists, so no state of the new group can
+//!   reach the disk ahead of its creation.
+//! - **On apply result** (the owner, `fsm::life`, once the synced apply batch is written):
+//!   register the new replica, update the router with both halves, and on the parent's leader
+//!   start the new group's election at once.
 //!
 //! The data of both halves already lives in the shared `data` column family.
 
@@ -21,11 +22,9 @@ use flotilla_proto::meta::{RangeDescriptor, RangeEpoch, RangeState};
 use flotilla_proto::{Message as _, RangeId};
 use flotilla_store::{GroupStorage, WriteBatch, SPLIT_INIT_INDEX, SPLIT_INIT_TERM};
 
-use super::{admin_entry, Replica};
+use super::apply::Step;
+use super::{admin_entry, Effect, Env, Existing, Output, Replica};
 use crate::error::Error;
-use crate::fsm::mailbox::{PeerMsg, ReplicaCell};
-use crate::fsm::worker::Round;
-use crate::node_group::Shared;
 
 impl Replica {
     pub(super) fn propose_split(
@@ -33,8 +32,8 @@ impl Replica {
         token: u64,
         split_key: Vec<u8>,
         new_range_id: u64,
-        shared: &Shared,
-        round: &mut Round,
+        env: &Env<'_>,
+        out: &mut Output,
     ) {
         let check = || -> Result<RangeDescriptor, Error> {
             let desc = self.admin_descriptor("split")?;
@@ -44,7 +43,7 @@ impl Replica {
                     self.range
                 )));
             }
-            if new_range_id == 0 || shared.cell(RangeId(new_range_id)).is_some() {
+            if new_range_id == 0 || env.host.hosts(RangeId(new_range_id)) {
                 return Err(Error::AdminRefused(format!(
                     "range id {new_range_id} is not free"
                 )));
@@ -53,12 +52,12 @@ impl Replica {
         };
         let desc = match check() {
             Ok(d) => d,
-            Err(e) => return round.complete(token, Err(e)),
+            Err(e) => return out.complete(token, Err(e)),
         };
         let header = RequestHeader {
             range_id: self.range.0,
             epoch: desc.epoch,
-            proposer_node: shared.node.0,
+            proposer_node: env.node.0,
             proposal_token: token,
             ..Default::default()
         };
@@ -70,32 +69,33 @@ impl Replica {
                 new_replica_ids: desc.replicas.iter().map(|r| r.replica_id).collect(),
             }),
         );
-        self.propose(token, data, shared, round);
+        self.propose(token, data, env, out);
     }
 
-    /// Applies a committed split; the answer is an encoded [`SplitResult`].
+    /// Applies a committed split; the answer is an encoded [`SplitResult`]. `Err` is a store
+    /// failure; a refusal is the step's outcome.
     pub(super) fn apply_split(
         &mut self,
         header: &RequestHeader,
         split: &Split,
         (index, term): (u64, u64),
-        shared: &Shared,
-        round: &mut Round,
+        env: &Env<'_>,
+        out: &mut Output,
         batch: &mut WriteBatch,
-    ) -> crate::Result<Vec<u8>> {
-        let desc = self
-            .descriptor()
-            .cloned()
-            .ok_or(Error::RangeNotFound(self.range))?;
+    ) -> crate::error::Result<Step> {
+        let refuse = |e: Error| Ok(Step::Done(Err(e)));
+        let Some(desc) = self.descriptor().cloned() else {
+            return refuse(Error::RangeNotFound(self.range));
+        };
         let epoch = desc.epoch_or_default();
         if header.epoch.is_none_or(|e| e != epoch) {
-            return Err(Error::EpochNotMatch {
+            return refuse(Error::EpochNotMatch {
                 current: vec![desc],
             });
         }
         let key = &split.split_key[..];
         if !desc.contains(key) || key == &desc.start_key[..] || split.new_range_id == 0 {
-            return Err(Error::AdminRefused(
+            return refuse(Error::AdminRefused(
                 "split key no longer inside the range".into(),
             ));
         }
@@ -116,85 +116,71 @@ impl Replica {
             next_replica_id: desc.next_replica_id,
             merge: None,
         };
-        self.raw.mut_store().set_descriptor(left.clone(), batch);
+
+        // Retry de-duplication follows the keys: a client's retry may now route to either half,
+        // so both start with the parent's records (those on disk, and this round's).
+        let mut records: std::collections::HashMap<u64, Vec<u8>> =
+            env.engine.client_records(self.range)?.into_iter().collect();
+        for ((range, client), rec) in &out.client_records {
+            if *range == self.range.0 {
+                records.insert(*client, rec.encode_to_vec());
+            }
+        }
+        let records: Vec<(u64, Vec<u8>)> = records.into_iter().collect();
 
         // A replica of the new group may already be here: initialized (it got a snapshot from
         // the new group's leader before we applied the split: its data is newer, keep it) or
-        // uninitialized (created by a message; carry over its term and vote so that this node
-        // never votes twice in a term).
-        let existing = shared.cell(right.id());
-        let mut carried_hard_state = None;
-        if let Some(cell) = &existing {
-            if let Some(r) = cell.replica.lock().as_ref() {
-                if r.raw.store().is_initialized() {
-                    tracing::info!(range = %right.id(), "new range of a split already initialized here; keeping it");
-                    shared.router.upsert(left.clone());
-                    return Ok(SplitResult {
-                        left: Some(left),
-                        right: Some(right),
-                    }
-                    .encode_to_vec());
-                }
-                carried_hard_state = Some(r.raw.store().hard_state().clone());
+        // uninitialized (created by a message: it is sealed now, and its term and vote carry
+        // over so that this node never votes twice in a term).
+        let carried_hard_state = match env.host.seal_uninitialized(right.id()) {
+            // Held by a round (possibly this one): apply the split in a later round.
+            Existing::Busy => {
+                out.reschedule = true;
+                return Ok(Step::Wait);
             }
-        }
+            Existing::Initialized => {
+                tracing::info!(range = %right.id(), "new range of a split already initialized here; keeping it");
+                self.raw.mut_store().set_descriptor(left.clone(), batch);
+                out.effect(Effect::Route(left.clone()));
+                return Ok(Step::Done(Ok(SplitResult {
+                    left: Some(left),
+                    right: Some(right),
+                }
+                .encode_to_vec())));
+            }
+            Existing::Uninitialized(hs) => Some(hs),
+            Existing::Absent => None,
+        };
+        self.raw.mut_store().set_descriptor(left.clone(), batch);
         let conf_state = self.raw.store().conf_state().clone();
         let mut storage = GroupStorage::initialize(
-            shared.engine.clone(),
+            env.engine.clone(),
             right.clone(),
             conf_state,
             SPLIT_INIT_INDEX,
             SPLIT_INIT_TERM,
             batch,
         );
-        // Retry de-duplication follows the keys: a client's retry may now route to either half,
-        // so both start with the parent's records (those on disk, and this round's).
-        let mut records: std::collections::HashMap<u64, Vec<u8>> = shared
-            .engine
-            .client_records(self.range)?
-            .into_iter()
-            .collect();
-        for ((range, client), rec) in &round.client_records {
-            if *range == self.range.0 {
-                records.insert(*client, rec.encode_to_vec());
-            }
-        }
-        let records: Vec<(u64, Vec<u8>)> = records.into_iter().collect();
         batch.replace_client_records(right.id(), &records);
         if let Some(hs) = &carried_hard_state {
             storage.adopt_vote(hs, batch);
         }
-        // The split, and everything applied before it in this round, reaches the disk before
-        // the new group can write anything of its own.
+        // The split, and everything applied before it in this round, reaches the disk (the
+        // apply batch is synced) before the new group exists and can write anything of its own.
         self.raw.mut_store().set_applied(index, term, batch);
-        let full = std::mem::replace(batch, shared.engine.batch());
-        shared.engine.write(full, true)?;
-
-        let me = self.id;
-        let raw = shared.raw_node(storage, me)?;
-        let mut replica = Replica::new(raw, me, right.id(), shared.node);
-        if self.is_leader() {
-            // Followers that have not applied the split yet drop the new group's (pre)votes
-            // (their parent still covers its keys), so one campaign often goes unanswered;
-            // a few quick retries spare the new half a full election timeout.
-            replica.campaign_retries = 4;
-        }
-        let cell = ReplicaCell::new(right.id(), replica);
-        if let Some(old) = existing {
-            old.fail();
-        }
-        shared.register(cell);
-        shared.router.upsert(left.clone());
-        shared.router.upsert(right.clone());
-        if self.is_leader() {
-            let _ = shared.post(right.id(), PeerMsg::Campaign);
-        }
+        out.sync_apply = true;
+        out.effect(Effect::CreateSplit {
+            left: left.clone(),
+            storage: Box::new(storage),
+            replica_id: self.id,
+            campaign: self.is_leader(),
+        });
         metrics::counter!("flotilla_runtime_splits_total").increment(1);
         tracing::info!(left = %left.id(), right = %right.id(), "range split");
-        Ok(SplitResult {
+        Ok(Step::Done(Ok(SplitResult {
             left: Some(left),
             right: Some(right),
         }
-        .encode_to_vec())
+        .encode_to_vec())))
     }
 }

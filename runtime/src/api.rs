@@ -1,0 +1,60 @@
+//! The public request and status types of the NodeGroup API. They sit below everything else
+//! in the runtime (the replica reads `MembershipChange`), so they have their own module rather
+//! than living beside the NodeGroup.
+
+use flotilla_proto::meta::RangeEpoch;
+use flotilla_proto::{NodeId, ReplicaId};
+
+/// A change to a range's membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a voting replica on a node (gets a fresh replica id).
+    AddVoter(NodeId),
+    /// Add a non-voting replica on a node (gets a fresh replica id); promote it once it has
+    /// caught up.
+    AddLearner(NodeId),
+    /// Make a learner a voter.
+    Promote(ReplicaId),
+    /// Make a voter a learner.
+    Demote(ReplicaId),
+    /// Remove a replica; its id is never used again.
+    Remove(ReplicaId),
+}
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadConsistency {
+    /// Linearizable through ReadIndex (leader or follower). The default.
+    #[default]
+    Linearizable,
+    /// Served by the leader under its lease, without a round trip: linearizable as long as
+    /// clock drift stays below the election timeout.
+    Lease,
+    /// Whatever this replica has applied; may be stale.
+    Stale,
+}
+
+/// Options of a proposal.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProposeOptions {
+    /// Retry de-duplication: the same `(client_id, seq)` is applied at most once. A client
+    /// sends requests to one range one at a time, with increasing `seq`.
+    pub request_id: Option<(u64, u64)>,
+    /// The epoch the caller routed with; a stale one gets `EpochNotMatch`.
+    pub epoch: Option<RangeEpoch>,
+}
+
+/// Counters of a NodeGroup.
+#[derive(Debug, Clone, Default)]
+pub struct NodeStatus {
+    /// This node.
+    pub node: NodeId,
+    /// Replicas hosted (initialized or not).
+    pub replicas: usize,
+    /// Ranges in the router (initialized replicas).
+    pub ranges: usize,
+    /// Replicas that are currently leader.
+    pub leaders: usize,
+    /// Requests waiting for an outcome.
+    pub pending_requests: usize,
+}

@@ -1,0 +1,435 @@
+//! One home for a replica's life on this node: every way a replica comes to exist here and
+//! every way it leaves, one function per transition (TiKV raftstore-v2's `operation/life.rs`
+//! is the model). Nothing else registers, unregisters or tombstones a replica.
+//!
+//! Creation: [`bootstrap`] (a new range's initial membership), [`recover`] (a restart),
+//! [`create_split`] (the right half of an applied split), [`create_by_message`] (a member of
+//! a group this node does not host yet, uninitialized until a snapshot arrives).
+//!
+//! Departure: [`isolate`] (a fault in this replica), [`destroy_removed`] (a membership change
+//! removed it), [`hand_over`] (a merge source reached its prepare entry), [`merged_away`] (the
+//! target absorbed that source), [`retire`] (a snapshot of a range that absorbed it in a merge
+//! this node missed), and [`seal_uninitialized`] (an uninitialized replica replaced by a
+//! bootstrap or a split).
+//!
+//! Invariants kept here:
+//! - A tombstone is written with the removal, in the same batch as the removal's other
+//!   writes; the tombstone's conf_ver keeps messages of that membership era from recreating
+//!   the replica.
+//! - An uninitialized replica replaced by a bootstrap or a split is sealed first (it never
+//!   runs again, so it cannot vote again or write its placeholder over the new state), and the
+//!   new replica keeps its term and vote, so this node never votes twice in a term.
+//! - Taking a replica out always does the same four things: fail its cell (no new work), answer
+//!   what was queued for it, unregister it, drop it from the router.
+//! - Creation by message does no I/O: its placeholder joins the replica's first round's batch.
+
+use std::sync::Arc;
+
+use flotilla_proto::meta::{RangeDescriptor, RangeEpoch, RangeState, ReplicaRole};
+use flotilla_proto::RangeId;
+use flotilla_store::{GroupStorage, WriteBatch, SPLIT_INIT_INDEX, SPLIT_INIT_TERM};
+use parking_lot::MutexGuard;
+use raft::prelude::{ConfState, HardState};
+
+use crate::error::{Error, Result};
+use crate::fsm::mailbox::ReplicaCell;
+use crate::fsm::shared::Shared;
+use crate::replica::{Existing, Host, Output, PeerMsg, Replica};
+
+/// A worker's hold on a replica during its round.
+pub(crate) type Guard<'a> = MutexGuard<'a, Option<Replica>>;
+
+// ---- creation ----
+
+/// Creates this node's replicas of new ranges with the initial memberships in `descs`, with
+/// one synced write (as etcd's initial cluster, every listed replica is created the same way
+/// on its node). Idempotent for an existing identical range. An uninitialized replica that a
+/// peer's message created first is replaced, keeping its term and vote.
+pub(crate) fn bootstrap(shared: &Shared, descs: Vec<RangeDescriptor>) -> Result<()> {
+    let _creating = shared.create_lock.lock();
+    // Check everything before changing anything.
+    let mut planned: Vec<(RangeDescriptor, u64, Option<Arc<ReplicaCell>>)> = Vec::new();
+    for desc in descs {
+        let me = desc
+            .replica_on(shared.node)
+            .ok_or_else(|| {
+                Error::AdminRefused(format!("{} has no replica on {}", desc.id(), shared.node))
+            })?
+            .replica_id;
+        if desc.range_id == 0 || me == 0 {
+            return Err(Error::AdminRefused(
+                "range and replica ids must be non-zero".into(),
+            ));
+        }
+        let mut replaces = None;
+        if let Some(existing) = shared.cell(desc.id()) {
+            match existing.replica.lock().as_ref() {
+                Some(r) if r.is_initialized() => {
+                    let same = r.descriptor().is_some_and(|d| {
+                        d.start_key == desc.start_key && d.end_key == desc.end_key
+                    });
+                    if same {
+                        continue;
+                    }
+                    return Err(Error::AdminRefused(format!("{} already exists", desc.id())));
+                }
+                Some(_) => replaces = Some(existing.clone()),
+                None => {}
+            }
+        }
+        let clash = !shared
+            .router
+            .overlapping(&desc.start_key, &desc.end_key)
+            .is_empty()
+            || planned
+                .iter()
+                .any(|(d, _, _)| crate::router::overlaps(d, &desc) || d.range_id == desc.range_id);
+        if clash {
+            return Err(Error::AdminRefused(format!(
+                "{} overlaps a range already hosted on {}",
+                desc.id(),
+                shared.node
+            )));
+        }
+        planned.push((desc, me, replaces));
+    }
+    let mut batch = shared.engine.batch();
+    let mut created = Vec::with_capacity(planned.len());
+    for (mut desc, me, replaces) in planned {
+        desc.state = RangeState::Normal as i32;
+        if desc.epoch.is_none() {
+            desc.epoch = Some(RangeEpoch {
+                conf_ver: 1,
+                version: 1,
+            });
+        }
+        let carried = replaces.and_then(|_| match seal_uninitialized(shared, desc.id()) {
+            Existing::Uninitialized(hs) => Some(hs),
+            _ => None,
+        });
+        let mut storage = GroupStorage::initialize(
+            shared.engine.clone(),
+            desc.clone(),
+            conf_state_of(&desc),
+            SPLIT_INIT_INDEX,
+            SPLIT_INIT_TERM,
+            &mut batch,
+        );
+        if let Some(hs) = &carried {
+            storage.adopt_vote(hs, &mut batch);
+        }
+        created.push((desc, me, storage));
+    }
+    shared.engine.write(batch, true)?;
+    for (desc, me, storage) in created {
+        let replica = Replica::open(storage, me, shared.node, &shared.config, &shared.logger)?;
+        register(shared, ReplicaCell::new(desc.id(), replica));
+        shared.router.upsert(desc);
+    }
+    Ok(())
+}
+
+/// Recreates every replica stored in the engine (a restart).
+pub(crate) fn recover(shared: &Shared) -> Result<()> {
+    for d in shared.engine.descriptors()? {
+        if d.state == RangeState::Tombstone as i32 {
+            shared
+                .tombstones
+                .insert(d.range_id, d.epoch_or_default().conf_ver);
+        }
+    }
+    let groups = shared.engine.recover()?;
+    let count = groups.len();
+    for rec in groups {
+        let range = rec.group;
+        let Some(desc) = rec.descriptor.clone() else {
+            tracing::warn!(%range, "raft state without a descriptor; skipping");
+            continue;
+        };
+        if desc.state == RangeState::Tombstone as i32 {
+            continue;
+        }
+        let Some(me) = desc.replica_on(shared.node).map(|r| r.replica_id) else {
+            tracing::warn!(%range, "descriptor has no replica on this node; skipping");
+            continue;
+        };
+        let initialized = desc.state == RangeState::Normal as i32;
+        let storage = GroupStorage::recover(shared.engine.clone(), rec)?;
+        let replica = Replica::open(storage, me, shared.node, &shared.config, &shared.logger)?;
+        register(shared, ReplicaCell::new(range, replica));
+        if initialized {
+            shared.router.upsert(desc);
+        }
+    }
+    tracing::info!(node = %shared.node, replicas = count, "recovered replicas from the store");
+    Ok(())
+}
+
+/// Creates the right half of a split whose apply batch (with `storage`'s initial state) is on
+/// disk, publishes both halves, and on the parent's leader starts the new group's election.
+pub(crate) fn create_split(
+    shared: &Shared,
+    left: RangeDescriptor,
+    storage: GroupStorage,
+    replica_id: u64,
+    campaign: bool,
+) -> Result<()> {
+    let right = storage
+        .descriptor()
+        .cloned()
+        .ok_or(Error::RangeNotFound(storage.group()))?;
+    let mut replica = Replica::open(
+        storage,
+        replica_id,
+        shared.node,
+        &shared.config,
+        &shared.logger,
+    )?;
+    if campaign {
+        replica.campaign_soon();
+    }
+    // A sealed uninitialized replica of the range is replaced here.
+    register(shared, ReplicaCell::new(right.id(), replica));
+    shared.router.upsert(left);
+    shared.router.upsert(right.clone());
+    if campaign {
+        let _ = shared.post(right.id(), PeerMsg::Campaign);
+    }
+    Ok(())
+}
+
+/// Creates an uninitialized replica `replica_id` of `range` for a message from one of its
+/// members (the caller checked that). No I/O: the placeholder descriptor that makes it survive
+/// a restart is written with its first round's batch, before raft can vote.
+pub(crate) fn create_by_message(
+    shared: &Shared,
+    range: RangeId,
+    replica_id: u64,
+) -> Option<Arc<ReplicaCell>> {
+    let _creating = shared.create_lock.lock();
+    if let Some(cell) = shared.cell(range) {
+        return Some(cell);
+    }
+    let replica = match Replica::open_uninitialized(
+        shared.engine.clone(),
+        range,
+        replica_id,
+        shared.node,
+        &shared.config,
+        &shared.logger,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(%range, "cannot create replica: {e}");
+            return None;
+        }
+    };
+    let cell = ReplicaCell::new(range, replica);
+    register(shared, cell.clone());
+    metrics::counter!("flotilla_runtime_replicas_created_total", "by" => "message").increment(1);
+    Some(cell)
+}
+
+// ---- departure ----
+
+/// Takes an uninitialized replica of `range` out of service for a bootstrap or split that
+/// replaces it, returning its hard state; leaves an initialized one alone. Never blocks on a
+/// replica held by a round: that one is `Busy` and the caller tries again later.
+pub(crate) fn seal_uninitialized(shared: &Shared, range: RangeId) -> Existing {
+    let Some(cell) = shared.cell(range) else {
+        return Existing::Absent;
+    };
+    let Some(mut guard) = cell.replica.try_lock() else {
+        return Existing::Busy;
+    };
+    let hard_state: HardState = match guard.as_ref() {
+        None => return Existing::Absent,
+        Some(r) if r.is_initialized() => return Existing::Initialized,
+        Some(r) => r.hard_state(),
+    };
+    let mut out = Output::default();
+    if let Some(mut r) = guard.take() {
+        r.abort_pending(&mut out, Error::RangeNotFound(range));
+    }
+    drop(guard);
+    // The failed cell stays registered until its replacement is, so that a message meanwhile
+    // finds it (and is dropped) instead of creating yet another replica.
+    answer_queued(&cell, &mut out, Error::RangeNotFound(range));
+    for (token, answer) in out.completions {
+        shared.pending.complete(token, answer);
+    }
+    Existing::Uninitialized(hard_state)
+}
+
+/// Takes a faulty replica out of service without touching the others.
+pub(crate) fn isolate(
+    shared: &Shared,
+    cell: &ReplicaCell,
+    guard: &mut Guard<'_>,
+    out: &mut Output,
+    why: &str,
+) {
+    tracing::error!(range = %cell.range, "replica failed and is isolated: {why}");
+    metrics::counter!("flotilla_runtime_replica_failures_total").increment(1);
+    if let Some(mut r) = guard.take() {
+        r.abort_pending(out, Error::ReplicaFailed(cell.range));
+    }
+    take_out(shared, cell, out, Error::ReplicaFailed(cell.range));
+}
+
+/// Removes a replica that an applied membership change took out of its group: tombstone,
+/// raft state and the range's data deleted, in the round's apply batch.
+pub(crate) fn destroy_removed(
+    shared: &Shared,
+    cell: &ReplicaCell,
+    guard: &mut Guard<'_>,
+    out: &mut Output,
+    batch: &mut WriteBatch,
+) {
+    let Some(mut r) = guard.take() else {
+        return;
+    };
+    // Proposals it appended may still commit under the next leader: outcome unknown.
+    r.abort_pending(out, Error::ProposalDropped);
+    if let Some(desc) = r.descriptor().cloned() {
+        batch.destroy_group_state(cell.range);
+        if let Err(e) = batch.clear_data_range(&desc.start_key, &desc.end_key) {
+            tracing::warn!(range = %cell.range, "could not clear data of removed replica: {e}");
+        }
+        tombstone(shared, desc, batch);
+    }
+    take_out(shared, cell, out, Error::RangeNotFound(cell.range));
+    tracing::info!(range = %cell.range, "replica removed from its group and destroyed");
+}
+
+/// A merge source that applied up to its prepare entry leaves service (its apply batch is
+/// written); the target beside it absorbs it in its next round.
+pub(crate) fn hand_over(
+    shared: &Shared,
+    cell: &ReplicaCell,
+    guard: &mut Guard<'_>,
+    out: &mut Output,
+    prepare: u64,
+    target: RangeId,
+) {
+    let Some(mut r) = guard.take() else {
+        return;
+    };
+    r.abort_pending(out, Error::Busy("range is being merged; retry shortly"));
+    shared.handovers.insert(cell.range.0, prepare);
+    let _ = shared.post(target, PeerMsg::MergeResume);
+    tracing::debug!(range = %cell.range, prepare, "merge source handed over to its target");
+}
+
+/// The target absorbed `source` (its tombstone is on disk with the merge): the source leaves
+/// the registry and the merged range is published.
+pub(crate) fn merged_away(
+    shared: &Shared,
+    source: RangeId,
+    tombstone: &RangeDescriptor,
+    merged: RangeDescriptor,
+    out: &mut Output,
+) {
+    shared.handovers.remove(&source.0);
+    shared
+        .tombstones
+        .insert(source.0, tombstone.epoch_or_default().conf_ver);
+    // Published first, so that the source's keys are never without a range.
+    shared.router.upsert(merged);
+    if let Some(cell) = shared.cell(source) {
+        take_out(shared, &cell, out, Error::RangeNotFound(source));
+    }
+    metrics::counter!("flotilla_runtime_merges_total").increment(1);
+}
+
+/// Takes the replica of a range that another range absorbed out of service: tombstone and
+/// raft state written (synced) at once; its keys stay for the absorbing range's snapshot,
+/// which replaces them. False if the replica is busy in another round (raft sends the
+/// snapshot again, and this is tried again then).
+pub(crate) fn retire(shared: &Shared, desc: &RangeDescriptor, out: &mut Output) -> bool {
+    let id = desc.id();
+    let Some(cell) = shared.cell(id) else {
+        shared.router.remove(id);
+        return true;
+    };
+    let Some(mut guard) = cell.replica.try_lock() else {
+        return false;
+    };
+    let mut batch = shared.engine.batch();
+    batch.destroy_group_state(id);
+    tombstone(shared, desc.clone(), &mut batch);
+    if let Err(e) = shared.engine.write(batch, true) {
+        tracing::error!(range = %id, "cannot retire an absorbed replica: {e}");
+        shared.tombstones.remove(&id.0);
+        return false;
+    }
+    if let Some(mut r) = guard.take() {
+        r.abort_pending(out, Error::RangeNotFound(id));
+    }
+    drop(guard);
+    shared.handovers.remove(&id.0);
+    take_out(shared, &cell, out, Error::RangeNotFound(id));
+    metrics::counter!("flotilla_runtime_replicas_retired_total").increment(1);
+    tracing::info!(range = %id, "replica retired: a snapshot of the range that absorbed it arrived");
+    true
+}
+
+/// The replicas' questions about their neighbours, answered from the registry.
+impl Host for Shared {
+    fn hosts(&self, range: RangeId) -> bool {
+        self.replicas.contains_key(&range.0)
+    }
+
+    fn handed_over(&self, range: RangeId) -> Option<u64> {
+        self.handovers.get(&range.0).map(|p| *p)
+    }
+
+    fn seal_uninitialized(&self, range: RangeId) -> Existing {
+        seal_uninitialized(self, range)
+    }
+}
+
+// ---- the steps every transition shares ----
+
+fn register(shared: &Shared, cell: Arc<ReplicaCell>) {
+    shared.awake.insert(cell.range.0, cell.clone());
+    shared.replicas.insert(cell.range.0, cell);
+}
+
+/// Fails the cell, answers what was queued for it with `err`, unregisters it and drops it
+/// from the router.
+fn take_out(shared: &Shared, cell: &ReplicaCell, out: &mut Output, err: Error) {
+    answer_queued(cell, out, err);
+    shared.router.remove(cell.range);
+    shared.replicas.remove(&cell.range.0);
+    shared.awake.remove(&cell.range.0);
+}
+
+/// Fails the cell and answers the requests queued in its mailbox.
+pub(crate) fn answer_queued(cell: &ReplicaCell, out: &mut Output, err: Error) {
+    for token in cell.fail().iter().filter_map(PeerMsg::token) {
+        out.complete(token, Err(err.clone()));
+    }
+}
+
+/// Writes `desc` as a tombstone into `batch` and remembers its conf_ver.
+fn tombstone(shared: &Shared, mut desc: RangeDescriptor, batch: &mut WriteBatch) {
+    desc.state = RangeState::Tombstone as i32;
+    batch.put_descriptor(&desc);
+    shared
+        .tombstones
+        .insert(desc.range_id, desc.epoch_or_default().conf_ver);
+}
+
+/// raft's conf state for a descriptor's replicas.
+fn conf_state_of(desc: &RangeDescriptor) -> ConfState {
+    let mut cs = ConfState::default();
+    for r in &desc.replicas {
+        if r.role == ReplicaRole::Learner as i32 {
+            cs.learners.push(r.replica_id);
+        } else {
+            cs.voters.push(r.replica_id);
+        }
+    }
+    cs
+}

@@ -1,0 +1,154 @@
+//! The state one NodeGroup's threads share: the registry of replica cells, the router, the
+//! engine, the requests in flight. The API, the workers, the ticker, the split checker and the
+//! inbound handler all hold it through an `Arc`. Only `fsm::life` adds replicas to the
+//! registry or takes them out.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crossbeam_channel::Sender;
+use dashmap::DashMap;
+use flotilla_proto::transport::Heartbeat;
+use flotilla_proto::{NodeId, RangeId};
+use flotilla_store::Engine;
+use flotilla_transport::Transport;
+use parking_lot::Mutex;
+
+use crate::config::NodeGroupConfig;
+use crate::error::{Error, Result};
+use crate::fsm::load::LoadStats;
+use crate::fsm::mailbox::{ReplicaCell, SendError};
+use crate::pending::Pending;
+use crate::replica::{Env, PeerMsg};
+use crate::router::RangeRouter;
+use crate::state_machine::StateMachine;
+
+/// State shared by the API, the workers, the ticker and the inbound handler.
+pub(crate) struct Shared {
+    pub(crate) config: NodeGroupConfig,
+    pub(crate) node: NodeId,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) state_machine: Arc<dyn StateMachine>,
+    pub(crate) transport: OnceLock<Arc<dyn Transport>>,
+    pub(crate) router: RangeRouter,
+    /// Every replica hosted here, initialized or not (see `fsm::life`).
+    pub(super) replicas: DashMap<u64, Arc<ReplicaCell>>,
+    /// Replicas the ticker ticks. Today every hosted replica is awake: there is no
+    /// hibernation yet, so this equals `replicas`.
+    pub(crate) awake: DashMap<u64, Arc<ReplicaCell>>,
+    /// Ranges whose replica here was removed, with the conf_ver of the removal: messages
+    /// from that membership era must not recreate it.
+    pub(crate) tombstones: DashMap<u64, u64>,
+    pub(crate) pending: Pending,
+    /// Merge sources handed over to their target (range id → prepare index): taken out of
+    /// service, waiting for the target's CommitMerge apply to tombstone them.
+    pub(super) handovers: DashMap<u64, u64>,
+    /// Serializes creating replicas by message with bootstrapping them, so that a replica
+    /// created for a message and a bootstrapped one never both come to exist.
+    pub(super) create_lock: Mutex<()>,
+    /// Plain heartbeats waiting for the ticker, per destination node.
+    pub(crate) tick_heartbeats: Mutex<HashMap<NodeId, Vec<Heartbeat>>>,
+    /// Ranges whose applied writes passed the split-check threshold since their last check.
+    pub(crate) split_candidates: Mutex<HashSet<u64>>,
+    /// Client requests per range in the current load window (only ranges with traffic).
+    pub(crate) load: DashMap<u64, LoadStats>,
+    pub(crate) ready_tx: Sender<Arc<ReplicaCell>>,
+    pub(super) logger: slog::Logger,
+    stopped: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        config: NodeGroupConfig,
+        engine: Arc<Engine>,
+        state_machine: Arc<dyn StateMachine>,
+        ready_tx: Sender<Arc<ReplicaCell>>,
+    ) -> Shared {
+        let node = NodeId(config.node_id);
+        Shared {
+            logger: crate::logger::root_logger(node.0),
+            config,
+            node,
+            engine,
+            state_machine,
+            transport: OnceLock::new(),
+            router: RangeRouter::new(),
+            replicas: DashMap::new(),
+            awake: DashMap::new(),
+            tombstones: DashMap::new(),
+            pending: Pending::default(),
+            handovers: DashMap::new(),
+            create_lock: Mutex::new(()),
+            tick_heartbeats: Mutex::new(Default::default()),
+            split_candidates: Mutex::new(Default::default()),
+            load: DashMap::new(),
+            ready_tx,
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// What a replica may read while this node's worker drives it.
+    pub(crate) fn env(&self) -> Env<'_> {
+        Env {
+            config: &self.config,
+            node: self.node,
+            engine: &self.engine,
+            router: &self.router,
+            state_machine: &*self.state_machine,
+            pending: &self.pending,
+            host: self,
+        }
+    }
+
+    /// A range id for a new range (split). Random 63-bit ids: no coordinator is needed and a
+    /// collision among even a million ranges has a probability of about 1e-7; the split's
+    /// apply refuses an id this node already hosts.
+    pub(crate) fn allocate_range_id(&self) -> u64 {
+        loop {
+            let id = rand::random::<u64>() >> 1;
+            if id > 1 << 32 && self.cell(RangeId(id)).is_none() {
+                return id;
+            }
+        }
+    }
+
+    /// Counts a client request for load-based splits (only when they are on).
+    pub(crate) fn record_load(&self, range: u64, key: &[u8]) {
+        if self.config.split.load_qps > 0 {
+            self.load.entry(range).or_default().record(key);
+        }
+    }
+
+    pub(crate) fn cell(&self, range: RangeId) -> Option<Arc<ReplicaCell>> {
+        self.replicas.get(&range.0).map(|c| c.clone())
+    }
+
+    /// Every replica cell hosted here (walks the registry: not for hot paths).
+    pub(crate) fn cells(&self) -> Vec<Arc<ReplicaCell>> {
+        self.replicas.iter().map(|c| c.clone()).collect()
+    }
+
+    pub(crate) fn replica_count(&self) -> usize {
+        self.replicas.len()
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Marks the NodeGroup stopped; true if it was already.
+    pub(crate) fn stop(&self) -> bool {
+        self.stopped.swap(true, Ordering::AcqRel)
+    }
+
+    /// Queues `msg` for `range`'s replica.
+    pub(crate) fn post(&self, range: RangeId, msg: PeerMsg) -> Result<()> {
+        let cell = self.cell(range).ok_or(Error::RangeNotFound(range))?;
+        match cell.send(msg, self.config.mailbox_capacity, &self.ready_tx) {
+            Ok(()) => Ok(()),
+            Err(SendError::Full) => Err(Error::Busy("replica mailbox full")),
+            Err(SendError::Closed) => Err(Error::ReplicaFailed(range)),
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Proposals, their apply, retries and reads, on one or three simulated nodes.
+
+use super::*;
+
+// ---- propose and apply ----
+
+#[test]
+fn a_single_voter_elects_itself_and_applies_a_put() {
+    let mut sim = Sim::new(1);
+    sim.elect(1, 1);
+    assert!(sim.node(1).replica(1).is_leader());
+    let answer = sim.put(1, b"k", b"v");
+    assert!(kv_ok(&answer));
+    assert_eq!(sim.node(1).engine.get(b"k").unwrap(), Some(b"v".to_vec()));
+}
+
+#[test]
+fn three_replicas_apply_the_same_put_at_the_same_index() {
+    let mut sim = Sim::new(3);
+    sim.elect(2, 1);
+    assert!(kv_ok(&sim.put(2, b"a", b"1")));
+    sim.tick_until("followers apply", |s| {
+        s.nodes
+            .iter()
+            .all(|n| n.engine.get(b"a").unwrap() == Some(b"1".to_vec()))
+    });
+    let applied: Vec<u64> = sim
+        .nodes
+        .iter()
+        .map(|n| n.replica(1).raw.store().apply_state().applied_index)
+        .collect();
+    assert!(applied.iter().all(|a| *a == applied[0]), "{applied:?}");
+}
+
+#[test]
+fn a_follower_forwards_a_proposal_and_answers_it_when_it_applies() {
+    let mut sim = Sim::new(3);
+    sim.elect(1, 1);
+    let answer = sim.put(3, b"f", b"x");
+    assert!(kv_ok(&answer));
+    assert_eq!(sim.node(3).engine.get(b"f").unwrap(), Some(b"x".to_vec()));
+}
+
+#[test]
+fn a_proposal_without_a_known_leader_is_answered_not_leader() {
+    let mut sim = Sim::new(3);
+    let answer = sim.put(2, b"k", b"v");
+    assert!(
+        matches!(
+            answer,
+            Err(Error::NotLeader {
+                leader_hint: None,
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
+}
+
+#[test]
+fn a_retried_request_gets_its_recorded_answer_without_a_second_apply() {
+    let mut sim = Sim::new(1);
+    sim.elect(1, 1);
+    let node = sim.node(1);
+    let (t1, t2) = (node.token(), node.token());
+    let first = node.cmd(1, t1, b"k", b"v1", Some((7, 1)));
+    node.post(
+        1,
+        PeerMsg::Propose {
+            token: t1,
+            data: first,
+        },
+    );
+    sim.settle();
+    // The same request id with another value: a retry, answered from the record.
+    let node = sim.node(1);
+    let retry = node.cmd(1, t2, b"k", b"v2", Some((7, 1)));
+    node.post(
+        1,
+        PeerMsg::Propose {
+            token: t2,
+            data: retry,
+        },
+    );
+    sim.settle();
+    let node = sim.node(1);
+    assert!(kv_ok(&node.answers[&t1]));
+    assert!(kv_ok(&node.answers[&t2]));
+    assert_eq!(node.engine.get(b"k").unwrap(), Some(b"v1".to_vec()));
+}
+
+// ---- reads ----
+
+#[test]
+fn a_linearizable_read_on_the_leader_completes_after_its_read_index() {
+    let mut sim = Sim::new(3);
+    sim.elect(1, 1);
+    sim.put(1, b"k", b"v").unwrap();
+    let token = sim.node(1).token();
+    sim.node(1).post(
+        1,
+        PeerMsg::Read {
+            token,
+            lease: false,
+        },
+    );
+    sim.settle();
+    assert!(matches!(sim.node(1).answers.get(&token), Some(Ok(_))));
+}
+
+#[test]
+fn a_follower_read_waits_for_the_leaders_read_index_and_its_own_apply() {
+    let mut sim = Sim::new(3);
+    sim.elect(1, 1);
+    sim.put(1, b"k", b"v").unwrap();
+    let token = sim.node(3).token();
+    sim.node(3).post(
+        1,
+        PeerMsg::Read {
+            token,
+            lease: false,
+        },
+    );
+    sim.settle();
+    assert!(matches!(sim.node(3).answers.get(&token), Some(Ok(_))));
+    // The read completed only once the follower applied what the leader had committed.
+    let (leader, follower) = (
+        sim.node(1).replica(1).raw.raft.raft_log.committed,
+        sim.node(3).replica(1).raw.raft.raft_log.applied,
+    );
+    assert!(follower >= leader, "follower applied {follower} < {leader}");
+}
+
+#[test]
+fn a_read_without_a_known_leader_is_answered_not_leader() {
+    let mut sim = Sim::new(3);
+    let token = sim.node(2).token();
+    sim.node(2).post(
+        1,
+        PeerMsg::Read {
+            token,
+            lease: false,
+        },
+    );
+    sim.settle();
+    assert!(matches!(
+        sim.node(2).answers.get(&token),
+        Some(Err(Error::NotLeader { .. }))
+    ));
+}
+
+#[test]
+fn lease_reads_are_refused_when_the_config_turns_them_off() {
+    let mut sim = Sim::new(1);
+    sim.node(1).config.lease_reads = false;
+    sim.elect(1, 1);
+    let token = sim.node(1).token();
+    sim.node(1).post(1, PeerMsg::Read { token, lease: true });
+    sim.settle();
+    assert!(matches!(
+        sim.node(1).answers.get(&token),
+        Some(Err(Error::InvalidCommand(_)))
+    ));
+}

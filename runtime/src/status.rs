@@ -1,0 +1,63 @@
+//! Status queries of a NodeGroup: one replica's raft state, the node's counters and range
+//! table. Kept apart from the request API because they walk replicas (not for hot paths) and
+//! refresh gauges as a side effect.
+
+use flotilla_proto::meta::RangeDescriptor;
+use flotilla_proto::RangeId;
+
+use crate::api::NodeStatus;
+use crate::error::{Error, Result};
+use crate::node_group::NodeGroup;
+use crate::replica::ReplicaStatus;
+
+impl NodeGroup {
+    /// Status of this node's replica of `range`.
+    pub fn status(&self, range: RangeId) -> Result<ReplicaStatus> {
+        let cell = self.shared.cell(range).ok_or(Error::RangeNotFound(range))?;
+        let guard = cell.replica.lock();
+        guard
+            .as_ref()
+            .map(|r| r.status())
+            .ok_or(Error::ReplicaFailed(range))
+    }
+
+    /// Counters of the whole NodeGroup (walks every replica: not for hot paths).
+    pub fn node_status(&self) -> NodeStatus {
+        let mut leaders = 0;
+        for c in self.shared.cells() {
+            if c.replica.lock().as_ref().is_some_and(|r| r.is_leader()) {
+                leaders += 1;
+            }
+        }
+        let st = NodeStatus {
+            node: self.shared.node,
+            replicas: self.shared.replica_count(),
+            ranges: self.shared.router.len(),
+            leaders,
+            pending_requests: self.shared.pending.len(),
+        };
+        metrics::gauge!("flotilla_runtime_replicas").set(st.replicas as f64);
+        metrics::gauge!("flotilla_runtime_leaders").set(st.leaders as f64);
+        st
+    }
+
+    /// The ranges this node serves, in key order.
+    pub fn ranges(&self) -> Vec<RangeDescriptor> {
+        self.shared.router.all()
+    }
+
+    /// The range that owns `key`, as this node knows it.
+    pub fn range_of(&self, key: &[u8]) -> Result<RangeDescriptor> {
+        self.shared.router.lookup(key)
+    }
+
+    /// The ids of every replica hosted here (initialized or not).
+    pub fn replica_ranges(&self) -> Vec<RangeId> {
+        self.shared.cells().iter().map(|c| c.range).collect()
+    }
+
+    /// Whether this node's replica of `range` was isolated after a fault.
+    pub fn is_failed(&self, range: RangeId) -> bool {
+        self.shared.cell(range).is_some_and(|c| c.is_failed())
+    }
+}
