@@ -114,9 +114,15 @@ pub struct NodeGroupConfig {
     pub tick_interval: Duration,
     /// Ticks between leader heartbeats. Default 2.
     pub heartbeat_tick: usize,
-    /// Ticks without a leader before a follower campaigns (randomized in [n, 2n)).
-    /// Default 10. Must be greater than `heartbeat_tick`.
+    /// Ticks without a leader before a follower campaigns (randomized in
+    /// [n, n + election_jitter_ticks)). Default 10. Must be greater than `heartbeat_tick`.
     pub election_tick: usize,
+    /// Width of the random spread of election timeouts, in ticks: raft-rs draws each timeout
+    /// from [election_tick, election_tick + this). 0, the default, means `election_tick`
+    /// (raft-rs's [n, 2n)). 1 makes every timeout exactly `election_tick`: raft-rs draws from
+    /// a thread RNG, so only that makes elections reproducible in a deterministic simulation,
+    /// whose seeded scheduling of ticks breaks the ties instead.
+    pub election_jitter_ticks: usize,
     /// Pre-vote: a partitioned node does not disrupt the group when it returns. Default true.
     pub pre_vote: bool,
     /// A leader steps down when it has not heard from a quorum for an election timeout.
@@ -170,6 +176,7 @@ impl Default for NodeGroupConfig {
             tick_interval: Duration::from_millis(100),
             heartbeat_tick: 2,
             election_tick: 10,
+            election_jitter_ticks: 0,
             pre_vote: true,
             check_quorum: true,
             lease_reads: true,
@@ -256,6 +263,12 @@ impl NodeGroupConfig {
         raft::Config {
             id: replica_id,
             election_tick: self.election_tick,
+            min_election_tick: self.election_tick,
+            max_election_tick: self.election_tick
+                + match self.election_jitter_ticks {
+                    0 => self.election_tick,
+                    n => n,
+                },
             heartbeat_tick: self.heartbeat_tick,
             applied,
             max_size_per_msg: self.max_size_per_msg,

@@ -25,6 +25,8 @@ mod node_group;
 mod pending;
 mod replica;
 mod router;
+#[cfg(test)]
+mod sim;
 mod state_machine;
 mod status;
 

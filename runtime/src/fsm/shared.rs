@@ -3,7 +3,7 @@
 //! inbound handler all hold it through an `Arc`. Only `fsm::life` adds replicas to the
 //! registry or takes them out.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -47,8 +47,8 @@ pub(crate) struct Shared {
     /// Serializes creating replicas by message with bootstrapping them, so that a replica
     /// created for a message and a bootstrapped one never both come to exist.
     pub(super) create_lock: Mutex<()>,
-    /// Plain heartbeats waiting for the ticker, per destination node.
-    pub(crate) tick_heartbeats: Mutex<HashMap<NodeId, Vec<Heartbeat>>>,
+    /// Plain heartbeats waiting for the ticker, per destination node (ordered: see `Output`).
+    pub(crate) tick_heartbeats: Mutex<BTreeMap<NodeId, Vec<Heartbeat>>>,
     /// Ranges whose applied writes passed the split-check threshold since their last check.
     pub(crate) split_candidates: Mutex<HashSet<u64>>,
     /// Client requests per range in the current load window (only ranges with traffic).

@@ -44,7 +44,7 @@ pub(crate) fn run(shared: Arc<Shared>, stop: Receiver<()>) {
 }
 
 /// Sends the plain heartbeats the rounds of the last tick produced: one batch per node pair.
-fn send_heartbeats(shared: &Shared) {
+pub(crate) fn send_heartbeats(shared: &Shared) {
     let pending = std::mem::take(&mut *shared.tick_heartbeats.lock());
     let Some(transport) = shared.transport.get() else {
         return;

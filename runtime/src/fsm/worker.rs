@@ -58,7 +58,7 @@ pub(crate) fn run(shared: Arc<Shared>, ready: Receiver<Arc<ReplicaCell>>, stop: 
 /// whose replica produced it.
 type Deferred = (usize, Effect);
 
-fn run_round(shared: &Shared, cells: &[Arc<ReplicaCell>], out: &mut Output) {
+pub(crate) fn run_round(shared: &Shared, cells: &[Arc<ReplicaCell>], out: &mut Output) {
     let env = shared.env();
     let mut batch = shared.engine.batch();
     let mut held: Vec<(usize, Guard<'_>)> = Vec::with_capacity(cells.len());
@@ -262,7 +262,7 @@ fn flush(shared: &Shared, out: &mut Output) {
         return;
     };
     let reports_snapshots = transport.reports_snapshots();
-    for (node, outgoing) in out.outbox.drain() {
+    for (node, outgoing) in std::mem::take(&mut out.outbox) {
         let mut batch = outgoing.batch;
         batch.from_node = shared.node.0;
         batch.to_node = node.0;

@@ -8,7 +8,7 @@
 //! router that only the owner may carry out). The replica never reaches into the worker or
 //! the NodeGroup: `replica/` imports nothing from `fsm/` or `node_group`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use flotilla_proto::command::ClientRecord;
@@ -105,8 +105,9 @@ pub(crate) enum Effect {
 /// What replicas produce during one round, shared by every replica of the round.
 #[derive(Default)]
 pub(crate) struct Output {
-    /// Messages per destination node.
-    pub(crate) outbox: HashMap<NodeId, Outgoing>,
+    /// Messages per destination node (ordered, so that a round sends in the same order every
+    /// time: a simulation replays exactly).
+    pub(crate) outbox: BTreeMap<NodeId, Outgoing>,
     /// Plain heartbeats for the ticker to send (see `push_heartbeat`).
     pub(crate) tick_heartbeats: Vec<(NodeId, Heartbeat)>,
     /// Answers to requests, delivered once the round's writes are done.

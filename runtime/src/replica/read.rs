@@ -67,6 +67,12 @@ impl Replica {
             }
             return;
         }
+        #[cfg(test)]
+        if crate::sim::local_reads_injected() {
+            // The defect the simulator must catch: serve from local state, no read index.
+            out.complete(token, Ok(Vec::new()));
+            return;
+        }
         if self.raw.raft.leader_id == 0 {
             out.complete(
                 token,

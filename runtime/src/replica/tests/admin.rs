@@ -278,7 +278,7 @@ fn a_commit_merge_waits_for_the_source_hand_over_then_absorbs_it() {
     sim.settle();
     // The source's leader proposed the CommitMerge through the target beside it.
     sim.tick_until("the source asks the target to commit", |s| {
-        s.nodes[0].replica(2).stalled.first().is_some()
+        !s.nodes[0].replica(2).stalled.is_empty()
     });
     // The target waits, and asked the source to catch up to its prepare entry.
     let source = sim.node(1).replica(1).merge_state().cloned().unwrap();

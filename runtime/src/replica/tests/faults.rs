@@ -45,7 +45,7 @@ fn a_snapshot_over_a_range_absorbed_in_a_missed_merge_retires_it_first() {
     };
     let mut msg = raft::prelude::Message::default();
     msg.set_msg_type(MessageType::MsgSnapshot);
-    msg.mut_snapshot().data = header.encode_to_vec().into();
+    msg.mut_snapshot().data = header.encode_to_vec();
     let mut out = Output::default();
     let Node {
         id,

@@ -320,7 +320,7 @@ impl Sim {
     fn deliver(&mut self, from: NodeId, out: &mut Output) -> bool {
         let mut any = false;
         let mut heartbeats: Vec<(NodeId, Heartbeat)> = std::mem::take(&mut out.tick_heartbeats);
-        for (to, outgoing) in out.outbox.drain() {
+        for (to, outgoing) in std::mem::take(&mut out.outbox) {
             heartbeats.extend(outgoing.batch.heartbeats.into_iter().map(|h| (to, h)));
             // A node outside the simulation (a learner being added) is not there.
             if to.0 as usize > self.nodes.len() {
