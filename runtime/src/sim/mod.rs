@@ -104,6 +104,9 @@ pub(crate) struct Run {
     pub(crate) verdict: Verdict,
     /// (step, what) of every fault injected.
     pub(crate) faults: Vec<(u64, String)>,
+    /// (node, range) of every replica isolated during the run (raft-rs panicked on it, or its
+    /// store failed): always a defect, found even when the history is fine.
+    pub(crate) isolated: Vec<(u64, u64)>,
 }
 
 /// A transport that hands what a node sends to the simulation.
@@ -177,11 +180,21 @@ pub(crate) fn run(seed: u64, cfg: SimConfig) -> Run {
         sim.quiet_phase();
         sim.final_reads();
         let verdict = check(&sim.history);
+        let mut isolated = Vec::new();
+        for (i, node) in sim.nodes.iter().enumerate() {
+            let Some(node) = node else { continue };
+            for range in [1, 2] {
+                if node.shared.cell(flotilla_proto::RangeId(range)).is_none() {
+                    isolated.push((i as u64 + 1, range));
+                }
+            }
+        }
         Run {
             seed,
             history: sim.history,
             verdict,
             faults: sim.faults,
+            isolated,
         }
     })
 }

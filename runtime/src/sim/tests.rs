@@ -5,11 +5,17 @@ use std::time::Instant;
 
 use super::*;
 
-fn seeds() -> u64 {
-    std::env::var("FLOTILLA_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200)
+/// The seeds the long test runs: `FLOTILLA_SIM_SEEDS` of them (200 by default) from
+/// `FLOTILLA_SIM_FIRST_SEED` (0).
+fn seeds() -> std::ops::Range<u64> {
+    let var = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let first = var("FLOTILLA_SIM_FIRST_SEED", 0);
+    first..first + var("FLOTILLA_SIM_SEEDS", 200)
 }
 
 fn summary(r: &Run) -> String {
@@ -42,7 +48,7 @@ fn the_same_seed_replays_the_same_run() {
 fn fixed_seeds_show_no_violation() {
     let started = Instant::now();
     let (mut ops, mut ok, mut faults) = (0, 0, 0);
-    for seed in 0..seeds() {
+    for seed in seeds() {
         let r = run(seed, SimConfig::default());
         ops += r.history.len();
         ok += r
@@ -51,6 +57,13 @@ fn fixed_seeds_show_no_violation() {
             .filter(|o| o.outcome == Outcome::Ok)
             .count();
         faults += r.faults.len();
+        assert!(
+            r.isolated.is_empty(),
+            "{}: replicas isolated (node, range): {:?}; faults {:?}",
+            summary(&r),
+            r.isolated,
+            r.faults
+        );
         assert!(
             r.verdict.linearizable,
             "{}: not linearizable; witness {:#?}; faults {:?}",
@@ -61,7 +74,7 @@ fn fixed_seeds_show_no_violation() {
     }
     println!(
         "RESULT {{\"sim_seeds\":{},\"ops\":{ops},\"ok\":{ok},\"faults\":{faults},\"violations\":0,\"secs\":{:.1}}}",
-        seeds(),
+        seeds().count(),
         started.elapsed().as_secs_f64()
     );
     assert!(ok > 0);
