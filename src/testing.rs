@@ -1,8 +1,8 @@
-//! The test harness shared by tests, benchmarks and examples: an in-memory cluster of several
-//! NodeGroups in one process, each on its own RocksDB in a temporary directory, talking over
-//! the in-memory network (with its fault-injection filters); helpers to start [`Server`]s, the
-//! real gRPC nodes, in one process; waits that poll a condition; and the measurements the
-//! benchmarks share.
+//! The test harness, behind the `testing` feature (tests, benchmarks and examples turn it on;
+//! the product never does): an in-memory cluster of several NodeGroups in one process, each on
+//! its own RocksDB in a temporary directory, talking over the in-memory network (with its
+//! fault-injection filters); helpers to start [`Server`]s, the real gRPC nodes, in one
+//! process; waits that poll a condition; and the measurements the benchmarks share.
 
 use std::future::Future;
 use std::net::SocketAddr;
