@@ -222,7 +222,7 @@ pub fn node_ids(n: usize) -> Vec<NodeId> {
     (1..=n as u64).map(NodeId).collect()
 }
 
-/// A key inside range `i` of a [`range_layout`](crate::layout::range_layout): its
+/// A key inside range `i` of a [`range_layout`]: its
 /// [`range_start_key`] followed by `/` and `suffix`.
 pub fn key_in_range(i: u64, suffix: &str) -> Vec<u8> {
     let mut k = range_start_key(i);
