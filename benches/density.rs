@@ -9,32 +9,30 @@
 //! Run: `cargo bench --bench density`. Prints one line per size:
 //! `RESULT {"groups_per_node":N,"rss_bytes_per_replica":X,"tick_round_cpu_ms":X}`.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flotilla::layout::range_layout;
 use flotilla::testing::measure::{cpu_seconds, rss_bytes};
-use flotilla::testing::{wait_until, Cluster};
-use flotilla::transport::{MemNetwork, Transport};
-use flotilla::{Engine, KvStateMachine, NodeGroup, NodeGroupConfig, NodeId, RangeId, StateRole};
+use flotilla::testing::{node_ids, wait_until, Cluster};
+use flotilla::{NodeGroupConfig, RangeId, StateRole};
 
 async fn measure(groups: u64, tick: Duration) -> (f64, f64, f64, f64) {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(dir.path(), Default::default()).unwrap();
-    let net = MemNetwork::new();
-    let cfg = NodeGroupConfig {
-        tick_interval: tick,
-        ..NodeGroupConfig::new(1)
-    };
-    let ng = NodeGroup::start(cfg, engine, Arc::new(KvStateMachine), move |h| {
-        Arc::new(net.register(NodeId(1), h)) as Arc<dyn Transport>
-    })
-    .unwrap();
+    // One node, on the in-memory network (it sends nothing: every group is its own quorum).
+    let c = Cluster::with_config(
+        1,
+        move |n| NodeGroupConfig {
+            tick_interval: tick,
+            ..NodeGroupConfig::new(n)
+        },
+        Default::default(),
+    );
+    let ng = c.node(1);
     // Let RocksDB and the threads settle before the baseline.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = rss_bytes();
     let t = Instant::now();
     // Single-voter groups on node 1.
-    let all = Cluster::range_layout(groups as usize, &[1]);
+    let all = range_layout(groups as usize, &node_ids(1));
     for chunk in all.chunks(1000) {
         ng.bootstrap_ranges(chunk.to_vec()).unwrap();
     }

@@ -35,14 +35,14 @@
 
 use flotilla::testing::measure::{cpu_seconds, percentile};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla::testing::{key_in_range, start_grpc_nodes, Cluster, GrpcNode};
+use flotilla::layout::range_layout;
+use flotilla::testing::{key_in_range, node_ids, start_local_servers, Cluster};
 use flotilla::transport::GrpcStats;
-use flotilla::{NodeGroup, NodeGroupConfig, RangeId, StateRole};
+use flotilla::{NodeGroup, NodeGroupConfig, RangeId, Server, StateRole};
 
 const NODES: usize = 3;
 /// Ordered node pairs: each node streams to each of the other two.
@@ -61,37 +61,32 @@ impl Nodes for Cluster {
 
 /// NodeGroups on gRPC, with the directory holding their engines.
 struct Grpc {
-    nodes: Vec<GrpcNode>,
+    nodes: Vec<Server>,
     _dir: tempfile::TempDir,
 }
 
 impl Nodes for Grpc {
     fn node(&self, id: u64) -> &NodeGroup {
-        &self.nodes[id as usize - 1].node
+        self.nodes[id as usize - 1].node()
     }
 }
 
 impl Grpc {
     fn start(config: impl Fn(u64) -> NodeGroupConfig) -> Grpc {
         let dir = tempfile::tempdir().expect("temp dir");
-        let listen: Vec<SocketAddr> = vec!["127.0.0.1:0".parse().unwrap(); NODES];
-        let nodes = start_grpc_nodes(
-            &listen,
-            config,
-            dir.path(),
-            tokio::runtime::Handle::current(),
-        )
-        .expect("start gRPC nodes");
+        let nodes =
+            start_local_servers(NODES, config, dir.path(), tokio::runtime::Handle::current())
+                .expect("start gRPC nodes");
         Grpc { nodes, _dir: dir }
     }
 
     fn stats(&self) -> Vec<GrpcStats> {
-        self.nodes.iter().map(|n| n.transport.stats()).collect()
+        self.nodes.iter().map(|n| n.transport().stats()).collect()
     }
 
     fn shutdown(&self) {
         for n in &self.nodes {
-            n.node.shutdown();
+            n.shutdown();
         }
     }
 }
@@ -146,7 +141,7 @@ fn settled<N: Nodes + ?Sized>(c: &N, range: RangeId) -> bool {
 /// Bootstraps `groups` ranges replicated on all three nodes and campaigns each on a node
 /// chosen round-robin.
 fn bootstrap<N: Nodes + ?Sized>(c: &N, groups: usize) -> Vec<RangeId> {
-    let layout = Cluster::range_layout(groups, &[1, 2, 3]);
+    let layout = range_layout(groups, &node_ids(NODES));
     for id in 1..=NODES as u64 {
         for chunk in layout.chunks(1000) {
             c.node(id)

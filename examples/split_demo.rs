@@ -13,14 +13,14 @@
 //! line; exits non-zero if anything was lost.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla::proto::meta::{RangeDescriptor, RangeEpoch, ReplicaDescriptor};
-use flotilla::testing::{start_grpc_nodes, test_config, wait_until, GrpcNode};
-use flotilla::{Error, NodeGroupConfig, RangeId, ReadConsistency, SplitConfig, StateRole};
+use flotilla::layout::range_layout;
+use flotilla::proto::meta::RangeDescriptor;
+use flotilla::testing::{node_ids, start_local_servers, test_config, wait_until};
+use flotilla::{Error, NodeGroupConfig, RangeId, ReadConsistency, Server, SplitConfig, StateRole};
 
 const NODES: usize = 3;
 const CLIENTS: usize = 8;
@@ -56,9 +56,9 @@ struct History {
     acked: u64,
 }
 
-fn leader_node(nodes: &[GrpcNode], desc: &RangeDescriptor) -> Option<usize> {
+fn leader_node(nodes: &[Server], desc: &RangeDescriptor) -> Option<usize> {
     nodes.iter().position(|n| {
-        n.node
+        n.node()
             .status(desc.id())
             .is_ok_and(|s| s.role == StateRole::Leader)
     })
@@ -66,16 +66,16 @@ fn leader_node(nodes: &[GrpcNode], desc: &RangeDescriptor) -> Option<usize> {
 
 /// Writes through the node whose replica leads the key's range, retrying leader changes and
 /// splits (`EpochNotMatch`) until `deadline`.
-async fn put(nodes: &[GrpcNode], key: &[u8], value: &[u8], deadline: Instant) -> Result<(), Error> {
+async fn put(nodes: &[Server], key: &[u8], value: &[u8], deadline: Instant) -> Result<(), Error> {
     let mut attempt = 0usize;
     loop {
         let target = nodes[0]
-            .node
+            .node()
             .range_of(key)
             .ok()
             .and_then(|d| leader_node(nodes, &d))
             .unwrap_or(attempt % nodes.len());
-        match nodes[target].node.put(key, value).await {
+        match nodes[target].node().put(key, value).await {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() >= deadline => return Err(e),
             Err(_) => {
@@ -87,9 +87,9 @@ async fn put(nodes: &[GrpcNode], key: &[u8], value: &[u8], deadline: Instant) ->
 }
 
 /// Keys of `d` in node 1's engine (the data of every range lives in one column family).
-fn key_count(nodes: &[GrpcNode], d: &RangeDescriptor) -> usize {
+fn key_count(nodes: &[Server], d: &RangeDescriptor) -> usize {
     nodes[0]
-        .node
+        .node()
         .engine()
         .scan(&d.start_key, &d.end_key, usize::MAX)
         .map(|v| v.len())
@@ -98,8 +98,8 @@ fn key_count(nodes: &[GrpcNode], d: &RangeDescriptor) -> usize {
 
 /// Prints the first `limit` ranges of node 1's table, and wherever they are the rows of the
 /// ranges `merged` left (noting those that split again since).
-fn print_table(nodes: &[GrpcNode], limit: usize, merged: &[RangeDescriptor]) {
-    let ranges = nodes[0].node.ranges();
+fn print_table(nodes: &[Server], limit: usize, merged: &[RangeDescriptor]) {
+    let ranges = nodes[0].node().ranges();
     println!(
         "  {:>20}  {:<16} {:<16} {:>6} {:>6}",
         "range", "start", "end", "leader", "keys"
@@ -141,10 +141,10 @@ fn print_table(nodes: &[GrpcNode], limit: usize, merged: &[RangeDescriptor]) {
 /// The adjacent pair with the fewest keys together whose right range has a known leader and
 /// neither range is in `exclude`: (source = right, target = left, source leader's index).
 fn pick_pair(
-    nodes: &[GrpcNode],
+    nodes: &[Server],
     exclude: &HashSet<RangeId>,
 ) -> Option<(RangeDescriptor, RangeDescriptor, usize)> {
-    let ranges = nodes[0].node.ranges();
+    let ranges = nodes[0].node().ranges();
     ranges
         .windows(2)
         .filter(|w| w[0].end_key == w[1].start_key)
@@ -163,8 +163,8 @@ fn pick_pair(
 
 /// Whether `node` already sees the keys of `source` in `target` (a merge whose answer was
 /// lost may still have finished).
-fn absorbed(node: &GrpcNode, source: &RangeDescriptor, target: RangeId) -> bool {
-    node.node
+fn absorbed(node: &Server, source: &RangeDescriptor, target: RangeId) -> bool {
+    node.node()
         .range_of(&source.start_key)
         .is_ok_and(|d| d.id() == target)
 }
@@ -173,14 +173,14 @@ fn absorbed(node: &GrpcNode, source: &RangeDescriptor, target: RangeId) -> bool 
 /// retrying transient errors up to [`MERGE_ATTEMPTS`] times. Returns the merged descriptor and
 /// the attempts it took.
 async fn merge_pair(
-    nodes: &[GrpcNode],
+    nodes: &[Server],
     source: &RangeDescriptor,
     target: &RangeDescriptor,
     mut on: usize,
 ) -> Result<(RangeDescriptor, usize), Error> {
     let mut last = Error::ProposalDropped;
     for attempt in 1..=MERGE_ATTEMPTS {
-        match nodes[on].node.merge(source.id(), target.id()).await {
+        match nodes[on].node().merge(source.id(), target.id()).await {
             Ok(d) => return Ok((d, attempt)),
             Err(Error::NotLeader { leader_hint, .. }) => {
                 on = leader_hint
@@ -198,14 +198,14 @@ async fn merge_pair(
                 wait_until(Duration::from_secs(5), || {
                     absorbed(node, source, target.id())
                         || node
-                            .node
+                            .node()
                             .ranges()
                             .iter()
                             .any(|d| d.id() == source.id() && d.merge.is_none())
                 })
                 .await;
                 if absorbed(node, source, target.id()) {
-                    return Ok((node.node.range_of(&source.start_key)?, attempt));
+                    return Ok((node.node().range_of(&source.start_key)?, attempt));
                 }
                 last = Error::ProposalDropped;
             }
@@ -231,7 +231,7 @@ struct Merges {
 /// Merges up to [`MERGES`] adjacent pairs, one at a time, each chosen from the current range
 /// table (the writers and the size checker keep changing it); a merged range is not merged
 /// again. Prints every merge or skip.
-async fn merge_some(nodes: &[GrpcNode]) -> Merges {
+async fn merge_some(nodes: &[Server]) -> Merges {
     let mut m = Merges::default();
     let mut exclude = HashSet::new();
     while m.done.len() < MERGES && m.done.len() + m.skipped < 2 * MERGES {
@@ -276,44 +276,25 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let started = Instant::now();
     let dir = tempfile::tempdir()?;
-    let listen: Vec<SocketAddr> = (0..NODES).map(|_| "127.0.0.1:0".parse().unwrap()).collect();
-    let nodes = Arc::new(
-        start_grpc_nodes(
-            &listen,
-            config,
-            dir.path(),
-            tokio::runtime::Handle::current(),
-        )
-        .map_err(anyhow::Error::msg)?,
-    );
+    let nodes = Arc::new(start_local_servers(
+        NODES,
+        config,
+        dir.path(),
+        tokio::runtime::Handle::current(),
+    )?);
     println!(
         "started {NODES} nodes over gRPC on {}",
         nodes
             .iter()
-            .map(|n| n.addr.to_string())
+            .map(|n| n.raft_addr().to_string())
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let whole = RangeDescriptor {
-        range_id: 1,
-        epoch: Some(RangeEpoch {
-            conf_ver: 1,
-            version: 1,
-        }),
-        replicas: (1..=NODES as u64)
-            .map(|n| ReplicaDescriptor {
-                replica_id: n,
-                node_id: n,
-                role: 0,
-            })
-            .collect(),
-        next_replica_id: NODES as u64 + 1,
-        ..Default::default()
-    };
+    let whole = range_layout(1, &node_ids(NODES)).remove(0);
     for n in nodes.iter() {
-        n.node.bootstrap_range(whole.clone())?;
+        n.node().bootstrap_range(whole.clone())?;
     }
-    nodes[0].node.campaign(whole.id())?;
+    nodes[0].node().campaign(whole.id())?;
     let t = Instant::now();
     while leader_node(&nodes, &whole).is_none() {
         anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "no leader elected");
@@ -368,13 +349,13 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let ranges = nodes[0].node.ranges();
+                let ranges = nodes[0].node().ranges();
                 let biggest = ranges.iter().max_by_key(|d| key_count(&nodes, d));
                 let Some(d) = biggest else { continue };
                 let Some(l) = leader_node(&nodes, d) else {
                     continue;
                 };
-                if nodes[l].node.split(d.id(), None).await.is_ok() {
+                if nodes[l].node().split(d.id(), None).await.is_ok() {
                     requested.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -385,7 +366,7 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let count = nodes[0].node.ranges().len();
+        let count = nodes[0].node().ranges().len();
         let acked = acked_total.load(Ordering::Relaxed);
         let bar_len = (count * 40 / TARGET_RANGES).min(40);
         print!(
@@ -416,7 +397,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "\nrange table after {} merges ({} ranges; merged ones marked):",
         merges.done.len(),
-        nodes[0].node.ranges().len()
+        nodes[0].node().ranges().len()
     );
     print_table(&nodes, 12, &merges.done);
 
@@ -425,7 +406,7 @@ async fn main() -> anyhow::Result<()> {
     for c in clients {
         histories.push(c.await?);
     }
-    let ranges = nodes[0].node.ranges();
+    let ranges = nodes[0].node().ranges();
     println!(
         "\nwriters stopped; final range table ({} ranges):",
         ranges.len()
@@ -466,7 +447,7 @@ async fn main() -> anyhow::Result<()> {
                 for n in nodes.iter() {
                     let mut got = Err(Error::Stopped);
                     for _ in 0..100 {
-                        got = n.node.get(k, ReadConsistency::Linearizable).await;
+                        got = n.node().get(k, ReadConsistency::Linearizable).await;
                         if got.is_ok() {
                             break;
                         }
@@ -481,7 +462,7 @@ async fn main() -> anyhow::Result<()> {
                         eprintln!(
                             "LOST {} on {}: expected {:?}, got {got:?}",
                             String::from_utf8_lossy(k),
-                            n.addr,
+                            n.raft_addr(),
                             String::from_utf8_lossy(v)
                         );
                     }
@@ -498,10 +479,13 @@ async fn main() -> anyhow::Result<()> {
     // Every split adds a range and every merge removes one.
     let splits = ranges.len() as u64 - 1 + merges.done.len() as u64;
     let auto = splits - requested.load(Ordering::Relaxed).min(splits);
-    let frames: u64 = nodes.iter().map(|n| n.transport.stats().frames_sent).sum();
+    let frames: u64 = nodes
+        .iter()
+        .map(|n| n.transport().stats().frames_sent)
+        .sum();
     let msgs: u64 = nodes
         .iter()
-        .map(|n| n.transport.stats().sent_messages)
+        .map(|n| n.transport().stats().sent_messages)
         .sum();
     println!(
         "\nsplits: {} on request, {auto} automatic by size; merges: {} ({} pairs skipped, {} merged ranges split again by size); gRPC: {msgs} raft messages in {frames} frames",
@@ -524,7 +508,7 @@ async fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     for n in nodes.iter() {
-        n.node.shutdown();
+        n.shutdown();
     }
     if lost > 0 {
         std::process::exit(1);

@@ -5,12 +5,23 @@
 //! [`Engine`], one transport, one worker pool and one ticker; a [`RangeRouter`] sends every
 //! proposal to the group that owns its key.
 //!
-//! This crate is the facade: it re-exports the public API of the member crates and owns the
-//! examples, benchmarks and the in-memory cluster harness ([`testing`]) that tests and
-//! benchmarks share. See ARCHITECTURE.md for the map.
+//! This crate is the facade: it re-exports the public API of the member crates and adds what
+//! a node process needs on top of them:
+//!
+//! - [`server`]: the wiring of one node ([`Server`], [`ServerConfig`], [`ServerError`]),
+//!   shared by the `flotilla-node` binary, the tests, the benchmarks and the examples;
+//! - [`layout`]: the initial range layout a new cluster bootstraps;
+//! - [`kv_service`], [`admin_service`]: the client gRPC APIs a server serves;
+//! - `testing` (with the `testing` feature only, which tests, benchmarks and examples turn
+//!   on): the in-memory cluster harness and helpers they share. The product never uses it.
+//!
+//! See ARCHITECTURE.md for the map.
 
 pub mod admin_service;
 pub mod kv_service;
+pub mod layout;
+pub mod server;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use flotilla_proto as proto;
@@ -22,3 +33,4 @@ pub use flotilla_runtime::{
 };
 pub use flotilla_store::{Engine, StoreConfig, StoreError};
 pub use flotilla_transport as transport;
+pub use server::{Server, ServerBuilder, ServerConfig, ServerError};

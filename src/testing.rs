@@ -1,21 +1,26 @@
-//! An in-memory cluster for tests and benchmarks: several NodeGroups in one process, each on
+//! The test harness, behind the `testing` feature (tests, benchmarks and examples turn it on;
+//! the product never does): an in-memory cluster of several NodeGroups in one process, each on
 //! its own RocksDB in a temporary directory, talking over the in-memory network (with its
-//! fault-injection filters). The real gRPC transport is tested separately; this harness is
-//! for the runtime's behaviour.
+//! fault-injection filters); helpers to start [`Server`]s, the real gRPC nodes, in one
+//! process; waits that poll a condition; and the measurements the benchmarks share.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_proto::meta::{RangeDescriptor, RangeEpoch, ReplicaDescriptor, ReplicaRole};
+use flotilla_proto::meta::RangeDescriptor;
 use flotilla_proto::{NodeId, RangeId};
 use flotilla_runtime::{
     Error, KvStateMachine, NodeGroup, NodeGroupConfig, ReadConsistency, StateRole,
 };
-use flotilla_store::{Engine, StoreConfig};
+use flotilla_store::StoreConfig;
 use flotilla_transport::MemNetwork;
 use flotilla_transport::Transport;
+
+use crate::layout::{first_campaigner, range_layout, range_start_key};
+use crate::server::{start_node_group, Server, ServerBuilder, ServerConfig, ServerError};
 
 /// Several NodeGroups on the in-memory network.
 pub struct Cluster {
@@ -81,11 +86,11 @@ impl Cluster {
             self.nodes[id as usize - 1].is_none(),
             "node {id} is running"
         );
-        let engine = Engine::open(self.path(id), self.store_config.clone()).expect("open engine");
         let net = self.net.clone();
-        let ng = NodeGroup::start(
+        let (ng, _) = start_node_group(
             (self.config)(id),
-            engine,
+            self.store_config.clone(),
+            &self.path(id),
             Arc::new(KvStateMachine),
             move |h| Arc::new(net.register(NodeId(id), h)) as Arc<dyn Transport>,
         )
@@ -122,56 +127,20 @@ impl Cluster {
         self.nodes.len()
     }
 
-    /// Descriptors of `count` ranges that together cover the key space, each replicated on
-    /// `replicas` (node ids; replica id = node id). Range `i` (1-based) starts at
-    /// [`range_start_key`]`(i)`.
-    pub fn range_layout(count: usize, replicas: &[u64]) -> Vec<RangeDescriptor> {
-        (1..=count as u64)
-            .map(|i| RangeDescriptor {
-                range_id: i,
-                start_key: if i == 1 {
-                    Default::default()
-                } else {
-                    range_start_key(i).into()
-                },
-                end_key: if i == count as u64 {
-                    Default::default()
-                } else {
-                    range_start_key(i + 1).into()
-                },
-                epoch: Some(RangeEpoch {
-                    conf_ver: 1,
-                    version: 1,
-                }),
-                replicas: replicas
-                    .iter()
-                    .map(|&n| ReplicaDescriptor {
-                        replica_id: n,
-                        node_id: n,
-                        role: ReplicaRole::Voter as i32,
-                    })
-                    .collect(),
-                state: 0,
-                next_replica_id: replicas.iter().max().copied().unwrap_or(0) + 1,
-                merge: None,
-            })
-            .collect()
-    }
-
     /// Bootstraps `count` ranges replicated on every node and starts an election in each
     /// (spread over the nodes so leaders are balanced).
     pub fn bootstrap(&self, count: usize) -> Vec<RangeDescriptor> {
-        let all: Vec<u64> = (1..=self.nodes.len() as u64).collect();
-        let layout = Self::range_layout(count, &all);
+        let layout = range_layout(count, &node_ids(self.nodes.len()));
         for id in self.running() {
             self.node(id)
                 .bootstrap_ranges(layout.clone())
                 .expect("bootstrap");
         }
+        let running: Vec<NodeId> = self.running().into_iter().map(NodeId).collect();
         for d in &layout {
-            let n = self.running();
-            let campaigner = n[(d.range_id as usize) % n.len()];
-            let _ = self.node(campaigner).campaign(d.id());
+            if let Some(campaigner) = first_campaigner(d.id(), &running) {
+                let _ = self.node(campaigner.0).campaign(d.id());
+            }
         }
         layout
     }
@@ -248,13 +217,13 @@ impl Drop for Cluster {
     }
 }
 
-/// The start key of range `i` in [`Cluster::range_layout`]: `"k"` followed by `i` as 8
-/// decimal digits, so keys made with [`key_in_range`] sort into the right range.
-pub fn range_start_key(i: u64) -> Vec<u8> {
-    format!("k{i:08}").into_bytes()
+/// Node ids 1..=n, the ids of a [`Cluster`] of `n` nodes.
+pub fn node_ids(n: usize) -> Vec<NodeId> {
+    (1..=n as u64).map(NodeId).collect()
 }
 
-/// A key inside range `i` of [`Cluster::range_layout`].
+/// A key inside range `i` of a [`range_layout`]: its
+/// [`range_start_key`] followed by `/` and `suffix`.
 pub fn key_in_range(i: u64, suffix: &str) -> Vec<u8> {
     let mut k = range_start_key(i);
     k.push(b'/');
@@ -294,139 +263,61 @@ where
     }
 }
 
-/// A NodeGroup on the real gRPC transport, as a node binary would run it.
-pub struct GrpcNode {
-    /// The node (shared, so that gRPC services can be served over it).
-    pub node: Arc<NodeGroup>,
-    /// Its transport (for peer updates and statistics).
-    pub transport: Arc<flotilla_transport::GrpcTransport>,
-    /// The address it listens on.
-    pub addr: std::net::SocketAddr,
-}
-
-impl std::fmt::Debug for GrpcNode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GrpcNode")
-            .field("addr", &self.addr)
-            .finish()
+/// The config of node `node.node_id` of a cluster in this process: raft and client APIs on
+/// free ports of 127.0.0.1, the engine in `dir/node-<id>`, no peers yet (see
+/// [`start_servers`]), the other settings at their defaults.
+pub fn local_server_config(node: NodeGroupConfig, dir: &Path) -> ServerConfig {
+    let id = node.node_id;
+    ServerConfig {
+        node,
+        data_dir: dir.join(format!("node-{id}")),
+        ..ServerConfig::default()
     }
 }
 
-/// Starts one node per entry of `listen` (node ids 1..=n) on 127.0.0.x addresses (port 0 picks
-/// a free port), each with its engine in `dir/node-<id>`, all peers of each other over gRPC.
-/// Listeners are bound first so that every address is known before any node starts.
-pub fn start_grpc_nodes(
-    listen: &[std::net::SocketAddr],
-    config: impl Fn(u64) -> NodeGroupConfig,
-    dir: &std::path::Path,
+/// Binds a [`Server`] per config, makes every node a peer of every other at its bound raft
+/// address, then starts them all. Binding first means every address is known before any
+/// node starts.
+///
+/// # Errors
+///
+/// The first [`ServerError`] of a bind or a start; the nodes started already are stopped.
+pub fn start_servers(
+    configs: Vec<ServerConfig>,
     runtime: tokio::runtime::Handle,
-) -> anyhow_free::Result<Vec<GrpcNode>> {
-    let grpc = flotilla_transport::GrpcConfig::default();
-    start_grpc_nodes_with(listen, config, grpc, dir, runtime)
-}
-
-/// [`start_grpc_nodes`] with the transport settings `grpc` on every node.
-pub fn start_grpc_nodes_with(
-    listen: &[std::net::SocketAddr],
-    config: impl Fn(u64) -> NodeGroupConfig,
-    grpc: flotilla_transport::GrpcConfig,
-    dir: &std::path::Path,
-    runtime: tokio::runtime::Handle,
-) -> anyhow_free::Result<Vec<GrpcNode>> {
-    use flotilla_transport::GrpcTransport;
-    let mut listeners = Vec::new();
-    for (i, addr) in listen.iter().enumerate() {
-        let id = NodeId(i as u64 + 1);
-        let l = GrpcTransport::bind(id, grpc.clone(), *addr, runtime.clone())
-            .map_err(|e| e.to_string())?;
-        listeners.push(l);
-    }
-    let addrs: Vec<std::net::SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
-    for (i, l) in listeners.iter().enumerate() {
-        for (j, a) in addrs.iter().enumerate() {
-            if i != j {
-                l.set_peer(NodeId(j as u64 + 1), a.to_string())
-                    .map_err(|e| e.to_string())?;
+) -> Result<Vec<Server>, ServerError> {
+    let bound = configs
+        .into_iter()
+        .map(|c| Server::bind(c, runtime.clone()))
+        .collect::<Result<Vec<ServerBuilder>, _>>()?;
+    let addrs: Vec<(NodeId, SocketAddr)> =
+        bound.iter().map(|b| (b.node_id(), b.raft_addr())).collect();
+    for b in &bound {
+        for (id, addr) in &addrs {
+            if *id != b.node_id() {
+                b.set_peer(*id, addr.to_string())?;
             }
         }
     }
-    let mut nodes = Vec::new();
-    for (i, l) in listeners.into_iter().enumerate() {
-        let id = i as u64 + 1;
-        nodes.push(serve_grpc_node(l, config(id), dir)?);
-    }
-    Ok(nodes)
+    bound.into_iter().map(ServerBuilder::start).collect()
 }
 
-/// Starts (or restarts, from its engine in `dir/node-<id>`) node `id` alone on `listen`, with
-/// `peers` (node id and address of every other node). To restart a node that
-/// [`start_grpc_nodes`] started, pass its old address: the others still send there. Call it
-/// off the tokio runtime, after the old node's `shutdown` returned (which then waits for its
-/// server to let go of the port).
-pub fn start_grpc_node(
-    id: u64,
-    listen: std::net::SocketAddr,
-    peers: &[(u64, std::net::SocketAddr)],
-    config: NodeGroupConfig,
-    grpc: flotilla_transport::GrpcConfig,
-    dir: &std::path::Path,
+/// Starts nodes 1..=n in this process as [`start_servers`] does, node `id` with `config(id)`
+/// and its engine in `dir/node-<id>` ([`local_server_config`]).
+///
+/// # Errors
+///
+/// As [`start_servers`].
+pub fn start_local_servers(
+    n: usize,
+    config: impl Fn(u64) -> NodeGroupConfig,
+    dir: &Path,
     runtime: tokio::runtime::Handle,
-) -> anyhow_free::Result<GrpcNode> {
-    let l = flotilla_transport::GrpcTransport::bind(NodeId(id), grpc, listen, runtime)
-        .map_err(|e| e.to_string())?;
-    for (node, addr) in peers {
-        l.set_peer(NodeId(*node), addr.to_string())
-            .map_err(|e| e.to_string())?;
-    }
-    serve_grpc_node(l, config, dir)
-}
-
-/// Serves `node`'s client APIs (KV and admin, as `flotilla-node` does) on a free port of
-/// 127.0.0.1, on the current tokio runtime until it stops; returns the address.
-pub fn serve_client_api(node: Arc<NodeGroup>) -> anyhow_free::Result<std::net::SocketAddr> {
-    let incoming = tonic::transport::server::TcpIncoming::bind(([127, 0, 0, 1], 0).into())
-        .map_err(|e| e.to_string())?;
-    let addr = incoming.local_addr().map_err(|e| e.to_string())?;
-    let server = tonic::transport::Server::builder()
-        .add_service(crate::kv_service::KvService::server(node.clone()))
-        .add_service(crate::admin_service::AdminService::server(node))
-        .serve_with_incoming(incoming);
-    tokio::spawn(async move {
-        if let Err(e) = server.await {
-            eprintln!("client API server on {addr} stopped: {e}");
-        }
-    });
-    Ok(addr)
-}
-
-/// Opens the node's engine and starts its NodeGroup on the bound listener.
-fn serve_grpc_node(
-    l: flotilla_transport::GrpcListener,
-    config: NodeGroupConfig,
-    dir: &std::path::Path,
-) -> anyhow_free::Result<GrpcNode> {
-    let id = config.node_id;
-    let addr = l.local_addr();
-    let engine = Engine::open(dir.join(format!("node-{id}")), StoreConfig::default())
-        .map_err(|e| e.to_string())?;
-    let mut transport = None;
-    let node = NodeGroup::start(config, engine, Arc::new(KvStateMachine), |h| {
-        let t = Arc::new(l.serve(h));
-        transport = Some(t.clone());
-        t as Arc<dyn Transport>
-    })
-    .map_err(|e| e.to_string())?;
-    Ok(GrpcNode {
-        node: Arc::new(node),
-        transport: transport.expect("connect was called"),
-        addr,
-    })
-}
-
-/// Error plumbing for the harness without an error-handling dependency.
-pub mod anyhow_free {
-    /// A harness result: errors are rendered to strings.
-    pub type Result<T> = std::result::Result<T, String>;
+) -> Result<Vec<Server>, ServerError> {
+    let configs = (1..=n as u64)
+        .map(|id| local_server_config(config(id), dir))
+        .collect();
+    start_servers(configs, runtime)
 }
 
 /// Measurement helpers shared by the benchmarks.

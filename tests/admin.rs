@@ -5,17 +5,16 @@
 //! NOT_FOUND, non-adjacent merge FAILED_PRECONDITION, a node that does not lead the range
 //! UNAVAILABLE naming the leader.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use flotilla::kv_service::leader_hint;
+use flotilla::layout::range_layout;
 use flotilla::proto::admin::admin_client::AdminClient;
 use flotilla::proto::admin::{split_request, MergeRequest, RangeInfo, RangesRequest, SplitRequest};
 use flotilla::proto::kv::kv_client::KvClient;
 use flotilla::proto::kv::GetRequest;
-use flotilla::proto::meta::{RangeDescriptor, RangeEpoch, ReplicaDescriptor};
-use flotilla::testing::{serve_client_api, start_grpc_nodes, test_config, GrpcNode};
-use flotilla::{NodeId, StateRole};
+use flotilla::testing::{node_ids, start_local_servers, test_config};
+use flotilla::{NodeId, Server, StateRole};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -27,7 +26,7 @@ fn key(i: usize) -> Vec<u8> {
 }
 
 struct Harness {
-    nodes: Vec<GrpcNode>,
+    nodes: Vec<Server>,
     admins: Vec<AdminClient<Channel>>,
     kvs: Vec<KvClient<Channel>>,
     _dir: tempfile::TempDir,
@@ -36,38 +35,21 @@ struct Harness {
 impl Harness {
     async fn start() -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let listen: Vec<SocketAddr> = (0..3).map(|_| "127.0.0.1:0".parse().unwrap()).collect();
-        let nodes = start_grpc_nodes(
-            &listen,
+        let nodes = start_local_servers(
+            3,
             test_config,
             dir.path(),
             tokio::runtime::Handle::current(),
         )
         .unwrap();
-        let whole = RangeDescriptor {
-            range_id: 1,
-            epoch: Some(RangeEpoch {
-                conf_ver: 1,
-                version: 1,
-            }),
-            replicas: (1..=3)
-                .map(|n| ReplicaDescriptor {
-                    replica_id: n,
-                    node_id: n,
-                    role: 0,
-                })
-                .collect(),
-            next_replica_id: 4,
-            ..Default::default()
-        };
+        let whole = range_layout(1, &node_ids(3)).remove(0);
         for n in &nodes {
-            n.node.bootstrap_range(whole.clone()).unwrap();
+            n.node().bootstrap_range(whole.clone()).unwrap();
         }
-        nodes[0].node.campaign(whole.id()).unwrap();
+        nodes[0].node().campaign(whole.id()).unwrap();
         let (mut admins, mut kvs) = (Vec::new(), Vec::new());
         for n in &nodes {
-            let addr = serve_client_api(n.node.clone()).unwrap();
-            let channel = Channel::from_shared(format!("http://{addr}"))
+            let channel = Channel::from_shared(format!("http://{}", n.client_addr()))
                 .unwrap()
                 .connect_lazy();
             admins.push(AdminClient::new(channel.clone()));
@@ -86,7 +68,7 @@ impl Harness {
         let deadline = Instant::now() + T;
         loop {
             if let Some(i) = self.nodes.iter().position(|n| {
-                n.node
+                n.node()
                     .status(flotilla::RangeId(range))
                     .is_ok_and(|s| s.role == StateRole::Leader)
             }) {
@@ -108,7 +90,7 @@ impl Harness {
 
     fn shutdown(self) {
         for n in &self.nodes {
-            n.node.shutdown();
+            n.shutdown();
         }
     }
 }
@@ -132,7 +114,7 @@ async fn split_list_merge_and_error_codes_over_grpc() {
     let mut h = Harness::start().await;
     let l = h.leader(1).await;
     for i in 0..KEYS {
-        h.nodes[l].node.put(&key(i), b"v").await.unwrap();
+        h.nodes[l].node().put(&key(i), b"v").await.unwrap();
     }
 
     // Split r1 at k0100 on its leader (following the hint if leadership moved meanwhile).

@@ -3,8 +3,11 @@
 
 use std::time::Duration;
 
+use flotilla::layout::range_layout;
 use flotilla::proto::meta::RangeDescriptor;
-use flotilla::testing::{key_in_range, test_config, wait_until, wait_until_async, Cluster};
+use flotilla::testing::{
+    key_in_range, node_ids, test_config, wait_until, wait_until_async, Cluster,
+};
 use flotilla::transport::{IsolateFilter, PartitionFilter};
 use flotilla::{
     Error, MembershipChange, NodeGroupConfig, NodeId, RangeId, ReadConsistency, ReplicaId,
@@ -116,8 +119,8 @@ async fn five_nodes_host_a_thousand_groups_on_three_replicas_each() {
     // Range i lives on 3 of the 5 nodes, rotating.
     let mut layout = Vec::new();
     for i in 1..=1000u64 {
-        let nodes: Vec<u64> = (0..3).map(|k| (i + k) % 5 + 1).collect();
-        let mut d = Cluster::range_layout(1000, &nodes)[i as usize - 1].clone();
+        let nodes: Vec<NodeId> = (0..3).map(|k| NodeId((i + k) % 5 + 1)).collect();
+        let mut d = range_layout(1000, &nodes)[i as usize - 1].clone();
         d.range_id = i;
         layout.push(d);
     }
@@ -229,7 +232,7 @@ async fn replace_a_replica_under_writes() {
     init_tracing();
     let mut c = Cluster::new(4);
     // Range 1 on nodes 1-3; node 4 starts empty.
-    let d = Cluster::range_layout(1, &[1, 2, 3]).remove(0);
+    let d = range_layout(1, &node_ids(3)).remove(0);
     for n in 1..=3 {
         c.node(n).bootstrap_range(d.clone()).unwrap();
     }
@@ -412,7 +415,7 @@ async fn stopped_node_recovers_from_its_store_and_catches_up() {
 async fn bad_input_gets_typed_errors() {
     let c = Cluster::new(3);
     // Only part of the key space is covered.
-    let mut d = Cluster::range_layout(2, &[1, 2, 3]).remove(1);
+    let mut d = range_layout(2, &node_ids(3)).remove(1);
     d.end_key = b"z".to_vec().into();
     for n in 1..=3 {
         c.node(n).bootstrap_range(d.clone()).unwrap();
@@ -607,7 +610,7 @@ async fn bootstrap_replaces_a_replica_a_peer_message_created_first() {
     // leaders' messages create uninitialized replicas there first (as when node processes
     // start one after another).
     let c = Cluster::new(3);
-    let layout = Cluster::range_layout(20, &[1, 2, 3]);
+    let layout = range_layout(20, &node_ids(3));
     for n in [1, 2] {
         c.node(n).bootstrap_ranges(layout.clone()).unwrap();
     }

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flotilla::layout::range_layout;
 use flotilla::proto::meta::{RangeDescriptor, RangeEpoch, ReplicaDescriptor};
 use flotilla::proto::transport::{Heartbeat, NodeBatch, RaftMessage};
-use flotilla::testing::{key_in_range, test_config, wait_until, Cluster};
+use flotilla::testing::{key_in_range, node_ids, test_config, wait_until, Cluster};
 use flotilla::transport::{
     DelayFilter, DropFilter, DuplicateFilter, Filter, FilterKind, MemTransport, NetStats,
     PartitionFilter, PredicateFilter, ReorderFilter, Transport,
@@ -121,7 +122,7 @@ async fn drain_mailboxes(c: &Cluster, range: RangeId, nodes: &[u64], tag: &str) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_replica_and_stale_terms_do_not_disturb_the_group() {
     let c = Cluster::with_config(4, calm_config, StoreConfig::default());
-    let d = Cluster::range_layout(1, &[1, 2, 3, 4]).remove(0);
+    let d = range_layout(1, &node_ids(4)).remove(0);
     for n in 1..=4 {
         c.node(n).bootstrap_range(d.clone()).unwrap();
     }

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use flotilla::layout::range_layout;
 use flotilla::proto::meta::{RangeDescriptor, ReplicaRole};
-use flotilla::testing::{test_config, wait_until, Cluster};
+use flotilla::testing::{node_ids, test_config, wait_until, Cluster};
 use flotilla::{
     Error, MembershipChange, NodeGroupConfig, NodeId, RangeId, ReadConsistency, ReplicaId,
     StoreConfig,
@@ -310,7 +311,7 @@ async fn membership_changes_under_concurrent_writes_keep_the_history_linearizabl
         StoreConfig::default(),
     ));
     // One range over the whole key space on nodes 1-3; nodes 4 and 5 start empty.
-    let d = Cluster::range_layout(1, &[1, 2, 3]).remove(0);
+    let d = range_layout(1, &node_ids(3)).remove(0);
     let range = d.id();
     for n in 1..=3 {
         c.node(n).bootstrap_range(d.clone()).unwrap();
@@ -714,7 +715,7 @@ async fn joint_consensus_is_left_automatically_under_writes() {
         history_config,
         StoreConfig::default(),
     ));
-    let d = Cluster::range_layout(1, &[1, 2, 3]).remove(0);
+    let d = range_layout(1, &node_ids(3)).remove(0);
     let range = d.id();
     for n in 1..=3 {
         c.node(n).bootstrap_range(d.clone()).unwrap();

@@ -6,12 +6,14 @@
 //! restarted on the same address (the one its peers know).
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use flotilla::layout::range_layout;
 use flotilla::proto::meta::RangeDescriptor;
-use flotilla::testing::{start_grpc_node, start_grpc_nodes_with, test_config, Cluster, GrpcNode};
+use flotilla::testing::{local_server_config, node_ids, start_servers, test_config};
 use flotilla::transport::GrpcConfig;
-use flotilla::{NodeGroupConfig, ReadConsistency, StateRole};
+use flotilla::{NodeGroupConfig, NodeId, ReadConsistency, Server, ServerConfig, StateRole};
 
 const T: Duration = Duration::from_secs(30);
 const KEYS: usize = 300;
@@ -37,6 +39,14 @@ fn config(node: u64) -> NodeGroupConfig {
     }
 }
 
+/// Node `node` of the test, its engine in `dir`, on the transport settings above.
+fn server_config(node: u64, dir: &Path) -> ServerConfig {
+    ServerConfig {
+        grpc: grpc(),
+        ..local_server_config(config(node), dir)
+    }
+}
+
 fn key(i: usize) -> Vec<u8> {
     format!("k{i:05}").into_bytes()
 }
@@ -47,21 +57,21 @@ fn value(i: usize) -> Vec<u8> {
     v
 }
 
-fn leader(nodes: &[Option<GrpcNode>], range: &RangeDescriptor) -> Option<usize> {
+fn leader(nodes: &[Option<Server>], range: &RangeDescriptor) -> Option<usize> {
     nodes.iter().position(|n| {
         n.as_ref().is_some_and(|n| {
-            n.node
+            n.node()
                 .status(range.id())
                 .is_ok_and(|s| s.role == StateRole::Leader)
         })
     })
 }
 
-async fn put(nodes: &[Option<GrpcNode>], range: &RangeDescriptor, i: usize) {
+async fn put(nodes: &[Option<Server>], range: &RangeDescriptor, i: usize) {
     let deadline = Instant::now() + T;
     loop {
         if let Some(l) = leader(nodes, range) {
-            let node = &nodes[l].as_ref().unwrap().node;
+            let node = nodes[l].as_ref().unwrap().node();
             if node.put(&key(i), &value(i)).await.is_ok() {
                 return;
             }
@@ -79,19 +89,18 @@ fn a_restarted_node_catches_up_by_a_snapshot_streamed_in_chunks() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let listen: Vec<SocketAddr> = (0..3).map(|_| "127.0.0.1:0".parse().unwrap()).collect();
-    let nodes = start_grpc_nodes_with(&listen, config, grpc(), dir.path(), rt.handle().clone())
-        .expect("start 3 nodes");
-    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
-    let mut nodes: Vec<Option<GrpcNode>> = nodes.into_iter().map(Some).collect();
-    let range = Cluster::range_layout(1, &[1, 2, 3]).remove(0);
+    let configs = (1..=3).map(|n| server_config(n, dir.path())).collect();
+    let nodes = start_servers(configs, rt.handle().clone()).expect("start 3 nodes");
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.raft_addr()).collect();
+    let mut nodes: Vec<Option<Server>> = nodes.into_iter().map(Some).collect();
+    let range = range_layout(1, &node_ids(3)).remove(0);
     for n in nodes.iter().flatten() {
-        n.node.bootstrap_range(range.clone()).unwrap();
+        n.node().bootstrap_range(range.clone()).unwrap();
     }
     nodes[0]
         .as_ref()
         .unwrap()
-        .node
+        .node()
         .campaign(range.id())
         .unwrap();
     let deadline = Instant::now() + T;
@@ -102,9 +111,7 @@ fn a_restarted_node_catches_up_by_a_snapshot_streamed_in_chunks() {
     rt.block_on(put(&nodes, &range, 0));
 
     // Node 3 goes down (from outside the runtime: its port is free once this returns).
-    let n3 = nodes[2].take().unwrap();
-    n3.node.shutdown();
-    drop(n3);
+    nodes[2].take().unwrap().shutdown();
 
     rt.block_on(async {
         for i in 1..KEYS {
@@ -113,21 +120,20 @@ fn a_restarted_node_catches_up_by_a_snapshot_streamed_in_chunks() {
     });
     // Both remaining logs forget the entries node 3 misses: only a snapshot can bring it up.
     for n in nodes.iter().flatten() {
-        rt.block_on(n.node.compact_log(range.id())).unwrap();
+        rt.block_on(n.node().compact_log(range.id())).unwrap();
     }
 
-    let peers = [(1, addrs[0]), (2, addrs[1])];
-    let n3 = start_grpc_node(
-        3,
-        addrs[2],
-        &peers,
-        config(3),
-        grpc(),
-        dir.path(),
-        rt.handle().clone(),
-    )
-    .expect("restart node 3 on its address");
-    let t3 = n3.transport.clone();
+    let restart = ServerConfig {
+        raft_addr: addrs[2],
+        peers: [
+            (NodeId(1), addrs[0].to_string()),
+            (NodeId(2), addrs[1].to_string()),
+        ]
+        .into(),
+        ..server_config(3, dir.path())
+    };
+    let n3 = Server::start(restart, rt.handle().clone()).expect("restart node 3 on its address");
+    let t3 = n3.transport().clone();
     nodes[2] = Some(n3);
     assert!(
         t3.wait_for_stats(T, |s| s.snapshots_received >= 1),
@@ -146,7 +152,7 @@ fn a_restarted_node_catches_up_by_a_snapshot_streamed_in_chunks() {
         nodes[..2]
             .iter()
             .flatten()
-            .map(|n| n.transport.stats().snapshots_sent)
+            .map(|n| n.transport().stats().snapshots_sent)
             .sum::<u64>()
             >= 1
     };
@@ -160,7 +166,7 @@ fn a_restarted_node_catches_up_by_a_snapshot_streamed_in_chunks() {
     }
 
     // Node 3 serves every key, with the value written while it was down.
-    let n3 = &nodes[2].as_ref().unwrap().node;
+    let n3 = nodes[2].as_ref().unwrap().node();
     rt.block_on(async {
         for i in 0..KEYS {
             let deadline = Instant::now() + T;
@@ -181,6 +187,6 @@ fn a_restarted_node_catches_up_by_a_snapshot_streamed_in_chunks() {
     assert!(st.applied >= KEYS as u64, "{st:?}");
 
     for n in nodes.iter().flatten() {
-        n.node.shutdown();
+        n.shutdown();
     }
 }

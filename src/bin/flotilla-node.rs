@@ -10,32 +10,30 @@
 //! With `--bootstrap-ranges N` a node whose store is empty creates N ranges that together
 //! cover the key space (range i starts at `k` + i as 8 digits), replicated on every peer; each
 //! node must be started with the same N and peers. A node with a store resumes from it.
+//! The wiring is the library's ([`flotilla::Server`]); this file only reads the flags.
 //! The process runs until SIGINT/SIGTERM (or SIGKILL: whatever it acknowledged is on disk).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use flotilla::admin_service::AdminService;
-use flotilla::kv_service::KvService;
-use flotilla::testing::Cluster;
-use flotilla::transport::{GrpcConfig, GrpcTransport, Transport};
-use flotilla::{Engine, KvStateMachine, NodeGroup, NodeGroupConfig, NodeId, RangeId};
+use flotilla::{NodeId, Server, ServerConfig};
 
 struct Args {
     id: u64,
     raft: SocketAddr,
     client: SocketAddr,
     data_dir: std::path::PathBuf,
-    peers: Vec<(u64, String)>,
+    peers: BTreeMap<NodeId, String>,
     bootstrap_ranges: usize,
     tick_ms: u64,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
-    let (mut id, mut raft, mut client, mut dir, mut peers) = (None, None, None, None, Vec::new());
+    let (mut id, mut raft, mut client, mut dir) = (None, None, None, None);
+    let mut peers = BTreeMap::new();
     let (mut bootstrap_ranges, mut tick_ms) = (0usize, 100u64);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -49,7 +47,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--peers" => {
                 for p in value()?.split(',') {
                     let (n, a) = p.split_once('=').context("peer must be ID=HOST:PORT")?;
-                    peers.push((n.parse()?, a.to_string()));
+                    peers.insert(NodeId(n.parse()?), a.to_string());
                 }
             }
             other => bail!("unknown flag {other}"),
@@ -66,66 +64,35 @@ fn parse_args() -> anyhow::Result<Args> {
     })
 }
 
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .init();
     let args = parse_args()?;
-    let me = NodeId(args.id);
-    let config = NodeGroupConfig {
-        tick_interval: Duration::from_millis(args.tick_ms),
-        ..NodeGroupConfig::new(args.id)
-    };
-    let engine = Engine::open(&args.data_dir, Default::default())?;
-    let fresh = engine.recover()?.is_empty();
-    let listener = GrpcTransport::bind(
-        me,
-        GrpcConfig::default(),
-        args.raft,
-        tokio::runtime::Handle::current(),
-    )?;
-    for (n, addr) in &args.peers {
-        if *n != args.id {
-            listener.set_peer(NodeId(*n), addr.clone())?;
-        }
-    }
-    let node = Arc::new(NodeGroup::start(
-        config,
-        engine,
-        Arc::new(KvStateMachine),
-        |h| Arc::new(listener.serve(h)) as Arc<dyn Transport>,
-    )?);
-    if fresh && args.bootstrap_ranges > 0 {
-        let members: Vec<u64> = args.peers.iter().map(|(n, _)| *n).collect();
-        let layout = Cluster::range_layout(args.bootstrap_ranges, &members);
-        node.bootstrap_ranges(layout)?;
-        // Spread the first elections over the nodes so that leaders start balanced.
-        let nodes = members.len() as u64;
-        let rank = members.iter().position(|n| *n == args.id).unwrap_or(0) as u64;
-        for r in 1..=args.bootstrap_ranges as u64 {
-            if r % nodes == rank {
-                let _ = node.campaign(RangeId(r));
-            }
-        }
-    }
+    let mut config = ServerConfig::new(NodeId(args.id), args.data_dir);
+    config.node.tick_interval = Duration::from_millis(args.tick_ms);
+    config.raft_addr = args.raft;
+    config.client_addr = args.client;
+    config.peers = args.peers;
+    config.bootstrap_ranges = args.bootstrap_ranges;
+    let server = Server::start(config, tokio::runtime::Handle::current())?;
     println!(
         "node {} serving raft on {} and clients on {}",
-        args.id, args.raft, args.client
+        args.id,
+        server.raft_addr(),
+        server.client_addr()
     );
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    };
-    tonic::transport::Server::builder()
-        .add_service(KvService::server(node.clone()))
-        .add_service(AdminService::server(node.clone()))
-        .serve_with_shutdown(args.client, shutdown)
-        .await?;
-    node.shutdown();
+    server.run_until(stop_signal()).await?;
     Ok(())
 }

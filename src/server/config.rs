@@ -1,0 +1,245 @@
+//! The settings of one node process: where its data lives, which addresses it serves, who its
+//! peers are, and the settings of each layer it wires (NodeGroup, store, transport). One
+//! struct, every field documented with its default, and `validate()` naming each mistake
+//! before anything is opened or bound.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use flotilla_proto::NodeId;
+use flotilla_runtime::NodeGroupConfig;
+use flotilla_store::StoreConfig;
+use flotilla_transport::GrpcConfig;
+
+use super::ServerError;
+use crate::layout::MAX_RANGES;
+
+/// How to run one node. Start from [`ServerConfig::new`] (or `Default`, which has no node id
+/// and no data directory and so does not validate) and change what you need.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The NodeGroup's settings, this node's id (`node.node_id`) among them. Default
+    /// `NodeGroupConfig::default()`, whose node id 0 is refused: set it.
+    pub node: NodeGroupConfig,
+    /// The RocksDB engine's settings. Default `StoreConfig::default()`.
+    pub store: StoreConfig,
+    /// The gRPC transport's settings (frame and queue budgets, reconnects, TLS). Default
+    /// `GrpcConfig::default()`.
+    pub grpc: GrpcConfig,
+    /// Directory of the node's engine, created if missing. A directory that holds a store
+    /// resumes from it. No default: empty is refused.
+    pub data_dir: PathBuf,
+    /// Where the raft transport listens (what peers send to). Port 0 picks a free port, read
+    /// it back with `ServerBuilder::raft_addr`. Default `127.0.0.1:0`.
+    pub raft_addr: SocketAddr,
+    /// Where the client APIs (`flotilla.kv.Kv`, `flotilla.admin.Admin`) listen. Port 0 picks
+    /// a free port. Default `127.0.0.1:0`.
+    pub client_addr: SocketAddr,
+    /// The raft address (`host:port`) of each node of the cluster. An entry for this node is
+    /// allowed (and needed to bootstrap); the transport skips it. Default empty; peers can
+    /// also be added after binding (`ServerBuilder::set_peer`).
+    pub peers: BTreeMap<NodeId, String>,
+    /// On a store that holds no range yet, create this many ranges that together cover the
+    /// key space ([`crate::layout::range_layout`]), each replicated on every node of `peers`,
+    /// and start the first election of each on one of them in turn so that leaders start
+    /// balanced. Every node of a new cluster must be given the same count and the same peer
+    /// ids. A node whose store holds ranges ignores it. Default 0: create none.
+    pub bootstrap_ranges: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+        ServerConfig {
+            node: NodeGroupConfig::default(),
+            store: StoreConfig::default(),
+            grpc: GrpcConfig::default(),
+            data_dir: PathBuf::new(),
+            raft_addr: any_port,
+            client_addr: any_port,
+            peers: BTreeMap::new(),
+            bootstrap_ranges: 0,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Node `node` with its engine in `data_dir`, every other setting at its default.
+    pub fn new(node: NodeId, data_dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            node: NodeGroupConfig::new(node.0),
+            data_dir: data_dir.into(),
+            ..ServerConfig::default()
+        }
+    }
+
+    /// This node.
+    pub fn node_id(&self) -> NodeId {
+        NodeId(self.node.node_id)
+    }
+
+    /// Checks every field, the nested configs included; returns the first mistake found.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerError::NodeConfig`], [`ServerError::Store`] and [`ServerError::Transport`]
+    /// for the layers' own settings, or the variant that names the mistake:
+    /// [`ServerError::NoDataDir`], [`ServerError::SameAddress`], [`ServerError::ZeroPeerId`],
+    /// [`ServerError::PeerAddress`], [`ServerError::BootstrapWithoutThisNode`],
+    /// [`ServerError::TooManyBootstrapRanges`].
+    pub fn validate(&self) -> Result<(), ServerError> {
+        self.node.validate()?;
+        self.store.validate()?;
+        self.grpc.validate()?;
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ServerError::NoDataDir);
+        }
+        // Two port-0 addresses are two different sockets; only a fixed port can clash.
+        if self.raft_addr == self.client_addr && self.raft_addr.port() != 0 {
+            return Err(ServerError::SameAddress(self.raft_addr));
+        }
+        for (node, addr) in &self.peers {
+            if node.0 == 0 {
+                return Err(ServerError::ZeroPeerId);
+            }
+            if !is_host_port(addr) {
+                return Err(ServerError::PeerAddress {
+                    node: *node,
+                    addr: addr.clone(),
+                });
+            }
+        }
+        if self.bootstrap_ranges > MAX_RANGES {
+            return Err(ServerError::TooManyBootstrapRanges {
+                count: self.bootstrap_ranges,
+                max: MAX_RANGES,
+            });
+        }
+        if self.bootstrap_ranges > 0 && !self.peers.contains_key(&self.node_id()) {
+            return Err(ServerError::BootstrapWithoutThisNode {
+                node: self.node_id(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Whether `addr` looks like `host:port` (a host name or address, a colon, a port number).
+/// The transport checks it again when it builds the endpoint; this catches a typo before
+/// anything is opened.
+fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use flotilla_store::StoreError;
+    use flotilla_transport::TransportError;
+
+    use super::*;
+
+    fn base() -> ServerConfig {
+        ServerConfig {
+            raft_addr: "127.0.0.1:7001".parse().unwrap(),
+            client_addr: "127.0.0.1:8001".parse().unwrap(),
+            peers: [(NodeId(1), "127.0.0.1:7001".to_string())].into(),
+            bootstrap_ranges: 10,
+            ..ServerConfig::new(NodeId(1), "/tmp/n1")
+        }
+    }
+
+    #[test]
+    fn defaults_with_a_node_id_and_a_data_dir_are_valid() {
+        ServerConfig::new(NodeId(1), "data").validate().unwrap();
+        base().validate().unwrap();
+    }
+
+    #[test]
+    fn each_mistake_has_its_own_error() {
+        let check = |config: ServerConfig, expected: fn(&ServerError) -> bool| {
+            let e = config.validate().expect_err("must be refused");
+            assert!(expected(&e), "unexpected error: {e:?}");
+        };
+        check(ServerConfig::default(), |e| {
+            matches!(
+                e,
+                ServerError::NodeConfig(flotilla_runtime::ConfigError::ZeroNodeId)
+            )
+        });
+        let mut c = base();
+        c.node.tick_interval = Duration::ZERO;
+        check(c, |e| {
+            matches!(
+                e,
+                ServerError::NodeConfig(flotilla_runtime::ConfigError::TickIntervalTooSmall)
+            )
+        });
+        let mut c = base();
+        c.store.block_cache_bytes = 0;
+        check(c, |e| {
+            matches!(e, ServerError::Store(StoreError::InvalidConfig(_)))
+        });
+        let mut c = base();
+        c.grpc.max_frame_bytes = 0;
+        check(c, |e| {
+            matches!(
+                e,
+                ServerError::Transport(TransportError::InvalidConfig { .. })
+            )
+        });
+        check(
+            ServerConfig {
+                data_dir: PathBuf::new(),
+                ..base()
+            },
+            |e| matches!(e, ServerError::NoDataDir),
+        );
+        check(
+            ServerConfig {
+                client_addr: base().raft_addr,
+                ..base()
+            },
+            |e| matches!(e, ServerError::SameAddress(a) if a.port() == 7001),
+        );
+        let mut c = base();
+        c.peers.insert(NodeId(0), "127.0.0.1:7000".into());
+        check(c, |e| matches!(e, ServerError::ZeroPeerId));
+        for bad in ["127.0.0.1", ":7002", "host:port", "127.0.0.1:70000"] {
+            let mut c = base();
+            c.peers.insert(NodeId(2), bad.into());
+            check(
+                c,
+                |e| matches!(e, ServerError::PeerAddress { node, .. } if *node == NodeId(2)),
+            );
+        }
+        let mut c = base();
+        c.peers.remove(&NodeId(1));
+        c.peers.insert(NodeId(2), "127.0.0.1:7002".into());
+        check(
+            c,
+            |e| matches!(e, ServerError::BootstrapWithoutThisNode { node } if *node == NodeId(1)),
+        );
+        check(
+            ServerConfig {
+                bootstrap_ranges: MAX_RANGES + 1,
+                ..base()
+            },
+            |e| matches!(e, ServerError::TooManyBootstrapRanges { count, max } if *count == MAX_RANGES + 1 && *max == MAX_RANGES),
+        );
+    }
+
+    #[test]
+    fn two_free_ports_do_not_clash_and_a_node_without_bootstrap_needs_no_peers() {
+        let c = ServerConfig {
+            peers: BTreeMap::new(),
+            bootstrap_ranges: 0,
+            ..ServerConfig::new(NodeId(3), "/tmp/n3")
+        };
+        assert_eq!(c.raft_addr, c.client_addr);
+        c.validate().unwrap();
+    }
+}

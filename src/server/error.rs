@@ -1,0 +1,87 @@
+//! The crate's one error type: why a node could not be configured, started or served. The
+//! config mistakes come first (one variant each, from [`ServerConfig::validate`]); then the
+//! failures of the layers below, each kept whole as the source.
+//!
+//! [`ServerConfig::validate`]: super::ServerConfig::validate
+
+use std::net::SocketAddr;
+
+use flotilla_proto::NodeId;
+use flotilla_runtime::ConfigError;
+use flotilla_store::StoreError;
+use flotilla_transport::TransportError;
+
+/// Why a node could not be configured, started or served, and so what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A NodeGroup setting (`ServerConfig::node`) is wrong: fix the named field.
+    #[error("invalid node group config: {0}")]
+    NodeConfig(#[from] ConfigError),
+
+    /// `data_dir` is empty: say where the node's engine lives.
+    #[error("data_dir must be set")]
+    NoDataDir,
+
+    /// The raft and client addresses name the same socket: give each API its own port.
+    #[error("the raft and client APIs cannot both listen on {0}")]
+    SameAddress(SocketAddr),
+
+    /// A peer has node id 0, which raft reserves for "nobody": fix the peer list.
+    #[error("a peer has node id 0")]
+    ZeroPeerId,
+
+    /// A peer's address is not `host:port`: fix the peer list.
+    #[error("address {addr:?} of peer {node} is not host:port")]
+    PeerAddress {
+        /// The peer.
+        node: NodeId,
+        /// Its address as given.
+        addr: String,
+    },
+
+    /// `bootstrap_ranges` is set but this node is not among the peers, so it would hold no
+    /// replica of the ranges it creates: list every node of the cluster, this one included.
+    #[error("bootstrap_ranges needs this node ({node}) in the peer list")]
+    BootstrapWithoutThisNode {
+        /// This node.
+        node: NodeId,
+    },
+
+    /// `bootstrap_ranges` exceeds what a layout can number ([`crate::layout::MAX_RANGES`]).
+    #[error("bootstrap_ranges ({count}) exceeds the maximum of {max}")]
+    TooManyBootstrapRanges {
+        /// The configured count.
+        count: usize,
+        /// The largest count allowed.
+        max: usize,
+    },
+
+    /// The store refused its config or could not open the data directory (held by another
+    /// process, damaged, no permission): see the store error.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+
+    /// The transport refused its config, its TLS material, its address or a peer, or could
+    /// not bind the raft address: see the transport error.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+
+    /// The client API socket could not be opened (address in use, no permission).
+    #[error("cannot listen for clients on {addr}: {source}")]
+    ClientBind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The operating system's answer.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The client API server stopped with an error while serving. The node was shut down.
+    #[error("client API server failed: {0}")]
+    ClientServe(#[source] tonic::transport::Error),
+
+    /// The NodeGroup could not start, or could not bootstrap its ranges: see the runtime
+    /// error.
+    #[error("node group: {0}")]
+    Runtime(#[from] flotilla_runtime::Error),
+}
