@@ -103,10 +103,13 @@ pub(crate) fn bootstrap(shared: &Shared, descs: Vec<RangeDescriptor>) -> Result<
                 version: 1,
             });
         }
-        let carried = replaces.and_then(|_| match seal_uninitialized(shared, desc.id()) {
-            Existing::Uninitialized(hs) => Some(hs),
+        // The replica a message created may have been initialized by a snapshot since it was
+        // checked: then it holds the group's own state, newer than a bootstrap, and stays.
+        let carried = match replaces.map(|_| seal(shared, desc.id(), true)) {
+            Some(Existing::Initialized) => continue,
+            Some(Existing::Uninitialized(hs)) => Some(hs),
             _ => None,
-        });
+        };
         let mut storage = GroupStorage::initialize(
             shared.engine.clone(),
             desc.clone(),
@@ -236,10 +239,21 @@ pub(crate) fn create_by_message(
 /// replaces it, returning its hard state; leaves an initialized one alone. Never blocks on a
 /// replica held by a round: that one is `Busy` and the caller tries again later.
 pub(crate) fn seal_uninitialized(shared: &Shared, range: RangeId) -> Existing {
+    seal(shared, range, false)
+}
+
+/// [`seal_uninitialized`]; with `block` it waits for a round that holds the replica (only for
+/// callers that hold no replica themselves: a worker would deadlock on its own round's).
+fn seal(shared: &Shared, range: RangeId, block: bool) -> Existing {
     let Some(cell) = shared.cell(range) else {
         return Existing::Absent;
     };
-    let Some(mut guard) = cell.replica.try_lock() else {
+    let guard = if block {
+        Some(cell.replica.lock())
+    } else {
+        cell.replica.try_lock()
+    };
+    let Some(mut guard) = guard else {
         return Existing::Busy;
     };
     let hard_state: HardState = match guard.as_ref() {
