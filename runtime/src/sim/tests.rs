@@ -155,3 +155,25 @@ fn the_judge_accepts_concurrent_and_unknown_writes() {
     let acked = write("k", "b", 4, Some(5), Outcome::Ok);
     assert!(check(&[a, late, acked, read("k", Some("late"), 8, 9)]).linearizable);
 }
+
+/// Replays seed `SEED` with the runtime's and raft-rs's log on (`RUST_LOG`), to read what a
+/// failing seed did. Ignored: run it by name.
+#[test]
+#[ignore]
+fn debug_one_seed() {
+    let seed: u64 = std::env::var("SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
+        .with_ansi(false)
+        .try_init();
+    let r = run(seed, SimConfig::default());
+    println!(
+        "{} isolated {:?} faults {:?}",
+        summary(&r),
+        r.isolated,
+        r.faults
+    );
+}
