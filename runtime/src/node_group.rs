@@ -120,6 +120,8 @@ pub(crate) struct Shared {
     pub(crate) ready_tx: Sender<Arc<ReplicaCell>>,
     logger: slog::Logger,
     stopped: AtomicBool,
+    /// Set by tests to stop this node's clock (see `NodeGroup::pause_ticker`).
+    pub(crate) ticker_paused: AtomicBool,
 }
 
 impl Shared {
@@ -444,6 +446,7 @@ impl NodeGroup {
             load: DashMap::new(),
             ready_tx,
             stopped: AtomicBool::new(false),
+            ticker_paused: AtomicBool::new(false),
         });
         recover(&shared)?;
         let transport = connect(Arc::new(Inbound(shared.clone())));
@@ -592,6 +595,16 @@ impl NodeGroup {
             s.router.upsert(desc);
         }
         Ok(())
+    }
+
+    /// Stops (`true`) or restarts this node's clock as a paused process (SIGSTOP) would see
+    /// it: no ticks, no heartbeats from the ticker, no request deadlines. Workers and the
+    /// transport keep running, so the test decides what the node hears meanwhile (a
+    /// `HoldFilter` keeps its inbound packets). On restart the missed ticks are skipped, as
+    /// after a real pause.
+    #[cfg(feature = "testing")]
+    pub fn pause_ticker(&self, paused: bool) {
+        self.shared.ticker_paused.store(paused, Ordering::Release);
     }
 
     /// Starts an election for this node's replica of `range` now.
