@@ -34,7 +34,6 @@ use crate::fsm::worker::Round;
 use crate::node_group::Shared;
 
 pub(crate) use merge::check_mergeable;
-pub(crate) use read::PendingRead;
 
 /// An encoded admin entry (split, merge) for the log.
 fn admin_entry(header: RequestHeader, cmd: admin_command::Cmd) -> Vec<u8> {
@@ -61,7 +60,7 @@ pub(crate) struct Replica {
     range: RangeId,
     node: NodeId,
     proposals: VecDeque<LocalProposal>,
-    reads: Vec<PendingRead>,
+    reads: read::Reads,
     /// Where replicas not in our descriptor live (an uninitialized replica learns its leader's
     /// node from the leader's messages).
     peers: Vec<ReplicaDescriptor>,
@@ -137,7 +136,7 @@ impl Replica {
             range,
             node,
             proposals: VecDeque::new(),
-            reads: Vec::new(),
+            reads: read::Reads::new(),
             peers: Vec::new(),
             ready: None,
             removed: false,
@@ -474,8 +473,8 @@ impl Replica {
         for (token, _) in self.forwarded.drain(..) {
             round.complete(token, Err(Error::ProposalDropped));
         }
-        for r in self.reads.drain(..) {
-            round.complete(r.token, Err(err.clone()));
+        for token in self.reads.drain_tokens() {
+            round.complete(token, Err(err.clone()));
         }
     }
 
