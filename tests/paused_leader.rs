@@ -2,7 +2,8 @@
 //! while the others elected a new leader and took writes. "Paused" here means: its clock
 //! stopped (`NodeGroup::pause_ticker`) and everything sent to it held by a `HoldFilter`,
 //! then handed to it in the order that would make it answer with what it knew before the
-//! pause. Every wait is bounded and polls a condition.
+//! pause. And, for contrast, a leader whose lease holds serves lease reads without asking.
+//! Every wait is bounded and polls a condition.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -73,12 +74,8 @@ fn is_read_index(p: &Packet) -> bool {
 
 /// Three nodes and one range whose leader is node 2, with `KEY = OLD` written through it.
 /// Returns the range and node 2's term.
-async fn led_by_node_2() -> (Arc<Cluster>, RangeId, u64) {
-    let c = Arc::new(Cluster::with_config(
-        3,
-        stable_config,
-        StoreConfig::default(),
-    ));
+async fn led_by_node_2(config: fn(u64) -> NodeGroupConfig) -> (Arc<Cluster>, RangeId, u64) {
+    let c = Arc::new(Cluster::with_config(3, config, StoreConfig::default()));
     let d: RangeDescriptor = Cluster::range_layout(1, &[1, 2, 3]).remove(0);
     let range = d.id();
     for n in 1..=3 {
@@ -165,7 +162,7 @@ fn release(c: &Cluster, hold: &HoldFilter, id: FilterId) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_never_confirms_a_read_with_acknowledgements_older_than_the_read() {
-    let (c, range, term) = led_by_node_2().await;
+    let (c, range, term) = led_by_node_2(stable_config).await;
 
     // Node 2's clock stops first, so that it neither steps down nor sends heartbeats of its
     // own while the acknowledgements of node 1's read are held.
@@ -301,4 +298,82 @@ async fn a_paused_leader_never_confirms_a_read_with_acknowledgements_older_than_
         .expect("node 1's first read never finished")
         .expect("read task");
     assert!(earlier.is_ok(), "node 1's first read failed: {earlier:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_whose_lease_ran_out_serves_no_lease_read() {
+    let (c, range, term) = led_by_node_2(stable_config).await;
+    let lease_read = c.node(2).get(KEY, ReadConsistency::Lease).await;
+    assert_eq!(
+        lease_read.expect("lease read before the pause").as_deref(),
+        Some(OLD)
+    );
+
+    // Paused: no clock, nothing heard.
+    c.node(2).pause_ticker(true);
+    let hold = HoldFilter::new(|p| p.to == NodeId(2));
+    let held_id = c.net.add_filter(Box::new(hold.clone()));
+
+    elect_another_leader_and_write(&c, range, term).await;
+
+    // Resumed, before its ticker ran or it read its socket: a lease read arrives. It must not
+    // be served from the lease (which ran out during the pause); a leader without a lease
+    // asks a quorum, and its heartbeats, held here, show it did.
+    let out = HoldFilter::new(|p| p.from == NodeId(2));
+    let out_id = c.net.add_filter(Box::new(out.clone()));
+    let read = {
+        let c = c.clone();
+        tokio::spawn(async move { c.node(2).get(KEY, ReadConsistency::Lease).await })
+    };
+    let handled = wait_until(T, || {
+        read.is_finished()
+            || out
+                .held()
+                .iter()
+                .any(|p| heartbeat_context(p, false).is_some())
+    })
+    .await;
+    assert!(handled, "node 2 never handled the lease read");
+
+    release(&c, &hold, held_id);
+    release(&c, &out, out_id);
+    c.node(2).pause_ticker(false);
+
+    let got = tokio::time::timeout(T, read)
+        .await
+        .expect("the lease read through node 2 never finished")
+        .expect("read task");
+    assert!(
+        matches!(&got, Ok(Some(v)) if v == NEW),
+        "a lease read through node 2 that began after {:?} was acknowledged returned {}",
+        String::from_utf8_lossy(NEW),
+        show(&got),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_lease_holds_serves_lease_reads_without_asking_a_quorum() {
+    // A 3s election timeout, so a lease of almost as long outlasts a slow machine's pauses.
+    fn long_lease(node: u64) -> NodeGroupConfig {
+        NodeGroupConfig {
+            election_tick: 300,
+            ..stable_config(node)
+        }
+    }
+    let (c, _, _) = led_by_node_2(long_lease).await;
+    // No lease yet: the first lease read asks a quorum, which starts the lease.
+    let first = c.node(2).get(KEY, ReadConsistency::Lease).await;
+    assert_eq!(first.expect("first lease read").as_deref(), Some(OLD));
+
+    // From now on node 2 hears no acknowledgement: a read that asked would wait.
+    let hold = HoldFilter::new(|p| p.to == NodeId(2) && heartbeat_context(p, true).is_some());
+    let held_id = c.net.add_filter(Box::new(hold.clone()));
+    let leased = tokio::time::timeout(
+        Duration::from_secs(2),
+        c.node(2).get(KEY, ReadConsistency::Lease),
+    )
+    .await
+    .expect("a lease read waited for a quorum while the lease held");
+    assert_eq!(leased.expect("lease read").as_deref(), Some(OLD));
+    release(&c, &hold, held_id);
 }

@@ -115,7 +115,7 @@ pub struct NodeGroupConfig {
     /// Pre-vote: a partitioned node does not disrupt the group when it returns. Default true.
     pub pre_vote: bool,
     /// A leader steps down when it has not heard from a quorum for an election timeout.
-    /// Default true (required for lease reads).
+    /// Default true (without it, lease reads always ask a quorum).
     pub check_quorum: bool,
     /// Most bytes of entries in one append message. Default 1 MiB.
     pub max_size_per_msg: u64,

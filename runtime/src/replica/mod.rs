@@ -226,6 +226,8 @@ impl Replica {
                 }
                 PeerMsg::TransferLeader { token, to } => {
                     if self.is_leader() {
+                        // The transferee's election ignores leases.
+                        self.reads.suspect_lease();
                         self.raw.transfer_leader(to);
                         round.complete(token, Ok(Vec::new()));
                     } else {

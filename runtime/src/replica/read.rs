@@ -4,9 +4,9 @@
 //! - ReadIndex (linearizable, the default): raft confirms leadership with a quorum (a
 //!   follower asks the leader) and returns the commit index; the read completes once this
 //!   replica has applied up to it. Works on leaders and followers.
-//! - Lease: the leader serves without a round trip while its lease holds (check-quorum keeps
-//!   a deposed leader from believing it leads for longer than an election timeout). Only as
-//!   safe as the clocks' drift bound, so it is opt-in per read.
+//! - Lease: the leader serves without a round trip while its lease holds, and through
+//!   ReadIndex otherwise (see "Lease" below). Only as safe as the clocks' drift bound, so it
+//!   is opt-in per read.
 //! - Stale reads never get here: the caller reads the engine directly.
 //!
 //! # One context per attempt
@@ -24,11 +24,32 @@
 //! tells this life from one before a restart (tokens start over), the attempt tells a retry
 //! from the attempts before it. An answer to any attempt of a read completes it: each attempt
 //! was made after the read arrived.
+//!
+//! # Lease
+//!
+//! A follower that acknowledged a heartbeat refuses votes for an election timeout of its own
+//! ticks after it (raft-rs check-quorum: "lease is not expired"), so no other leader can be
+//! elected within about that long after the leader *sent* a round that a quorum
+//! acknowledged. The lease is kept here in wall-clock time (the monotonic clock), from the
+//! send time of a ReadIndex attempt this replica made as leader and raft confirmed; a lease
+//! read without a valid lease goes through ReadIndex, which renews the lease.
+//!
+//! raft-rs's own `in_lease()` only says "leader with check-quorum", which is not enough: a
+//! leader steps down at its quorum check, once per election timeout of its ticks, and the
+//! check passes on any acknowledgement since the previous one, so it may believe it leads
+//! for up to two election timeouts after the last acknowledgement while the others elect a
+//! new leader after one; and a leader that was paused (a stopped process, a VM or GC stall)
+//! ran no ticks at all, so on resume it believes it leads until a tick or the new leader's
+//! messages say otherwise. The lease is also dropped when the leader starts a leadership
+//! transfer: the transferee's election ignores leases.
+
+use std::time::{Duration, Instant};
 
 use flotilla_store::GroupStorage;
 use raft::{RawNode, ReadState};
 
 use super::Replica;
+use crate::config::NodeGroupConfig;
 use crate::error::Error;
 use crate::fsm::worker::Round;
 use crate::node_group::Shared;
@@ -43,6 +64,9 @@ pub(crate) struct PendingRead {
     waited: u32,
     /// The number of the latest attempt (0: none was needed).
     attempt: u32,
+    /// What a confirmation of the latest attempt proves about the lease, if it was made as
+    /// leader: `(term, lease end, lease epoch)`.
+    renews: Option<(u64, Instant, u64)>,
 }
 
 impl PendingRead {
@@ -52,16 +76,23 @@ impl PendingRead {
             index: None,
             waited: 0,
             attempt: 0,
+            renews: None,
         }
     }
 }
 
-/// What a replica keeps for reads.
+/// What a replica keeps for reads: those in flight and the leader lease.
 #[derive(Debug)]
 pub(crate) struct Reads {
     pending: Vec<PendingRead>,
     /// Random per replica instance (see the module doc).
     incarnation: u64,
+    /// `(term, until)`: while leader in `term`, reads may be served without a round trip
+    /// until then.
+    lease: Option<(u64, Instant)>,
+    /// Bumped by a leadership transfer: confirmations of attempts made before it no longer
+    /// renew the lease.
+    lease_epoch: u64,
 }
 
 impl Reads {
@@ -69,6 +100,8 @@ impl Reads {
         Reads {
             pending: Vec::new(),
             incarnation: rand::random(),
+            lease: None,
+            lease_epoch: 0,
         }
     }
 
@@ -79,6 +112,13 @@ impl Reads {
     /// Takes every read in flight, to fail them.
     pub(crate) fn drain_tokens(&mut self) -> impl Iterator<Item = u64> + '_ {
         self.pending.drain(..).map(|r| r.token)
+    }
+
+    /// Forgets the lease: the leader is handing leadership over, and the transferee
+    /// campaigns without waiting for any lease to run out.
+    pub(crate) fn suspect_lease(&mut self) {
+        self.lease = None;
+        self.lease_epoch += 1;
     }
 }
 
@@ -104,15 +144,31 @@ fn parse_context(ctx: &[u8]) -> Option<(u64, u64, u64, u32)> {
     Some((word(0), word(8), word(16), attempt))
 }
 
+/// How long after a leader sent a round that a quorum acknowledged it may serve reads
+/// without asking again. An acknowledging follower refuses votes until `election_tick` of its
+/// ticks passed since it heard us, which was after we sent; its first tick may come right
+/// after that, and a worker that fell behind applies a tick that was queued before the
+/// heartbeat after it: hence two ticks less.
+fn lease_duration(config: &NodeGroupConfig) -> Duration {
+    let ticks = config.election_tick.saturating_sub(2);
+    config.tick_interval * u32::try_from(ticks).unwrap_or(u32::MAX)
+}
+
 /// Asks raft for a read index with a fresh context (see the module doc).
 fn request_read_index(
     raw: &mut RawNode<GroupStorage>,
     replica: u64,
     reads: &Reads,
     r: &mut PendingRead,
+    config: &NodeGroupConfig,
 ) {
     r.attempt += 1;
     r.waited = 0;
+    let leader = raw.raft.state == raft::StateRole::Leader;
+    r.renews = leader.then(|| {
+        let until = Instant::now() + lease_duration(config);
+        (raw.raft.term, until, reads.lease_epoch)
+    });
     raw.read_index(context(replica, reads.incarnation, r.token, r.attempt));
 }
 
@@ -127,15 +183,14 @@ impl Replica {
             return;
         }
         if lease {
-            if self.is_leader()
-                && self.raw.raft.in_lease()
-                && self.raw.raft.commit_to_current_term()
-            {
+            if self.lease_holds() {
                 let mut r = PendingRead::new(token);
                 r.index = Some(self.raw.raft.raft_log.committed);
                 self.reads.pending.push(r);
                 self.complete_reads(shared, round);
-            } else {
+                return;
+            }
+            if !self.is_leader() {
                 round.complete(
                     token,
                     Err(Error::NotLeader {
@@ -143,8 +198,10 @@ impl Replica {
                         leader_hint: self.leader_hint(),
                     }),
                 );
+                return;
             }
-            return;
+            // A leader whose lease lapsed confirms its leadership with a quorum instead,
+            // which renews the lease.
         }
         if self.raw.raft.leader_id == 0 {
             round.complete(
@@ -157,8 +214,22 @@ impl Replica {
             return;
         }
         let mut r = PendingRead::new(token);
-        request_read_index(&mut self.raw, self.id, &self.reads, &mut r);
+        request_read_index(&mut self.raw, self.id, &self.reads, &mut r, &shared.config);
         self.reads.pending.push(r);
+    }
+
+    /// Whether this replica may serve a read now without asking a quorum.
+    fn lease_holds(&self) -> bool {
+        let raft = &self.raw.raft;
+        let Some((term, until)) = self.reads.lease else {
+            return false;
+        };
+        // `in_lease` checks check-quorum: without it followers do not refuse votes.
+        raft.in_lease()
+            && raft.commit_to_current_term()
+            && raft.lead_transferee.is_none()
+            && term == raft.term
+            && Instant::now() < until
     }
 
     /// Asks again, each time with a new context, for read indexes that have not arrived
@@ -171,16 +242,18 @@ impl Replica {
         for r in pending.iter_mut().filter(|r| r.index.is_none()) {
             r.waited += ticks;
             if r.waited >= patience {
-                request_read_index(&mut self.raw, self.id, reads, r);
+                request_read_index(&mut self.raw, self.id, reads, r, &shared.config);
             }
         }
         reads.pending = pending;
     }
 
     pub(super) fn on_read_states(&mut self, states: Vec<ReadState>) {
+        let raft = &self.raw.raft;
         let reads = &mut self.reads;
         for rs in states {
-            let Some((replica, incarnation, token, _)) = parse_context(&rs.request_ctx) else {
+            let Some((replica, incarnation, token, attempt)) = parse_context(&rs.request_ctx)
+            else {
                 continue;
             };
             // An answer to an earlier life of this replica (its tokens started over since).
@@ -192,6 +265,20 @@ impl Replica {
             };
             if r.index.is_none() {
                 r.index = Some(rs.index);
+            }
+            // Only the latest attempt's send time is kept; an earlier attempt's answer
+            // completes the read but does not renew the lease.
+            if attempt != r.attempt {
+                continue;
+            }
+            if let Some((term, until, epoch)) = r.renews {
+                let leads = raft.state == raft::StateRole::Leader && raft.term == term;
+                if leads && epoch == reads.lease_epoch {
+                    let later = reads.lease.is_none_or(|(t, u)| t != term || u < until);
+                    if later {
+                        reads.lease = Some((term, until));
+                    }
+                }
             }
         }
     }
@@ -229,5 +316,21 @@ mod tests {
         assert_eq!(parse_context(&a[..CONTEXT_LEN - 1]), None);
         // The context of the previous format (a bare token) is not taken for ours.
         assert_eq!(parse_context(&42u64.to_be_bytes()), None);
+    }
+
+    #[test]
+    fn the_lease_is_two_ticks_shorter_than_the_election_timeout() {
+        let config = NodeGroupConfig {
+            tick_interval: Duration::from_millis(100),
+            election_tick: 10,
+            ..NodeGroupConfig::new(1)
+        };
+        assert_eq!(lease_duration(&config), Duration::from_millis(800));
+        let tiny = NodeGroupConfig {
+            election_tick: 2,
+            heartbeat_tick: 1,
+            ..config
+        };
+        assert_eq!(lease_duration(&tiny), Duration::ZERO);
     }
 }
