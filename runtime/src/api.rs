@@ -28,7 +28,9 @@ pub enum ReadConsistency {
     #[default]
     Linearizable,
     /// Served by the leader under its lease, without a round trip: linearizable as long as
-    /// clock drift stays below the election timeout.
+    /// clock drift stays below the election timeout. A leader whose lease ran out (it is
+    /// renewed by ReadIndex confirmations, on the monotonic clock) serves it as a
+    /// linearizable read; a follower answers `NotLeader`.
     Lease,
     /// Whatever this replica has applied; may be stale.
     Stale,

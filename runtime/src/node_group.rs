@@ -97,6 +97,18 @@ impl NodeGroup {
         })
     }
 
+    /// Stops (`true`) or restarts this node's clock as a paused process (SIGSTOP) would see
+    /// it: no ticks, no heartbeats from the ticker, no request deadlines. Workers and the
+    /// transport keep running, so the test decides what the node hears meanwhile (a
+    /// `HoldFilter` keeps its inbound packets). On restart the missed ticks are skipped, as
+    /// after a real pause.
+    #[cfg(feature = "testing")]
+    pub fn pause_ticker(&self, paused: bool) {
+        self.shared
+            .ticker_paused
+            .store(paused, std::sync::atomic::Ordering::Release);
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.shared.node

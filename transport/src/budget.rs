@@ -39,6 +39,15 @@ impl Charge {
         })
     }
 
+    /// A charge on no pair's queue: for packets a hold filter kept and the test delivers,
+    /// which no sender queued at that time.
+    pub(crate) fn none() -> Self {
+        Self {
+            queue: QueueBytes::default(),
+            bytes: 0,
+        }
+    }
+
     /// Bytes this charge holds.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes

@@ -14,7 +14,7 @@
 //! - `mem/`: [`MemNetwork`] and its per-node handle [`MemTransport`]; `delivery.rs` is the
 //!   per-node delivery thread, `stats.rs` the counters tests wait on.
 //! - `filter/`: the [`Filter`] trait and the built-in filters (drop, delay, duplicate,
-//!   reorder, partition, isolate, predicate).
+//!   reorder, partition, isolate, predicate, hold).
 //! - `grpc/`: [`GrpcTransport`], the production transport: tonic, one long-lived
 //!   bidirectional stream per node pair on the `RaftTransport.Batches` RPC, merging what is
 //!   queued into one frame, reconnecting with backoff, optional mutual TLS ([`TlsConfig`]).
@@ -85,8 +85,8 @@ use std::time::Instant;
 
 pub use error::TransportError;
 pub use filter::{
-    Action, DelayFilter, DropFilter, DuplicateFilter, Filter, FilterId, FilterKind, IsolateFilter,
-    Packet, PartitionFilter, Payload, PredicateFilter, ReorderFilter, Scoped,
+    Action, DelayFilter, DropFilter, DuplicateFilter, Filter, FilterId, FilterKind, HoldFilter,
+    IsolateFilter, Packet, PartitionFilter, Payload, PredicateFilter, ReorderFilter, Scoped,
 };
 pub use flotilla_proto::transport::{Heartbeat, NodeBatch, RaftMessage};
 pub use flotilla_proto::{NodeId, RangeId, ReplicaId};

@@ -56,6 +56,8 @@ pub(crate) struct Shared {
     pub(crate) ready_tx: Sender<Arc<ReplicaCell>>,
     pub(super) logger: slog::Logger,
     stopped: AtomicBool,
+    /// Set by tests to stop this node's clock (see `NodeGroup::pause_ticker`).
+    pub(crate) ticker_paused: AtomicBool,
 }
 
 impl Shared {
@@ -85,6 +87,7 @@ impl Shared {
             load: DashMap::new(),
             ready_tx,
             stopped: AtomicBool::new(false),
+            ticker_paused: AtomicBool::new(false),
         }
     }
 

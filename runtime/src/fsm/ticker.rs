@@ -5,6 +5,7 @@
 //! node pair, and expires requests past their deadline. It iterates only the awake set, so
 //! replicas that hibernate cost nothing here.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,6 +28,10 @@ pub(crate) fn run(shared: Arc<Shared>, stop: Receiver<()>) {
         if next < now {
             // We fell behind (machine overloaded): skip the missed ticks rather than burst.
             next = now + interval;
+        }
+        // A test stopped this node's clock (`NodeGroup::pause_ticker`).
+        if shared.ticker_paused.load(Ordering::Acquire) {
+            continue;
         }
         let started = Instant::now();
         send_heartbeats(&shared);

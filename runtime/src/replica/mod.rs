@@ -41,7 +41,6 @@ use crate::error::Error;
 pub(crate) use context::{Effect, Env, Existing, Host, Output};
 pub(crate) use merge::check_mergeable;
 pub(crate) use msg::PeerMsg;
-pub(crate) use read::PendingRead;
 
 /// An encoded admin entry (split, merge) for the log.
 fn admin_entry(header: RequestHeader, cmd: admin_command::Cmd) -> Vec<u8> {
@@ -68,7 +67,7 @@ pub(crate) struct Replica {
     range: RangeId,
     node: NodeId,
     proposals: VecDeque<LocalProposal>,
-    reads: Vec<PendingRead>,
+    reads: read::Reads,
     /// Where replicas not in our descriptor live (an uninitialized replica learns its leader's
     /// node from the leader's messages).
     peers: Vec<ReplicaDescriptor>,
@@ -149,7 +148,7 @@ impl Replica {
             range,
             node,
             proposals: VecDeque::new(),
-            reads: Vec::new(),
+            reads: read::Reads::new(),
             peers: Vec::new(),
             ready: None,
             removed: false,
@@ -287,6 +286,8 @@ impl Replica {
                 }
                 PeerMsg::TransferLeader { token, to } => {
                     if self.is_leader() {
+                        // The transferee's election ignores leases.
+                        self.reads.suspect_lease();
                         self.raw.transfer_leader(to);
                         out.complete(token, Ok(Vec::new()));
                     } else {
@@ -537,8 +538,8 @@ impl Replica {
         for (token, _) in self.forwarded.drain(..) {
             out.complete(token, Err(Error::ProposalDropped));
         }
-        for r in self.reads.drain(..) {
-            out.complete(r.token, Err(err.clone()));
+        for token in self.reads.drain_tokens() {
+            out.complete(token, Err(err.clone()));
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Fault injection for [`MemNetwork`](crate::MemNetwork): filters decide, per raft message or
-//! heartbeat, whether it is delivered, dropped, delayed, duplicated or reordered.
+//! heartbeat, whether it is delivered, dropped, delayed, duplicated, reordered or held for the
+//! test to deliver later (in an order of its choosing).
 //!
 //! Filters are installed and removed at runtime and compose: every installed filter sees
 //! every packet in installation order, and copies made by a duplicate filter go through the
@@ -7,6 +8,7 @@
 //! test that sends the same messages on a link sees the same decisions on every run.
 
 mod builtin;
+mod hold;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -23,6 +25,7 @@ pub use builtin::{
     DelayFilter, DropFilter, DuplicateFilter, IsolateFilter, PartitionFilter, PredicateFilter,
     ReorderFilter,
 };
+pub use hold::HoldFilter;
 
 /// One unit the network delivers: a raft message or a coalesced heartbeat, on its way from
 /// one node to another. A batch is split into packets before filtering and regrouped after.
@@ -77,6 +80,10 @@ pub enum Action {
     Reorder(Duration),
     /// Deliver it and this many extra copies right after it.
     Duplicate(u32),
+    /// Not now: the filter kept a copy, which the test hands back to the network with
+    /// [`MemNetwork::deliver`](crate::MemNetwork::deliver) (see [`HoldFilter`]). Counted in
+    /// [`NetStats::held`](crate::NetStats::held), not as a drop.
+    Hold,
 }
 
 /// The kind of a filter, under which [`NetStats`](crate::NetStats) counts what it dropped.
@@ -96,13 +103,15 @@ pub enum FilterKind {
     Isolate,
     /// [`PredicateFilter`].
     Predicate,
+    /// [`HoldFilter`] (it never drops: what it holds is counted apart).
+    Hold,
     /// A filter written outside this crate.
     Custom,
 }
 
 impl FilterKind {
     /// Every kind, in declaration order.
-    pub const ALL: [FilterKind; 8] = [
+    pub const ALL: [FilterKind; 9] = [
         Self::Drop,
         Self::Delay,
         Self::Duplicate,
@@ -110,6 +119,7 @@ impl FilterKind {
         Self::Partition,
         Self::Isolate,
         Self::Predicate,
+        Self::Hold,
         Self::Custom,
     ];
 
@@ -123,6 +133,7 @@ impl FilterKind {
             Self::Partition => "partition",
             Self::Isolate => "isolate",
             Self::Predicate => "predicate",
+            Self::Hold => "hold",
             Self::Custom => "custom",
         }
     }

@@ -12,7 +12,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use flotilla_proto::transport::NodeBatch;
 use flotilla_proto::NodeId;
 
@@ -97,6 +97,8 @@ pub(super) struct Delivery {
     in_order_until: HashMap<NodeId, Instant>,
     next_seq: u64,
     out: Vec<Outgoing>,
+    /// Barriers taken in this round, signalled once its batches went to the handler.
+    barriers: Vec<Sender<()>>,
 }
 
 impl Delivery {
@@ -114,6 +116,7 @@ impl Delivery {
             in_order_until: HashMap::new(),
             next_seq: 0,
             out: Vec::new(),
+            barriers: Vec::new(),
         }
     }
 
@@ -133,6 +136,11 @@ impl Delivery {
                     self.intake(env, &filters);
                     stop = self.drain(&inbox, &filters);
                 }
+                Ok(Inbound::Barrier(done)) => {
+                    self.barriers.push(done);
+                    let filters = self.shared.filters();
+                    stop = self.drain(&inbox, &filters);
+                }
                 Ok(Inbound::Stop) | Err(RecvTimeoutError::Disconnected) => stop = true,
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -143,6 +151,9 @@ impl Delivery {
             }
             self.release_due();
             self.deliver();
+            for done in self.barriers.drain(..) {
+                let _ = done.send(());
+            }
             // Once per round, not per counter: filters count drops and delays at intake, and
             // tests wait on those too.
             self.shared.counters.notify();
@@ -154,6 +165,7 @@ impl Delivery {
         for _ in 0..MAX_DRAIN {
             match inbox.try_recv() {
                 Ok(Inbound::Batch(env)) => self.intake(env, filters),
+                Ok(Inbound::Barrier(done)) => self.barriers.push(done),
                 Ok(Inbound::Stop) => return true,
                 Err(_) => return false,
             }
@@ -162,7 +174,9 @@ impl Delivery {
     }
 
     fn intake(&mut self, env: Envelope, filters: &FilterSet) {
-        if filters.is_empty() && self.pending.is_empty() {
+        // Packets a hold filter kept went through the filters when they were sent.
+        let unfiltered = env.released || filters.is_empty();
+        if unfiltered && self.pending.is_empty() {
             // Fast path: nothing to filter and nothing held that this batch could overtake.
             let out = self.outgoing(env.from);
             out.batch.messages.extend(env.batch.messages);
@@ -175,6 +189,7 @@ impl Delivery {
             from,
             batch,
             mut charge,
+            ..
         } = env;
         let payloads = (batch.messages.into_iter().map(Payload::Message))
             .chain(batch.heartbeats.into_iter().map(Payload::Heartbeat));
@@ -185,6 +200,16 @@ impl Delivery {
                 to: self.node,
                 payload,
             };
+            if unfiltered {
+                let routed = Routed {
+                    packet,
+                    charge,
+                    delay: Duration::ZERO,
+                    unordered: false,
+                };
+                self.schedule(routed, now);
+                continue;
+            }
             for routed in self.filter(packet, charge, filters) {
                 self.schedule(routed, now);
             }
@@ -211,6 +236,11 @@ impl Delivery {
                         copies.remove(i);
                         Counters::add(counters.dropped_by(f.kind()), 1);
                         metric::dropped(f.kind().as_str(), 1);
+                    }
+                    // The filter kept its own copy; this one goes, releasing its charge.
+                    Action::Hold => {
+                        copies.remove(i);
+                        Counters::add(&counters.held, 1);
                     }
                     Action::Delay(d) => {
                         copies[i].delay += d;

@@ -8,10 +8,10 @@ use flotilla_proto::NodeId;
 use super::tests::{batch, msg, Recorder, N1, N2, N3, WAIT};
 use super::{MemNetwork, MemTransport};
 use crate::filter::{
-    DelayFilter, DropFilter, DuplicateFilter, Filter, FilterKind, IsolateFilter, PartitionFilter,
-    PredicateFilter, ReorderFilter,
+    DelayFilter, DropFilter, DuplicateFilter, Filter, FilterKind, HoldFilter, IsolateFilter,
+    PartitionFilter, PredicateFilter, ReorderFilter,
 };
-use crate::Transport;
+use crate::{Transport, TransportError};
 
 /// Three nodes, each recording what it receives.
 struct Cluster {
@@ -100,6 +100,58 @@ fn delay_filter_holds_packets_and_keeps_order() {
     assert!(start.elapsed() >= delay);
     assert_eq!(c.rec(N2).seqs_from(N1), (0..10).collect::<Vec<_>>());
     assert_eq!(c.net.stats().delayed, 5);
+}
+
+#[test]
+fn hold_filter_keeps_packets_until_the_test_delivers_them_in_its_own_order() {
+    let c = Cluster::new();
+    let hold = HoldFilter::new(|p| p.to == N2);
+    let id = c.net.add_filter(Box::new(hold.clone()));
+    c.send_seqs(N1, N2, 0..3);
+    c.send_seqs(N3, N2, 10..13);
+    c.send_seqs(N1, N3, 20..21);
+    assert!(c
+        .net
+        .wait_for_stats(WAIT, |s| s.held == 6 && s.delivered_messages == 1));
+    assert!(c.rec(N2).seqs().is_empty());
+    assert_eq!(c.t(N1).queued_bytes(N2), 0, "held packets hold no budget");
+    let seq = |p: &crate::Packet| match &p.payload {
+        crate::Payload::Message(m) => super::tests::seq_of(m),
+        crate::Payload::Heartbeat(_) => unreachable!("only messages were sent"),
+    };
+    let mut held: Vec<u64> = hold.held().iter().map(seq).collect();
+    held.sort_unstable();
+    assert_eq!(held, vec![0, 1, 2, 10, 11, 12]);
+
+    // Node 3's second packet first, then all of node 1's, then the rest; the filter is still
+    // installed and holds neither the released packets nor (once removed) new ones.
+    let first = hold.take(|p| seq(p) == 11);
+    c.net.deliver(first).unwrap();
+    assert!(c.net.wait_delivered(N2, WAIT));
+    assert_eq!(c.rec(N2).seqs(), vec![(3, 11)]);
+    c.net.deliver(hold.take(|p| p.from == N1)).unwrap();
+    assert!(c.net.wait_for_stats(WAIT, |s| s.delivered_messages == 5));
+    assert!(c.net.remove_filter(id));
+    c.net.deliver(hold.take_all()).unwrap();
+    c.send_seqs(N1, N2, 3..4);
+    assert!(c.net.wait_for_stats(WAIT, |s| s.delivered_messages == 8));
+    let got: Vec<u64> = c.rec(N2).seqs().into_iter().map(|(_, s)| s).collect();
+    assert_eq!(got, vec![11, 0, 1, 2, 10, 12, 3]);
+    assert!(hold.held().is_empty());
+    assert_eq!(c.net.stats().held, 6);
+    assert_eq!(c.net.stats().dropped_by_filters(), 0);
+
+    // Nothing is waited for on a node that is gone, and nothing can be delivered to it.
+    assert!(!c.net.wait_delivered(NodeId(9), WAIT));
+    let lost = crate::Packet {
+        from: N1,
+        to: NodeId(9),
+        payload: crate::Payload::Message(super::tests::msg(1, 99)),
+    };
+    assert!(matches!(
+        c.net.deliver(vec![lost]),
+        Err(TransportError::UnknownNode(_))
+    ));
 }
 
 #[test]

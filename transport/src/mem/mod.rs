@@ -45,7 +45,7 @@ use self::delivery::Delivery;
 use self::stats::Counters;
 pub use self::stats::NetStats;
 use crate::budget::{Charge, QueueBytes};
-use crate::filter::{Filter, FilterId};
+use crate::filter::{Filter, FilterId, Packet, Payload};
 use crate::metric::{self, Rejected};
 use crate::{BatchHandler, Transport, TransportError};
 
@@ -154,6 +154,9 @@ impl Endpoint {
 /// What goes through a node's inbox.
 enum Inbound {
     Batch(Envelope),
+    /// Signalled once what was queued before it went to the handler (see
+    /// [`MemNetwork::wait_delivered`]).
+    Barrier(Sender<()>),
     Stop,
 }
 
@@ -162,6 +165,8 @@ struct Envelope {
     from: NodeId,
     batch: NodeBatch,
     charge: Charge,
+    /// Delivered by [`MemNetwork::deliver`]: skips the filters.
+    released: bool,
 }
 
 /// An in-memory network of nodes, with fault-injection filters.
@@ -278,6 +283,64 @@ impl MemNetwork {
         *self.shared.filters.write() = Arc::new(Vec::new());
     }
 
+    /// Delivers packets a [`HoldFilter`](crate::HoldFilter) kept, in the order given: each
+    /// reaches its destination as if its sender had sent it now, except that it skips the
+    /// filters (it went through them when it was sent) and counts against no queue budget.
+    /// Order is kept per node pair as for `send`: separately for raft messages and for
+    /// heartbeats (see the crate docs).
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Unreachable`] or [`TransportError::UnknownNode`] for the first
+    /// packet whose destination is not registered; the packets before it were queued, the
+    /// rest were not.
+    pub fn deliver(&self, packets: Vec<Packet>) -> Result<(), TransportError> {
+        let mut packets = packets.into_iter().peekable();
+        while let Some(first) = packets.next() {
+            let (from, to) = (first.from, first.to);
+            let mut batch = NodeBatch {
+                from_node: from.0,
+                to_node: to.0,
+                ..Default::default()
+            };
+            let mut next = Some(first);
+            while let Some(p) = next {
+                match p.payload {
+                    Payload::Message(m) => batch.messages.push(m),
+                    Payload::Heartbeat(h) => batch.heartbeats.push(h),
+                }
+                next = packets.next_if(|p| (p.from, p.to) == (from, to));
+            }
+            let envelope = Envelope {
+                from,
+                batch,
+                charge: Charge::none(),
+                released: true,
+            };
+            self.shared
+                .endpoint(to)?
+                .inbox
+                .send(Inbound::Batch(envelope))
+                .map_err(|_| TransportError::Unreachable(to))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until everything queued for `node` before this call was handed to its handler,
+    /// except what filters delay, reorder or hold (and what they drop), for at most
+    /// `timeout`. Returns false on timeout or if `node` is not registered. Lets a test know
+    /// that a packet it [delivered](Self::deliver) reached the node before it acts next.
+    pub fn wait_delivered(&self, node: NodeId, timeout: Duration) -> bool {
+        let Ok(endpoint) = self.shared.endpoint(node) else {
+            return false;
+        };
+        let (done, delivered) = crossbeam_channel::bounded(1);
+        if endpoint.inbox.send(Inbound::Barrier(done)).is_err() {
+            return false;
+        }
+        delivered.recv_timeout(timeout).is_ok()
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> NetStats {
         self.shared.counters.snapshot()
@@ -380,6 +443,7 @@ impl MemTransport {
             from: self.node,
             batch,
             charge,
+            released: false,
         };
         // Fails only if the delivery thread is gone (stopped, or its handler panicked).
         dest.inbox

@@ -31,6 +31,8 @@ pub struct NetStats {
     pub delayed: u64,
     /// Packets held by a reorder filter.
     pub reordered: u64,
+    /// Packets kept by a hold filter (until the test delivers them, if ever).
+    pub held: u64,
     /// Packets accepted by `send` but dropped because their destination stopped first.
     pub dropped_unreachable: u64,
     dropped: [u64; FilterKind::ALL.len()],
@@ -65,6 +67,7 @@ pub(crate) struct Counters {
     pub(crate) duplicated: AtomicU64,
     pub(crate) delayed: AtomicU64,
     pub(crate) reordered: AtomicU64,
+    pub(crate) held: AtomicU64,
     pub(crate) dropped_unreachable: AtomicU64,
     dropped: [AtomicU64; FilterKind::ALL.len()],
     changed: Notifier,
@@ -93,6 +96,7 @@ impl Counters {
             duplicated: load(&self.duplicated),
             delayed: load(&self.delayed),
             reordered: load(&self.reordered),
+            held: load(&self.held),
             dropped_unreachable: load(&self.dropped_unreachable),
             dropped: std::array::from_fn(|i| load(&self.dropped[i])),
         }
