@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use flotilla::proto::meta::RangeDescriptor;
 use flotilla::testing::{test_config, wait_until, Cluster};
 use flotilla::transport::{FilterId, HoldFilter, Packet, PartitionFilter, Payload};
-use flotilla::{
-    Error, NodeGroupConfig, NodeId, RangeId, ReadConsistency, ReplicaId, StateRole, StoreConfig,
-};
+use flotilla::{Error, NodeGroupConfig, NodeId, RangeId, ReadConsistency, StateRole, StoreConfig};
 use prost_raft::Message as _;
 use raft::prelude::{Message, MessageType};
 
@@ -72,8 +70,10 @@ fn is_read_index(p: &Packet) -> bool {
     raft_message(p).is_some_and(|m| m.get_msg_type() == MessageType::MsgReadIndex)
 }
 
-/// Three nodes and one range whose leader is node 2, with `KEY = OLD` written through it.
-/// Returns the range and node 2's term.
+/// Three nodes and one range led by node 2, with `KEY = OLD` written through it. The clocks
+/// of nodes 1 and 3 are stopped: they follow node 2 and never campaign until the test
+/// restarts them, so no election moves leadership while a test sets its scene up, however
+/// slow the machine. Returns the range and node 2's term.
 async fn led_by_node_2(config: fn(u64) -> NodeGroupConfig) -> (Arc<Cluster>, RangeId, u64) {
     let c = Arc::new(Cluster::with_config(3, config, StoreConfig::default()));
     let d: RangeDescriptor =
@@ -82,21 +82,15 @@ async fn led_by_node_2(config: fn(u64) -> NodeGroupConfig) -> (Arc<Cluster>, Ran
     for n in 1..=3 {
         c.node(n).bootstrap_range(d.clone()).expect("bootstrap");
     }
+    c.node(1).pause_ticker(true);
+    c.node(3).pause_ticker(true);
     c.node(2).campaign(range).expect("campaign");
+    let led = wait_until(T, || c.leader_of(range) == Some(2)).await;
+    assert!(led, "node 2 was not elected");
     let deadline = Instant::now() + T;
-    loop {
-        assert!(Instant::now() < deadline, "node 2 never led the range");
-        match c.leader_of(range) {
-            Some(2) => match c.node(2).put(KEY, OLD).await {
-                Ok(()) => break,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            },
-            Some(other) => {
-                let _ = c.node(other).transfer_leader(range, ReplicaId(2)).await;
-                wait_until(Duration::from_secs(3), || c.leader_of(range) == Some(2)).await;
-            }
-            None => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
+    while let Err(e) = c.node(2).put(KEY, OLD).await {
+        assert!(Instant::now() < deadline, "no write through node 2: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let st = c.node(2).status(range).expect("status of node 2");
     assert_eq!(
@@ -104,7 +98,23 @@ async fn led_by_node_2(config: fn(u64) -> NodeGroupConfig) -> (Arc<Cluster>, Ran
         StateRole::Leader,
         "node 2 lost leadership in setup"
     );
+    let following = wait_until(T, || {
+        [1, 3].into_iter().all(|n| {
+            c.node(n)
+                .status(range)
+                .is_ok_and(|s| s.leader == 2 && s.term == st.term)
+        })
+    })
+    .await;
+    assert!(following, "nodes 1 and 3 do not follow node 2");
     (c, range, st.term)
+}
+
+/// Restarts the clocks of nodes 1 and 3: from now on they time out and elect a leader if
+/// they do not hear from node 2.
+fn restart_followers_clocks(c: &Cluster) {
+    c.node(1).pause_ticker(false);
+    c.node(3).pause_ticker(false);
 }
 
 /// Waits until node 1 or 3 leads `range` in a term after `term`, writes `KEY = NEW` through
@@ -177,7 +187,8 @@ async fn a_paused_leader_never_confirms_a_read_with_acknowledgements_older_than_
         })
     };
     let held_id = c.net.add_filter(Box::new(hold.clone()));
-    // Nodes 1 and 3 may not elect a leader before node 1 asked node 2 again.
+    // Nodes 1 and 3 may not elect a leader before node 1 asked node 2 again, whatever their
+    // clocks do.
     let cut = c
         .net
         .add_filter(Box::new(PartitionFilter::new([NodeId(1)], [NodeId(3)])));
@@ -201,7 +212,10 @@ async fn a_paused_leader_never_confirms_a_read_with_acknowledgements_older_than_
         acked,
         "node 2 never asked for acknowledgements of node 1's read"
     );
+    // Node 2 is paused now. Node 1's clock runs again: it asks node 2 again after two
+    // heartbeat intervals, long before an election timeout.
     paused.store(true, Ordering::Release);
+    restart_followers_clocks(&c);
     let retried = wait_until(T, || {
         hold.held()
             .iter()
@@ -314,6 +328,7 @@ async fn a_paused_leader_whose_lease_ran_out_serves_no_lease_read() {
     c.node(2).pause_ticker(true);
     let hold = HoldFilter::new(|p| p.to == NodeId(2));
     let held_id = c.net.add_filter(Box::new(hold.clone()));
+    restart_followers_clocks(&c);
 
     elect_another_leader_and_write(&c, range, term).await;
 
