@@ -44,8 +44,12 @@ impl Cluster {
         peer_addr: impl Fn(usize, usize) -> SocketAddr,
     ) -> anyhow::Result<Cluster> {
         let n = raft.len();
-        let dir = tempfile::Builder::new().prefix("flotilla-nemesis").tempdir()?;
-        let client = (0..n).map(|_| free_addr()).collect::<anyhow::Result<Vec<_>>>()?;
+        let dir = tempfile::Builder::new()
+            .prefix("flotilla-nemesis")
+            .tempdir()?;
+        let client = (0..n)
+            .map(|_| free_addr())
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let nodes = (0..n)
             .map(|i| {
                 let peers = (0..n)

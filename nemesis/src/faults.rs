@@ -200,8 +200,7 @@ impl Nemesis {
             let (outcome, _) = workload::put(
                 &self.rec,
                 &self.nodes,
-                PROBE_CLIENT,
-                self.probe_seq,
+                (PROBE_CLIENT, self.probe_seq),
                 key,
                 &value,
                 route,
@@ -394,9 +393,9 @@ impl Nemesis {
 const PROBE_CLIENT: u64 = 0xFFFF_0000_0000_0001;
 
 fn range_of<'a>(ranges: &'a [RangeInfo], key: &[u8]) -> Option<&'a RangeInfo> {
-    ranges.iter().find(|r| {
-        r.start_key.as_ref() <= key && (r.end_key.is_empty() || key < r.end_key.as_ref())
-    })
+    ranges
+        .iter()
+        .find(|r| r.start_key.as_ref() <= key && (r.end_key.is_empty() || key < r.end_key.as_ref()))
 }
 
 async fn sleep_until(t: Instant) {

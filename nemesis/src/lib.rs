@@ -123,7 +123,8 @@ pub async fn run(config: Config) -> anyhow::Result<Outcomes> {
     })?;
     let nodes = Nodes::new(&cluster.client)?;
     let rec = Arc::new(Recorder::new());
-    let keys: Arc<Vec<Vec<u8>>> = Arc::new((0..config.keys).map(|j| key(j, config.ranges)).collect());
+    let keys: Arc<Vec<Vec<u8>>> =
+        Arc::new((0..config.keys).map(|j| key(j, config.ranges)).collect());
     let mut nemesis = Nemesis::new(
         cluster,
         proxies,
@@ -134,7 +135,11 @@ pub async fn run(config: Config) -> anyhow::Result<Outcomes> {
     )?;
     if !nemesis.wait_settled(Duration::from_secs(60)).await {
         for i in 0..3 {
-            eprintln!("--- node {} ---\n{}", i + 1, nemesis.cluster.log_tail(i, 30));
+            eprintln!(
+                "--- node {} ---\n{}",
+                i + 1,
+                nemesis.cluster.log_tail(i, 30)
+            );
         }
         anyhow::bail!("the cluster did not elect leaders within 60 s");
     }
@@ -256,11 +261,12 @@ fn summarize(config: &Config, nemesis: &Nemesis, history: &[Op], report: Report)
         let ms = |ns: u64| ns as f64 / 1e6;
         for op in witness {
             details.push(format!(
-                "  client {:#x} {:?} {:?} on {} invoked {:.1} ms completed {}",
+                "  client {:#x} {:?} {} on {} via node {} invoked {:.1} ms completed {}",
                 op.client,
                 op.outcome,
                 op.kind_text(),
                 String::from_utf8_lossy(&op.key),
+                nemesis.rec.node_of(op).map_or(0, |n| n + 1),
                 ms(op.invoke_ns),
                 op.complete_ns
                     .map_or("never".to_string(), |c| format!("{:.1} ms", ms(c)))

@@ -11,7 +11,6 @@
 //! a bridge blocks both links between two nodes and leaves the third connected to both.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,12 +36,12 @@ impl Proxies {
         let n = raft.len();
         let mut links = Vec::with_capacity(n * n);
         for from in 0..n {
-            for to in 0..n {
+            for (to, &upstream) in raft.iter().enumerate() {
                 let listener = TcpListener::bind("127.0.0.1:0").await?;
                 let listen = listener.local_addr()?;
                 let (blocked, rx) = watch::channel(false);
                 if from != to {
-                    tokio::spawn(serve(listener, raft[to], rx));
+                    tokio::spawn(serve(listener, upstream, rx));
                 }
                 links.push(Link { listen, blocked });
             }
@@ -126,6 +125,3 @@ async fn pipe(
 async fn wait_open(blocked: &mut watch::Receiver<bool>) -> Result<(), watch::error::RecvError> {
     blocked.wait_for(|b| !*b).await.map(|_| ())
 }
-
-/// The proxies are shared by the fault tasks.
-pub type SharedProxies = Arc<Proxies>;

@@ -31,7 +31,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(30);
 #[derive(Debug)]
 pub struct Recorder {
     start: Instant,
-    ops: Mutex<Vec<Op>>,
+    /// Each operation, with the node that answered it last (for a violation report).
+    ops: Mutex<Vec<(Op, usize)>>,
 }
 
 impl Recorder {
@@ -48,13 +49,21 @@ impl Recorder {
         self.start.elapsed().as_nanos() as u64
     }
 
-    fn push(&self, op: Op) {
-        self.ops.lock().expect("recorder lock").push(op);
+    fn push(&self, op: Op, node: usize) {
+        self.ops.lock().expect("recorder lock").push((op, node));
     }
 
     /// The history so far.
     pub fn ops(&self) -> Vec<Op> {
-        self.ops.lock().expect("recorder lock").clone()
+        let ops = self.ops.lock().expect("recorder lock");
+        ops.iter().map(|(op, _)| op.clone()).collect()
+    }
+
+    /// The node that answered `op` last (for a write that ended unknown or failed: the node
+    /// of its last attempt).
+    pub fn node_of(&self, op: &Op) -> Option<usize> {
+        let ops = self.ops.lock().expect("recorder lock");
+        ops.iter().find(|(o, _)| o == op).map(|(_, n)| *n)
     }
 }
 
@@ -142,18 +151,18 @@ impl Route {
     }
 }
 
-/// Writes `value` to `key` as `(client, seq)`, retrying until `deadline`; records the
+/// Writes `value` to `key` as request `id` (client, seq), retrying until `deadline`; records the
 /// operation and returns its outcome and the node that answered ok.
 pub async fn put(
     rec: &Recorder,
     nodes: &Nodes,
-    client: u64,
-    seq: u64,
+    id: (u64, u64),
     key: &[u8],
     value: &[u8],
     route: Route,
     deadline: Duration,
 ) -> (Outcome, usize) {
+    let (client, seq) = id;
     let invoke = rec.now();
     let until = Instant::now() + deadline;
     let mut node = route.first;
@@ -188,14 +197,17 @@ pub async fn put(
         tokio::time::sleep(RETRY_PAUSE).await;
     };
     let complete = rec.now();
-    rec.push(Op {
-        client,
-        key: key.to_vec(),
-        kind: Kind::Write(value.to_vec()),
-        outcome,
-        invoke_ns: invoke,
-        complete_ns: (outcome != Outcome::Unknown).then_some(complete),
-    });
+    rec.push(
+        Op {
+            client,
+            key: key.to_vec(),
+            kind: Kind::Write(value.to_vec()),
+            outcome,
+            invoke_ns: invoke,
+            complete_ns: (outcome != Outcome::Unknown).then_some(complete),
+        },
+        node,
+    );
     (outcome, node)
 }
 
@@ -223,14 +235,17 @@ pub async fn get(
             Ok(Ok(r)) => {
                 let r = r.into_inner();
                 let seen = r.found.then(|| r.value.to_vec());
-                rec.push(Op {
-                    client,
-                    key: key.to_vec(),
-                    kind: Kind::Read(seen.clone()),
-                    outcome: Outcome::Ok,
-                    invoke_ns: invoke,
-                    complete_ns: Some(rec.now()),
-                });
+                rec.push(
+                    Op {
+                        client,
+                        key: key.to_vec(),
+                        kind: Kind::Read(seen.clone()),
+                        outcome: Outcome::Ok,
+                        invoke_ns: invoke,
+                        complete_ns: Some(rec.now()),
+                    },
+                    node,
+                );
                 return Some((seen, node));
             }
             Ok(Err(status)) => leader_hint(&status, nodes.len()),
@@ -278,13 +293,29 @@ pub async fn client_loop(
             seq += 1;
             let value = format!("c{id}-{seq}").into_bytes();
             let deadline = Duration::from_secs(5);
-            let (outcome, node) =
-                put(&rec, &nodes, client_id, seq, &keys[k], &value, route, deadline).await;
+            let (outcome, node) = put(
+                &rec,
+                &nodes,
+                (client_id, seq),
+                &keys[k],
+                &value,
+                route,
+                deadline,
+            )
+            .await;
             if outcome == Outcome::Ok {
                 last.insert(k, node);
             }
-        } else if let Some((_, node)) =
-            get(&rec, &nodes, client_id, &keys[k], route, false, Duration::from_secs(5)).await
+        } else if let Some((_, node)) = get(
+            &rec,
+            &nodes,
+            client_id,
+            &keys[k],
+            route,
+            false,
+            Duration::from_secs(5),
+        )
+        .await
         {
             last.insert(k, node);
         }
