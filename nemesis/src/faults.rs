@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use flotilla_check::Outcome;
 use flotilla_proto::admin::admin_client::AdminClient;
-use flotilla_proto::admin::{split_request, MergeRequest, RangeInfo, RangesRequest, SplitRequest};
+use flotilla_proto::admin::membership_change::Change;
+use flotilla_proto::admin::{
+    split_request, ChangeMembershipRequest, MembershipChange, MergeRequest, RangeInfo,
+    RangesRequest, SplitRequest,
+};
+use flotilla_proto::meta::ReplicaRole;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use tonic::transport::Channel;
@@ -35,17 +40,21 @@ pub enum Fault {
     Split,
     /// Merge the last split's right half back into its left half, live.
     Merge,
+    /// Replace a follower replica of a range: remove it, add a learner on the same node (a
+    /// fresh replica id), promote it.
+    Replace,
 }
 
 impl Fault {
     /// Every fault, in the order the short profile runs them.
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 7] = [
         Fault::Kill,
         Fault::Pause,
         Fault::Isolate,
         Fault::Bridge,
         Fault::Split,
         Fault::Merge,
+        Fault::Replace,
     ];
 
     /// The name used in logs and RESULT lines.
@@ -57,6 +66,7 @@ impl Fault {
             Fault::Bridge => "bridge",
             Fault::Split => "split",
             Fault::Merge => "merge",
+            Fault::Replace => "replace-replica",
         }
     }
 }
@@ -134,6 +144,7 @@ impl Nemesis {
         match fault {
             Fault::Kill | Fault::Pause | Fault::Isolate => self.take_leader_away(fault).await,
             Fault::Bridge => self.bridge().await,
+            Fault::Replace => self.replace().await,
             // A split needs no pending split half to merge back, a merge needs one: each
             // turns into the other when its precondition does not hold.
             Fault::Split | Fault::Merge => match self.split {
@@ -323,6 +334,129 @@ impl Nemesis {
                 }
             }
         }
+    }
+
+    /// Replaces a follower replica of a random key's range on the same node, in three
+    /// membership changes (remove, add a learner, promote), each sent to the leader.
+    async fn replace(&mut self) -> anyhow::Result<()> {
+        let k = rand::thread_rng().gen_range(0..self.keys.len());
+        let key = self.keys[k].clone();
+        let leader = self.leader_of(&key).await? as u64 + 1;
+        let ranges = self.ranges().await?;
+        let range = range_of(&ranges, &key).context("key in no range")?.clone();
+        let Some(victim) = range.replicas.iter().find(|d| d.node_id != leader).cloned() else {
+            self.note(format!("replace: range {} has no follower", range.range_id));
+            return Ok(());
+        };
+        self.log.injected += 1;
+        self.note(format!(
+            "replace: range {} replica {} on node {}: remove",
+            range.range_id, victim.replica_id, victim.node_id
+        ));
+        let removed = |r: &RangeInfo| !r.replicas.iter().any(|d| d.replica_id == victim.replica_id);
+        let rid = range.range_id;
+        if self
+            .change(rid, Change::RemoveReplica(victim.replica_id), removed)
+            .await
+            .is_none()
+        {
+            return Ok(());
+        }
+        self.note(format!(
+            "replace: range {rid}: add a learner on node {}",
+            victim.node_id
+        ));
+        let added = |r: &RangeInfo| r.replicas.iter().any(|d| d.node_id == victim.node_id);
+        let Some(r) = self
+            .change(rid, Change::AddLearnerNode(victim.node_id), added)
+            .await
+        else {
+            return Ok(());
+        };
+        let new = r
+            .replicas
+            .iter()
+            .find(|d| d.node_id == victim.node_id)
+            .context("learner missing")?
+            .replica_id;
+        // Give the learner time to catch up (a snapshot) before it votes.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.note(format!("replace: range {rid}: promote replica {new}"));
+        let voter = |r: &RangeInfo| {
+            r.replicas
+                .iter()
+                .any(|d| d.replica_id == new && d.role == ReplicaRole::Voter as i32)
+        };
+        if self
+            .change(rid, Change::PromoteReplica(new), voter)
+            .await
+            .is_some()
+        {
+            self.note(format!("replace: range {rid}: done"));
+        }
+        Ok(())
+    }
+
+    /// Sends one membership change to the range's leader until it is answered or `done` holds
+    /// for the range as its leader sees it (a timed-out change may still have applied, and
+    /// must not be asked twice). `None` if it gave up.
+    async fn change(
+        &mut self,
+        range: u64,
+        change: Change,
+        done: impl Fn(&RangeInfo) -> bool,
+    ) -> Option<RangeInfo> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            let Some(info) = self.range_info(range).await else {
+                last = "range in no node's table".into();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            if done(&info) {
+                return Some(info.clone());
+            }
+            let node = (info.leader_node_id as usize).max(1) - 1;
+            let req = ChangeMembershipRequest {
+                range_id: range,
+                changes: vec![MembershipChange {
+                    change: Some(change),
+                }],
+            };
+            let mut admin = self.admin[node].clone();
+            match tokio::time::timeout(Duration::from_secs(5), admin.change_membership(req)).await {
+                Ok(Ok(r)) => return r.into_inner().range,
+                Ok(Err(s)) => last = s.to_string(),
+                Err(_) => last = "timed out".into(),
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.note(format!("replace: range {range}: gave up: {last}"));
+        None
+    }
+
+    /// `range` as the node that believes it leads it sees it (else as any node sees it): a
+    /// removed replica's node no longer has the range at all.
+    async fn range_info(&self, range: u64) -> Option<RangeInfo> {
+        let mut any = None;
+        for i in 0..self.cluster.len() {
+            if !self.cluster.running(i) {
+                continue;
+            }
+            let mut admin = self.admin[i].clone();
+            let call = admin.ranges(RangesRequest {});
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), call).await {
+                let table = r.into_inner();
+                if let Some(info) = table.ranges.into_iter().find(|r| r.range_id == range) {
+                    if info.leader_node_id == table.node_id {
+                        return Some(info);
+                    }
+                    any = Some(info);
+                }
+            }
+        }
+        any
     }
 
     /// The range table of the first node that answers.
