@@ -50,7 +50,13 @@ async fn main() -> anyhow::Result<()> {
         "{} not found: build it with `cargo build --release --bin flotilla-node` or pass --node-bin",
         node_bin.display()
     );
-    let out = run(Config::new(node_bin, profile)).await?;
+    // On SIGINT or SIGTERM the run is dropped, which kills every node it started.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let out = tokio::select! {
+        out = run(Config::new(node_bin, profile)) => out?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        _ = term.recv() => bail!("terminated"),
+    };
     for line in &out.result_lines {
         println!("{line}");
     }

@@ -125,3 +125,84 @@ async fn pipe(
 async fn wait_open(blocked: &mut watch::Receiver<bool>) -> Result<(), watch::error::RecvError> {
     blocked.wait_for(|b| !*b).await.map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// An echo server standing in for a node's raft port.
+    async fn echo() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn read_some(s: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(within, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => Some(buf[..n].to_vec()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_blocked_link_holds_bytes_and_delivers_them_once_unblocked() {
+        let node = echo().await;
+        let proxies = Proxies::start(&[node, node]).await.unwrap();
+        let mut s = TcpStream::connect(proxies.addr(0, 1)).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        assert_eq!(
+            read_some(&mut s, Duration::from_secs(5)).await.unwrap(),
+            b"ping"
+        );
+
+        proxies.isolate(1);
+        s.write_all(b"held").await.unwrap();
+        assert_eq!(read_some(&mut s, Duration::from_millis(300)).await, None);
+        // A connection opened during the partition is accepted but carries nothing.
+        let mut late = TcpStream::connect(proxies.addr(0, 1)).await.unwrap();
+        late.write_all(b"late").await.unwrap();
+        assert_eq!(read_some(&mut late, Duration::from_millis(300)).await, None);
+
+        proxies.heal();
+        assert_eq!(
+            read_some(&mut s, Duration::from_secs(5)).await.unwrap(),
+            b"held"
+        );
+        assert_eq!(
+            read_some(&mut late, Duration::from_secs(5)).await.unwrap(),
+            b"late"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bridge_blocks_only_the_links_between_its_two_nodes() {
+        let node = echo().await;
+        let proxies = Proxies::start(&[node, node, node]).await.unwrap();
+        proxies.set_blocked(0, 1, true);
+        for (from, to, open) in [(0, 1, false), (1, 0, false), (0, 2, true), (2, 1, true)] {
+            let mut s = TcpStream::connect(proxies.addr(from, to)).await.unwrap();
+            s.write_all(b"x").await.unwrap();
+            let within = Duration::from_millis(if open { 5000 } else { 300 });
+            assert_eq!(
+                read_some(&mut s, within).await.is_some(),
+                open,
+                "{from}->{to}"
+            );
+        }
+    }
+}
