@@ -15,8 +15,15 @@ const NIL: usize = usize::MAX;
 /// Is there a linearization of `ops`, starting from an absent key, in which every operation
 /// with a finite completion took effect (operations completing at +infinity may or may not)?
 pub(crate) fn linearizable(ops: &[KOp]) -> bool {
+    let mut steps = u64::MAX;
+    linearizable_within(ops, &mut steps).expect("an unbounded search always answers")
+}
+
+/// [`linearizable`] within `steps` steps (each step tries or undoes one operation; the
+/// steps left are written back), or `None` if they ran out.
+pub(crate) fn linearizable_within(ops: &[KOp], steps: &mut u64) -> Option<bool> {
     if ops.is_empty() {
-        return true;
+        return Some(true);
     }
     let n = ops.len();
     // Node 0 is the list's head; node 1 + 2i is op i's invocation, 2 + 2i its completion.
@@ -60,8 +67,12 @@ pub(crate) fn linearizable(ops: &[KOp]) -> bool {
     let mut stack: Vec<(usize, Value)> = Vec::new();
     let mut entry = next[0];
     loop {
+        if *steps == 0 {
+            return None;
+        }
+        *steps -= 1;
         if entry == NIL {
-            return true;
+            return Some(true);
         }
         let i = (entry - 1) / 2;
         let op = &ops[i];
@@ -89,10 +100,10 @@ pub(crate) fn linearizable(ops: &[KOp]) -> bool {
             // event is an infinite completion too: all finite operations are linearized, and
             // the rest may simply not have taken effect.
             if op.ret == u64::MAX {
-                return true;
+                return Some(true);
             }
             let Some((call, before)) = stack.pop() else {
-                return false;
+                return Some(false);
             };
             let j = (call - 1) / 2;
             unlift(&mut next, &mut prev, call + 1);

@@ -6,23 +6,30 @@
 //! without changing what any remaining read saw), so the witness fails only if the history
 //! does. The search narrows the time window first (binary search on a suffix, then a prefix),
 //! then removes chunks of halving size (delta debugging), then single operations, within a
-//! budget of searches so that a huge history cannot stall the report.
+//! budget of search steps so that a huge history cannot stall the report (the budget is
+//! counted in steps, not time, so that the same history always gives the same witness). A
+//! removal whose search runs out of steps is not made.
 
 use std::collections::HashSet;
 
-use crate::search::linearizable;
+use crate::search::linearizable_within;
 use crate::{KOp, Value};
 
-/// Searches allowed while shrinking one key.
-const BUDGET: usize = 4000;
+/// Search steps allowed while shrinking one key (about a second or two).
+const BUDGET: u64 = 30_000_000;
+/// Search steps allowed for one candidate sub-history.
+const PROBE: u64 = 3_000_000;
 
 /// A sub-history of the failing `ops` that still fails; minimal (no single sound removal
 /// keeps it failing) unless the budget ran out.
 pub(crate) fn shrink(ops: &[KOp]) -> Vec<KOp> {
     let budget = std::cell::Cell::new(BUDGET);
     let fails = |ops: &[KOp]| {
-        budget.set(budget.get().saturating_sub(1));
-        !linearizable(ops)
+        let mut steps = PROBE.min(budget.get());
+        let before = steps;
+        let verdict = linearizable_within(ops, &mut steps);
+        budget.set(budget.get() - (before - steps));
+        verdict == Some(false)
     };
     let mut cur: Vec<KOp> = ops.to_vec();
     cur.sort_by_key(|o| (o.call, o.ret));
