@@ -4,6 +4,9 @@
 //!
 //! The suite kills every process it started when it returns, and on a panic (its `Cluster`
 //! is dropped while unwinding); the whole run is bounded by a timeout.
+//!
+//! Until the lease-read fix lands on main, this test can fail with the known stale read under
+//! a paused leader (docs/RELIABILITY.md has a witness): that is the test doing its job.
 
 use std::path::PathBuf;
 use std::time::Duration;
