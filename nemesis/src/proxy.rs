@@ -1,6 +1,6 @@
 //! The fault-injecting TCP proxy that network partitions go through.
 //!
-//! Every node reaches every other node through a proxy listener of its own: one [`Link`] per
+//! Every node reaches every other node through a proxy listener of its own: one link per
 //! directed node pair `(from, to)`, which forwards the connections `from` opens to `to`'s raft
 //! address (raft batches and snapshot streams alike). A blocked link stops moving bytes in both
 //! directions of every connection it carries, and keeps accepting new connections without
