@@ -1,5 +1,5 @@
 //! The admin API of a node over gRPC (`flotilla.admin.Admin`): split a range (at a key or its
-//! middle), merge two adjacent ranges, list this node's range table. It exists so that an
+//! middle), merge two adjacent ranges, change a range's replicas, list this node's range table. It exists so that an
 //! operator or a placement process can reshape the key space of a running cluster without
 //! linking the runtime; errors go through the one mapping in [`crate::kv_service::to_status`].
 
@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use flotilla_proto::admin::admin_server::{Admin, AdminServer};
 use flotilla_proto::admin::{
-    split_request, MergeRequest, MergeResponse, RangeInfo, RangesRequest, RangesResponse,
-    SplitRequest, SplitResponse,
+    membership_change, split_request, ChangeMembershipRequest, ChangeMembershipResponse,
+    MergeRequest, MergeResponse, RangeInfo, RangesRequest, RangesResponse, SplitRequest,
+    SplitResponse,
 };
 use flotilla_proto::meta::RangeDescriptor;
-use flotilla_proto::RangeId;
-use flotilla_runtime::NodeGroup;
+use flotilla_proto::{NodeId, RangeId, ReplicaId};
+use flotilla_runtime::{MembershipChange, NodeGroup};
 use tonic::{Request, Response, Status};
 
 use crate::kv_service::to_status;
@@ -90,6 +91,40 @@ impl Admin for AdminService {
         let merged = self.node.merge(source, target).await.map_err(to_status)?;
         Ok(Response::new(MergeResponse {
             merged: Some(self.info(merged)),
+        }))
+    }
+
+    async fn change_membership(
+        &self,
+        req: Request<ChangeMembershipRequest>,
+    ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        use membership_change::Change;
+        let r = req.into_inner();
+        let range = range_id(r.range_id, "range_id")?;
+        let changes = r
+            .changes
+            .into_iter()
+            .map(|c| match c.change {
+                Some(Change::AddVoterNode(n)) => Ok(MembershipChange::AddVoter(NodeId(n))),
+                Some(Change::AddLearnerNode(n)) => Ok(MembershipChange::AddLearner(NodeId(n))),
+                Some(Change::PromoteReplica(id)) => Ok(MembershipChange::Promote(ReplicaId(id))),
+                Some(Change::DemoteReplica(id)) => Ok(MembershipChange::Demote(ReplicaId(id))),
+                Some(Change::RemoveReplica(id)) => Ok(MembershipChange::Remove(ReplicaId(id))),
+                None => Err(Status::invalid_argument(
+                    "a membership change needs its kind",
+                )),
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        if changes.is_empty() {
+            return Err(Status::invalid_argument("changes is empty"));
+        }
+        let desc = self
+            .node
+            .change_membership(range, changes)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(ChangeMembershipResponse {
+            range: Some(self.info(desc)),
         }))
     }
 
