@@ -439,7 +439,20 @@ async fn follower_behind_a_split_and_a_compacted_log_catches_up_by_snapshot() {
         c.node(n).compact_log(d.id()).await.unwrap();
     }
     let l = c.leader_of(d.id()).unwrap();
-    let (_, right) = c.node(l).split(d.id(), Some(key(100))).await.unwrap();
+    // Leadership may move under load meanwhile: the split goes to whoever leads then.
+    let deadline = Instant::now() + T;
+    let right = loop {
+        let leader = c.leader_of(d.id()).unwrap_or(l);
+        match c.node(leader).split(d.id(), Some(key(100))).await {
+            Ok((_, right)) => break right,
+            Err(Error::NotLeader { .. } | Error::ProposalDropped | Error::Busy(_))
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("split failed: {e}"),
+        }
+    };
     c.wait_leaders(&[d.id(), right.id()], T).await;
     acked.extend(write_all(&c, (150..200).chain(1000..1030)).await);
     // Overwrite some old keys on both sides, so stale data on the lagger would show.
@@ -866,7 +879,20 @@ async fn retry_after_a_split_is_answered_not_applied_again() {
     // Same retry before the split: answered from the record.
     let again = kv_retry(&c, l, &req, opts).await;
     assert!(again.ok, "retry before the split: {again:?}");
-    let (_, right) = c.node(l).split(d.id(), Some(key(100))).await.unwrap();
+    // Leadership may move under load meanwhile: the split goes to whoever leads then.
+    let deadline = Instant::now() + T;
+    let right = loop {
+        let leader = c.leader_of(d.id()).unwrap_or(l);
+        match c.node(leader).split(d.id(), Some(key(100))).await {
+            Ok((_, right)) => break right,
+            Err(Error::NotLeader { .. } | Error::ProposalDropped | Error::Busy(_))
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("split failed: {e}"),
+        }
+    };
     c.net.remove_filter(cut);
     converge(&c).await;
     assert_eq!(c.node(f).range_of(&k).unwrap().range_id, right.range_id);
