@@ -45,20 +45,8 @@ pub fn to_status(e: Error) -> Status {
         | Error::RaftInit { .. }
         | Error::Spawn { .. }
         | Error::BadAnswer { .. }
-        | Error::ReplicaFailed(_) => Status::internal(error_chain(&e)),
+        | Error::ReplicaFailed(_) => Status::internal(e.with_sources()),
     }
-}
-
-/// An error with its sources, so that a client sees why the store or the OS failed.
-fn error_chain(e: &Error) -> String {
-    let mut s = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 /// The leader's node named by a status from [`to_status`], if it carries one.

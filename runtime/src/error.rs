@@ -112,6 +112,21 @@ pub enum Error {
     Stopped,
 }
 
+impl Error {
+    /// The message with its sources, for a log line or a status that must say why the store
+    /// or the OS failed.
+    pub fn with_sources(&self) -> String {
+        let mut s = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            s.push_str(": ");
+            s.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        s
+    }
+}
+
 impl From<flotilla_store::StoreError> for Error {
     fn from(e: flotilla_store::StoreError) -> Self {
         Error::Store(Arc::new(e))

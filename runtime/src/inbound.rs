@@ -17,7 +17,7 @@ use raft::prelude::MessageType;
 use crate::fsm::life;
 use crate::fsm::mailbox::ReplicaCell;
 use crate::fsm::shared::Shared;
-use crate::replica::PeerMsg;
+use crate::replica::{heartbeat_message, PeerMsg};
 
 /// What the transport calls with each batch that arrives for this node, and with the outcome
 /// of each snapshot it streamed for a replica of this node.
@@ -104,17 +104,7 @@ impl Inbound {
                 .increment(1);
             return;
         };
-        let mut msg = raft::prelude::Message::default();
-        msg.set_msg_type(if hb.response {
-            MessageType::MsgHeartbeatResponse
-        } else {
-            MessageType::MsgHeartbeat
-        });
-        msg.from = hb.from_replica;
-        msg.to = hb.to_replica;
-        msg.term = hb.term;
-        msg.commit = hb.commit;
-        msg.context = hb.context.to_vec();
+        let msg = heartbeat_message(&hb);
         let pm = PeerMsg::Raft {
             msg: Box::new(msg),
             from: ReplicaDescriptor {

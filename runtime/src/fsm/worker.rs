@@ -169,7 +169,7 @@ pub(crate) fn run_round(shared: &Shared, cells: &[Arc<ReplicaCell>], out: &mut O
 fn outcome(r: std::thread::Result<crate::error::Result<()>>) -> Option<String> {
     match r {
         Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(error_chain(&e)),
+        Ok(Err(e)) => Some(e.with_sources()),
         Err(panic) => Some(panic_message(&panic)),
     }
 }
@@ -223,7 +223,7 @@ fn carry_out_deferred(
             campaign,
         } => {
             if let Err(e) = life::create_split(shared, left, *storage, replica_id, campaign) {
-                tracing::error!(parent = %cell.range, "cannot start the new range of a split: {}", error_chain(&e));
+                tracing::error!(parent = %cell.range, "cannot start the new range of a split: {}", e.with_sources());
             }
         }
         Effect::HandOver { prepare, target } => {
@@ -297,18 +297,6 @@ fn fail_msgs(msgs: Vec<PeerMsg>, out: &mut Output, err: Error) {
     for token in msgs.iter().filter_map(PeerMsg::token) {
         out.complete(token, Err(err.clone()));
     }
-}
-
-/// An error with its sources, for the log line of an isolation.
-fn error_chain(e: &Error) -> String {
-    let mut s = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {

@@ -41,6 +41,7 @@ use crate::error::Error;
 pub(crate) use context::{Effect, Env, Existing, Host, Output};
 pub(crate) use merge::check_mergeable;
 pub(crate) use msg::PeerMsg;
+pub(crate) use send::heartbeat_message;
 
 /// An encoded admin entry (split, merge) for the log.
 fn admin_entry(header: RequestHeader, cmd: admin_command::Cmd) -> Vec<u8> {

@@ -98,3 +98,20 @@ impl Replica {
         }
     }
 }
+
+/// The raft message a coalesced heartbeat stands for: the inverse of the coalescing above. Term
+/// and commit are the real message's, so the receiver steps exactly what raft sent.
+pub(crate) fn heartbeat_message(hb: &Heartbeat) -> Message {
+    let mut msg = Message::default();
+    msg.set_msg_type(if hb.response {
+        MessageType::MsgHeartbeatResponse
+    } else {
+        MessageType::MsgHeartbeat
+    });
+    msg.from = hb.from_replica;
+    msg.to = hb.to_replica;
+    msg.term = hb.term;
+    msg.commit = hb.commit;
+    msg.context = hb.context.to_vec();
+    msg
+}

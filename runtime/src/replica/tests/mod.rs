@@ -346,17 +346,7 @@ impl Sim {
             if to.0 as usize > self.nodes.len() {
                 continue;
             }
-            let mut msg = raft::prelude::Message::default();
-            msg.set_msg_type(if hb.response {
-                MessageType::MsgHeartbeatResponse
-            } else {
-                MessageType::MsgHeartbeat
-            });
-            msg.from = hb.from_replica;
-            msg.to = hb.to_replica;
-            msg.term = hb.term;
-            msg.commit = hb.commit;
-            msg.context = hb.context.to_vec();
+            let msg = super::send::heartbeat_message(&hb);
             let node = self.node(to.0);
             if node.replicas.contains_key(&hb.range_id) {
                 node.post(
