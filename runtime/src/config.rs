@@ -277,7 +277,14 @@ impl NodeGroupConfig {
             pre_vote: self.pre_vote,
             max_uncommitted_size: self.max_uncommitted_bytes,
             skip_bcast_commit: false,
-            batch_append: true,
+            // Never batch appends inside raft-rs: its `try_batching` (0.7) merges new entries
+            // into any pending MsgAppend to the same follower, also into an empty one sent at
+            // a higher index (a commit broadcast) before a rejection moved the follower's next
+            // index back. The follower then acknowledges an index it does not hold, the
+            // leader counts it in the quorum, and an entry can commit on fewer than a quorum
+            // of disks (the simulator's seed 130 found it). Our worker merges a round's
+            // messages per node pair anyway, so raft's batching bought little.
+            batch_append: false,
             read_only_option: raft::ReadOnlyOption::Safe,
             ..Default::default()
         }
@@ -295,6 +302,89 @@ mod tests {
             .raft_config(1, 0)
             .validate()
             .unwrap();
+    }
+
+    /// The raft-rs defect `batch_append: false` avoids: a leader whose pending messages hold
+    /// an empty MsgAppend at index 4 for a follower (a commit broadcast) learns that the
+    /// follower rejected index 4; with batching, the resent entries 3..=4 were merged into the
+    /// message at index 4, which the follower then acknowledged as index 6.
+    #[test]
+    fn every_append_a_leader_sends_starts_right_after_its_index() {
+        use raft::prelude::{ConfState, Entry, Message, MessageType};
+        use raft::storage::MemStorage;
+
+        let mut cfg = NodeGroupConfig::new(1).raft_config(1, 0);
+        cfg.pre_vote = false; // one vote round to lead; the defect is in replication
+        let storage = MemStorage::new_with_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut raw = raft::RawNode::new(&cfg, storage, &logger).unwrap();
+        let msg = |from: u64, t: MessageType, term: u64, index: u64| {
+            let mut m = Message::default();
+            m.set_msg_type(t);
+            m.from = from;
+            m.to = 1;
+            m.term = term;
+            m.index = index;
+            m
+        };
+        let persist = |raw: &mut raft::RawNode<MemStorage>| {
+            let mut rd = raw.ready();
+            raw.mut_store().wl().append(rd.entries()).unwrap();
+            if let Some(hs) = rd.hs() {
+                raw.mut_store().wl().set_hardstate(hs.clone());
+            }
+            let mut sent = rd.take_messages();
+            sent.extend(rd.take_persisted_messages());
+            let mut light = raw.advance(rd);
+            sent.extend(light.take_messages());
+            sent
+        };
+        raw.campaign().unwrap();
+        persist(&mut raw);
+        let term = raw.raft.term;
+        raw.step(msg(2, MessageType::MsgRequestVoteResponse, term, 0))
+            .unwrap();
+        persist(&mut raw); // leader: the empty entry of its term at index 1
+        assert_eq!(raw.raft.state, raft::StateRole::Leader);
+        for (from, index) in [(2, 1), (3, 1)] {
+            raw.step(msg(from, MessageType::MsgAppendResponse, term, index))
+                .unwrap();
+        }
+        persist(&mut raw);
+        for _ in 0..3 {
+            raw.propose(vec![], b"x".to_vec()).unwrap(); // entries 2..=4
+        }
+        persist(&mut raw);
+        // Follower 3 holds up to 2; follower 2 holds all, so 4 commits and the commit is
+        // broadcast: an empty MsgAppend at index 4 to follower 3 waits in raft's outbox...
+        raw.step(msg(3, MessageType::MsgAppendResponse, term, 2))
+            .unwrap();
+        raw.step(msg(2, MessageType::MsgAppendResponse, term, 4))
+            .unwrap();
+        // ...when follower 3 rejects index 4 (it lost 3 and 4, say to a restart).
+        let mut reject = msg(3, MessageType::MsgAppendResponse, term, 4);
+        reject.reject = true;
+        reject.reject_hint = 2;
+        reject.log_term = term;
+        raw.step(reject).unwrap();
+        let sent = persist(&mut raw);
+        let appends: Vec<&Message> = sent
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgAppend && m.to == 3)
+            .collect();
+        assert!(
+            appends.iter().any(|m| !m.entries.is_empty()),
+            "the entries follower 3 lacks are resent: {appends:?}"
+        );
+        for m in appends {
+            let indexes: Vec<u64> = m.entries.iter().map(|e: &Entry| e.index).collect();
+            let want: Vec<u64> = (m.index + 1..=m.index + indexes.len() as u64).collect();
+            assert_eq!(
+                indexes, want,
+                "append at index {} carries {indexes:?}",
+                m.index
+            );
+        }
     }
 
     #[test]
