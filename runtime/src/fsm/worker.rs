@@ -88,7 +88,12 @@ pub(crate) fn run_round(shared: &Shared, cells: &[Arc<ReplicaCell>], out: &mut O
     // Leader appends (and everything else that may precede the fsync) go out now.
     flush(shared, out);
 
-    if let Err(e) = shared.engine.write(batch, true) {
+    // The simulator's injected defect: acknowledge before the fsync.
+    #[cfg(test)]
+    let sync = !crate::sim::injected(crate::sim::Bug::AckBeforeSync);
+    #[cfg(not(test))]
+    let sync = true;
+    if let Err(e) = shared.engine.write(batch, sync) {
         tracing::error!(
             "raft log write failed, isolating {} replicas: {e}",
             held.len()

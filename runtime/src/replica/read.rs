@@ -191,7 +191,7 @@ impl Replica {
             return;
         }
         #[cfg(test)]
-        if crate::sim::local_reads_injected() {
+        if crate::sim::injected(crate::sim::Bug::LocalReads) {
             // The defect the simulator must catch: serve from local state, no read index.
             out.complete(token, Ok(Vec::new()));
             return;

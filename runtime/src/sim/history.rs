@@ -160,18 +160,19 @@ fn reads_are_final(read: &Op, ops: &[&Op]) -> bool {
 }
 
 thread_local! {
-    static LOCAL_READS: Cell<bool> = const { Cell::new(false) };
+    static INJECTED: Cell<Option<Bug>> = const { Cell::new(None) };
 }
 
 /// Runs `f` with `bug` injected on this thread (the simulator runs every node on it).
 pub(crate) fn with_bug<T>(bug: Option<Bug>, f: impl FnOnce() -> T) -> T {
-    LOCAL_READS.with(|b| b.set(bug == Some(Bug::LocalReads)));
+    INJECTED.with(|b| b.set(bug));
     let out = f();
-    LOCAL_READS.with(|b| b.set(false));
+    INJECTED.with(|b| b.set(None));
     out
 }
 
-/// Whether the `LocalReads` defect is injected on this thread (read by `replica::read`).
-pub(crate) fn local_reads_injected() -> bool {
-    LOCAL_READS.with(|b| b.get())
+/// Whether `bug` is injected on this thread (read where the defect would be: `replica::read`,
+/// `fsm::worker`).
+pub(crate) fn injected(bug: Bug) -> bool {
+    INJECTED.with(|b| b.get() == Some(bug))
 }

@@ -13,8 +13,10 @@
 //! operation is recorded (invoke, complete, ok / fail / unknown) and the history is judged by
 //! `history::check`.
 //!
-//! What it does not model: loss of writes that were not synced when a node crashes (a crash
-//! drops the process's memory, not the engine's files).
+//! A crash loses what the node had not synced: engines keep unsynced writes in the process
+//! (`StoreConfig::buffer_unsynced_writes`), and a crash restarts the node from a copy of its
+//! files taken before the engine is dropped (which would flush them). Synced writes reach the
+//! OS without an fsync: a process crash, not a machine's, is modelled.
 //!
 //! `FLOTILLA_SIM_SEEDS=N` sets how many seeds the long test runs (`sim::tests`).
 
@@ -40,7 +42,7 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-pub(crate) use history::{check, local_reads_injected, Kind, Op, Outcome, Verdict};
+pub(crate) use history::{check, injected, Kind, Op, Outcome, Verdict};
 
 use crate::config::NodeGroupConfig;
 use crate::error::Error;
@@ -94,6 +96,9 @@ impl Default for SimConfig {
 pub(crate) enum Bug {
     /// A linearizable read is served from the replica's own state without a read index.
     LocalReads,
+    /// A round's raft batch (log entries, hard state) is written without a sync, so appends
+    /// are acknowledged, and proposals completed, before they are on disk.
+    AckBeforeSync,
 }
 
 /// What a run came to.
@@ -157,6 +162,8 @@ struct Sim {
     cfg: SimConfig,
     rng: StdRng,
     dir: tempfile::TempDir,
+    /// Per node, how many times it crashed: its files of life `n` are in `node-<id>-<n>`.
+    lives: Vec<u32>,
     nodes: Vec<Option<SimNode>>,
     net: Vec<Packet>,
     /// Directed node pairs that cannot talk.
@@ -217,6 +224,7 @@ impl Sim {
         let mut sim = Sim {
             rng: StdRng::seed_from_u64(seed),
             dir: tempfile::tempdir().expect("temp dir"),
+            lives: vec![0; cfg.nodes as usize],
             nodes: (0..cfg.nodes).map(|_| None).collect(),
             net: Vec::new(),
             cut: HashSet::new(),
@@ -263,15 +271,18 @@ impl Sim {
     }
 
     fn path(&self, id: u64) -> PathBuf {
-        self.dir.path().join(format!("node-{id}"))
+        let life = self.lives[id as usize - 1];
+        self.dir.path().join(format!("node-{id}-{life}"))
     }
 
     /// Starts (or restarts) node `id` from its directory, as `NodeGroup::start` does, without
     /// threads.
     fn start(&mut self, id: u64) {
         let store = StoreConfig {
-            // A crash here drops the process's memory, not the files: syncing buys nothing.
+            // A crash loses the process's buffer of unsynced writes, not what reached the OS:
+            // an fsync buys nothing here.
             sync: false,
+            buffer_unsynced_writes: true,
             block_cache_bytes: 1 << 20,
             write_buffer_bytes: 1 << 20,
             ..StoreConfig::default()
@@ -412,11 +423,33 @@ impl Sim {
             self.start(n);
         } else if let Some(n) = self.random_alive() {
             self.faults.push((self.step, format!("crash n{n}")));
-            self.nodes[n as usize - 1] = None;
+            self.crash(n);
             if self.paused == Some(n) {
                 self.paused = None;
             }
         }
+    }
+
+    /// Node `n` dies: what it had not synced is lost. Its next life starts from a copy of its
+    /// files as they are now; dropping the engine afterwards (which flushes its buffer) only
+    /// touches the old life's files.
+    fn crash(&mut self, n: u64) {
+        let Some(node) = self.nodes[n as usize - 1].take() else {
+            return;
+        };
+        node.shared.engine.stop_background_work();
+        let old = self.path(n);
+        self.lives[n as usize - 1] += 1;
+        let new = self.path(n);
+        std::fs::create_dir_all(&new).expect("new life's directory");
+        for f in std::fs::read_dir(&old).expect("engine directory") {
+            let f = f.expect("directory entry");
+            if f.file_name() != "LOCK" {
+                std::fs::copy(f.path(), new.join(f.file_name())).expect("copy engine file");
+            }
+        }
+        drop(node);
+        let _ = std::fs::remove_dir_all(old);
     }
 
     fn pause_or_resume(&mut self) {
