@@ -1,12 +1,10 @@
 //! The nemesis suite's short profile, so that CI runs it: three `flotilla-node` processes on
 //! 127.0.0.1, eight clients, every fault once (kill -9, SIGSTOP, isolation and bridge through
-//! the proxy, live split and merge), then the history is checked for linearizability.
+//! the proxy, live split and merge, a merge while a replica is down, a replica replacement),
+//! then the history is checked for linearizability.
 //!
 //! The suite kills every process it started when it returns, and on a panic (its `Cluster`
 //! is dropped while unwinding); the whole run is bounded by a timeout.
-//!
-//! Until the lease-read fix lands on main, this test can fail with the known stale read under
-//! a paused leader (docs/RELIABILITY.md has a witness): that is the test doing its job.
 
 use std::path::PathBuf;
 use std::time::Duration;

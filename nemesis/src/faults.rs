@@ -40,6 +40,10 @@ pub enum Fault {
     Split,
     /// Merge the last split's right half back into its left half, live.
     Merge,
+    /// Kill a follower node of the last split's right half and at once merge that half back
+    /// (splitting first if no split is pending); measure how long the half refuses writes
+    /// (bounded by `merge_freeze_limit`, however long the node stays down).
+    MergeDown,
     /// Replace a follower replica of a range: remove it, add a learner on the same node (a
     /// fresh replica id), promote it.
     Replace,
@@ -47,13 +51,14 @@ pub enum Fault {
 
 impl Fault {
     /// Every fault, in the order the short profile runs them.
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 8] = [
         Fault::Kill,
         Fault::Pause,
         Fault::Isolate,
         Fault::Bridge,
         Fault::Split,
         Fault::Merge,
+        Fault::MergeDown,
         Fault::Replace,
     ];
 
@@ -66,6 +71,7 @@ impl Fault {
             Fault::Bridge => "bridge",
             Fault::Split => "split",
             Fault::Merge => "merge",
+            Fault::MergeDown => "merge-replica-down",
             Fault::Replace => "replace-replica",
         }
     }
@@ -151,6 +157,15 @@ impl Nemesis {
                 None => self.split().await,
                 Some((left, right)) => self.merge(left, right).await,
             },
+            Fault::MergeDown => {
+                if self.split.is_none() {
+                    self.split().await?;
+                }
+                match self.split {
+                    Some((left, right)) => self.merge_with_replica_down(left, right).await,
+                    None => Ok(()),
+                }
+            }
         }
     }
 
@@ -334,6 +349,82 @@ impl Nemesis {
                 }
             }
         }
+    }
+
+    /// Kills a node holding a follower of `right` (not the leader of either half, if the
+    /// three nodes allow), starts the merge of `right` into `left` at once, and measures
+    /// until a write to `right`'s keys succeeds through the other nodes: the merge either
+    /// commits without the dead node's acknowledgement (it cannot: the commit waits for every
+    /// replica) or is abandoned after `merge_freeze_limit` and rolled back. The node stays
+    /// down for three times the usual hold, so an unbounded freeze would show.
+    async fn merge_with_replica_down(&mut self, left: u64, right: u64) -> anyhow::Result<()> {
+        let ranges = self.ranges().await?;
+        let info = |id: u64| ranges.iter().find(|r| r.range_id == id).cloned();
+        let (Some(src), Some(tgt)) = (info(right), info(left)) else {
+            self.split = None;
+            return Ok(());
+        };
+        let Some(key) = self
+            .keys
+            .iter()
+            .find(|k| {
+                src.start_key.as_ref() <= k.as_slice()
+                    && (src.end_key.is_empty() || k.as_slice() < src.end_key.as_ref())
+            })
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let leaders = [src.leader_node_id, tgt.leader_node_id];
+        let Some(victim) = (1..=self.cluster.len() as u64)
+            .filter(|n| *n != src.leader_node_id)
+            .max_by_key(|n| !leaders.contains(n))
+        else {
+            return Ok(());
+        };
+        let victim = victim as usize - 1;
+        let source_leader = (src.leader_node_id as usize).max(1) - 1;
+        let start = Instant::now();
+        self.cluster.kill(victim);
+        self.log.injected += 1;
+        self.note(format!(
+            "merge-replica-down: node {} killed; merge range {right} into {left}",
+            victim + 1
+        ));
+        let mut admin = self.admin[source_leader].clone();
+        let merge = tokio::spawn(async move {
+            let req = MergeRequest {
+                source_range_id: right,
+                target_range_id: left,
+            };
+            tokio::time::timeout(Duration::from_secs(40), admin.merge(req)).await
+        });
+        let stall = self.probe(&key, victim, Duration::from_secs(30)).await;
+        match stall {
+            Some(s) => {
+                self.note(format!(
+                    "merge-replica-down: writes to {} succeed again after {} ms",
+                    String::from_utf8_lossy(&key),
+                    s.as_millis()
+                ));
+                self.log.stalls.push((Fault::MergeDown.name(), s));
+            }
+            None => self.note("merge-replica-down: writes still stalled after 30 s".into()),
+        }
+        let answer = match merge.await {
+            Ok(Ok(Ok(_))) => "merged".to_string(),
+            Ok(Ok(Err(s))) => format!("not merged: {}", s.message()),
+            Ok(Err(_)) => "no answer in 40 s".to_string(),
+            Err(e) => format!("merge task failed: {e}"),
+        };
+        if answer == "merged" {
+            self.split = None;
+        }
+        self.note(format!("merge-replica-down: {answer}"));
+        sleep_until(start + self.hold * 3).await;
+        self.cluster.spawn(victim)?;
+        self.note(format!("merge-replica-down: restarted node {}", victim + 1));
+        Ok(())
     }
 
     /// Replaces a follower replica of a random key's range on the same node, in three

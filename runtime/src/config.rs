@@ -46,6 +46,9 @@ pub enum ConfigError {
     /// Zero would compact on every apply and force snapshots on every lagging follower.
     #[error("log_compact_threshold must be at least 1")]
     ZeroCompactThreshold,
+    /// A merge would be abandoned before its first tick.
+    #[error("merge_freeze_limit must be at least one tick_interval")]
+    MergeFreezeLimitBelowTick,
     /// A zero timeout fails every proposal (or merge).
     #[error("proposal_timeout and merge_timeout must be non-zero")]
     ZeroProposalTimeout,
@@ -161,6 +164,11 @@ pub struct NodeGroupConfig {
     /// How long `NodeGroup::merge` waits for a prepared merge to finish before it answers
     /// `ProposalDropped` (the merge still finishes or rolls back by itself). Default 30s.
     pub merge_timeout: Duration,
+    /// How long a merge source may stay frozen (refusing writes) waiting for its merge to
+    /// commit. Past it, the source's leader has the target refuse the merge and the source
+    /// rolls back, so a replica that is down when a merge starts stalls the source's writes
+    /// for at most this long. Default 5s; at least one tick.
+    pub merge_freeze_limit: Duration,
     /// Automatic splits by size and load.
     pub split: SplitConfig,
 }
@@ -191,6 +199,7 @@ impl Default for NodeGroupConfig {
             log_compact_trailing: 64,
             proposal_timeout: Duration::from_secs(10),
             merge_timeout: Duration::from_secs(30),
+            merge_freeze_limit: Duration::from_secs(5),
             split: SplitConfig::default(),
         }
     }
@@ -246,6 +255,9 @@ impl NodeGroupConfig {
         if self.log_compact_threshold == 0 {
             return Err(ConfigError::ZeroCompactThreshold);
         }
+        if self.merge_freeze_limit < self.tick_interval {
+            return Err(ConfigError::MergeFreezeLimitBelowTick);
+        }
         if self.proposal_timeout.is_zero() || self.merge_timeout.is_zero() {
             return Err(ConfigError::ZeroProposalTimeout);
         }
@@ -256,6 +268,15 @@ impl NodeGroupConfig {
             return Err(ConfigError::LeaseReadsWithoutCheckQuorum);
         }
         Ok(())
+    }
+
+    /// `merge_freeze_limit` in ticks (rounded up).
+    pub(crate) fn merge_freeze_ticks(&self) -> u32 {
+        let tick = self.tick_interval.as_nanos().max(1);
+        self.merge_freeze_limit
+            .as_nanos()
+            .div_ceil(tick)
+            .min(u32::MAX as u128) as u32
     }
 
     /// The raft-rs config of one replica.
@@ -466,6 +487,13 @@ mod tests {
                     ..base.clone()
                 },
                 ConfigError::ZeroProposalTimeout,
+            ),
+            (
+                NodeGroupConfig {
+                    merge_freeze_limit: Duration::from_millis(1),
+                    ..base.clone()
+                },
+                ConfigError::MergeFreezeLimitBelowTick,
             ),
             (
                 NodeGroupConfig {

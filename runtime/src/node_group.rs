@@ -393,7 +393,8 @@ impl NodeGroup {
             }
             if s.router.get(source).is_some_and(|d| d.merge.is_none()) {
                 return Err(Error::AdminRefused(format!(
-                    "merge of {source} into {target} rolled back: the target changed meanwhile"
+                    "merge of {source} into {target} rolled back: the target changed meanwhile, \
+                     or a replica did not catch up within merge_freeze_limit"
                 )));
             }
             if s.is_stopped() {

@@ -128,6 +128,9 @@ impl Replica {
                 Some(admin_command::Cmd::RollbackMerge(r)) => {
                     Step::Done(self.apply_rollback_merge(&r, out, batch))
                 }
+                Some(admin_command::Cmd::AbandonMerge(a)) => {
+                    Step::Done(self.apply_abandon_merge(&header, &a, out, batch))
+                }
                 None => Step::Done(Err(Error::AdminRefused("empty admin command".into()))),
             },
             None => Step::Done(Err(Error::InvalidCommand("empty command".into()))),

@@ -21,6 +21,13 @@
 //!   (it split, changed membership, or started a merge of its own), C can never apply
 //!   (it requires that exact epoch, and epochs only grow), so the source's leader unfreezes
 //!   the source.
+//! - **Abandon** (target log): a source frozen longer than `merge_freeze_limit` (a replica
+//!   is down and cannot acknowledge the prepare entry, or the target has no leader) has its
+//!   leader propose AbandonMerge to the target, which moves the target's epoch on if it is
+//!   still the prepared one. In the target's log either C or the abandon comes first, the same
+//!   on every replica: if C, the merge happens; if the abandon, C is refused forever and the
+//!   source rolls back as above. So a down replica stalls the source's writes for a bounded
+//!   time instead of until it returns.
 //!
 //! Invariants: a source replica never applies anything past P (the target destroys it under
 //! its lock, in the batch that moves the keys); the target takes the keys on every node at the
@@ -30,7 +37,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use flotilla_proto::command::{
-    admin_command, ClientRecord, CommitMerge, PrepareMerge, RequestHeader, RollbackMerge,
+    admin_command, AbandonMerge, ClientRecord, CommitMerge, PrepareMerge, RequestHeader,
+    RollbackMerge,
 };
 use flotilla_proto::meta::{MergeState, RangeDescriptor, RangeEpoch, RangeState};
 use flotilla_proto::{Message as _, RangeId};
@@ -128,6 +136,15 @@ impl Replica {
             check_mergeable(&desc, &target)?;
             let last = self.raw.raft.raft_log.last_index();
             for (id, pr) in self.raw.raft.prs().iter() {
+                // Not heard from since the last check-quorum round: probably down, and the
+                // commit would wait for it until the merge is abandoned.
+                if *id != self.id && !pr.recent_active {
+                    return Err(Error::AdminRefused(format!(
+                        "replica {id} of {} has not answered its leader lately; merge once it \
+                         is back",
+                        self.range
+                    )));
+                }
                 if pr.matched + PREPARE_MAX_LAG < last {
                     return Err(Error::AdminRefused(format!(
                         "replica {id} of {} lags {} entries behind; merge once it caught up",
@@ -195,6 +212,7 @@ impl Replica {
         self.raw.mut_store().set_descriptor(frozen.clone(), batch);
         out.effect(Effect::Route(frozen.clone()));
         self.merge_retry = 0;
+        self.merge_frozen_ticks = 0;
         // The target beside us may be waiting for this apply.
         out.effect(Effect::Post(target.id(), PeerMsg::MergeResume));
         tracing::info!(source = %self.range, target = %target.id(), index, "merge prepared");
@@ -251,6 +269,31 @@ impl Replica {
             // Not known here (yet): the replicas were on the same nodes at prepare, so wait.
             Ok(None) | Err(_) => return,
         }
+        let limit = env.config.merge_freeze_ticks();
+        if self.merge_frozen_ticks >= limit {
+            // Frozen too long: have the target refuse the merge; once its epoch moved, the
+            // check above rolls the source back.
+            tracing::warn!(
+                source = %self.range,
+                target = %target.id(),
+                ticks = self.merge_frozen_ticks,
+                "merge not committed within merge_freeze_limit; abandoning it"
+            );
+            let header = RequestHeader {
+                range_id: target.range_id,
+                epoch: target.epoch,
+                ..Default::default()
+            };
+            let data = admin_entry(
+                header,
+                admin_command::Cmd::AbandonMerge(AbandonMerge {
+                    source_range_id: self.range.0,
+                }),
+            );
+            out.effect(Effect::Post(target.id(), PeerMsg::ProposeMerge { data }));
+            self.merge_retry = MERGE_RETRY_TICKS;
+            return;
+        }
         let everyone_has_prepare = self
             .raw
             .raft
@@ -288,6 +331,40 @@ impl Replica {
         {
             log.commit_to(prepare_index);
         }
+    }
+
+    /// Target, every replica: refuses a merge for good by moving the epoch on, if it is still
+    /// the one the source prepared against (else a CommitMerge already applied, or the target
+    /// moved on by itself: either way nothing is left to refuse).
+    pub(super) fn apply_abandon_merge(
+        &mut self,
+        header: &RequestHeader,
+        abandon: &AbandonMerge,
+        out: &mut Output,
+        batch: &mut WriteBatch,
+    ) -> Outcome {
+        let mut desc = self
+            .descriptor()
+            .cloned()
+            .ok_or(Error::RangeNotFound(self.range))?;
+        if header.epoch != desc.epoch {
+            return Err(Error::EpochNotMatch {
+                current: vec![desc],
+            });
+        }
+        let epoch = desc.epoch_or_default();
+        desc.epoch = Some(RangeEpoch {
+            version: epoch.version + 1,
+            ..epoch
+        });
+        self.raw.mut_store().set_descriptor(desc.clone(), batch);
+        out.effect(Effect::Route(desc.clone()));
+        tracing::info!(
+            target = %self.range,
+            source = abandon.source_range_id,
+            "merge abandoned: the target's epoch moved on"
+        );
+        Ok(desc.encode_to_vec())
     }
 
     /// Source, every replica: unfreezes the range if the merge is the one prepared.

@@ -89,6 +89,9 @@ pub(crate) struct Replica {
     stalled: Vec<raft::prelude::Entry>,
     /// Ticks before a merge source's leader proposes its CommitMerge or rollback again.
     merge_retry: u8,
+    /// Ticks this replica has seen while its range is frozen by a prepared merge: past
+    /// `merge_freeze_limit` its leader abandons the merge.
+    merge_frozen_ticks: u32,
     /// Set on a merge source once the target beside it applies the CommitMerge.
     merge_requested: bool,
     /// Proposals this follower forwarded to its leader, with that leader: if leadership moves
@@ -157,6 +160,7 @@ impl Replica {
             campaign_retries: 0,
             stalled: Vec::new(),
             merge_retry: 0,
+            merge_frozen_ticks: 0,
             merge_requested: false,
             forwarded: Vec::new(),
             placeholder: None,
@@ -391,6 +395,7 @@ impl Replica {
             self.raw.tick();
         }
         if ticks > 0 && self.merge_state().is_some() {
+            self.merge_frozen_ticks = self.merge_frozen_ticks.saturating_add(ticks);
             self.merge_tick(env, out);
         }
         if ticks > 0 && !self.reads.is_empty() {

@@ -35,7 +35,7 @@ pub(crate) enum PeerMsg {
     /// Merge this range (the source) into the adjacent `target`: proposes PrepareMerge.
     PrepareMerge { token: u64, target: RangeDescriptor },
     /// A merge source's leader asks the target replica beside it to propose this CommitMerge
-    /// (forwarded to the target's leader whatever `forward_proposals` says).
+    /// or AbandonMerge (forwarded to the target's leader whatever `forward_proposals` says).
     ProposeMerge { data: Vec<u8> },
     /// The target committed the merge: the prepare entry at `prepare_index` is committed, so
     /// this source replica may apply up to it.

@@ -316,3 +316,98 @@ fn a_commit_merge_waits_for_the_source_hand_over_then_absorbs_it() {
     );
     assert_eq!(engine.descriptor(RangeId(2)).unwrap().unwrap(), merged);
 }
+
+/// Runs `ticks` ticks (settling after each) while node `down` receives nothing.
+fn ticks_with_node_down(sim: &mut Sim, down: u64, ticks: u32) {
+    for _ in 0..ticks {
+        sim.step(1);
+        sim.node(down).inbox.clear();
+        for _ in 0..200 {
+            let more = sim.step(0);
+            sim.node(down).inbox.clear();
+            if !more {
+                break;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_merge_a_down_replica_cannot_acknowledge_is_abandoned_and_rolled_back() {
+    // Ranges 1 = ["", "m") and 2 = ["m", "") on three nodes, both led by node 1.
+    let mut sim = Sim {
+        nodes: (1..=3)
+            .map(|id| Node::new(id, Arc::new(KvStateMachine)))
+            .collect(),
+    };
+    for node in &mut sim.nodes {
+        node.bootstrap(&descriptor(1, b"", b"m", &[1, 2, 3]));
+        node.bootstrap(&descriptor(2, b"m", b"", &[1, 2, 3]));
+        // 10 ticks of freeze at most.
+        node.config.merge_freeze_limit = node.config.tick_interval * 10;
+    }
+    sim.elect(1, 1);
+    sim.elect(1, 2);
+    assert!(kv_ok(&sim.put(1, b"a", b"1")));
+    let target_before = sim.node(1).router.get(RangeId(2)).unwrap();
+
+    // Node 3 goes down as the merge is prepared: it never acknowledges the prepare entry, so
+    // the commit cannot be proposed.
+    let token = sim.node(1).token();
+    sim.node(1).post(
+        1,
+        PeerMsg::PrepareMerge {
+            token,
+            target: target_before.clone(),
+        },
+    );
+    ticks_with_node_down(&mut sim, 3, 0);
+    sim.node(3).inbox.clear();
+    for _ in 0..3 {
+        sim.step(0);
+        sim.node(3).inbox.clear();
+    }
+    assert!(
+        sim.node(1).answers[&token].is_ok(),
+        "the merge was prepared"
+    );
+    assert!(sim.node(1).replica(1).merge_state().is_some());
+
+    // Within the limit (and a retry period) the target refuses the merge and the source
+    // rolls back, without node 3.
+    let mut ticks = 0;
+    while sim.node(1).replica(1).merge_state().is_some() {
+        ticks_with_node_down(&mut sim, 3, 1);
+        ticks += 1;
+        assert!(
+            ticks <= 40,
+            "the source is still frozen after {ticks} ticks"
+        );
+    }
+    let target_after = sim.node(1).router.get(RangeId(2)).unwrap();
+    assert_eq!(
+        target_after.epoch_or_default().version,
+        target_before.epoch_or_default().version + 1,
+        "the abandon moved the target's epoch on"
+    );
+    assert_eq!(target_after.end_key, target_before.end_key);
+    assert_eq!(
+        &sim.node(1).router.get(RangeId(1)).unwrap().end_key[..],
+        b"m",
+        "the source is still its own range"
+    );
+    assert!(
+        kv_ok(&sim.put(1, b"b", b"2")),
+        "the source takes writes again"
+    );
+    assert!(!sim.nodes.iter().any(|n| n
+        .effects
+        .iter()
+        .any(|(_, e)| matches!(e, Effect::MergedAway { .. }))));
+
+    // Node 3 returns: it applies the prepare and the rollback like everyone else.
+    sim.tick_until("node 3 catches up, unfrozen", |s| {
+        s.nodes[2].engine.get(b"b").unwrap() == Some(b"2".to_vec())
+            && s.nodes[2].replica(1).merge_state().is_none()
+    });
+}
