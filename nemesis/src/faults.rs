@@ -358,9 +358,22 @@ impl Nemesis {
     /// replica) or is abandoned after `merge_freeze_limit` and rolled back. The node stays
     /// down for three times the usual hold, so an unbounded freeze would show.
     async fn merge_with_replica_down(&mut self, left: u64, right: u64) -> anyhow::Result<()> {
-        let ranges = self.ranges().await?;
-        let info = |id: u64| ranges.iter().find(|r| r.range_id == id).cloned();
-        let (Some(src), Some(tgt)) = (info(right), info(left)) else {
+        // Both halves known with leaders (a split a moment ago may not be everywhere yet).
+        let mut halves = None;
+        let known_by = Instant::now() + Duration::from_secs(10);
+        while halves.is_none() && Instant::now() < known_by {
+            let (src, tgt) = (self.range_info(right).await, self.range_info(left).await);
+            halves = src
+                .zip(tgt)
+                .filter(|(s, t)| s.leader_node_id != 0 && t.leader_node_id != 0);
+            if halves.is_none() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let Some((src, tgt)) = halves else {
+            self.note(format!(
+                "merge-replica-down: ranges {right} and {left} not found"
+            ));
             self.split = None;
             return Ok(());
         };
@@ -373,6 +386,9 @@ impl Nemesis {
             })
             .cloned()
         else {
+            self.note(format!(
+                "merge-replica-down: no key of ours in range {right}"
+            ));
             return Ok(());
         };
         let leaders = [src.leader_node_id, tgt.leader_node_id];
@@ -391,15 +407,45 @@ impl Nemesis {
             "merge-replica-down: node {} killed; merge range {right} into {left}",
             victim + 1
         ));
-        let mut admin = self.admin[source_leader].clone();
+        let admins = self.admin.clone();
         let merge = tokio::spawn(async move {
-            let req = MergeRequest {
-                source_range_id: right,
-                target_range_id: left,
-            };
-            tokio::time::timeout(Duration::from_secs(40), admin.merge(req)).await
+            // To the source's leader, following NotLeader hints (the table may be stale).
+            let deadline = Instant::now() + Duration::from_secs(40);
+            let mut node = source_leader;
+            loop {
+                let req = MergeRequest {
+                    source_range_id: right,
+                    target_range_id: left,
+                };
+                let mut admin = admins[node].clone();
+                match tokio::time::timeout_at(deadline.into(), admin.merge(req)).await {
+                    Ok(Err(s)) if Instant::now() < deadline => {
+                        match leader_hint(&s, admins.len()) {
+                            Some(h) if h != node && h != victim => {
+                                node = h;
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                            _ => return Ok(Err(s)),
+                        }
+                    }
+                    other => return other,
+                }
+            }
         });
-        let stall = self.probe(&key, victim, Duration::from_secs(30)).await;
+        // Probe once the source is frozen (else a probe write could slip in before the
+        // prepare entry and measure nothing); the stall still counts from the merge's start.
+        let frozen_by = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < frozen_by && !merge.is_finished() {
+            if self.range_info(right).await.is_some_and(|r| r.merging) {
+                self.note(format!("merge-replica-down: range {right} frozen"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stall = self
+            .probe(&key, victim, Duration::from_secs(30))
+            .await
+            .map(|_| start.elapsed());
         match stall {
             Some(s) => {
                 self.note(format!(

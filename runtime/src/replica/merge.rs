@@ -136,15 +136,9 @@ impl Replica {
             check_mergeable(&desc, &target)?;
             let last = self.raw.raft.raft_log.last_index();
             for (id, pr) in self.raw.raft.prs().iter() {
-                // Not heard from since the last check-quorum round: probably down, and the
-                // commit would wait for it until the merge is abandoned.
-                if *id != self.id && !pr.recent_active {
-                    return Err(Error::AdminRefused(format!(
-                        "replica {id} of {} has not answered its leader lately; merge once it \
-                         is back",
-                        self.range
-                    )));
-                }
+                // (Not refused on raft's `recent_active`: check-quorum clears it every election
+                // timeout, so a healthy follower looks inactive until its next heartbeat
+                // response. A replica that dies is handled by abandoning the merge.)
                 if pr.matched + PREPARE_MAX_LAG < last {
                     return Err(Error::AdminRefused(format!(
                         "replica {id} of {} lags {} entries behind; merge once it caught up",
