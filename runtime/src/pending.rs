@@ -31,7 +31,21 @@ pub(crate) struct Pending {
     waiting: DashMap<u64, Entry>,
 }
 
+/// Bits of a token left to the counter within one life of the node; the bits above hold the
+/// life (the engine's start count).
+const TOKEN_COUNTER_BITS: u32 = 40;
+
 impl Pending {
+    /// Makes every token from now on unique across the node's lives: tokens are
+    /// `life << 40 | n`. Without it a restarted node would hand out tokens 1, 2, ... again,
+    /// and an entry its earlier life proposed with token 1, applied after the restart, would
+    /// complete an unrelated new request with its answer (an acknowledgement of a write that
+    /// never happened: the simulator's seed 3142).
+    pub(crate) fn start_life(&self, life: u64) {
+        self.next
+            .store(life << TOKEN_COUNTER_BITS, Ordering::Relaxed);
+    }
+
     /// Registers a request; the receiver resolves with its outcome.
     pub(crate) fn register(&self, timeout: Duration) -> (u64, oneshot::Receiver<Answer>) {
         let token = self.next.fetch_add(1, Ordering::Relaxed) + 1;

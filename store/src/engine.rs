@@ -248,6 +248,30 @@ impl Engine {
         Ok(())
     }
 
+    /// Counts this start of the node on the engine and returns it (1 for the first): a synced
+    /// counter, so that what a node hands out per life (request tokens that travel inside
+    /// raft entries) never repeats what an earlier life handed out, even for entries that
+    /// life proposed and that apply only after the restart.
+    pub fn next_start(&self) -> Result<u64> {
+        let cf = self.cf(Cf::Meta);
+        let previous = match self.db.get_cf(cf, keys::START_COUNT_KEY)? {
+            None => 0,
+            Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| {
+                StoreError::corrupt("start count", keys::START_COUNT_KEY, "not 8 bytes")
+            })?),
+        };
+        let start = previous + 1;
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(self.config.sync);
+        let mut wb = rocksdb::WriteBatch::default();
+        wb.put_cf(cf, keys::START_COUNT_KEY, start.to_be_bytes());
+        self.db.write_opt(wb, &opts)?;
+        if !self.config.sync && self.config.buffer_unsynced_writes {
+            self.db.flush_wal(false)?;
+        }
+        Ok(start)
+    }
+
     /// Reads the descriptor of `range`.
     pub fn descriptor(&self, range: RangeId) -> Result<Option<RangeDescriptor>> {
         let key = keys::descriptor_key(range);

@@ -35,6 +35,9 @@ const CLIENT_PREFIX: u8 = 0x03;
 const DESCRIPTOR_PREFIX: u8 = 0x01;
 /// Key of the store identity record in `meta`.
 pub const STORE_IDENT_KEY: &[u8] = &[0x02];
+/// Key of the start counter in `meta` (how many times the engine was opened by a node: see
+/// `Engine::next_start`).
+pub const START_COUNT_KEY: &[u8] = &[0x03];
 
 /// Which per-group state record a state key names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +201,7 @@ mod tests {
             let (lo, hi) = descriptor_bounds();
             prop_assert!(ka.as_slice() >= lo.as_slice() && ka.as_slice() < hi.as_slice());
             prop_assert!(STORE_IDENT_KEY >= hi.as_slice());
+            prop_assert!(START_COUNT_KEY >= hi.as_slice());
         }
     }
 

@@ -134,6 +134,8 @@ pub(crate) fn bootstrap(shared: &Shared, descs: Vec<RangeDescriptor>) -> Result<
 
 /// Recreates every replica stored in the engine (a restart).
 pub(crate) fn recover(shared: &Shared) -> Result<()> {
+    // Before any request can register: tokens must not repeat an earlier life's.
+    shared.pending.start_life(shared.engine.next_start()?);
     for d in shared.engine.descriptors()? {
         if d.state == RangeState::Tombstone as i32 {
             shared

@@ -204,6 +204,22 @@ fn seed_130_no_follower_acknowledges_entries_it_does_not_hold() {
     );
 }
 
+/// The second defect the simulator found (in its 10,000-seed run), kept as a regression test:
+/// request tokens restarted at 1 when a node restarted, so an entry the node's earlier life
+/// had proposed with token 7, applied after the restart, completed the new life's request 7
+/// with its answer: a write acknowledged that was never applied. Tokens now carry the node's
+/// start count (`Pending::start_life`).
+#[test]
+fn seed_3142_no_request_is_answered_by_an_earlier_lifes_entry() {
+    let r = run(3142, SimConfig::default());
+    assert!(
+        r.verdict.linearizable,
+        "{}: witness {:#?}",
+        summary(&r),
+        r.verdict.witness
+    );
+}
+
 /// Replays seed `SEED` with the runtime's and raft-rs's log on (`RUST_LOG`), to read what a
 /// failing seed did. Ignored: run it by name.
 #[test]
