@@ -116,6 +116,10 @@ impl Kv for KvService {
             replicas: s.replicas as u64,
             ranges: s.ranges as u64,
             leaders: s.leaders as u64,
+            awake: s.awake as u64,
+            elections_won: s.elections_won,
+            heartbeat_batches: s.heartbeat_batches,
+            queued_wakes: s.queued_wakes as u64,
         }))
     }
 }

@@ -285,6 +285,7 @@ async fn removed_replica_and_stale_terms_do_not_disturb_the_group() {
                 commit: last + HUGE,
                 response: false,
                 context: Default::default(),
+                hibernate: false,
             }];
             batch(to, msgs, hbs)
         })
@@ -322,6 +323,7 @@ async fn removed_replica_and_stale_terms_do_not_disturb_the_group() {
                 commit: 1,
                 response: false,
                 context: Default::default(),
+                hibernate: false,
             });
         }
         batches.push(batch(to, msgs, hbs));
@@ -346,6 +348,7 @@ async fn removed_replica_and_stale_terms_do_not_disturb_the_group() {
             commit: last,
             response: false,
             context: Default::default(),
+            hibernate: false,
         }],
     ));
     inject(&c, &t, batches);

@@ -1,6 +1,7 @@
 //! Reads served by a leader that was paused (a stopped process: SIGSTOP, a VM or GC stall)
 //! while the others elected a new leader and took writes. "Paused" here means: its clock
-//! stopped (`NodeGroup::pause_ticker`) and everything sent to it held by a `HoldFilter`,
+//! stopped (`NodeGroup::pause_ticker`), its pings silenced (`MemNetwork::set_silent`) and
+//! everything sent to it held by a `HoldFilter`,
 //! then handed to it in the order that would make it answer with what it knew before the
 //! pause. And, for contrast, a leader whose lease holds serves lease reads without asking.
 //! Every wait is bounded and polls a condition.
@@ -178,6 +179,8 @@ async fn a_paused_leader_never_confirms_a_read_with_acknowledgements_older_than_
     // Node 2's clock stops first, so that it neither steps down nor sends heartbeats of its
     // own while the acknowledgements of node 1's read are held.
     c.node(2).pause_ticker(true);
+    // A paused process sends no pings either: node liveness stops hearing it.
+    c.net.set_silent(NodeId(2), true);
     let paused = Arc::new(AtomicBool::new(false));
     let hold = {
         let paused = paused.clone();
@@ -294,6 +297,8 @@ async fn a_paused_leader_never_confirms_a_read_with_acknowledgements_older_than_
     release(&c, &hold, held_id);
     release(&c, &out, out_id);
     c.node(2).pause_ticker(false);
+    // Resumed, it pings again.
+    c.net.set_silent(NodeId(2), false);
 
     let got = match early {
         Some(early) => early,
@@ -326,6 +331,8 @@ async fn a_paused_leader_whose_lease_ran_out_serves_no_lease_read() {
 
     // Paused: no clock, nothing heard.
     c.node(2).pause_ticker(true);
+    // A paused process sends no pings either: node liveness stops hearing it.
+    c.net.set_silent(NodeId(2), true);
     let hold = HoldFilter::new(|p| p.to == NodeId(2));
     let held_id = c.net.add_filter(Box::new(hold.clone()));
     restart_followers_clocks(&c);
@@ -354,6 +361,8 @@ async fn a_paused_leader_whose_lease_ran_out_serves_no_lease_read() {
     release(&c, &hold, held_id);
     release(&c, &out, out_id);
     c.node(2).pause_ticker(false);
+    // Resumed, it pings again.
+    c.net.set_silent(NodeId(2), false);
 
     let got = tokio::time::timeout(T, read)
         .await

@@ -59,4 +59,13 @@ pub struct NodeStatus {
     pub leaders: usize,
     /// Requests waiting for an outcome.
     pub pending_requests: usize,
+    /// Replicas awake (ticked); the others hibernate.
+    pub awake: usize,
+    /// Times a replica of this node became leader since the node started (elections won).
+    pub elections_won: u64,
+    /// Sleeping groups queued to be woken (paced; see `max_wakes_per_tick`).
+    pub queued_wakes: usize,
+    /// Batches of coalesced heartbeats the ticker sent since the node started (one per node
+    /// pair per tick at most; none while every group sleeps).
+    pub heartbeat_batches: u64,
 }

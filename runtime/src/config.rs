@@ -63,6 +63,22 @@ pub enum ConfigError {
     /// `lease_reads` off.
     #[error("lease_reads needs check_quorum")]
     LeaseReadsWithoutCheckQuorum,
+    /// A group must be quiet for at least one tick before it sleeps.
+    #[error("hibernate_ticks must be at least 1")]
+    ZeroHibernateTicks,
+    /// Followers forget a leader whose node is declared down and may then vote at once: the
+    /// silence that declares a node down must outlast a leader's lease (an election timeout),
+    /// or a new leader could be elected while the old one still serves lease reads.
+    #[error("node_down_ticks ({down}) must be at least election_tick ({election})")]
+    NodeDownBeforeElectionTimeout {
+        /// The configured node_down_ticks.
+        down: usize,
+        /// The configured election_tick.
+        election: usize,
+    },
+    /// Woken groups would never be woken.
+    #[error("max_wakes_per_tick must be at least 1")]
+    ZeroWakesPerTick,
 }
 
 /// When ranges split by themselves. Splits on request (the admin API) need none of this.
@@ -171,6 +187,26 @@ pub struct NodeGroupConfig {
     pub merge_freeze_limit: Duration,
     /// Automatic splits by size and load.
     pub split: SplitConfig,
+    /// Hibernation (quiescence): a group whose leader saw `hibernate_ticks` quiet ticks (no
+    /// request, everything committed and applied, every live follower matched and aware of
+    /// the commit, no membership change, split or merge in flight) goes to sleep on every
+    /// replica: no ticks, no heartbeats, no CPU. Any request, raft message or admin command
+    /// wakes it; node liveness (the transport's pings, `node_down_ticks`) replaces the
+    /// heartbeats of sleeping groups as failure detector. Needs a transport that tracks
+    /// liveness (`Transport::last_heard_from`); groups never sleep otherwise. Default true.
+    pub hibernate: bool,
+    /// Quiet ticks before a leader puts its group to sleep. Default 4.
+    pub hibernate_ticks: usize,
+    /// Ticks without hearing anything from a node (its pings included) before it is declared
+    /// down: then the followers here of groups it led forget it and elect another leader.
+    /// Must be at least `election_tick` (lease safety) and should cover a few of the
+    /// transport's ping intervals (gRPC: 1 s). 0, the default, means twice `election_tick`
+    /// (2 s at the default tick and election timeout).
+    pub node_down_ticks: usize,
+    /// Most sleeping groups woken per tick by a node going down or coming back (a node
+    /// restart, a partition healing, a liveness flap), so that they do not all wake and
+    /// campaign at once; groups with queued requests wake at once regardless. Default 1000.
+    pub max_wakes_per_tick: usize,
 }
 
 impl Default for NodeGroupConfig {
@@ -201,6 +237,10 @@ impl Default for NodeGroupConfig {
             merge_timeout: Duration::from_secs(30),
             merge_freeze_limit: Duration::from_secs(5),
             split: SplitConfig::default(),
+            hibernate: true,
+            hibernate_ticks: 4,
+            node_down_ticks: 0,
+            max_wakes_per_tick: 1000,
         }
     }
 }
@@ -267,6 +307,18 @@ impl NodeGroupConfig {
         if self.lease_reads && !self.check_quorum {
             return Err(ConfigError::LeaseReadsWithoutCheckQuorum);
         }
+        if self.hibernate_ticks == 0 {
+            return Err(ConfigError::ZeroHibernateTicks);
+        }
+        if self.node_down_ticks != 0 && self.node_down_ticks < self.election_tick {
+            return Err(ConfigError::NodeDownBeforeElectionTimeout {
+                down: self.node_down_ticks,
+                election: self.election_tick,
+            });
+        }
+        if self.max_wakes_per_tick == 0 {
+            return Err(ConfigError::ZeroWakesPerTick);
+        }
         Ok(())
     }
 
@@ -277,6 +329,14 @@ impl NodeGroupConfig {
             .as_nanos()
             .div_ceil(tick)
             .min(u32::MAX as u128) as u32
+    }
+
+    /// Ticks of silence after which a node is declared down (see `node_down_ticks`).
+    pub(crate) fn down_ticks(&self) -> usize {
+        match self.node_down_ticks {
+            0 => 2 * self.election_tick,
+            n => n,
+        }
     }
 
     /// The raft-rs config of one replica.
@@ -501,6 +561,30 @@ mod tests {
                     ..base.clone()
                 },
                 ConfigError::LeaseReadsWithoutCheckQuorum,
+            ),
+            (
+                NodeGroupConfig {
+                    hibernate_ticks: 0,
+                    ..base.clone()
+                },
+                ConfigError::ZeroHibernateTicks,
+            ),
+            (
+                NodeGroupConfig {
+                    node_down_ticks: 9,
+                    ..base.clone()
+                },
+                ConfigError::NodeDownBeforeElectionTimeout {
+                    down: 9,
+                    election: 10,
+                },
+            ),
+            (
+                NodeGroupConfig {
+                    max_wakes_per_tick: 0,
+                    ..base.clone()
+                },
+                ConfigError::ZeroWakesPerTick,
             ),
         ];
         for (cfg, want) in cases {

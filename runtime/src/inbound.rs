@@ -17,7 +17,7 @@ use raft::prelude::MessageType;
 use crate::fsm::life;
 use crate::fsm::mailbox::ReplicaCell;
 use crate::fsm::shared::Shared;
-use crate::replica::{heartbeat_message, PeerMsg};
+use crate::replica::{heartbeat_input, PeerMsg};
 
 /// What the transport calls with each batch that arrives for this node, and with the outcome
 /// of each snapshot it streamed for a replica of this node.
@@ -104,17 +104,12 @@ impl Inbound {
                 .increment(1);
             return;
         };
-        let msg = heartbeat_message(&hb);
-        let pm = PeerMsg::Raft {
-            msg: Box::new(msg),
-            from: ReplicaDescriptor {
-                replica_id: hb.from_replica,
-                node_id: from_node,
-                role: ReplicaRole::Voter as i32,
-            },
-            // A heartbeat carries no epoch: its sender must be a member we know of.
-            from_conf_ver: 0,
+        let from = ReplicaDescriptor {
+            replica_id: hb.from_replica,
+            node_id: from_node,
+            role: ReplicaRole::Voter as i32,
         };
+        let pm = heartbeat_input(&hb, from);
         if cell
             .send(pm, self.0.config.mailbox_capacity, &self.0.ready_tx)
             .is_err()

@@ -35,6 +35,16 @@ impl NodeGroup {
             ranges: self.shared.router.len(),
             leaders,
             pending_requests: self.shared.pending.len(),
+            awake: self.shared.awake.len(),
+            elections_won: self
+                .shared
+                .elections_won
+                .load(std::sync::atomic::Ordering::Relaxed),
+            queued_wakes: self.shared.liveness.queued_wakes(),
+            heartbeat_batches: self
+                .shared
+                .heartbeat_batches
+                .load(std::sync::atomic::Ordering::Relaxed),
         };
         metrics::gauge!("flotilla_runtime_replicas").set(st.replicas as f64);
         metrics::gauge!("flotilla_runtime_leaders").set(st.leaders as f64);

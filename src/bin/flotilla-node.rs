@@ -4,8 +4,12 @@
 //!
 //! ```text
 //! flotilla-node --id 1 --raft 127.0.0.1:7001 --client 127.0.0.1:8001 --data-dir /tmp/n1 \
-//!     --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 [--bootstrap-ranges 1000]
+//!     --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 [--bootstrap-ranges 1000] \
+//!     [--tick-ms 100] [--no-hibernate]
 //! ```
+//!
+//! `--no-hibernate` keeps every group awake (ticking and heartbeating) instead of letting
+//! idle groups sleep (`NodeGroupConfig::hibernate`).
 //!
 //! With `--bootstrap-ranges N` a node whose store is empty creates N ranges that together
 //! cover the key space (range i starts at `k` + i as 8 digits), replicated on every peer; each
@@ -28,13 +32,14 @@ struct Args {
     peers: BTreeMap<NodeId, String>,
     bootstrap_ranges: usize,
     tick_ms: u64,
+    hibernate: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut it = std::env::args().skip(1);
     let (mut id, mut raft, mut client, mut dir) = (None, None, None, None);
     let mut peers = BTreeMap::new();
-    let (mut bootstrap_ranges, mut tick_ms) = (0usize, 100u64);
+    let (mut bootstrap_ranges, mut tick_ms, mut hibernate) = (0usize, 100u64, true);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -44,6 +49,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--data-dir" => dir = Some(value()?.into()),
             "--bootstrap-ranges" => bootstrap_ranges = value()?.parse()?,
             "--tick-ms" => tick_ms = value()?.parse()?,
+            "--no-hibernate" => hibernate = false,
             "--peers" => {
                 for p in value()?.split(',') {
                     let (n, a) = p.split_once('=').context("peer must be ID=HOST:PORT")?;
@@ -61,6 +67,7 @@ fn parse_args() -> anyhow::Result<Args> {
         peers,
         bootstrap_ranges,
         tick_ms,
+        hibernate,
     })
 }
 
@@ -82,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
     let mut config = ServerConfig::new(NodeId(args.id), args.data_dir);
     config.node.tick_interval = Duration::from_millis(args.tick_ms);
+    config.node.hibernate = args.hibernate;
     config.raft_addr = args.raft;
     config.client_addr = args.client;
     config.peers = args.peers;

@@ -97,6 +97,26 @@ pub struct ServerBuilder {
     state_machine: Arc<dyn StateMachine>,
 }
 
+/// The transport's settings, with pings frequent enough for node liveness: sleeping groups
+/// learn of a node's death only from its silence (`NodeGroupConfig::node_down_ticks`), so an
+/// idle stream must ping at least four times within that window or live nodes would be
+/// declared down. The ping timeout stays longer than the interval.
+fn grpc_config(config: &ServerConfig) -> flotilla_transport::GrpcConfig {
+    let mut grpc = config.grpc.clone();
+    if config.node.hibernate {
+        let ticks = match config.node.node_down_ticks {
+            0 => 2 * config.node.election_tick,
+            n => n,
+        };
+        let window = config.node.tick_interval * u32::try_from(ticks).unwrap_or(u32::MAX);
+        let ping = (window / 4).max(std::time::Duration::from_millis(5));
+        if grpc.ping_interval > ping {
+            grpc.ping_interval = ping;
+        }
+    }
+    grpc
+}
+
 impl Server {
     /// Validates `config`, binds the raft address (the transport, not serving yet) and the
     /// client address, and gives the transport the peers of `config`. Tasks will run on
@@ -109,7 +129,8 @@ impl Server {
     pub fn bind(config: ServerConfig, runtime: Handle) -> Result<ServerBuilder, ServerError> {
         config.validate()?;
         let me = config.node_id();
-        let raft = GrpcTransport::bind(me, config.grpc.clone(), config.raft_addr, runtime.clone())?;
+        let raft =
+            GrpcTransport::bind(me, grpc_config(&config), config.raft_addr, runtime.clone())?;
         for (node, addr) in &config.peers {
             if *node != me {
                 raft.set_peer(*node, addr.clone())?;

@@ -332,8 +332,7 @@ impl GroupStorage {
     }
 
     /// Drops cached entries up to `index` (they stay on disk), so that a group's memory can
-    /// shrink to its fixed part. Nothing in the runtime calls it yet: it is meant for groups
-    /// that go idle once hibernation exists; the storage contract tests cover it.
+    /// shrink to its fixed part: the runtime calls it when a group goes to sleep.
     pub fn evict_cache_to(&mut self, index: u64) {
         while self.cache.front().is_some_and(|e| e.index <= index) {
             self.cache.pop_front();

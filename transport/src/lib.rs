@@ -164,9 +164,13 @@ pub trait Transport: Send + Sync + 'static {
     /// group is active). Hibernated groups stop heartbeating, so they will ask this instead
     /// of raft whether their leader's node is alive.
     ///
-    /// `None` means "this transport does not track liveness": the default, and what
-    /// [`MemTransport`] returns today. Callers must then fall back to
-    /// [`Transport::is_reachable`] and keep groups awake.
+    /// The runtime's failure detector counts the ticks during which this answer does not
+    /// change, so an implementation must move it forward regularly while `from` is alive:
+    /// the gRPC transport with its pings on idle streams, [`MemTransport`] with every question
+    /// while `from` is registered and not cut off by a filter.
+    ///
+    /// `None` means "this transport does not track liveness" (the default): groups then never
+    /// hibernate.
     fn last_heard_from(&self, from: NodeId) -> Option<Instant> {
         let _ = from;
         None

@@ -26,7 +26,7 @@
 use std::sync::Arc;
 
 use flotilla_proto::meta::{RangeDescriptor, RangeEpoch, RangeState, ReplicaRole};
-use flotilla_proto::RangeId;
+use flotilla_proto::{NodeId, RangeId};
 use flotilla_store::{GroupStorage, WriteBatch, SPLIT_INIT_INDEX, SPLIT_INIT_TERM};
 use parking_lot::MutexGuard;
 use raft::prelude::{ConfState, HardState};
@@ -160,7 +160,15 @@ pub(crate) fn recover(shared: &Shared) -> Result<()> {
         };
         let initialized = desc.state == RangeState::Normal as i32;
         let storage = GroupStorage::recover(shared.engine.clone(), rec)?;
-        let replica = Replica::open(storage, me, shared.node, &shared.config, &shared.logger)?;
+        let mut replica = Replica::open(storage, me, shared.node, &shared.config, &shared.logger)?;
+        // Recovered replicas start asleep and wake through the paced queue, so that a restart
+        // of a node with many groups does not make them all tick and campaign at once.
+        if shared.config.hibernate {
+            replica.start_asleep();
+            shared
+                .liveness
+                .queue_wake(range, crate::fsm::liveness::Wake::Up);
+        }
         register(shared, ReplicaCell::new(range, replica));
         if initialized {
             shared.router.upsert(desc);
@@ -403,12 +411,47 @@ impl Host for Shared {
     fn seal_uninitialized(&self, range: RangeId) -> Existing {
         seal_uninitialized(self, range)
     }
+
+    fn node_live(&self, node: NodeId) -> Option<bool> {
+        Shared::node_live(self, node)
+    }
+}
+
+/// After a round of `cell`: moves it in or out of the awake set as its replica woke or slept,
+/// and keeps the leader index up to date.
+pub(crate) fn settle(shared: &Shared, cell: &Arc<ReplicaCell>, replica: &Replica) {
+    let asleep = replica.is_asleep();
+    if cell.set_asleep(asleep) {
+        if asleep {
+            shared.awake.remove(&cell.range.0);
+        } else {
+            shared.awake.insert(cell.range.0, cell.clone());
+            // Taken out meanwhile (retired by another round): do not keep it ticking.
+            if cell.is_failed() {
+                shared.awake.remove(&cell.range.0);
+            }
+        }
+    }
+    let leader = replica.leader_hint().map_or(0, |n| n.0);
+    let old = cell
+        .leader_node
+        .swap(leader, std::sync::atomic::Ordering::AcqRel);
+    if old != leader {
+        shared
+            .liveness
+            .move_leader(cell.range, old, leader, shared.node);
+    }
 }
 
 // ---- the steps every transition shares ----
 
 fn register(shared: &Shared, cell: Arc<ReplicaCell>) {
-    shared.awake.insert(cell.range.0, cell.clone());
+    let asleep = cell.replica.lock().as_ref().is_some_and(Replica::is_asleep);
+    if asleep {
+        cell.set_asleep(true);
+    } else {
+        shared.awake.insert(cell.range.0, cell.clone());
+    }
     shared.replicas.insert(cell.range.0, cell);
 }
 
@@ -419,6 +462,12 @@ fn take_out(shared: &Shared, cell: &ReplicaCell, out: &mut Output, err: Error) {
     shared.router.remove(cell.range);
     shared.replicas.remove(&cell.range.0);
     shared.awake.remove(&cell.range.0);
+    let leader = cell
+        .leader_node
+        .swap(0, std::sync::atomic::Ordering::AcqRel);
+    shared
+        .liveness
+        .move_leader(cell.range, leader, 0, shared.node);
 }
 
 /// Fails the cell and answers the requests queued in its mailbox.

@@ -6,7 +6,7 @@
 //! and re-checks for work that arrived meanwhile. So a cell is in the queue at most once, one
 //! worker at a time handles a replica, and an idle replica costs no thread, task or channel.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::replica::{PeerMsg, Replica};
@@ -26,6 +26,12 @@ pub(crate) struct ReplicaCell {
     /// fault.
     pub(crate) replica: Mutex<Option<Replica>>,
     failed: AtomicBool,
+    /// Whether the replica slept at the end of its last round (then it is out of the awake
+    /// set). Written only by the worker that owns the cell (and by registration).
+    asleep: AtomicBool,
+    /// The node of the replica's leader as of its last round (0: none), as entered in the
+    /// leader index.
+    pub(crate) leader_node: AtomicU64,
 }
 
 impl std::fmt::Debug for ReplicaCell {
@@ -55,6 +61,8 @@ impl ReplicaCell {
             mailbox: Mutex::new(Vec::new()),
             replica: Mutex::new(Some(replica)),
             failed: AtomicBool::new(false),
+            asleep: AtomicBool::new(false),
+            leader_node: AtomicU64::new(0),
         })
     }
 
@@ -124,5 +132,14 @@ impl ReplicaCell {
 
     pub(crate) fn is_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_asleep(&self) -> bool {
+        self.asleep.load(Ordering::Acquire)
+    }
+
+    /// Records whether the replica sleeps; true if that changed.
+    pub(crate) fn set_asleep(&self, asleep: bool) -> bool {
+        self.asleep.swap(asleep, Ordering::AcqRel) != asleep
     }
 }

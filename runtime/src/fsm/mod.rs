@@ -9,10 +9,13 @@
 //!   one WriteBatch and one fsync for every replica it touched; it turns the effects replicas
 //!   return into actions.
 //! - [`ticker`]: the one thread that ticks awake replicas and expires overdue requests.
+//! - [`liveness`]: node liveness from the transport, the leader index, the paced wake queue
+//!   (what wakes sleeping groups when a node goes down or comes back).
 //! - [`split_checker`]: the thread that proposes splits of ranges that grew too big or hot;
 //!   [`load`]: the request counters it reads.
 
 pub(crate) mod life;
+pub(crate) mod liveness;
 pub(crate) mod load;
 pub(crate) mod mailbox;
 pub(crate) mod shared;

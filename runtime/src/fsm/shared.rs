@@ -34,9 +34,11 @@ pub(crate) struct Shared {
     pub(crate) router: RangeRouter,
     /// Every replica hosted here, initialized or not (see `fsm::life`).
     pub(super) replicas: DashMap<u64, Arc<ReplicaCell>>,
-    /// Replicas the ticker ticks. Today every hosted replica is awake: there is no
-    /// hibernation yet, so this equals `replicas`.
+    /// Replicas the ticker ticks: every hosted replica but those asleep (see
+    /// `replica::hibernate`); the worker moves a cell in or out after its round.
     pub(crate) awake: DashMap<u64, Arc<ReplicaCell>>,
+    /// Node liveness, the leader index and the paced wake queue (`fsm::liveness`).
+    pub(crate) liveness: crate::fsm::liveness::Liveness,
     /// Ranges whose replica here was removed, with the conf_ver of the removal: messages
     /// from that membership era must not recreate it.
     pub(crate) tombstones: DashMap<u64, u64>,
@@ -58,6 +60,10 @@ pub(crate) struct Shared {
     stopped: AtomicBool,
     /// Set by tests to stop this node's clock (see `NodeGroup::pause_ticker`).
     pub(crate) ticker_paused: AtomicBool,
+    /// Times a replica here became leader.
+    pub(crate) elections_won: std::sync::atomic::AtomicU64,
+    /// Heartbeat batches the ticker sent.
+    pub(crate) heartbeat_batches: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -78,6 +84,7 @@ impl Shared {
             router: RangeRouter::new(),
             replicas: DashMap::new(),
             awake: DashMap::new(),
+            liveness: Default::default(),
             tombstones: DashMap::new(),
             pending: Pending::default(),
             handovers: DashMap::new(),
@@ -88,6 +95,8 @@ impl Shared {
             ready_tx,
             stopped: AtomicBool::new(false),
             ticker_paused: AtomicBool::new(false),
+            elections_won: Default::default(),
+            heartbeat_batches: Default::default(),
         }
     }
 

@@ -34,18 +34,39 @@ pub(crate) fn run(shared: Arc<Shared>, stop: Receiver<()>) {
             continue;
         }
         let started = Instant::now();
-        send_heartbeats(&shared);
-        let mut ticked = 0u64;
-        for cell in shared.awake.iter() {
-            cell.tick(&shared.ready_tx);
-            ticked += 1;
-        }
+        let ticked = tick_once(&shared, false);
         let expired = shared.pending.expire(now);
         metrics::counter!("flotilla_runtime_ticks_total").increment(ticked);
         metrics::counter!("flotilla_runtime_requests_expired_total").increment(expired as u64);
         metrics::histogram!("flotilla_runtime_tick_round_seconds")
             .record(started.elapsed().as_secs_f64());
     }
+}
+
+/// One tick of the node's clock: sends the heartbeats the last tick's rounds produced, checks
+/// node liveness, wakes a bounded number of queued groups (`fsm::liveness`), and adds a tick
+/// to every awake replica. `ordered` ticks them in range order (the simulator's determinism);
+/// the ticker walks the awake set as it lies. Returns how many replicas were ticked.
+pub(crate) fn tick_once(shared: &Shared, ordered: bool) -> u64 {
+    send_heartbeats(shared);
+    crate::fsm::liveness::check(shared);
+    crate::fsm::liveness::drain_wakes(shared);
+    let mut ticked = 0u64;
+    if ordered {
+        let mut cells: Vec<_> = shared.awake.iter().map(|c| c.clone()).collect();
+        cells.sort_by_key(|c| c.range.0);
+        for cell in cells {
+            cell.tick(&shared.ready_tx);
+            ticked += 1;
+        }
+    } else {
+        for cell in shared.awake.iter() {
+            cell.tick(&shared.ready_tx);
+            ticked += 1;
+        }
+    }
+    metrics::gauge!("flotilla_runtime_awake_replicas").set(ticked as f64);
+    ticked
 }
 
 /// Sends the plain heartbeats the rounds of the last tick produced: one batch per node pair.
@@ -65,6 +86,9 @@ pub(crate) fn send_heartbeats(shared: &Shared) {
         // A lost heartbeat is harmless: raft sends the next one.
         if transport.send(node, batch).is_ok() {
             metrics::counter!("flotilla_runtime_heartbeats_sent_total").increment(count);
+            shared
+                .heartbeat_batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -129,6 +129,9 @@ pub(crate) fn run_round(shared: &Shared, cells: &[Arc<ReplicaCell>], out: &mut O
         if let Some(why) = failed {
             life::isolate(shared, cell, guard, out, &why);
         }
+        if let Some(replica) = guard.as_ref() {
+            life::settle(shared, cell, replica);
+        }
     }
     for (range, index) in std::mem::take(&mut out.forced_compactions) {
         if let Some((_, guard)) = held.iter_mut().find(|(i, _)| cells[*i].range == range) {
@@ -291,6 +294,13 @@ fn flush(shared: &Shared, out: &mut Output) {
 }
 
 fn finish(shared: &Shared, out: &mut Output) {
+    if out.elections_won > 0 {
+        let won = std::mem::take(&mut out.elections_won);
+        shared
+            .elections_won
+            .fetch_add(won, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("flotilla_runtime_elections_won_total").increment(won);
+    }
     out.overlay.clear();
     out.client_records.clear();
     for (token, answer) in out.completions.drain(..) {

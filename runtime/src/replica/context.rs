@@ -50,6 +50,9 @@ pub(crate) trait Host {
     /// placeholder over the split's state, and its hard state is returned so that the new
     /// replica keeps its term and vote. An initialized one is left alone. Never blocks.
     fn seal_uninitialized(&self, range: RangeId) -> Existing;
+    /// Whether node liveness believes `node` is up: `None` when the transport does not track
+    /// liveness (then groups never sleep). This node is always up.
+    fn node_live(&self, node: NodeId) -> Option<bool>;
 }
 
 /// What [`Host::seal_uninitialized`] found.
@@ -127,6 +130,8 @@ pub(crate) struct Output {
     /// Lifecycle and router effects of the replica that ran last; its owner drains them after
     /// each phase.
     pub(crate) effects: Vec<Effect>,
+    /// Replicas of the round that became leader.
+    pub(crate) elections_won: u64,
 }
 
 /// The messages of one round for one destination node.

@@ -14,6 +14,7 @@
 mod apply;
 mod conf_change;
 mod context;
+mod hibernate;
 mod merge;
 mod msg;
 mod propose;
@@ -41,7 +42,7 @@ use crate::error::Error;
 pub(crate) use context::{Effect, Env, Existing, Host, Output};
 pub(crate) use merge::check_mergeable;
 pub(crate) use msg::PeerMsg;
-pub(crate) use send::heartbeat_message;
+pub(crate) use send::{heartbeat_input, heartbeat_message};
 
 /// An encoded admin entry (split, merge) for the log.
 fn admin_entry(header: RequestHeader, cmd: admin_command::Cmd) -> Vec<u8> {
@@ -101,6 +102,12 @@ pub(crate) struct Replica {
     /// The placeholder descriptor of a replica created by a message, until its first round
     /// writes it with the round's batch (who we are must be on disk before raft votes).
     placeholder: Option<Box<RangeDescriptor>>,
+    /// Asleep: out of the ticker's awake set, ignoring ticks (see `hibernate`).
+    asleep: bool,
+    /// A leader's consecutive quiet ticks (see `hibernate`).
+    quiet_ticks: usize,
+    /// A follower that stopped hearing its leader asks it to wake with this round's messages.
+    poke_pending: bool,
 }
 
 impl std::fmt::Debug for Replica {
@@ -137,6 +144,8 @@ pub struct ReplicaStatus {
     pub leader_node: Option<NodeId>,
     /// The range descriptor, once initialized.
     pub descriptor: Option<RangeDescriptor>,
+    /// Whether the replica hibernates.
+    pub asleep: bool,
 }
 
 impl Replica {
@@ -164,6 +173,9 @@ impl Replica {
             merge_requested: false,
             forwarded: Vec::new(),
             placeholder: None,
+            asleep: false,
+            quiet_ticks: 0,
+            poke_pending: false,
         }
     }
 
@@ -247,6 +259,7 @@ impl Replica {
             leader,
             leader_node: self.node_of(leader),
             descriptor: self.descriptor().cloned(),
+            asleep: self.asleep,
         }
     }
 
@@ -275,6 +288,7 @@ impl Replica {
     /// Handles everything that was in the mailbox.
     pub(crate) fn on_msgs(&mut self, msgs: Vec<PeerMsg>, env: &Env<'_>, out: &mut Output) {
         for m in msgs {
+            self.wake_for(&m, env, out);
             match m {
                 PeerMsg::Raft {
                     msg,
@@ -330,6 +344,12 @@ impl Replica {
                     out.complete(token, r.map(|_| Vec::new()));
                 }
                 PeerMsg::Unreachable { to } => self.raw.report_unreachable(to),
+                PeerMsg::Sleep { from, term, commit } => {
+                    self.on_sleep(from, term, commit, env, out)
+                }
+                PeerMsg::NodeDown(node) => self.on_node_down(node, env, out),
+                // Only wakes (above).
+                PeerMsg::Wake => {}
                 PeerMsg::SnapshotStatus { to, ok } => {
                     let status = if ok {
                         raft::SnapshotStatus::Finish
@@ -391,9 +411,15 @@ impl Replica {
     }
 
     pub(crate) fn on_ticks(&mut self, ticks: u32, env: &Env<'_>, out: &mut Output) {
+        // A sleeping replica's clocks stand still (a tick may race with its sleep).
+        if self.asleep {
+            return;
+        }
+        let elapsed_before = self.raw.raft.election_elapsed;
         for _ in 0..ticks {
             self.raw.tick();
         }
+        self.hibernate_tick(ticks, elapsed_before, env);
         if ticks > 0 && self.merge_state().is_some() {
             self.merge_frozen_ticks = self.merge_frozen_ticks.saturating_add(ticks);
             self.merge_tick(env, out);
@@ -423,13 +449,18 @@ impl Replica {
             batch.put_descriptor(&p);
         }
         if !self.raw.has_ready() {
+            self.hibernate_send(env, out);
             return Ok(());
         }
         let mut rd = self.raw.ready();
+        if rd.ss().is_some_and(|ss| ss.raft_state == StateRole::Leader) {
+            out.elections_won += 1;
+        }
         // Leader appends may go out before the local fsync (raft thesis 10.2.1).
         if !rd.messages().is_empty() {
             self.send_raft(rd.take_messages(), env, out);
         }
+        self.hibernate_send(env, out);
         if !rd.snapshot().is_empty() {
             self.apply_snapshot(rd.snapshot().clone(), env, out)?;
         }

@@ -53,6 +53,18 @@ pub(crate) enum PeerMsg {
     Unreachable { to: u64 },
     /// Outcome of sending a snapshot to `to`.
     SnapshotStatus { to: u64, ok: bool },
+    /// The group's leader `from` goes to sleep at `term` with `commit` committed (a coalesced
+    /// heartbeat with the hibernate flag; see `hibernate`).
+    Sleep {
+        from: ReplicaDescriptor,
+        term: u64,
+        commit: u64,
+    },
+    /// Node liveness declared this node down: a follower whose leader lives there forgets it
+    /// (and the group's first live voter campaigns).
+    NodeDown(flotilla_proto::NodeId),
+    /// Wake up (a node came back, or the paced wake of a replica recovered asleep).
+    Wake,
 }
 
 impl PeerMsg {

@@ -8,7 +8,7 @@ use flotilla_proto::transport::{Heartbeat, RaftMessage};
 use prost_raft::Message as _;
 use raft::prelude::{Message, MessageType};
 
-use super::{Env, Output, Replica};
+use super::{Env, Output, PeerMsg, Replica};
 
 impl Replica {
     /// Turns raft messages into our envelopes in the round's outbox, per destination node.
@@ -61,6 +61,7 @@ impl Replica {
                         commit: m.commit,
                         response: msg_type == MessageType::MsgHeartbeatResponse,
                         context: m.context.into(),
+                        hibernate: false,
                     },
                 );
                 continue;
@@ -114,4 +115,24 @@ pub(crate) fn heartbeat_message(hb: &Heartbeat) -> Message {
     msg.commit = hb.commit;
     msg.context = hb.context.to_vec();
     msg
+}
+
+/// What a coalesced heartbeat entry from `from` asks of its addressee: the raft message it
+/// stands for; or, with the hibernate flag, a leader's sleep notice, or a follower's poke (a
+/// flagged response), which only wakes the addressee (see `hibernate`).
+pub(crate) fn heartbeat_input(hb: &Heartbeat, from: ReplicaDescriptor) -> PeerMsg {
+    match (hb.hibernate, hb.response) {
+        (true, false) => PeerMsg::Sleep {
+            from,
+            term: hb.term,
+            commit: hb.commit,
+        },
+        (true, true) => PeerMsg::Wake,
+        (false, _) => PeerMsg::Raft {
+            msg: Box::new(heartbeat_message(hb)),
+            from,
+            // A heartbeat carries no epoch: its sender must be a member we know of.
+            from_conf_ver: 0,
+        },
+    }
 }

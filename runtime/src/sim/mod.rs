@@ -18,6 +18,11 @@
 //! files taken before the engine is dropped (which would flush them). Synced writes reach the
 //! OS without an fsync: a process crash, not a machine's, is modelled.
 //!
+//! Hibernation is on as in production: groups sleep when quiet, and node liveness runs on the
+//! simulation's view of who can hear whom (a crashed or paused node, a cut link), counted in
+//! each node's own ticks, so a partition or a pause longer than `node_down_ticks` of a node's
+//! ticks declares the silent node down and wakes the groups it led.
+//!
 //! `FLOTILLA_SIM_SEEDS=N` sets how many seeds the long test runs (`sim::tests`).
 
 mod history;
@@ -116,7 +121,23 @@ pub(crate) struct Run {
 
 /// A transport that hands what a node sends to the simulation.
 struct SimTransport {
+    me: u64,
     sent: Arc<Mutex<Vec<(NodeId, NodeBatch)>>>,
+    /// The simulation's view of who can hear whom, for liveness.
+    links: Arc<Mutex<Links>>,
+    /// What `last_heard_from` answered last, per node: a made-up instant that changes on each
+    /// question while the node can be heard (as pings would), so liveness, which only looks
+    /// for change, runs on the simulation's virtual time.
+    heard: Mutex<std::collections::BTreeMap<u64, std::time::Instant>>,
+    base: std::time::Instant,
+    questions: std::sync::atomic::AtomicU64,
+}
+
+/// Who can hear whom: nodes crashed or paused, and cut directed pairs.
+#[derive(Debug, Default)]
+struct Links {
+    silent: HashSet<u64>,
+    cut: HashSet<(u64, u64)>,
 }
 
 impl std::fmt::Debug for SimTransport {
@@ -134,6 +155,19 @@ impl Transport for SimTransport {
         true
     }
     fn shutdown(&self) {}
+    fn last_heard_from(&self, from: NodeId) -> Option<std::time::Instant> {
+        let links = self.links.lock();
+        let mut heard = self.heard.lock();
+        if links.silent.contains(&from.0) || links.cut.contains(&(from.0, self.me)) {
+            return Some(*heard.get(&from.0).unwrap_or(&self.base));
+        }
+        let n = self
+            .questions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let at = self.base + Duration::from_nanos(n + 1);
+        heard.insert(from.0, at);
+        Some(at)
+    }
 }
 
 /// A running node: its registry, inbound handler and ready queue, no threads.
@@ -168,6 +202,8 @@ struct Sim {
     net: Vec<Packet>,
     /// Directed node pairs that cannot talk.
     cut: HashSet<(u64, u64)>,
+    /// What the nodes' liveness sees of `cut`, crashes and pauses (synced before each tick).
+    links: Arc<Mutex<Links>>,
     /// A node that is paused (as by SIGSTOP): it neither ticks nor runs, and what is sent to
     /// it waits in the network until it resumes.
     paused: Option<u64>,
@@ -215,6 +251,8 @@ fn node_config(id: u64) -> NodeGroupConfig {
         proposal_timeout: Duration::from_secs(3600),
         log_compact_threshold: 64,
         log_compact_trailing: 8,
+        // Liveness declares a node down as early as allowed, so that runs exercise it.
+        node_down_ticks: 10,
         ..NodeGroupConfig::new(id)
     }
 }
@@ -228,6 +266,7 @@ impl Sim {
             nodes: (0..cfg.nodes).map(|_| None).collect(),
             net: Vec::new(),
             cut: HashSet::new(),
+            links: Default::default(),
             paused: None,
             step: 0,
             history: Vec::new(),
@@ -298,9 +337,14 @@ impl Sim {
         ));
         crate::fsm::life::recover(&shared).expect("recover");
         let sent = Arc::new(Mutex::new(Vec::new()));
-        let _ = shared
-            .transport
-            .set(Arc::new(SimTransport { sent: sent.clone() }));
+        let _ = shared.transport.set(Arc::new(SimTransport {
+            me: id,
+            sent: sent.clone(),
+            links: self.links.clone(),
+            heard: Default::default(),
+            base: std::time::Instant::now(),
+            questions: Default::default(),
+        }));
         let mut cells = shared.cells();
         cells.sort_by_key(|c| c.range.0);
         for c in cells {
@@ -350,15 +394,17 @@ impl Sim {
         if self.paused == Some(id) {
             return;
         }
+        {
+            let mut links = self.links.lock();
+            links.cut = self.cut.clone();
+            links.silent = (1..=self.cfg.nodes)
+                .filter(|n| !self.alive(*n) || self.paused == Some(*n))
+                .collect();
+        }
         let Some(node) = self.nodes[id as usize - 1].as_ref() else {
             return;
         };
-        crate::fsm::ticker::send_heartbeats(&node.shared);
-        let mut cells = node.shared.cells();
-        cells.sort_by_key(|c| c.range.0);
-        for c in cells {
-            c.tick(&node.shared.ready_tx);
-        }
+        crate::fsm::ticker::tick_once(&node.shared, true);
         self.run_node(id);
     }
 

@@ -32,7 +32,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use dashmap::DashMap;
@@ -88,6 +88,8 @@ struct Shared {
     filters: RwLock<FilterSet>,
     next_filter: AtomicU64,
     counters: Counters,
+    /// Nodes made silent by [`MemNetwork::set_silent`].
+    silent: RwLock<std::collections::HashSet<NodeId>>,
 }
 
 impl Shared {
@@ -192,6 +194,7 @@ impl MemNetwork {
                 filters: RwLock::new(Arc::new(Vec::new())),
                 next_filter: AtomicU64::new(1),
                 counters: Counters::default(),
+                silent: Default::default(),
             }),
         })
     }
@@ -229,6 +232,8 @@ impl MemNetwork {
             shared: self.shared.clone(),
             endpoint,
             queues: DashMap::new(),
+            heard: DashMap::new(),
+            started: Instant::now(),
         }
     }
 
@@ -247,6 +252,18 @@ impl MemNetwork {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Makes `node` silent (`true`) for node liveness, as a paused process whose pings stop
+    /// (SIGSTOP), or audible again: the other nodes' [`Transport::last_heard_from`] stops
+    /// moving for it. Delivery is not affected (a hold filter keeps what it is sent).
+    pub fn set_silent(&self, node: NodeId, silent: bool) {
+        let mut set = self.shared.silent.write();
+        if silent {
+            set.insert(node);
+        } else {
+            set.remove(&node);
         }
     }
 
@@ -392,6 +409,9 @@ pub struct MemTransport {
     endpoint: Arc<Endpoint>,
     /// Bytes queued to each destination by this node (this incarnation of it).
     queues: DashMap<NodeId, QueueBytes>,
+    /// When each node was last heard from (see [`Transport::last_heard_from`]).
+    heard: DashMap<NodeId, Instant>,
+    started: Instant,
 }
 
 impl MemTransport {
@@ -505,6 +525,26 @@ impl Transport for MemTransport {
                 .filters()
                 .iter()
                 .any(|(_, f)| f.blocks(self.node, to))
+    }
+
+    /// The network's stand-in for the gRPC transport's pings: a node is heard *now* while it
+    /// is registered, not made silent ([`MemNetwork::set_silent`]) and no filter cuts the
+    /// link from it to this node (partitions and isolation do); otherwise the answer is the
+    /// last time it was heard (this transport's start if never).
+    fn last_heard_from(&self, from: NodeId) -> Option<Instant> {
+        let hearable = self.shared.endpoint(from).is_ok()
+            && !self.shared.silent.read().contains(&from)
+            && !self
+                .shared
+                .filters()
+                .iter()
+                .any(|(_, f)| f.blocks(from, self.node));
+        if hearable {
+            let now = Instant::now();
+            self.heard.insert(from, now);
+            return Some(now);
+        }
+        Some(self.heard.get(&from).map_or(self.started, |t| *t))
     }
 
     /// Unregisters this node, unless it was already restarted with a newer registration

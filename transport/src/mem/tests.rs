@@ -15,8 +15,8 @@ use flotilla_proto::transport::{Heartbeat, NodeBatch, RaftMessage};
 use flotilla_proto::NodeId;
 use parking_lot::Mutex;
 
-use super::{MemConfig, MemNetwork};
-use crate::{BatchHandler, Transport, TransportError};
+use super::{MemConfig, MemNetwork, MemTransport};
+use crate::{BatchHandler, PartitionFilter, Transport, TransportError};
 
 /// Upper bound of every wait; generous so that a loaded CI machine does not fail tests.
 pub(super) const WAIT: Duration = Duration::from_secs(20);
@@ -423,7 +423,33 @@ fn shutdown_closes_the_node() {
         Err(TransportError::Unreachable(N2))
     );
     assert!(!net.is_registered(N2));
-    assert_eq!(t2.last_heard_from(N1), None);
+    // Node 1 no longer hears node 2: its liveness answer stops moving.
+    let last = t1.last_heard_from(N2);
+    std::thread::sleep(Duration::from_millis(2));
+    assert_eq!(t1.last_heard_from(N2), last);
+}
+
+#[test]
+fn liveness_follows_registrations_partitions_and_silence() {
+    let net = MemNetwork::new();
+    let t1 = net.register(N1, Recorder::new());
+    let _t2 = net.register(N2, Recorder::new());
+    let moving = |t: &MemTransport| {
+        let a = t.last_heard_from(N2).expect("tracked");
+        std::thread::sleep(Duration::from_millis(2));
+        t.last_heard_from(N2).expect("tracked") > a
+    };
+    assert!(moving(&t1), "a registered node is heard");
+    net.set_silent(N2, true);
+    assert!(!moving(&t1), "a silent node (paused process) is not");
+    net.set_silent(N2, false);
+    assert!(moving(&t1));
+    let cut = net.add_filter(Box::new(PartitionFilter::new([N1], [N2])));
+    assert!(!moving(&t1), "nor one cut off by a partition");
+    net.remove_filter(cut);
+    assert!(moving(&t1));
+    // A node never registered: silent since this transport started.
+    assert!(t1.last_heard_from(NodeId(9)).is_some());
 }
 
 #[test]

@@ -5,6 +5,7 @@
 
 mod admin;
 mod faults;
+mod hibernate;
 mod propose_read;
 
 use std::cell::RefCell;
@@ -38,6 +39,8 @@ struct TestHost {
     handed_over: RefCell<HashMap<u64, u64>>,
     seal: RefCell<HashMap<u64, Existing>>,
     sealed: RefCell<Vec<RangeId>>,
+    /// Nodes this node's liveness declared down.
+    down: RefCell<HashSet<u64>>,
 }
 
 impl Host for TestHost {
@@ -54,6 +57,9 @@ impl Host for TestHost {
             .get(&range.0)
             .cloned()
             .unwrap_or(Existing::Absent)
+    }
+    fn node_live(&self, node: NodeId) -> Option<bool> {
+        Some(!self.down.borrow().contains(&node.0))
     }
 }
 
@@ -346,21 +352,14 @@ impl Sim {
             if to.0 as usize > self.nodes.len() {
                 continue;
             }
-            let msg = super::send::heartbeat_message(&hb);
             let node = self.node(to.0);
             if node.replicas.contains_key(&hb.range_id) {
-                node.post(
-                    hb.range_id,
-                    PeerMsg::Raft {
-                        msg: Box::new(msg),
-                        from: ReplicaDescriptor {
-                            replica_id: hb.from_replica,
-                            node_id: from.0,
-                            role: 0,
-                        },
-                        from_conf_ver: 0,
-                    },
-                );
+                let from = ReplicaDescriptor {
+                    replica_id: hb.from_replica,
+                    node_id: from.0,
+                    role: 0,
+                };
+                node.post(hb.range_id, super::send::heartbeat_input(&hb, from));
                 any = true;
             }
         }

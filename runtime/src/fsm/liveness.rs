@@ -1,0 +1,236 @@
+//! Node liveness, the failure detector of sleeping groups, and the paced wake queue.
+//!
+//! A sleeping group sends no heartbeats, so raft alone would never notice its leader's death.
+//! Instead the ticker asks the transport, once per tick, when it last heard from each node it
+//! tracks (`Transport::last_heard_from`: the gRPC transport's node-pair streams ping every
+//! `ping_interval` when idle, and any frame or acknowledgement counts; the in-memory network
+//! answers from its registrations and filters). A node whose answer has not changed for
+//! `node_down_ticks` ticks of this node's clock is declared down; any change declares it up
+//! again. Silence is counted in local ticks, never compared across clocks, so a paused
+//! process (whose ticker stopped) declares nothing while paused, and the simulator's virtual
+//! time works the same.
+//!
+//! The **leader index** maps each node to the groups whose leader, as known here, lives there
+//! (the worker keeps it up to date after each round, from the replica's leader hint). When a
+//! node goes down, only the groups it led are woken, with `PeerMsg::NodeDown`: their followers
+//! here forget it and elect another leader (`replica::hibernate`). When a node comes back (a
+//! restart, a healed partition, a resumed process), the groups led *here* are woken: their
+//! leaders heartbeat at once, which ends the stale leaderships a partitioned node kept while
+//! the others elected, and catches up the replicas of a restarted node, without waiting for a
+//! group to wake by itself.
+//!
+//! **Wake-storm control**: those wakes, and the first wake of every replica recovered at start
+//! (they start asleep), go through a FIFO queue drained by at most `max_wakes_per_tick` a tick,
+//! so that a restart, a partition healing or a liveness flap wakes (and makes campaign) at a
+//! bounded rate, in the order the events came. A group with a request does not wait in the
+//! queue: the request wakes it at once (and a follower woken so whose leader's node is down
+//! campaigns at once if it is the group's first live voter).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::Instant;
+
+use dashmap::DashMap;
+use flotilla_proto::{NodeId, RangeId};
+use parking_lot::Mutex;
+
+use crate::fsm::shared::Shared;
+use crate::replica::PeerMsg;
+
+/// What the node knows of another node's liveness.
+#[derive(Debug)]
+struct Peer {
+    /// The transport's last answer.
+    last: Option<Instant>,
+    /// Ticks since that answer changed.
+    silent: usize,
+    up: bool,
+}
+
+/// Liveness of the other nodes, the leader index and the wake queue of one NodeGroup.
+#[derive(Debug, Default)]
+pub(crate) struct Liveness {
+    /// Tracked nodes, checked by the ticker.
+    peers: Mutex<BTreeMap<u64, Peer>>,
+    /// What replicas read (`Host::node_live`): node → up.
+    view: DashMap<u64, bool>,
+    /// Leader node → groups (range ids) whose leader lives there, as known here.
+    by_leader: Mutex<HashMap<u64, BTreeSet<u64>>>,
+    /// Wakes waiting for their turn: (range, what to tell it).
+    wakes: Mutex<VecDeque<(u64, Wake)>>,
+}
+
+/// Why a queued group is woken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// The node of its leader was declared down.
+    LeaderDown(NodeId),
+    /// A node came back, or the replica was recovered asleep.
+    Up,
+}
+
+/// What one liveness check found (for tests and metrics).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Transitions {
+    pub(crate) down: Vec<NodeId>,
+    pub(crate) up: Vec<NodeId>,
+}
+
+impl Liveness {
+    /// Starts tracking `node` (up until proven otherwise).
+    fn track(&self, node: u64) {
+        let mut peers = self.peers.lock();
+        peers.entry(node).or_insert_with(|| {
+            self.view.insert(node, true);
+            Peer {
+                last: None,
+                silent: 0,
+                up: true,
+            }
+        });
+    }
+
+    /// Moves `range` in the leader index from `old` to `new` (node ids, 0 for none).
+    pub(crate) fn move_leader(&self, range: RangeId, old: u64, new: u64, me: NodeId) {
+        if old == new {
+            return;
+        }
+        {
+            let mut idx = self.by_leader.lock();
+            if old != 0 {
+                if let Some(set) = idx.get_mut(&old) {
+                    set.remove(&range.0);
+                    if set.is_empty() {
+                        idx.remove(&old);
+                    }
+                }
+            }
+            if new != 0 {
+                idx.entry(new).or_default().insert(range.0);
+            }
+        }
+        if new != 0 && new != me.0 {
+            self.track(new);
+        }
+    }
+
+    /// Groups whose leader, as known here, lives on `node`.
+    pub(crate) fn led_by(&self, node: NodeId) -> Vec<u64> {
+        self.by_leader
+            .lock()
+            .get(&node.0)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Queues a paced wake of `range`.
+    pub(crate) fn queue_wake(&self, range: RangeId, why: Wake) {
+        self.wakes.lock().push_back((range.0, why));
+    }
+
+    pub(crate) fn queued_wakes(&self) -> usize {
+        self.wakes.lock().len()
+    }
+}
+
+impl Shared {
+    /// Whether node liveness believes `node` is up (see `Host::node_live`).
+    pub(crate) fn node_live(&self, node: NodeId) -> Option<bool> {
+        if node == self.node {
+            return Some(true);
+        }
+        if let Some(v) = self.liveness.view.get(&node.0) {
+            return Some(*v);
+        }
+        let transport = self.transport.get()?;
+        transport.last_heard_from(node)?;
+        self.liveness.track(node.0);
+        Some(true)
+    }
+}
+
+/// One liveness check (each tick): asks the transport about every tracked node, declares
+/// nodes down after `node_down_ticks` silent ticks and up on any news, and queues the wakes
+/// that follow.
+pub(crate) fn check(shared: &Shared) -> Transitions {
+    let mut found = Transitions::default();
+    let Some(transport) = shared.transport.get() else {
+        return found;
+    };
+    let down_ticks = shared.config.down_ticks();
+    let live = &shared.liveness;
+    {
+        let mut peers = live.peers.lock();
+        for (&node, p) in peers.iter_mut() {
+            let Some(heard) = transport.last_heard_from(NodeId(node)) else {
+                continue;
+            };
+            if p.last != Some(heard) {
+                p.last = Some(heard);
+                p.silent = 0;
+                if !p.up {
+                    p.up = true;
+                    found.up.push(NodeId(node));
+                }
+            } else {
+                p.silent = p.silent.saturating_add(1);
+                if p.up && p.silent >= down_ticks {
+                    p.up = false;
+                    found.down.push(NodeId(node));
+                }
+            }
+        }
+    }
+    for &node in &found.down {
+        live.view.insert(node.0, false);
+        let groups = live.led_by(node);
+        tracing::info!(%node, groups = groups.len(), "node declared down; waking the groups it led");
+        metrics::counter!("flotilla_runtime_nodes_down_total").increment(1);
+        let mut q = live.wakes.lock();
+        for range in groups {
+            q.push_back((range, Wake::LeaderDown(node)));
+        }
+    }
+    if !found.up.is_empty() {
+        for &node in &found.up {
+            live.view.insert(node.0, true);
+            tracing::info!(%node, "node back up; waking the groups led here");
+            metrics::counter!("flotilla_runtime_nodes_up_total").increment(1);
+        }
+        let groups = live.led_by(shared.node);
+        let mut q = live.wakes.lock();
+        for range in groups {
+            q.push_back((range, Wake::Up));
+        }
+    }
+    found
+}
+
+/// Wakes up to `max_wakes_per_tick` queued groups; returns how many were woken.
+pub(crate) fn drain_wakes(shared: &Shared) -> usize {
+    let max = shared.config.max_wakes_per_tick;
+    let mut woken = 0;
+    loop {
+        let next = shared.liveness.wakes.lock().pop_front();
+        let Some((range, why)) = next else {
+            break;
+        };
+        let Some(cell) = shared.cell(RangeId(range)) else {
+            continue;
+        };
+        let msg = match why {
+            Wake::LeaderDown(node) => PeerMsg::NodeDown(node),
+            // An awake group needs no wake.
+            Wake::Up if !cell.is_asleep() => continue,
+            Wake::Up => PeerMsg::Wake,
+        };
+        let _ = cell.send(msg, usize::MAX, &shared.ready_tx);
+        woken += 1;
+        if woken >= max {
+            break;
+        }
+    }
+    if woken > 0 {
+        metrics::counter!("flotilla_runtime_queued_wakes_total").increment(woken as u64);
+    }
+    woken
+}
