@@ -91,10 +91,12 @@ pub(crate) struct Replica {
     merge_retry: u8,
     /// Set on a merge source once the target beside it applies the CommitMerge.
     merge_requested: bool,
-    /// Proposals this follower forwarded to its leader, with that leader: if leadership moves
-    /// before they apply, they are answered `ProposalDropped` at once rather than at
-    /// `proposal_timeout` (see `propose.rs`). Empty for almost every replica.
-    forwarded: Vec<(u64, u64)>,
+    /// Proposals this follower forwarded to its leader: if it stops following that leader or
+    /// installs a snapshot before they apply, they are answered `ProposalDropped` at once
+    /// rather than at `proposal_timeout` (see `propose.rs`). Empty for almost every replica.
+    forwarded: Vec<propose::Forwarded>,
+    /// As leader, which peers were up in the last check-quorum window (for log compaction).
+    peers_up: snapshot::PeersUp,
     /// The placeholder descriptor of a replica created by a message, until its first round
     /// writes it with the round's batch (who we are must be on disk before raft votes).
     placeholder: Option<Box<RangeDescriptor>>,
@@ -159,6 +161,7 @@ impl Replica {
             merge_retry: 0,
             merge_requested: false,
             forwarded: Vec::new(),
+            peers_up: Default::default(),
             placeholder: None,
         }
     }
@@ -388,6 +391,7 @@ impl Replica {
 
     pub(crate) fn on_ticks(&mut self, ticks: u32, env: &Env<'_>, out: &mut Output) {
         for _ in 0..ticks {
+            self.note_peers_up();
             self.raw.tick();
         }
         if ticks > 0 && self.merge_state().is_some() {
@@ -536,9 +540,7 @@ impl Replica {
         for p in self.proposals.drain(..) {
             out.complete(p.token, Err(err.clone()));
         }
-        for (token, _) in self.forwarded.drain(..) {
-            out.complete(token, Err(Error::ProposalDropped));
-        }
+        self.drop_forwarded(out);
         for token in self.reads.drain_tokens() {
             out.complete(token, Err(err.clone()));
         }

@@ -208,6 +208,8 @@ fn node_config(id: u64) -> NodeGroupConfig {
         proposal_timeout: Duration::from_secs(3600),
         log_compact_threshold: 64,
         log_compact_trailing: 8,
+        // Small, so that followers cut off for a while still catch up by snapshot.
+        log_retain_max_entries: 256,
         ..NodeGroupConfig::new(id)
     }
 }
