@@ -49,6 +49,18 @@ pub enum ConfigError {
     /// A merge would be abandoned before its first tick.
     #[error("merge_freeze_limit must be at least one tick_interval")]
     MergeFreezeLimitBelowTick,
+    /// The retention limit must leave room for the entries every compaction keeps.
+    #[error("log_retain_max_entries ({max}) must be at least log_compact_trailing ({trailing})")]
+    RetainBelowTrailing {
+        /// The configured retention limit.
+        max: u64,
+        /// The configured trailing entries.
+        trailing: u64,
+    },
+    /// A zero size limit would compact every log to its applied index at once and send every
+    /// follower that is behind at all a snapshot.
+    #[error("log_retain_max_bytes must be at least 1")]
+    ZeroRetainBytes,
     /// A zero timeout fails every proposal (or merge).
     #[error("proposal_timeout and merge_timeout must be non-zero")]
     ZeroProposalTimeout,
@@ -169,11 +181,26 @@ pub struct NodeGroupConfig {
     /// Send leaders' heartbeats (and their responses) as compact `(group, from, to, term,
     /// commit)` entries of the node pair's batch instead of full raft messages. Default true.
     pub coalesce_heartbeats: bool,
-    /// Compact a group's log when it holds more than this many applied entries. Default 1024.
+    /// Consider compacting a group's log once it holds more than this many applied entries;
+    /// a compaction happens only if it drops at least this many minus
+    /// `log_compact_trailing` (so a follower that holds the log back does not cause a
+    /// compaction per round). Default 1024.
     pub log_compact_threshold: u64,
-    /// Entries kept below the applied index on compaction, so that slightly lagging
-    /// followers catch up from the log rather than a snapshot. Default 64.
+    /// Entries kept below the applied index on every compaction. A follower keeps only these
+    /// (it does not know what the others need); a leader keeps more when followers that are
+    /// up still need them (see `log_retain_max_entries`). Default 64.
     pub log_compact_trailing: u64,
+    /// Most applied entries a leader keeps for followers that are up (raft counted them
+    /// recently active, in this or the previous election timeout) but behind: it compacts
+    /// only to the lowest index such a follower has, unless the log would then hold more than
+    /// this many applied entries; a follower further behind gets a snapshot, which is then
+    /// cheaper than replaying the log. Followers that are down hold nothing back. Must be at
+    /// least `log_compact_trailing`. Default 32,768.
+    pub log_retain_max_entries: u64,
+    /// The same limit in bytes of log (estimated from the entries appended since the node
+    /// started or the log was last replaced by a snapshot). Default 32 MiB, half the default
+    /// `split.max_range_bytes`, the most a snapshot of a range holds.
+    pub log_retain_max_bytes: u64,
     /// A proposal or read whose outcome is not known after this long fails with
     /// `ProposalDropped` (outcome unknown: retry with the same request id). Default 10s.
     pub proposal_timeout: Duration,
@@ -233,6 +260,8 @@ impl Default for NodeGroupConfig {
             coalesce_heartbeats: true,
             log_compact_threshold: 1024,
             log_compact_trailing: 64,
+            log_retain_max_entries: 32 << 10,
+            log_retain_max_bytes: 32 << 20,
             proposal_timeout: Duration::from_secs(10),
             merge_timeout: Duration::from_secs(30),
             merge_freeze_limit: Duration::from_secs(5),
@@ -297,6 +326,15 @@ impl NodeGroupConfig {
         }
         if self.merge_freeze_limit < self.tick_interval {
             return Err(ConfigError::MergeFreezeLimitBelowTick);
+        }
+        if self.log_retain_max_entries < self.log_compact_trailing {
+            return Err(ConfigError::RetainBelowTrailing {
+                max: self.log_retain_max_entries,
+                trailing: self.log_compact_trailing,
+            });
+        }
+        if self.log_retain_max_bytes == 0 {
+            return Err(ConfigError::ZeroRetainBytes);
         }
         if self.proposal_timeout.is_zero() || self.merge_timeout.is_zero() {
             return Err(ConfigError::ZeroProposalTimeout);
@@ -540,6 +578,31 @@ mod tests {
                     ..base.clone()
                 },
                 ConfigError::ZeroMailbox,
+            ),
+            (
+                NodeGroupConfig {
+                    log_compact_threshold: 0,
+                    ..base.clone()
+                },
+                ConfigError::ZeroCompactThreshold,
+            ),
+            (
+                NodeGroupConfig {
+                    log_retain_max_entries: 10,
+                    log_compact_trailing: 11,
+                    ..base.clone()
+                },
+                ConfigError::RetainBelowTrailing {
+                    max: 10,
+                    trailing: 11,
+                },
+            ),
+            (
+                NodeGroupConfig {
+                    log_retain_max_bytes: 0,
+                    ..base.clone()
+                },
+                ConfigError::ZeroRetainBytes,
             ),
             (
                 NodeGroupConfig {

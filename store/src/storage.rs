@@ -33,6 +33,11 @@ pub struct GroupStorage {
     last_term: u64,
     /// Contiguous entries ending at `last_index`.
     cache: VecDeque<Entry>,
+    /// Estimated encoded bytes of the log `(truncated_index, last_index]`: exact for entries
+    /// appended since the node started or the log was replaced by a snapshot, shrunk in
+    /// proportion when entries go without being read (compaction, an overwritten tail); 0
+    /// after a restart until entries are appended.
+    log_bytes: u64,
 }
 
 impl std::fmt::Debug for GroupStorage {
@@ -68,6 +73,7 @@ impl GroupStorage {
             last_index: 0,
             last_term: 0,
             cache: VecDeque::new(),
+            log_bytes: 0,
         }
     }
 
@@ -180,6 +186,12 @@ impl GroupStorage {
         self.apply_state.truncated_index + 1
     }
 
+    /// Estimated bytes of the entries in the log (see [`GroupStorage::append`]): exact for
+    /// what was appended since the node started, 0 for entries it found on disk.
+    pub fn log_bytes_hint(&self) -> u64 {
+        self.log_bytes
+    }
+
     /// Entries currently held in the tail cache.
     pub fn cached_entries(&self) -> usize {
         self.cache.len()
@@ -214,14 +226,15 @@ impl GroupStorage {
                 detail: format!("entry {i} has index {}", e.index),
             });
         }
-        for e in entries {
-            batch.put(
-                Cf::Raft,
-                &keys::log_key(self.group, e.index),
-                &e.encode_to_vec(),
-            );
-        }
         let last = entries.last().expect("non-empty");
+        // Entries from `first_index` on are replaced: their share of the estimate goes.
+        let replaced = (self.last_index + 1).saturating_sub(first_index);
+        self.log_bytes -= self.bytes_share(replaced);
+        for e in entries {
+            let encoded = e.encode_to_vec();
+            self.log_bytes += encoded.len() as u64;
+            batch.put(Cf::Raft, &keys::log_key(self.group, e.index), &encoded);
+        }
         if self.last_index > last.index {
             // The new entries replace a conflicting tail: the old entries past the new end
             // must go too, or a restart would resurrect them.
@@ -317,6 +330,7 @@ impl GroupStorage {
             });
         }
         let term = self.term_of(compact_index)?;
+        self.log_bytes -= self.bytes_share(compact_index - self.apply_state.truncated_index);
         batch.delete_range(
             Cf::Raft,
             &keys::log_key(self.group, self.apply_state.truncated_index + 1),
@@ -355,6 +369,7 @@ impl GroupStorage {
         let (lo, hi) = keys::log_bounds(self.group);
         batch.delete_range(Cf::Raft, &lo, &hi);
         self.cache = VecDeque::new();
+        self.log_bytes = 0;
         self.last_index = meta.index;
         self.last_term = meta.term;
         self.apply_state = ApplyState {
@@ -422,6 +437,15 @@ impl GroupStorage {
             }),
         };
         Ok(snap)
+    }
+
+    /// The estimated bytes of `count` of the log's entries: their share of `log_bytes`.
+    fn bytes_share(&self, count: u64) -> u64 {
+        let held = self.last_index - self.apply_state.truncated_index;
+        if count >= held {
+            return self.log_bytes;
+        }
+        (self.log_bytes as u128 * count as u128 / held as u128) as u64
     }
 
     fn write_hard_state(&self, batch: &mut WriteBatch) {

@@ -334,6 +334,29 @@ fn compact_beyond_applied_is_refused() {
 }
 
 #[test]
+fn the_log_size_hint_follows_appends_compactions_and_snapshots() {
+    let dir = TempDir::new().unwrap();
+    let engine = open(dir.path(), 2);
+    // Eight entries of the same encoded size.
+    let ents: Vec<Entry> = (3..=10).map(|i| ent_data(i, 3, &[7; 100])).collect();
+    let one = size(&ents[0]);
+    assert!(ents.iter().all(|e| size(e) == one));
+    let mut s = new_group(&engine, 1, 2, 2, &ents);
+    assert_eq!(s.log_bytes_hint(), 8 * one);
+    // One entry at 9 replaces the conflicting tail 9..=10.
+    let mut batch = engine.batch();
+    s.append(&[ent_data(9, 4, &[7; 100])], &mut batch).unwrap();
+    assert_eq!(s.log_bytes_hint(), 7 * one);
+    // A compaction takes its share: 3..=5 of the 7 entries.
+    s.set_applied(9, 4, &mut batch);
+    s.compact(5, &mut batch).unwrap();
+    assert_eq!(s.log_bytes_hint(), 4 * one);
+    // A snapshot replaces the log.
+    s.apply_snapshot_state(&snapshot_meta(20, 5, &[1, 2, 3]), desc(1), &mut batch);
+    assert_eq!(s.log_bytes_hint(), 0);
+}
+
+#[test]
 fn create_snapshot() {
     // MemStorage snapshots at its commit index; GroupStorage at its applied index (the data it
     // reads is the applied state). Cases: (applied, request index, Some(snapshot index)).

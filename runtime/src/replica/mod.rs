@@ -95,10 +95,12 @@ pub(crate) struct Replica {
     merge_frozen_ticks: u32,
     /// Set on a merge source once the target beside it applies the CommitMerge.
     merge_requested: bool,
-    /// Proposals this follower forwarded to its leader, with that leader: if leadership moves
-    /// before they apply, they are answered `ProposalDropped` at once rather than at
-    /// `proposal_timeout` (see `propose.rs`). Empty for almost every replica.
-    forwarded: Vec<(u64, u64)>,
+    /// Proposals this follower forwarded to its leader: if it stops following that leader or
+    /// installs a snapshot before they apply, they are answered `ProposalDropped` at once
+    /// rather than at `proposal_timeout` (see `propose.rs`). Empty for almost every replica.
+    forwarded: Vec<propose::Forwarded>,
+    /// As leader, which peers were up in the last check-quorum window (for log compaction).
+    peers_up: snapshot::PeersUp,
     /// The placeholder descriptor of a replica created by a message, until its first round
     /// writes it with the round's batch (who we are must be on disk before raft votes).
     placeholder: Option<Box<RangeDescriptor>>,
@@ -172,6 +174,7 @@ impl Replica {
             merge_frozen_ticks: 0,
             merge_requested: false,
             forwarded: Vec::new(),
+            peers_up: Default::default(),
             placeholder: None,
             asleep: false,
             quiet_ticks: 0,
@@ -417,6 +420,7 @@ impl Replica {
         }
         let elapsed_before = self.raw.raft.election_elapsed;
         for _ in 0..ticks {
+            self.note_peers_up();
             self.raw.tick();
         }
         self.hibernate_tick(ticks, elapsed_before, env);
@@ -572,9 +576,7 @@ impl Replica {
         for p in self.proposals.drain(..) {
             out.complete(p.token, Err(err.clone()));
         }
-        for (token, _) in self.forwarded.drain(..) {
-            out.complete(token, Err(Error::ProposalDropped));
-        }
+        self.drop_forwarded(out);
         for token in self.reads.drain_tokens() {
             out.complete(token, Err(err.clone()));
         }

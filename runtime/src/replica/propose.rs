@@ -3,14 +3,23 @@
 //! The leader appends it and remembers `(index, term, token)`; a follower forwards it to the
 //! leader through raft (`MsgPropose`) when forwarding is on, or answers `NotLeader`. Either
 //! way the proposer's future completes when this node applies the entry (the token is inside
-//! it) or when the proposal is known lost. A follower remembers which leader it forwarded to:
-//! if leadership moves first, the proposal is answered `ProposalDropped` (outcome unknown)
-//! right away instead of at `proposal_timeout`.
+//! it) or when the proposal is known lost. A follower remembers which leader (and term) it
+//! forwarded to: if it stops following that leader, or installs a snapshot (which may hold
+//! the entry, never applied here one by one) before the entry applies, the proposal is
+//! answered `ProposalDropped` (outcome unknown) right away instead of at `proposal_timeout`.
 
 use raft::StateRole;
 
 use super::{Env, LocalProposal, Output, Replica};
 use crate::error::Error;
+
+/// A proposal this follower forwarded, and the leader it followed then.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Forwarded {
+    token: u64,
+    leader: u64,
+    term: u64,
+}
 
 impl Replica {
     /// Proposes a client or admin command; a merge source refuses them all.
@@ -60,7 +69,11 @@ impl Replica {
             // the leader change first, `settle_forwarded` answers it.
             Ok(()) => {
                 if token != 0 {
-                    self.forwarded.push((token, self.raw.raft.leader_id));
+                    self.forwarded.push(Forwarded {
+                        token,
+                        leader: self.raw.raft.leader_id,
+                        term: self.raw.raft.term,
+                    });
                 }
             }
             Err(raft::Error::ProposalDropped) if leader => {
@@ -78,24 +91,33 @@ impl Replica {
         }
     }
 
-    /// Forwarded proposals whose leader is no longer the leader are answered
-    /// `ProposalDropped` (outcome unknown: the old leader may have appended them, and the
-    /// new one may still commit them; a retry with the same request id is safe). Those that
-    /// completed meanwhile are forgotten.
+    /// Forwarded proposals whose leader is no longer the leader (or no longer in the same
+    /// term) are answered `ProposalDropped` (outcome unknown: the old leader may have
+    /// appended them, and the new one may still commit them; a retry with the same request id
+    /// is safe). Those that completed meanwhile are forgotten.
     pub(super) fn settle_forwarded(&mut self, env: &Env<'_>, out: &mut Output) {
-        let leader = self.raw.raft.leader_id;
-        self.forwarded.retain(|&(token, to)| {
-            if !env.pending.contains(token) {
+        let (leader, term) = (self.raw.raft.leader_id, self.raw.raft.term);
+        self.forwarded.retain(|f| {
+            if !env.pending.contains(f.token) {
                 return false;
             }
-            if to != leader {
-                out.complete(token, Err(Error::ProposalDropped));
+            if f.leader != leader || f.term != term {
+                out.complete(f.token, Err(Error::ProposalDropped));
                 return false;
             }
             true
         });
         if self.forwarded.is_empty() {
             self.forwarded = Vec::new();
+        }
+    }
+
+    /// Answers every forwarded proposal `ProposalDropped` (outcome unknown): this replica
+    /// installs a snapshot, which may hold their entries without applying them here one by
+    /// one, or it is going away.
+    pub(super) fn drop_forwarded(&mut self, out: &mut Output) {
+        for f in std::mem::take(&mut self.forwarded) {
+            out.complete(f.token, Err(Error::ProposalDropped));
         }
     }
 

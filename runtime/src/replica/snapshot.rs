@@ -1,8 +1,12 @@
 //! Snapshots and log compaction.
 //!
 //! A group's log is compacted locally once it holds more than `log_compact_threshold`
-//! applied entries, keeping `log_compact_trailing` of them for slightly lagging followers. A
-//! follower that needs what was compacted gets a snapshot: the range's data as of the
+//! applied entries, keeping `log_compact_trailing` of them. A leader keeps more: every entry
+//! a follower that is up still needs (from the lowest index such a follower has: TiKV's raft
+//! log GC is the model), within `log_retain_max_entries` and `log_retain_max_bytes`, past
+//! which a snapshot is cheaper than the log. So a follower a few milliseconds behind under load
+//! catches up from the log; one that is down holds nothing back. A follower that needs what
+//! was compacted gets a snapshot: the range's data as of the
 //! leader's applied index plus its descriptor, built by the store and installed atomically
 //! (data, descriptor, raft state in one synced batch). A snapshot whose keys overlap another
 //! range here is refused before raft sees it. If every such range was absorbed by the
@@ -13,9 +17,22 @@ use flotilla_proto::meta::{RangeState, SnapshotHeader};
 use flotilla_proto::Message as _;
 use flotilla_store::{SnapshotImport, WriteBatch};
 use raft::prelude::Snapshot;
+use raft::ProgressState;
 
 use super::{Effect, Env, Output, Replica};
+use crate::config::NodeGroupConfig;
 use crate::error::Error;
+
+/// The peers a leader counts as up besides those raft marks recently active now: raft clears
+/// its marks at every check-quorum (each election timeout), so a peer that is up may read as
+/// inactive until its next message; the marks of the window that ended last are kept here.
+#[derive(Debug, Default)]
+pub(super) struct PeersUp {
+    /// The term the marks were taken in: in another term (the first window of a leadership)
+    /// every peer counts as up.
+    term: u64,
+    ids: Vec<u64>,
+}
 
 impl Replica {
     /// Decides, before raft sees it, whether a snapshot may be installed here: its keys must
@@ -105,31 +122,101 @@ impl Replica {
             .apply_snapshot_state(&meta, desc.clone(), import.batch());
         env.engine.write(import.finish(), true)?;
         out.effect(Effect::Route(desc));
+        // Entries of forwarded proposals may be inside the snapshot, never applied here.
+        self.drop_forwarded(out);
         // Reads waiting below the snapshot point can now be served.
         self.complete_reads(env, out);
         metrics::counter!("flotilla_runtime_snapshots_applied_total").increment(1);
         Ok(())
     }
 
-    /// Compacts the log if it grew past the threshold.
+    /// Compacts the log if it grew past the threshold, keeping what followers that are up
+    /// still need (see the module doc).
     pub(super) fn maybe_compact(
         &mut self,
         env: &Env<'_>,
         batch: &mut WriteBatch,
     ) -> crate::error::Result<()> {
         let cfg = &env.config;
-        let store = self.raw.store();
-        let applied = store.apply_state().applied_index;
-        let truncated = store.apply_state().truncated_index;
+        let state = self.raw.store().apply_state();
+        let (applied, truncated) = (state.applied_index, state.truncated_index);
         if applied.saturating_sub(truncated) <= cfg.log_compact_threshold {
             return Ok(());
         }
-        let to = applied.saturating_sub(cfg.log_compact_trailing);
-        if to > truncated {
+        let mut to = applied.saturating_sub(cfg.log_compact_trailing);
+        if self.is_leader() {
+            to = to.min(self.needed_by_peers(truncated));
+        }
+        to = to.max(self.retention_floor(cfg)).min(applied);
+        let least = cfg
+            .log_compact_threshold
+            .saturating_sub(cfg.log_compact_trailing)
+            .max(1);
+        if to >= truncated + least {
             self.raw.mut_store().compact(to, batch)?;
             metrics::counter!("flotilla_runtime_log_compactions_total").increment(1);
         }
         Ok(())
+    }
+
+    /// As leader: the highest index the log may be compacted to without taking an entry a
+    /// peer that is up still needs. A peer behind the log's start (`truncated`) needs a
+    /// snapshot anyway; one being sent a snapshot needs the entries after it; one whose
+    /// progress is not known yet (a new leader's first round trip) holds everything.
+    fn needed_by_peers(&self, truncated: u64) -> u64 {
+        let raft = &self.raw.raft;
+        let mut to = u64::MAX;
+        for (&id, pr) in raft.prs().iter() {
+            if id == self.id || !self.peer_up(id, pr.recent_active) {
+                continue;
+            }
+            let has = match pr.state {
+                ProgressState::Snapshot => pr.pending_snapshot,
+                _ if pr.matched == 0 => truncated,
+                _ => pr.matched,
+            };
+            if has >= truncated {
+                to = to.min(has);
+            }
+        }
+        to
+    }
+
+    /// Whether a peer counts as up: raft marks it recently active, or it was marked in the
+    /// last complete check-quorum window of this leadership, or none has completed yet.
+    fn peer_up(&self, id: u64, recent_active: bool) -> bool {
+        recent_active || self.peers_up.term != self.raw.raft.term || self.peers_up.ids.contains(&id)
+    }
+
+    /// Called before each tick: keeps raft's activity marks when the tick is about to clear
+    /// them (a leader's check-quorum), for [`Replica::peer_up`].
+    pub(super) fn note_peers_up(&mut self) {
+        let raft = &self.raw.raft;
+        if raft.state != raft::StateRole::Leader
+            || !raft.check_quorum
+            || raft.election_elapsed + 1 < raft.election_timeout()
+        {
+            return;
+        }
+        self.peers_up.term = raft.term;
+        self.peers_up.ids.clear();
+        let active = raft.prs().iter().filter(|(_, pr)| pr.recent_active);
+        self.peers_up.ids.extend(active.map(|(&id, _)| id));
+    }
+
+    /// The lowest index the log must be compacted to whatever followers need: the log then
+    /// keeps at most `log_retain_max_entries` applied entries and about `log_retain_max_bytes`.
+    fn retention_floor(&self, cfg: &NodeGroupConfig) -> u64 {
+        let store = self.raw.store();
+        let applied = store.apply_state().applied_index;
+        let by_count = applied.saturating_sub(cfg.log_retain_max_entries);
+        let (bytes, last) = (store.log_bytes_hint(), store.last_index_value());
+        if bytes <= cfg.log_retain_max_bytes {
+            return by_count;
+        }
+        let held = last - store.apply_state().truncated_index;
+        let keep = (held as u128 * cfg.log_retain_max_bytes as u128 / bytes as u128) as u64;
+        by_count.max(last - keep)
     }
 
     /// Compacts the whole applied log now: any follower that still needs an entry of it will

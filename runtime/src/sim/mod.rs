@@ -253,6 +253,8 @@ fn node_config(id: u64) -> NodeGroupConfig {
         log_compact_trailing: 8,
         // Liveness declares a node down as early as allowed, so that runs exercise it.
         node_down_ticks: 10,
+        // Small, so that followers cut off for a while still catch up by snapshot.
+        log_retain_max_entries: 256,
         ..NodeGroupConfig::new(id)
     }
 }

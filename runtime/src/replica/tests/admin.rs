@@ -236,9 +236,7 @@ fn a_split_with_a_stale_epoch_is_refused_alike_on_every_replica() {
 
 /// Two adjacent ranges on one node: 1 = ["", "m"), 2 = ["m", ""), both led by node 1.
 fn two_ranges() -> Sim {
-    let mut sim = Sim {
-        nodes: vec![Node::new(1, Arc::new(KvStateMachine))],
-    };
+    let mut sim = Sim::of(vec![Node::new(1, Arc::new(KvStateMachine))]);
     sim.node(1).bootstrap(&descriptor(1, b"", b"m", &[1]));
     sim.node(1).bootstrap(&descriptor(2, b"m", b"", &[1]));
     sim.elect(1, 1);

@@ -28,9 +28,7 @@ fn a_follower_behind_a_compacted_log_installs_the_leaders_snapshot() {
 fn a_snapshot_over_a_range_absorbed_in_a_missed_merge_retires_it_first() {
     // Node 1 hosts range 1 = ["", "p") and range 7 = ["p", "q"); it missed the merge of 7
     // into 1, and a snapshot of the merged range 1 = ["", "q") arrives.
-    let mut sim = Sim {
-        nodes: vec![Node::new(1, Arc::new(KvStateMachine))],
-    };
+    let mut sim = Sim::of(vec![Node::new(1, Arc::new(KvStateMachine))]);
     sim.node(1).bootstrap(&descriptor(1, b"", b"p", &[1]));
     let old = descriptor(7, b"p", b"q", &[1]);
     sim.node(1).bootstrap(&old);

@@ -4,6 +4,7 @@
 //! This file is the harness; the tests are grouped by feature beside it.
 
 mod admin;
+mod compaction;
 mod faults;
 mod hibernate;
 mod propose_read;
@@ -276,9 +277,21 @@ impl Node {
 /// Several nodes and the network between them, driven from this thread.
 struct Sim {
     nodes: Vec<Node>,
+    /// Nodes cut off from the others: what they send and what is sent to them is lost.
+    cut: HashSet<u64>,
+    /// Raft snapshots delivered so far.
+    snapshots: usize,
 }
 
 impl Sim {
+    fn of(nodes: Vec<Node>) -> Sim {
+        Sim {
+            nodes,
+            cut: HashSet::new(),
+            snapshots: 0,
+        }
+    }
+
     /// `n` nodes (ids 1..=n), each with a replica of range 1 covering every key.
     fn new(n: u64) -> Sim {
         Sim::with_state_machine(n, Arc::new(KvStateMachine))
@@ -291,7 +304,7 @@ impl Sim {
         for node in &mut nodes {
             node.bootstrap(&desc);
         }
-        Sim { nodes }
+        Sim::of(nodes)
     }
 
     fn node(&mut self, id: u64) -> &mut Node {
@@ -329,11 +342,14 @@ impl Sim {
         for (to, outgoing) in std::mem::take(&mut out.outbox) {
             heartbeats.extend(outgoing.batch.heartbeats.into_iter().map(|h| (to, h)));
             // A node outside the simulation (a learner being added) is not there.
-            if to.0 as usize > self.nodes.len() {
+            if to.0 as usize > self.nodes.len() || self.is_cut(from, to) {
                 continue;
             }
             for env in outgoing.batch.messages {
                 let msg = raft::prelude::Message::decode(&env.message[..]).unwrap();
+                if msg.get_msg_type() == MessageType::MsgSnapshot {
+                    self.snapshots += 1;
+                }
                 let node = self.node(to.0);
                 if node.replicas.contains_key(&env.range_id) {
                     node.post(
@@ -349,7 +365,7 @@ impl Sim {
             }
         }
         for (to, hb) in heartbeats {
-            if to.0 as usize > self.nodes.len() {
+            if to.0 as usize > self.nodes.len() || self.is_cut(from, to) {
                 continue;
             }
             let node = self.node(to.0);
@@ -364,6 +380,10 @@ impl Sim {
             }
         }
         any
+    }
+
+    fn is_cut(&self, from: NodeId, to: NodeId) -> bool {
+        self.cut.contains(&from.0) || self.cut.contains(&to.0)
     }
 
     /// Steps until nothing is in flight (bounded).

@@ -162,3 +162,66 @@ fn lease_reads_are_refused_when_the_config_turns_them_off() {
         Some(Err(Error::InvalidCommand(_)))
     ));
 }
+
+// ---- forwarded proposals ----
+
+/// Node 3 forwards a put to leader 1, which receives it; then node `cut` is cut off. Returns
+/// the proposal's token on node 3.
+fn forward_then_cut_off(sim: &mut Sim, cut: u64) -> u64 {
+    sim.elect(1, 1);
+    let node = sim.node(3);
+    let token = node.token();
+    let data = node.put_cmd(1, token, b"f", b"x");
+    node.post(1, PeerMsg::Propose { token, data });
+    // Node 3's round forwards it; the delivery puts it in node 1's mailbox.
+    sim.step(0);
+    sim.cut.insert(cut);
+    sim.settle();
+    assert!(!sim.node(3).answers.contains_key(&token));
+    token
+}
+
+#[test]
+fn a_forwarded_proposal_is_answered_at_once_when_its_follower_installs_a_snapshot() {
+    let mut sim = Sim::new(3);
+    let token = forward_then_cut_off(&mut sim, 3);
+    assert_eq!(sim.node(1).engine.get(b"f").unwrap(), Some(b"x".to_vec()));
+    // The leader compacts its log: node 3 can only catch up by a snapshot, which holds the
+    // forwarded put; node 3 never applies its entry one by one.
+    let compact = sim.node(1).token();
+    sim.node(1).post(1, PeerMsg::CompactLog { token: compact });
+    sim.settle();
+    sim.cut.clear();
+    sim.tick_until("node 3 installs a snapshot", |s| s.snapshots > 0);
+    sim.settle();
+    assert_eq!(sim.node(3).engine.get(b"f").unwrap(), Some(b"x".to_vec()));
+    // Answered (outcome unknown) in the round that installed the snapshot, not at the
+    // proposal timeout, which never passes in this test.
+    assert!(
+        matches!(
+            sim.node(3).answers.get(&token),
+            Some(Err(Error::ProposalDropped))
+        ),
+        "{:?}",
+        sim.node(3).answers.get(&token)
+    );
+}
+
+#[test]
+fn a_forwarded_proposal_is_answered_at_once_when_its_follower_stops_following_the_leader() {
+    let mut sim = Sim::new(3);
+    // The leader appended the put but is cut off before anyone else has it: nodes 2 and 3
+    // elect a new leader, whose log does not hold it.
+    let token = forward_then_cut_off(&mut sim, 1);
+    sim.tick_until("node 3 stops following node 1", |s| {
+        s.nodes[2].replica(1).raw.raft.leader_id != 1
+    });
+    assert!(
+        matches!(
+            sim.node(3).answers.get(&token),
+            Some(Err(Error::ProposalDropped))
+        ),
+        "{:?}",
+        sim.node(3).answers.get(&token)
+    );
+}
