@@ -285,7 +285,11 @@ impl Kv for KvService {
                 }
             }
         });
-        Ok(Response::new(Answers { rx }))
+        Ok(Response::new(Answers {
+            rx,
+            buf: Vec::new(),
+            yielded: false,
+        }))
     }
 }
 
@@ -367,28 +371,41 @@ fn response(id: u64, result: Result<Answer, Error>) -> batch_response::Response 
 }
 
 /// The response side of a `Batch` stream: every answer ready when the transport asks for the
-/// next frame goes into that frame.
+/// next frame goes into that frame. When the queue runs dry, the frame waits one turn of the
+/// scheduler first, so that answers completing at that moment join it.
 #[derive(Debug)]
 pub struct Answers {
     rx: mpsc::UnboundedReceiver<batch_response::Response>,
+    buf: Vec<batch_response::Response>,
+    yielded: bool,
 }
 
 impl Stream for Answers {
     type Item = Result<BatchResponse, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let first = match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(r)) => r,
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
-        };
-        let mut responses = vec![first];
-        while responses.len() < MAX_ANSWERS_PER_FRAME {
-            match self.rx.try_recv() {
-                Ok(r) => responses.push(r),
-                Err(_) => break,
+        let this = &mut *self;
+        loop {
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(r)) => {
+                    this.buf.push(r);
+                    if this.buf.len() >= MAX_ANSWERS_PER_FRAME {
+                        break;
+                    }
+                }
+                Poll::Ready(None) if this.buf.is_empty() => return Poll::Ready(None),
+                Poll::Ready(None) => break,
+                Poll::Pending if this.buf.is_empty() => return Poll::Pending,
+                Poll::Pending if !this.yielded => {
+                    this.yielded = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Pending => break,
             }
         }
+        this.yielded = false;
+        let responses = std::mem::take(&mut this.buf);
         Poll::Ready(Some(Ok(BatchResponse { responses })))
     }
 }

@@ -131,28 +131,41 @@ impl BatchStream {
 }
 
 /// The request side of a `Batch` stream: every request queued when the transport asks for the
-/// next frame goes into that frame.
+/// next frame goes into that frame. When fewer than `max` are queued, the frame waits one turn
+/// of the scheduler first, so that callers running at that moment join it.
 struct Frames {
     rx: mpsc::UnboundedReceiver<batch_request::Request>,
     max: usize,
+    buf: Vec<batch_request::Request>,
+    yielded: bool,
 }
 
 impl Stream for Frames {
     type Item = BatchRequest;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<BatchRequest>> {
-        let first = match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(r)) => r,
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
-        };
-        let mut requests = vec![first];
-        while requests.len() < self.max {
-            match self.rx.try_recv() {
-                Ok(r) => requests.push(r),
-                Err(_) => break,
+        let this = &mut *self;
+        loop {
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(r)) => {
+                    this.buf.push(r);
+                    if this.buf.len() >= this.max {
+                        break;
+                    }
+                }
+                Poll::Ready(None) if this.buf.is_empty() => return Poll::Ready(None),
+                Poll::Ready(None) => break,
+                Poll::Pending if this.buf.is_empty() => return Poll::Pending,
+                Poll::Pending if !this.yielded => {
+                    this.yielded = true;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Pending => break,
             }
         }
+        this.yielded = false;
+        let requests = std::mem::take(&mut this.buf);
         Poll::Ready(Some(BatchRequest { requests }))
     }
 }
@@ -232,7 +245,12 @@ impl Node {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats_out = stats.clone();
         let frames = futures_util::StreamExt::inspect(
-            Frames { rx, max: max_batch },
+            Frames {
+                rx,
+                max: max_batch,
+                buf: Vec::new(),
+                yielded: false,
+            },
             move |f: &BatchRequest| {
                 stats_out.frames.fetch_add(1, Ordering::Relaxed);
                 stats_out
