@@ -288,7 +288,8 @@ impl Kv for KvService {
         Ok(Response::new(Answers {
             rx,
             buf: Vec::new(),
-            yielded: false,
+            turns: 0,
+            at_last_turn: 0,
         }))
     }
 }
@@ -370,14 +371,20 @@ fn response(id: u64, result: Result<Answer, Error>) -> batch_response::Response 
     }
 }
 
+/// Most scheduler turns a frame of answers waits for more (see [`Answers`]).
+const MAX_FRAME_TURNS: u8 = 4;
+
 /// The response side of a `Batch` stream: every answer ready when the transport asks for the
-/// next frame goes into that frame. When the queue runs dry, the frame waits one turn of the
-/// scheduler first, so that answers completing at that moment join it.
+/// next frame goes into that frame. When the queue runs dry, the frame waits a turn of the
+/// scheduler, and again while each turn brought more (up to [`MAX_FRAME_TURNS`]), so that
+/// answers completing at that moment join it.
 #[derive(Debug)]
 pub struct Answers {
     rx: mpsc::UnboundedReceiver<batch_response::Response>,
     buf: Vec<batch_response::Response>,
-    yielded: bool,
+    /// Turns waited for this frame, and its size at the last one.
+    turns: u8,
+    at_last_turn: usize,
 }
 
 impl Stream for Answers {
@@ -396,15 +403,19 @@ impl Stream for Answers {
                 Poll::Ready(None) if this.buf.is_empty() => return Poll::Ready(None),
                 Poll::Ready(None) => break,
                 Poll::Pending if this.buf.is_empty() => return Poll::Pending,
-                Poll::Pending if !this.yielded => {
-                    this.yielded = true;
+                Poll::Pending
+                    if this.turns < MAX_FRAME_TURNS
+                        && (this.turns == 0 || this.buf.len() > this.at_last_turn) =>
+                {
+                    this.turns += 1;
+                    this.at_last_turn = this.buf.len();
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
                 Poll::Pending => break,
             }
         }
-        this.yielded = false;
+        this.turns = 0;
         let responses = std::mem::take(&mut this.buf);
         Poll::Ready(Some(Ok(BatchResponse { responses })))
     }

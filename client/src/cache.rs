@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::Arc;
 
 use flotilla_proto::meta::RangeDescriptor;
 use parking_lot::RwLock;
@@ -24,7 +25,8 @@ pub struct CachedRange {
 
 #[derive(Debug, Default)]
 pub(crate) struct RangeCache {
-    by_start: RwLock<BTreeMap<Vec<u8>, CachedRange>>,
+    /// Shared entries, so that a lookup (every request) clones a pointer, not a descriptor.
+    by_start: RwLock<BTreeMap<Vec<u8>, Arc<CachedRange>>>,
 }
 
 fn overlaps(a: &RangeDescriptor, start: &[u8], end: &[u8]) -> bool {
@@ -42,7 +44,7 @@ fn newer(old: &RangeDescriptor, new: &RangeDescriptor) -> bool {
 
 impl RangeCache {
     /// The cached range that contains `key`.
-    pub(crate) fn lookup(&self, key: &[u8]) -> Option<CachedRange> {
+    pub(crate) fn lookup(&self, key: &[u8]) -> Option<Arc<CachedRange>> {
         let map = self.by_start.read();
         map.range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
             .next_back()
@@ -88,7 +90,10 @@ impl RangeCache {
                 }
             }
         }
-        map.insert(desc.start_key.to_vec(), CachedRange { desc, leader });
+        map.insert(
+            desc.start_key.to_vec(),
+            Arc::new(CachedRange { desc, leader }),
+        );
         true
     }
 
@@ -96,7 +101,9 @@ impl RangeCache {
     pub(crate) fn set_leader(&self, range: u64, leader: Option<u64>) {
         let mut map = self.by_start.write();
         if let Some(r) = map.values_mut().find(|r| r.desc.range_id == range) {
-            r.leader = leader;
+            if r.leader != leader {
+                Arc::make_mut(r).leader = leader;
+            }
         }
     }
 
@@ -111,14 +118,18 @@ impl RangeCache {
         let mut map = self.by_start.write();
         for r in map.values_mut() {
             if r.leader == Some(node) {
-                r.leader = None;
+                Arc::make_mut(r).leader = None;
             }
         }
     }
 
     /// Every cached range, in key order.
     pub(crate) fn all(&self) -> Vec<CachedRange> {
-        self.by_start.read().values().cloned().collect()
+        self.by_start
+            .read()
+            .values()
+            .map(|r| CachedRange::clone(r))
+            .collect()
     }
 }
 

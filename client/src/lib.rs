@@ -795,7 +795,7 @@ impl Client {
         key: &[u8],
         avoid: Option<u64>,
         deadline: Instant,
-    ) -> Result<(CachedRange, Arc<Node>), Failure> {
+    ) -> Result<(Arc<CachedRange>, Arc<Node>), Failure> {
         let range = match self.inner.cache.lookup(key) {
             Some(r) => r,
             None => self.locate(key, deadline).await?,
@@ -832,7 +832,7 @@ impl Client {
     }
 
     /// Looks `key` up on the nodes in turn and caches what the first that knows says.
-    async fn locate(&self, key: &[u8], deadline: Instant) -> Result<CachedRange, Failure> {
+    async fn locate(&self, key: &[u8], deadline: Instant) -> Result<Arc<CachedRange>, Failure> {
         bump(&self.inner.counters.lookups);
         let mut last = Failure::NoAnswer {
             why: "no node known".into(),
@@ -858,7 +858,7 @@ impl Client {
                         .inner
                         .cache
                         .lookup(key)
-                        .unwrap_or(CachedRange { desc, leader }));
+                        .unwrap_or_else(|| Arc::new(CachedRange { desc, leader })));
                 }
                 Ok(Err(status)) => {
                     last = Failure::from_status(&status);

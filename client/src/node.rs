@@ -55,12 +55,25 @@ impl Failure {
             | Code::Aborted
             | Code::ResourceExhausted => Failure::NoAnswer {
                 why: format!("{:?}: {}", status.code(), status.message()),
-                // A refused connection sent nothing; anything else may have.
-                sent: !status.message().contains("connect"),
+                // A connection that could not be made sent nothing; anything else may have.
+                sent: !not_connected(status),
             },
             _ => Failure::Garbled(format!("{:?}: {}", status.code(), status.message())),
         }
     }
+}
+
+/// Whether `status` says the connection could not be made (so the request was not sent).
+fn not_connected(status: &tonic::Status) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(status);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if text.contains("tcp connect error") || text.contains("Connection refused") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 type Waiters = HashMap<u64, oneshot::Sender<batch_response::Response>>;
@@ -130,14 +143,20 @@ impl BatchStream {
     }
 }
 
+/// Most scheduler turns a frame waits for more requests (see [`Frames`]).
+const MAX_FRAME_TURNS: u8 = 4;
+
 /// The request side of a `Batch` stream: every request queued when the transport asks for the
-/// next frame goes into that frame. When fewer than `max` are queued, the frame waits one turn
-/// of the scheduler first, so that callers running at that moment join it.
+/// next frame goes into that frame. When the queue runs dry before `max`, the frame waits a
+/// turn of the scheduler, and again while each turn brought more (up to [`MAX_FRAME_TURNS`]),
+/// so that the callers running at that moment join it.
 struct Frames {
     rx: mpsc::UnboundedReceiver<batch_request::Request>,
     max: usize,
     buf: Vec<batch_request::Request>,
-    yielded: bool,
+    /// Turns waited for this frame, and its size at the last one.
+    turns: u8,
+    at_last_turn: usize,
 }
 
 impl Stream for Frames {
@@ -156,15 +175,19 @@ impl Stream for Frames {
                 Poll::Ready(None) if this.buf.is_empty() => return Poll::Ready(None),
                 Poll::Ready(None) => break,
                 Poll::Pending if this.buf.is_empty() => return Poll::Pending,
-                Poll::Pending if !this.yielded => {
-                    this.yielded = true;
+                Poll::Pending
+                    if this.turns < MAX_FRAME_TURNS
+                        && (this.turns == 0 || this.buf.len() > this.at_last_turn) =>
+                {
+                    this.turns += 1;
+                    this.at_last_turn = this.buf.len();
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
                 Poll::Pending => break,
             }
         }
-        this.yielded = false;
+        this.turns = 0;
         let requests = std::mem::take(&mut this.buf);
         Poll::Ready(Some(BatchRequest { requests }))
     }
@@ -184,7 +207,10 @@ pub(crate) struct Node {
     pub(crate) endpoint: String,
     pub(crate) channel: Channel,
     pub(crate) kv: KvClient<Channel>,
-    stream: tokio::sync::Mutex<Option<Arc<BatchStream>>>,
+    /// The open stream, if any (read on every call).
+    stream: Mutex<Option<Arc<BatchStream>>>,
+    /// Held while a stream is being opened, so that one caller opens it and the others wait.
+    opening: tokio::sync::Mutex<()>,
     /// Set when an attempt found the node unreachable: other nodes are preferred until then.
     down_until: Mutex<Option<Instant>>,
 }
@@ -196,7 +222,8 @@ impl Node {
             endpoint,
             kv: KvClient::new(channel.clone()),
             channel,
-            stream: tokio::sync::Mutex::new(None),
+            stream: Mutex::new(None),
+            opening: tokio::sync::Mutex::new(()),
             down_until: Mutex::new(None),
         }
     }
@@ -237,11 +264,14 @@ impl Node {
         max_batch: usize,
         stats: &Arc<FrameStats>,
     ) -> Result<Arc<BatchStream>, Failure> {
-        let mut slot = self.stream.lock().await;
-        if let Some(s) = slot.as_ref().filter(|s| !s.is_broken()) {
-            return Ok(s.clone());
+        let open = |node: &Node| node.stream.lock().clone().filter(|s| !s.is_broken());
+        if let Some(s) = open(self) {
+            return Ok(s);
         }
-        *slot = None;
+        let _opening = self.opening.lock().await;
+        if let Some(s) = open(self) {
+            return Ok(s);
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let stats_out = stats.clone();
         let frames = futures_util::StreamExt::inspect(
@@ -249,7 +279,8 @@ impl Node {
                 rx,
                 max: max_batch,
                 buf: Vec::new(),
-                yielded: false,
+                turns: 0,
+                at_last_turn: 0,
             },
             move |f: &BatchRequest| {
                 stats_out.frames.fetch_add(1, Ordering::Relaxed);
@@ -294,7 +325,7 @@ impl Node {
             }
             reader.fail_all();
         });
-        *slot = Some(stream.clone());
+        *self.stream.lock() = Some(stream.clone());
         Ok(stream)
     }
 }
