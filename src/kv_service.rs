@@ -1,52 +1,95 @@
-//! The client KV API of a node over gRPC, and the one mapping from runtime errors to
-//! `tonic::Status`.
+//! The client KV API of a node over gRPC (`flotilla.kv.Kv`, see proto/proto/kv.proto), and the
+//! one mapping from runtime errors to what a client sees ([`kv_error`], and [`to_status`] for
+//! unary calls).
+//!
+//! Writes go through [`NodeGroup::kv_batch`]: a unary put is a batch of one; the writes of one
+//! frame of the `Batch` stream are proposed together, one raft entry per range, and each is
+//! answered on the stream as soon as it is applied (answers that are ready together share a
+//! frame). A request that carries a route (the client routes itself, as the client library
+//! does) is answered `NOT_LEADER` by a follower instead of being forwarded, so that the client
+//! learns where the leader is; one without is forwarded to the leader through raft.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use flotilla_proto::command::{kv_request, KvRequest, MultiPut, Put};
+use flotilla_proto::kv::batch_request::request::Cmd;
+use flotilla_proto::kv::batch_response::{self, response::Result as Answer};
+use flotilla_proto::kv::kv_error::Kind;
 use flotilla_proto::kv::kv_server::{Kv, KvServer};
 use flotilla_proto::kv::{
-    GetRequest, GetResponse, PutRequest, PutResponse, StatusRequest, StatusResponse,
+    BatchRequest, BatchResponse, GetRequest, GetResponse, KvError, LocateRequest, LocateResponse,
+    MultiPutRequest, MultiPutResponse, PutRequest, PutResponse, RouteContext, StatusRequest,
+    StatusResponse,
 };
-use flotilla_proto::NodeId;
-use flotilla_runtime::{Error, NodeGroup, ProposeOptions, ReadConsistency};
-use tonic::{Request, Response, Status};
+use flotilla_proto::{NodeId, RangeId};
+use flotilla_runtime::{Error, KvProposal, NodeGroup, ProposeOptions, Proposed, ReadConsistency};
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
 
 /// The response metadata key that names the leader's node id (decimal) on a `NotLeader`
-/// status, so that a client can retry on that node without parsing the message.
-pub const LEADER_NODE_METADATA: &str = "flotilla-leader-node";
+/// status, so that a client can retry on that node without decoding the details.
+pub use flotilla_proto::LEADER_NODE_METADATA;
 
-/// Maps a runtime error to a gRPC status. Retryable conditions (leader changes, back-pressure,
-/// outcome unknown, a range that changed shape) are `UNAVAILABLE` or `ABORTED`, so that
-/// clients retry; the leader hint, when known, is in the message and, for a client to read,
-/// in the [`LEADER_NODE_METADATA`] metadata (see [`leader_hint`]).
-pub fn to_status(e: Error) -> Status {
-    match e {
-        Error::NotLeader { leader_hint, .. } => {
-            let mut status = Status::unavailable(e.to_string());
-            if let Some(node) = leader_hint {
-                status
-                    .metadata_mut()
-                    .insert(LEADER_NODE_METADATA, node.0.into());
-            }
-            status
+/// Most answers in one frame of the `Batch` stream.
+const MAX_ANSWERS_PER_FRAME: usize = 1024;
+
+/// What a client is told about a runtime error: its kind (what to do next), the message, and
+/// for redirects the leader's node or the ranges that now cover the key.
+pub fn kv_error(e: &Error) -> KvError {
+    let mut out = KvError {
+        message: e.to_string(),
+        ..Default::default()
+    };
+    let kind = match e {
+        Error::NotLeader { range, leader_hint } => {
+            out.range_id = range.0;
+            out.leader_node_id = leader_hint.map_or(0, |n| n.0);
+            Kind::NotLeader
         }
-        Error::ProposalDropped | Error::Busy(_) | Error::Stopped => {
-            Status::unavailable(e.to_string())
+        Error::EpochNotMatch { current } => {
+            out.current = current.clone();
+            Kind::EpochNotMatch
         }
-        Error::EpochNotMatch { .. } => Status::aborted(e.to_string()),
-        Error::KeyNotInRange { .. } | Error::RangeNotFound(_) => Status::not_found(e.to_string()),
-        Error::ProposalTooLarge { .. } | Error::InvalidCommand(_) => {
-            Status::invalid_argument(e.to_string())
+        Error::KeyNotInRange { .. } => Kind::KeyNotInRange,
+        Error::RangeNotFound(range) => {
+            out.range_id = range.0;
+            Kind::RangeNotFound
         }
-        Error::AdminRefused(_) => Status::failed_precondition(e.to_string()),
+        Error::ProposalDropped => Kind::ProposalDropped,
+        Error::Busy(_) => Kind::Busy,
+        Error::Stopped => Kind::Stopped,
+        Error::ProposalTooLarge { .. } | Error::InvalidCommand(_) => Kind::InvalidArgument,
+        Error::AdminRefused(_) => Kind::Refused,
+        Error::ReplicaFailed(range) => {
+            out.range_id = range.0;
+            out.message = e.with_sources();
+            Kind::Internal
+        }
         Error::Config(_)
         | Error::Store(_)
         | Error::BadSnapshot { .. }
         | Error::RaftInit { .. }
         | Error::Spawn { .. }
-        | Error::BadAnswer { .. }
-        | Error::ReplicaFailed(_) => Status::internal(e.with_sources()),
-    }
+        | Error::BadAnswer { .. } => {
+            out.message = e.with_sources();
+            Kind::Internal
+        }
+    };
+    out.set_kind(kind);
+    out
+}
+
+/// Maps a runtime error to a gRPC status: retryable conditions (leader changes,
+/// back-pressure, outcome unknown) are `UNAVAILABLE`, a range that changed shape `ABORTED`, so
+/// that clients retry; the [`KvError`] is in the status's details (read it with
+/// `KvError::from_status`) and the leader hint, when known, also in the
+/// [`LEADER_NODE_METADATA`] metadata (see [`leader_hint`]).
+pub fn to_status(e: Error) -> Status {
+    kv_error(&e).to_status()
 }
 
 /// The leader's node named by a status from [`to_status`], if it carries one.
@@ -59,51 +102,131 @@ pub fn leader_hint(status: &Status) -> Option<NodeId> {
 #[derive(Debug, Clone)]
 pub struct KvService {
     node: Arc<NodeGroup>,
+    /// Set to end every `Batch` stream (shutdown): a long-lived stream would otherwise hold
+    /// the server's graceful shutdown until its client goes away.
+    stop: Arc<watch::Sender<bool>>,
 }
 
 impl KvService {
+    /// The service over `node`.
+    pub fn new(node: Arc<NodeGroup>) -> KvService {
+        KvService {
+            node,
+            stop: Arc::new(watch::channel(false).0),
+        }
+    }
+
     /// A tonic server for `node`.
     pub fn server(node: Arc<NodeGroup>) -> KvServer<KvService> {
-        KvServer::new(KvService { node })
+        KvServer::new(KvService::new(node))
     }
+
+    /// Stops taking requests on the open `Batch` streams: each ends once the answers in
+    /// flight are sent (a stopped NodeGroup fails them at once). For a shutdown.
+    pub fn stop_streams(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// A write as the runtime takes it: routed by the caller if it sent a route, else forwarded.
+fn proposal(
+    request: KvRequest,
+    client_id: u64,
+    seq: u64,
+    route: Option<RouteContext>,
+) -> KvProposal {
+    KvProposal {
+        request,
+        opts: ProposeOptions {
+            request_id: (client_id != 0).then_some((client_id, seq)),
+            epoch: route.and_then(|r| r.epoch),
+        },
+        range: route.map(|r| RangeId(r.range_id)).filter(|r| r.0 != 0),
+        forward: route.is_none(),
+    }
+}
+
+fn put_proposal(r: PutRequest) -> KvProposal {
+    let request = KvRequest {
+        op: Some(kv_request::Op::Put(Put {
+            key: r.key,
+            value: r.value,
+        })),
+    };
+    proposal(request, r.client_id, r.seq, r.route)
+}
+
+fn multi_put_proposal(r: MultiPutRequest) -> KvProposal {
+    let puts = r
+        .puts
+        .into_iter()
+        .map(|kv| Put {
+            key: kv.key,
+            value: kv.value,
+        })
+        .collect();
+    let request = KvRequest {
+        op: Some(kv_request::Op::MultiPut(MultiPut { puts })),
+    };
+    proposal(request, r.client_id, r.seq, r.route)
+}
+
+/// A read, after checking the caller's route against this node's range for the key.
+async fn get(node: &NodeGroup, r: GetRequest) -> Result<GetResponse, Error> {
+    if let Some(route) = r.route {
+        let desc = node.range_of(&r.key)?;
+        let moved = (route.range_id != 0 && route.range_id != desc.range_id)
+            || route
+                .epoch
+                .is_some_and(|e| e.is_stale(&desc.epoch_or_default()));
+        if moved {
+            return Err(Error::EpochNotMatch {
+                current: vec![desc],
+            });
+        }
+    }
+    let consistency = if r.stale {
+        ReadConsistency::Stale
+    } else {
+        ReadConsistency::Linearizable
+    };
+    let v = node.get(&r.key, consistency).await?;
+    Ok(GetResponse {
+        found: v.is_some(),
+        value: v.unwrap_or_default().into(),
+    })
 }
 
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let r = req.into_inner();
-        let opts = ProposeOptions {
-            request_id: (r.client_id != 0).then_some((r.client_id, r.seq)),
-            epoch: None,
+        let proposal = put_proposal(req.into_inner());
+        let answer = self.node.kv_batch(vec![proposal]).pop();
+        match answer {
+            Some(a) => a.await.map_err(to_status)?,
+            None => return Err(to_status(Error::Stopped)),
         };
-        let cmd = flotilla_proto::command::KvRequest {
-            op: Some(flotilla_proto::command::kv_request::Op::Put(
-                flotilla_proto::command::Put {
-                    key: r.key,
-                    value: r.value,
-                },
-            )),
-        };
-        self.node.kv(cmd, opts).await.map_err(to_status)?;
         Ok(Response::new(PutResponse {}))
     }
 
-    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let r = req.into_inner();
-        let consistency = if r.stale {
-            ReadConsistency::Stale
-        } else {
-            ReadConsistency::Linearizable
+    async fn multi_put(
+        &self,
+        req: Request<MultiPutRequest>,
+    ) -> Result<Response<MultiPutResponse>, Status> {
+        let proposal = multi_put_proposal(req.into_inner());
+        let answer = self.node.kv_batch(vec![proposal]).pop();
+        match answer {
+            Some(a) => a.await.map_err(to_status)?,
+            None => return Err(to_status(Error::Stopped)),
         };
-        let v = self
-            .node
-            .get(&r.key, consistency)
+        Ok(Response::new(MultiPutResponse {}))
+    }
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        get(&self.node, req.into_inner())
             .await
-            .map_err(to_status)?;
-        Ok(Response::new(GetResponse {
-            found: v.is_some(),
-            value: v.unwrap_or_default().into(),
-        }))
+            .map(Response::new)
+            .map_err(to_status)
     }
 
     async fn status(
@@ -121,5 +244,183 @@ impl Kv for KvService {
             heartbeat_batches: s.heartbeat_batches,
             queued_wakes: s.queued_wakes as u64,
         }))
+    }
+
+    async fn locate(
+        &self,
+        req: Request<LocateRequest>,
+    ) -> Result<Response<LocateResponse>, Status> {
+        let key = req.into_inner().key;
+        let desc = self.node.range_of(&key).map_err(to_status)?;
+        let leader = self
+            .node
+            .status(desc.id())
+            .ok()
+            .and_then(|s| s.leader_node)
+            .map_or(0, |n| n.0);
+        Ok(Response::new(LocateResponse {
+            range: Some(desc),
+            leader_node_id: leader,
+            node_id: self.node.node_id().0,
+        }))
+    }
+
+    type BatchStream = Answers;
+
+    async fn batch(
+        &self,
+        req: Request<Streaming<BatchRequest>>,
+    ) -> Result<Response<Answers>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let node = self.node.clone();
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            // Ends when the client closes its side, the connection fails or the service stops;
+            // the response stream ends once the answers still in flight are sent.
+            loop {
+                let frame = tokio::select! {
+                    f = inbound.message() => f,
+                    _ = stop.wait_for(|stopped| *stopped) => break,
+                };
+                match frame {
+                    Ok(Some(frame)) => serve_frame(&node, frame, &tx),
+                    _ => break,
+                }
+            }
+        });
+        Ok(Response::new(Answers {
+            rx,
+            buf: Vec::new(),
+            turns: 0,
+            at_last_turn: 0,
+        }))
+    }
+}
+
+/// Proposes the writes of one frame together and answers each request on `tx` as it
+/// completes.
+fn serve_frame(
+    node: &Arc<NodeGroup>,
+    frame: BatchRequest,
+    tx: &mpsc::UnboundedSender<batch_response::Response>,
+) {
+    let mut ids = Vec::with_capacity(frame.requests.len());
+    let mut proposals = Vec::with_capacity(frame.requests.len());
+    let mut puts = Vec::with_capacity(frame.requests.len());
+    for r in frame.requests {
+        match r.cmd {
+            Some(Cmd::Put(p)) => {
+                ids.push(r.id);
+                puts.push(true);
+                proposals.push(put_proposal(p));
+            }
+            Some(Cmd::MultiPut(m)) => {
+                ids.push(r.id);
+                puts.push(false);
+                proposals.push(multi_put_proposal(m));
+            }
+            Some(Cmd::Get(g)) => {
+                let (node, tx) = (node.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let answer = get(&node, g).await.map(Answer::Get);
+                    let _ = tx.send(response(r.id, answer));
+                });
+            }
+            None => {
+                let e = Error::InvalidCommand("empty request".into());
+                let _ = tx.send(response(r.id, Err(e)));
+            }
+        }
+    }
+    if proposals.is_empty() {
+        return;
+    }
+    let answers: Vec<Proposed> = node.kv_batch(proposals);
+    let mut waiting: FuturesUnordered<_> = answers
+        .into_iter()
+        .zip(ids)
+        .zip(puts)
+        .map(|((answer, id), put)| async move {
+            let result = answer.await.map(|_| {
+                if put {
+                    Answer::Put(PutResponse {})
+                } else {
+                    Answer::MultiPut(MultiPutResponse {})
+                }
+            });
+            response(id, result)
+        })
+        .collect();
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        while let Some(r) = waiting.next().await {
+            let _ = tx.send(r);
+        }
+    });
+}
+
+fn response(id: u64, result: Result<Answer, Error>) -> batch_response::Response {
+    match result {
+        Ok(answer) => batch_response::Response {
+            id,
+            error: None,
+            result: Some(answer),
+        },
+        Err(e) => batch_response::Response {
+            id,
+            error: Some(kv_error(&e)),
+            result: None,
+        },
+    }
+}
+
+/// Most scheduler turns a frame of answers waits for more (see [`Answers`]).
+const MAX_FRAME_TURNS: u8 = 4;
+
+/// The response side of a `Batch` stream: every answer ready when the transport asks for the
+/// next frame goes into that frame. When the queue runs dry, the frame waits a turn of the
+/// scheduler, and again while each turn brought more (up to [`MAX_FRAME_TURNS`]), so that
+/// answers completing at that moment join it.
+#[derive(Debug)]
+pub struct Answers {
+    rx: mpsc::UnboundedReceiver<batch_response::Response>,
+    buf: Vec<batch_response::Response>,
+    /// Turns waited for this frame, and its size at the last one.
+    turns: u8,
+    at_last_turn: usize,
+}
+
+impl Stream for Answers {
+    type Item = Result<BatchResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(r)) => {
+                    this.buf.push(r);
+                    if this.buf.len() >= MAX_ANSWERS_PER_FRAME {
+                        break;
+                    }
+                }
+                Poll::Ready(None) if this.buf.is_empty() => return Poll::Ready(None),
+                Poll::Ready(None) => break,
+                Poll::Pending if this.buf.is_empty() => return Poll::Pending,
+                Poll::Pending
+                    if this.turns < MAX_FRAME_TURNS
+                        && (this.turns == 0 || this.buf.len() > this.at_last_turn) =>
+                {
+                    this.turns += 1;
+                    this.at_last_turn = this.buf.len();
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Pending => break,
+            }
+        }
+        this.turns = 0;
+        let responses = std::mem::take(&mut this.buf);
+        Poll::Ready(Some(Ok(BatchResponse { responses })))
     }
 }

@@ -278,6 +278,7 @@ async fn split_list_merge_and_error_codes_over_grpc() {
             .get(GetRequest {
                 key: key(i).into(),
                 stale: false,
+                route: None,
             })
             .await
             .unwrap()

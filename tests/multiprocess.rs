@@ -102,6 +102,7 @@ async fn put_any(
             value: value.to_vec().into(),
             client_id: 0,
             seq: 0,
+            route: None,
         };
         if c.put(req).await.is_ok() {
             return true;
@@ -119,6 +120,7 @@ async fn get(client: &mut KvClient<Channel>, key: &[u8], timeout: Duration) -> O
             .get(GetRequest {
                 key: key.to_vec().into(),
                 stale: false,
+                route: None,
             })
             .await
         {

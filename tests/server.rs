@@ -62,6 +62,7 @@ async fn get(client: SocketAddr, key: &[u8]) -> Option<Vec<u8>> {
                 .get(GetRequest {
                     key: key.to_vec().into(),
                     stale: false,
+                    route: None,
                 })
                 .await
                 .map(|r| r.into_inner())

@@ -173,6 +173,7 @@ pub async fn put(
             value: value.to_vec().into(),
             client_id: client,
             seq,
+            route: None,
         };
         let mut kv = nodes.kv(node);
         let hint = match tokio::time::timeout(ATTEMPT_TIMEOUT, kv.put(req)).await {
@@ -229,6 +230,7 @@ pub async fn get(
         let req = GetRequest {
             key: key.to_vec().into(),
             stale: false,
+            route: None,
         };
         let mut kv = nodes.kv(node);
         let hint = match tokio::time::timeout(ATTEMPT_TIMEOUT, kv.get(req)).await {

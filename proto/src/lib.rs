@@ -8,8 +8,12 @@
 //! travel inside our messages as encoded bytes (see [`transport::RaftMessage::message`]).
 
 mod ids;
+#[cfg(feature = "grpc")]
+mod status;
 
 pub use ids::{NodeId, RangeId, ReplicaId};
+#[cfg(feature = "grpc")]
+pub use status::LEADER_NODE_METADATA;
 
 /// Range descriptors, epochs, apply state and snapshot framing.
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]

@@ -16,6 +16,7 @@
 //! ARCHITECTURE.md at the repository root states the rule and the reasons.
 
 mod api;
+mod batch;
 mod config;
 mod error;
 mod fsm;
@@ -31,6 +32,7 @@ mod state_machine;
 mod status;
 
 pub use api::{MembershipChange, NodeStatus, ProposeOptions, ReadConsistency};
+pub use batch::{KvProposal, Proposed};
 pub use config::{ConfigError, NodeGroupConfig, SplitConfig};
 pub use error::{Error, Result};
 pub use node_group::NodeGroup;

@@ -204,16 +204,30 @@ impl NodeGroup {
         rx.await.unwrap_or(Err(Error::Stopped))
     }
 
-    /// Runs a KV command through the default state machine.
+    /// Runs a KV command through the default state machine (as a batch of one, see
+    /// [`NodeGroup::kv_batch`]; a follower forwards it if `forward_proposals` is on).
     pub async fn kv(&self, req: KvRequest, opts: ProposeOptions) -> Result<KvResponse> {
-        let key = match &req.op {
-            Some(kv_request::Op::Put(p)) => p.key.clone(),
-            Some(kv_request::Op::Delete(d)) => d.key.clone(),
-            Some(kv_request::Op::Insert(i)) => i.key.clone(),
-            Some(kv_request::Op::Cas(c)) => c.key.clone(),
-            None => return Err(Error::InvalidCommand("empty KvRequest".into())),
+        let is_put = matches!(
+            req.op,
+            Some(kv_request::Op::Put(_) | kv_request::Op::MultiPut(_))
+        );
+        let proposal = crate::batch::KvProposal {
+            request: req,
+            opts,
+            range: None,
+            forward: true,
         };
-        let answer = self.propose(&key, req.encode_to_vec(), opts).await?;
+        let answer = match self.kv_batch(vec![proposal]).pop() {
+            Some(answer) => answer.await?,
+            None => return Err(Error::Stopped),
+        };
+        // A put answers nothing: it succeeded.
+        if is_put && answer.is_empty() {
+            return Ok(KvResponse {
+                ok: true,
+                previous: None,
+            });
+        }
         KvResponse::decode(&answer[..])
             .map_err(|e| Error::InvalidCommand(format!("bad answer: {e}")))
     }

@@ -5,6 +5,10 @@
 //! of this node applies the entry can complete it, including proposals forwarded to a leader
 //! elsewhere. Requests whose outcome never arrives (lost with a deposed leader) are failed by
 //! the ticker once their deadline passes.
+//!
+//! A batch of requests proposed as one entry has a *group* token besides its members' tokens:
+//! the propose path tracks (and may fail) the entry by the group token, which fails every
+//! member that is still waiting; the apply path completes each member with its own answer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,8 +24,17 @@ pub(crate) type Answer = Result<Vec<u8>>;
 
 #[derive(Debug)]
 struct Entry {
-    tx: oneshot::Sender<Answer>,
+    waiter: Waiter,
     deadline: Instant,
+}
+
+#[derive(Debug)]
+enum Waiter {
+    /// A caller waits on the receiver.
+    One(oneshot::Sender<Answer>),
+    /// The group token of a batch: an error fails these member tokens; a success completes
+    /// nothing (each member is answered on its own).
+    Group(Vec<u64>),
 }
 
 /// Requests waiting for their outcome.
@@ -53,18 +66,42 @@ impl Pending {
         self.waiting.insert(
             token,
             Entry {
-                tx,
+                waiter: Waiter::One(tx),
                 deadline: Instant::now() + timeout,
             },
         );
         (token, rx)
     }
 
+    /// Registers the group token of a batch whose members are `members` (registered already).
+    pub(crate) fn register_group(&self, members: Vec<u64>, timeout: Duration) -> u64 {
+        let token = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.waiting.insert(
+            token,
+            Entry {
+                waiter: Waiter::Group(members),
+                deadline: Instant::now() + timeout,
+            },
+        );
+        token
+    }
+
     /// Delivers the outcome of `token`, if anyone still waits for it. Later completions of the
     /// same token are ignored, so several paths may race to complete it.
     pub(crate) fn complete(&self, token: u64, answer: Answer) {
         if let Some((_, e)) = self.waiting.remove(&token) {
-            let _ = e.tx.send(answer);
+            match e.waiter {
+                Waiter::One(tx) => {
+                    let _ = tx.send(answer);
+                }
+                Waiter::Group(members) => {
+                    if let Err(err) = answer {
+                        for m in members {
+                            self.complete(m, Err(err.clone()));
+                        }
+                    }
+                }
+            }
         }
     }
 

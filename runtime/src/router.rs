@@ -73,6 +73,20 @@ impl RangeRouter {
         }
     }
 
+    /// Calls `f` with the range that contains `key`, under the read lock and without cloning
+    /// it (the per-request routing of batches).
+    pub fn with_range<R>(&self, key: &[u8], f: impl FnOnce(&RangeDescriptor) -> R) -> Result<R> {
+        let inner = self.inner.read();
+        match inner
+            .by_start
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
+            .next_back()
+        {
+            Some((_, d)) if d.contains(key) => Ok(f(d)),
+            _ => Err(Error::KeyNotInRange { key: key.to_vec() }),
+        }
+    }
+
     /// Inserts or replaces `desc`. Any other range it overlaps is removed first: a newer
     /// descriptor (from a split, merge or snapshot) supersedes the old shape. Returns the
     /// ranges that were displaced.

@@ -115,7 +115,9 @@ pub trait StateMachine: Send + Sync + 'static {
 }
 
 /// The default state machine: a KV store partitioned by range over the engine's `data`
-/// column family. Commands are encoded `KvRequest`s; answers are encoded `KvResponse`s.
+/// column family. Commands are encoded `KvRequest`s; answers are encoded `KvResponse`s, except
+/// that a put's (and a multi-put's) answer is empty: it always succeeds, so nothing is built or
+/// encoded for it (read an empty answer as `ok`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct KvStateMachine;
 
@@ -130,27 +132,36 @@ impl StateMachine for KvStateMachine {
         let req = KvRequest::decode(command)
             .map_err(|e| ApplyError::Refused(format!("undecodable KvRequest: {e}")))?;
         let op = req.op.ok_or("empty KvRequest")?;
+        // The router checked the keys when the command was proposed, but the range may have
+        // split since: refuse rather than write into a neighbour's keys. (A multi-put is
+        // checked by its first key outside the range, if any.)
         let key = match &op {
             kv_request::Op::Put(p) => &p.key,
             kv_request::Op::Delete(d) => &d.key,
             kv_request::Op::Insert(i) => &i.key,
             kv_request::Op::Cas(c) => &c.key,
+            kv_request::Op::MultiPut(m) => match m.puts.iter().find(|p| !range.contains(&p.key)) {
+                Some(p) => &p.key,
+                None => &range.start_key,
+            },
         };
-        // The router checked the key when it was proposed, but the range may have split
-        // since: refuse rather than write into a neighbour's keys.
         if !range.contains(key) {
             return Err(ApplyError::Refused(format!(
                 "key {key:02x?} is outside range {}",
                 range.range_id
             )));
         }
+        // Puts answer nothing (an empty answer reads as ok).
         let resp = match op {
             kv_request::Op::Put(p) => {
                 ctx.put(&p.key, &p.value);
-                KvResponse {
-                    ok: true,
-                    previous: None,
+                return Ok(Vec::new());
+            }
+            kv_request::Op::MultiPut(m) => {
+                for p in &m.puts {
+                    ctx.put(&p.key, &p.value);
                 }
+                return Ok(Vec::new());
             }
             kv_request::Op::Delete(d) => {
                 let prev = ctx.get(&d.key)?;

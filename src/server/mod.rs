@@ -419,12 +419,15 @@ fn serve_client_api(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let kv = KvService::new(node.clone());
+    let streams = kv.clone();
     let serve = tonic::transport::Server::builder()
-        .add_service(KvService::server(node.clone()))
+        .add_service(flotilla_proto::kv::kv_server::KvServer::new(kv))
         .add_service(AdminService::server(node))
         .serve_with_incoming_shutdown(incoming, async move {
             // A dropped sender stops the server as a sent stop does.
             let _ = stop_rx.await;
+            streams.stop_streams();
         });
     let task = runtime.spawn(async move {
         let served = serve.await;

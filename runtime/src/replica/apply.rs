@@ -14,7 +14,7 @@
 //! values, as the KV state machine's do, but not for a state machine that accumulates.)
 
 use flotilla_proto::command::{
-    admin_command, raft_command, AdminCommand, ClientRecord, RaftCommand,
+    admin_command, raft_command, AdminCommand, ClientRecord, RaftCommand, RequestHeader,
 };
 use flotilla_proto::Message as _;
 use flotilla_store::WriteBatch;
@@ -114,6 +114,21 @@ impl Replica {
             _ if frozen => Step::Done(Err(Error::Busy("range is being merged; retry shortly"))),
             Some(raft_command::Body::App(data)) => {
                 Step::Done(self.apply_app(&header, &data, e.index, env, out, batch)?)
+            }
+            // Each command of a batch is applied (and de-duplicated) on its own and answers
+            // its own token; the batch's token is then completed with an empty answer.
+            Some(raft_command::Body::Batch(b)) => {
+                for r in b.requests {
+                    let h = RequestHeader {
+                        request_id: r.request_id,
+                        ..header
+                    };
+                    let outcome = self.apply_app(&h, &r.command, e.index, env, out, batch)?;
+                    if token.is_some() {
+                        out.complete(r.proposal_token, outcome);
+                    }
+                }
+                Step::Done(Ok(Vec::new()))
             }
             Some(raft_command::Body::Admin(admin)) => match admin.cmd {
                 Some(admin_command::Cmd::Split(split)) => {

@@ -302,6 +302,11 @@ impl Replica {
                     self.on_raft_message(*msg, from_conf_ver, env, out)
                 }
                 PeerMsg::Propose { token, data } => self.propose(token, data, env, out),
+                PeerMsg::ProposeBatch {
+                    token,
+                    data,
+                    forward,
+                } => self.propose_batch(token, data, forward, env, out),
                 PeerMsg::Read { token, lease } => self.read(token, lease, env, out),
                 PeerMsg::ConfChange { token, changes } => {
                     self.propose_conf_change(token, changes, env, out)

@@ -17,6 +17,14 @@ pub(crate) enum PeerMsg {
     },
     /// A command to propose; its completion is registered under `token`.
     Propose { token: u64, data: Vec<u8> },
+    /// A batch entry (several commands, see `command.AppBatch`) under its group token. A
+    /// follower forwards it only if `forward` (and the config) allows; otherwise it answers
+    /// `NotLeader`, for callers that route to leaders themselves.
+    ProposeBatch {
+        token: u64,
+        data: Vec<u8>,
+        forward: bool,
+    },
     /// A read barrier; completes once the replica may serve a read at `token`'s time.
     Read { token: u64, lease: bool },
     /// A membership change; the descriptor of the result completes `token`.
@@ -72,6 +80,7 @@ impl PeerMsg {
     pub(crate) fn token(&self) -> Option<u64> {
         match self {
             PeerMsg::Propose { token, .. }
+            | PeerMsg::ProposeBatch { token, .. }
             | PeerMsg::Read { token, .. }
             | PeerMsg::ConfChange { token, .. }
             | PeerMsg::TransferLeader { token, .. }

@@ -34,6 +34,29 @@ impl Replica {
         self.append(token, data, env, out, false);
     }
 
+    /// Proposes a batch entry (see `PeerMsg::ProposeBatch`): as [`Replica::propose`], except
+    /// that a follower answers `NotLeader` at once unless `forward`.
+    pub(super) fn propose_batch(
+        &mut self,
+        token: u64,
+        data: Vec<u8>,
+        forward: bool,
+        env: &Env<'_>,
+        out: &mut Output,
+    ) {
+        if !forward && self.raw.raft.state != StateRole::Leader {
+            out.complete(
+                token,
+                Err(Error::NotLeader {
+                    range: self.range,
+                    leader_hint: self.leader_hint(),
+                }),
+            );
+            return;
+        }
+        self.propose(token, data, env, out);
+    }
+
     /// Appends `data` to the log as leader, or forwards it to the leader (if allowed by the
     /// config or `force_forward`).
     pub(super) fn append(

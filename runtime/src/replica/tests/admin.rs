@@ -333,11 +333,11 @@ fn ticks_with_node_down(sim: &mut Sim, down: u64, ticks: u32) {
 #[test]
 fn a_merge_a_down_replica_cannot_acknowledge_is_abandoned_and_rolled_back() {
     // Ranges 1 = ["", "m") and 2 = ["m", "") on three nodes, both led by node 1.
-    let mut sim = Sim {
-        nodes: (1..=3)
+    let mut sim = Sim::of(
+        (1..=3)
             .map(|id| Node::new(id, Arc::new(KvStateMachine)))
             .collect(),
-    };
+    );
     for node in &mut sim.nodes {
         node.bootstrap(&descriptor(1, b"", b"m", &[1, 2, 3]));
         node.bootstrap(&descriptor(2, b"m", b"", &[1, 2, 3]));

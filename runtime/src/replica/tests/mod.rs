@@ -433,8 +433,8 @@ impl Sim {
     }
 }
 
+/// Whether a KV answer says ok (a put's answer is empty: it succeeded).
 fn kv_ok(answer: &Answer) -> bool {
-    KvResponse::decode(&answer.as_ref().unwrap()[..])
-        .unwrap()
-        .ok
+    let bytes = answer.as_ref().unwrap();
+    bytes.is_empty() || KvResponse::decode(&bytes[..]).unwrap().ok
 }
