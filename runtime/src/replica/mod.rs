@@ -9,13 +9,14 @@
 //! Each feature has its own file: the inputs (`msg`), the seam (`context`), proposals
 //! (`propose`), reads (`read`), membership (`conf_change`), applying entries (`apply`),
 //! snapshots and log compaction (`snapshot`), range splits (`split`) and merges (`merge`),
-//! messages to other nodes (`send`).
+//! leader placement (`placement`), messages to other nodes (`send`).
 
 mod apply;
 mod conf_change;
 mod context;
 mod merge;
 mod msg;
+mod placement;
 mod propose;
 mod read;
 mod send;
@@ -97,6 +98,8 @@ pub(crate) struct Replica {
     forwarded: Vec<propose::Forwarded>,
     /// As leader, which peers were up in the last check-quorum window (for log compaction).
     peers_up: snapshot::PeersUp,
+    /// The replica that should lead this group, until it has (see `placement`).
+    placement: Option<placement::Placement>,
     /// The placeholder descriptor of a replica created by a message, until its first round
     /// writes it with the round's batch (who we are must be on disk before raft votes).
     placeholder: Option<Box<RangeDescriptor>>,
@@ -162,6 +165,7 @@ impl Replica {
             merge_requested: false,
             forwarded: Vec::new(),
             peers_up: Default::default(),
+            placement: None,
             placeholder: None,
         }
     }
@@ -324,6 +328,7 @@ impl Replica {
                         tracing::debug!(range = %self.range, "campaign refused: {e}");
                     }
                 }
+                PeerMsg::PreferLeader { replica } => self.prefer_leader(replica),
                 PeerMsg::CompactLog { token } => {
                     let r = self.force_compact(out);
                     out.complete(token, r.map(|_| Vec::new()));
@@ -399,6 +404,9 @@ impl Replica {
         }
         if ticks > 0 && !self.reads.is_empty() {
             self.retry_reads(ticks, env);
+        }
+        if ticks > 0 && self.placement.is_some() {
+            self.place_leader();
         }
         if self.campaign_retries > 0 && ticks > 0 {
             if self.raw.raft.leader_id != 0 {
