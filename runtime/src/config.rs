@@ -314,7 +314,9 @@ impl NodeGroupConfig {
             check_quorum: self.check_quorum,
             pre_vote: self.pre_vote,
             max_uncommitted_size: self.max_uncommitted_bytes,
-            skip_bcast_commit: false,
+            // Commits ride the next append or heartbeat unless a follower waits on one
+            // (replica/propose.rs turns broadcasting on then).
+            skip_bcast_commit: true,
             batch_append: true,
             read_only_option: raft::ReadOnlyOption::Safe,
             ..Default::default()

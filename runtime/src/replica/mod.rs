@@ -100,6 +100,9 @@ pub(crate) struct Replica {
     peers_up: snapshot::PeersUp,
     /// The replica that should lead this group, until it has (see `placement`).
     placement: Option<placement::Placement>,
+    /// As leader, every commit is sent to the followers at once until the commit index
+    /// reaches this: a follower waits on it (see `propose.rs`). 0 when none does.
+    urgent_commit: u64,
     /// The placeholder descriptor of a replica created by a message, until its first round
     /// writes it with the round's batch (who we are must be on disk before raft votes).
     placeholder: Option<Box<RangeDescriptor>>,
@@ -166,6 +169,7 @@ impl Replica {
             forwarded: Vec::new(),
             peers_up: Default::default(),
             placement: None,
+            urgent_commit: 0,
             placeholder: None,
         }
     }
@@ -277,6 +281,7 @@ impl Replica {
 
     /// Handles everything that was in the mailbox.
     pub(crate) fn on_msgs(&mut self, msgs: Vec<PeerMsg>, env: &Env<'_>, out: &mut Output) {
+        self.settle_urgent_commit();
         for m in msgs {
             match m {
                 PeerMsg::Raft {
@@ -316,7 +321,10 @@ impl Replica {
                 PeerMsg::PrepareMerge { token, target } => {
                     self.propose_prepare_merge(token, target, env, out)
                 }
-                PeerMsg::ProposeMerge { data } => self.append(0, data, env, out, true),
+                PeerMsg::ProposeMerge { data } => {
+                    self.append(0, data, env, out, true);
+                    self.urge_commit();
+                }
                 PeerMsg::MergeCatchUp {
                     prepare_index,
                     prepare_term,
@@ -380,10 +388,19 @@ impl Replica {
                 .increment(1);
             return;
         }
+        let msg_type = msg.get_msg_type();
         if let Err(e) = self.raw.step(msg) {
             metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "step_error")
                 .increment(1);
             tracing::debug!(range = %self.range, "step refused: {e}");
+        } else if self.is_leader()
+            && matches!(
+                msg_type,
+                MessageType::MsgPropose | MessageType::MsgReadIndex
+            )
+        {
+            // A follower forwarded a proposal or a read and waits for the commit.
+            self.urge_commit();
         }
     }
 
@@ -433,6 +450,10 @@ impl Replica {
             return Ok(());
         }
         let mut rd = self.raw.ready();
+        if rd.ss().is_some_and(|ss| ss.raft_state == StateRole::Leader) {
+            // A new leader's first entry: followers' reads wait for a commit in its term.
+            self.urge_commit();
+        }
         // Leader appends may go out before the local fsync (raft thesis 10.2.1).
         if !rd.messages().is_empty() {
             self.send_raft(rd.take_messages(), env, out);
