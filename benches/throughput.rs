@@ -1,6 +1,7 @@
 //! Proposal throughput through 3 NodeGroups in one process (in-memory network, stores on
-//! disk with fsync) as the number of active groups grows: 1, 64, 1,024 and 4,096, with 4,096
-//! groups hosted throughout.
+//! disk with fsync) as the same load (4,096 proposers, each with one proposal in flight) is
+//! spread over more active groups: 1 (256 proposers), 64, 1,024 and 4,096, with 4,096 groups
+//! hosted throughout.
 //!
 //! Run: `cargo bench --bench throughput` (env `FLOTILLA_BENCH_SECS` sets the measured
 //! seconds per configuration, default 10; `FLOTILLA_BENCH_ACTIVE`, a comma-separated list,
@@ -22,6 +23,8 @@ use flotilla::testing::{key_in_range, Cluster};
 use flotilla::{NodeGroupConfig, RangeId};
 
 const GROUPS: usize = 4096;
+/// Proposers (each with one proposal in flight) of every configuration from 16 groups up.
+const PROPOSERS: usize = 4096;
 
 fn config(node: u64) -> NodeGroupConfig {
     NodeGroupConfig {
@@ -131,8 +134,10 @@ fn main() {
         };
         let mut results = Vec::new();
         for &active in &configs {
-            // Enough proposers to saturate: two per active group, at least 256 in all.
-            let proposers = (active * 2).max(256);
+            // The same load spread over more groups: PROPOSERS in every configuration (one
+            // per group at 4,096, 64 per group at 64), so that what each group costs shows;
+            // one group gets 256 (its mailbox holds 1,024 messages).
+            let proposers = PROPOSERS.min(active * 256);
             eprintln!("measuring active_groups={active} for {secs} s");
             let r = run(c.clone(), active, proposers, secs).await;
             eprintln!(
