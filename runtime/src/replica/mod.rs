@@ -493,7 +493,7 @@ impl Replica {
             // applied (its automatic leave of a joint configuration keys off that).
             let mut light = self.raw.advance_append(rd);
             if let Some(commit) = light.commit_index() {
-                self.raw.mut_store().set_commit(commit, apply_batch);
+                self.raw.mut_store().set_commit(commit);
             }
             let msgs = light.take_messages();
             if !msgs.is_empty() {
