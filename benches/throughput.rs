@@ -1,11 +1,20 @@
 //! Proposal throughput through 3 NodeGroups in one process (in-memory network, stores on
-//! disk with fsync) as the number of active groups grows: 1, 64 and 1,024.
+//! disk with fsync) as the same load (4,096 proposers, each with one proposal in flight) is
+//! spread over more active groups: 1 (256 proposers), 64, 1,024 and 4,096, with 4,096 groups
+//! hosted throughout.
 //!
 //! Run: `cargo bench --bench throughput` (env `FLOTILLA_BENCH_SECS` sets the measured
-//! seconds per configuration, default 10). Prints one line per configuration:
-//! `RESULT {"active_groups":N,"proposals_per_sec":X,"p50_ms":X,"p99_ms":X}`.
+//! seconds per configuration, default 10; `FLOTILLA_BENCH_ACTIVE`, a comma-separated list,
+//! runs only those configurations, e.g. `64,4096` when profiling). Prints one line per
+//! configuration: `RESULT {"active_groups":N,"proposals_per_sec":X,"p50_ms":X,"p99_ms":X,
+//! "cpu_us_per_proposal":X,"messages_per_proposal":X,"batches_per_proposal":X,
+//! "heartbeats_per_sec":X,..}` (CPU of the whole process, three nodes and load generator, per
+//! acknowledged proposal: less sensitive than the rate to other load on the machine; raft
+//! messages and node-to-node batches the in-memory network delivered per acknowledged
+//! proposal; coalesced heartbeats per second, which every hosted group costs), then
+//! the ratios of 1,024 and 4,096 active groups to 64 in the same run.
 
-use flotilla::testing::measure::percentile;
+use flotilla::testing::measure::{cpu_seconds, percentile};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +22,9 @@ use std::time::{Duration, Instant};
 use flotilla::testing::{key_in_range, Cluster};
 use flotilla::{NodeGroupConfig, RangeId};
 
-const GROUPS: usize = 1024;
+const GROUPS: usize = 4096;
+/// Proposers (each with one proposal in flight) of every configuration from 16 groups up.
+const PROPOSERS: usize = 4096;
 
 fn config(node: u64) -> NodeGroupConfig {
     NodeGroupConfig {
@@ -22,10 +33,29 @@ fn config(node: u64) -> NodeGroupConfig {
     }
 }
 
-async fn run(c: Arc<Cluster>, active: usize, proposers: usize, secs: u64) -> (f64, f64, f64) {
+/// One configuration's figures.
+struct Run {
+    proposals_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Process CPU time (the three nodes and the load generator) per acknowledged proposal.
+    cpu_us_per_proposal: f64,
+    /// Raft messages (coalesced heartbeats not counted) the network delivered per acknowledged
+    /// proposal.
+    messages_per_proposal: f64,
+    /// Coalesced heartbeats (and their responses) delivered per second: a cost of every
+    /// hosted group, active or not.
+    heartbeats_per_sec: f64,
+    /// Node-to-node batches the network delivered per acknowledged proposal.
+    batches_per_proposal: f64,
+}
+
+async fn run(c: Arc<Cluster>, active: usize, proposers: usize, secs: u64) -> Run {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     let started = Instant::now();
+    let cpu = cpu_seconds();
+    let net = c.net.stats();
     for p in 0..proposers {
         let (c, stop) = (c.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
@@ -56,12 +86,22 @@ async fn run(c: Arc<Cluster>, active: usize, proposers: usize, secs: u64) -> (f6
         lat.extend(t.await.unwrap());
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu;
+    let net_after = c.net.stats();
+    let n = lat.len().max(1) as f64;
+    let messages = net_after.delivered_messages - net.delivered_messages;
+    let heartbeats = net_after.delivered_heartbeats - net.delivered_heartbeats;
+    let batches = net_after.delivered_batches - net.delivered_batches;
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (
-        lat.len() as f64 / elapsed,
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-    )
+    Run {
+        proposals_per_sec: lat.len() as f64 / elapsed,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        cpu_us_per_proposal: cpu * 1e6 / n,
+        messages_per_proposal: messages as f64 / n,
+        heartbeats_per_sec: heartbeats as f64 / elapsed,
+        batches_per_proposal: batches as f64 / n,
+    }
 }
 
 fn main() {
@@ -83,28 +123,45 @@ fn main() {
         let layout = c.bootstrap(groups);
         let ids: Vec<RangeId> = layout.iter().map(|d| d.id()).collect();
         c.wait_leaders(&ids, Duration::from_secs(120)).await;
-        let configs: &[usize] = if quick { &[1, 64] } else { &[1, 64, 1024] };
+        let configs: Vec<usize> = match std::env::var("FLOTILLA_BENCH_ACTIVE") {
+            Ok(list) => list
+                .split(',')
+                .map(|n| n.trim().parse().expect("FLOTILLA_BENCH_ACTIVE: numbers"))
+                .filter(|&n| n <= groups)
+                .collect(),
+            Err(_) if quick => vec![1, 64],
+            Err(_) => vec![1, 64, 1024, GROUPS],
+        };
         let mut results = Vec::new();
-        for &active in configs {
-            // Enough proposers to saturate: several per active group, at least 256 in all.
-            let proposers = (active * 2).clamp(256, 2048);
-            let (tput, p50, p99) = run(c.clone(), active, proposers, secs).await;
+        for &active in &configs {
+            // The same load spread over more groups: PROPOSERS in every configuration (one
+            // per group at 4,096, 64 per group at 64), so that what each group costs shows;
+            // one group gets 256 (its mailbox holds 1,024 messages).
+            let proposers = PROPOSERS.min(active * 256);
+            eprintln!("measuring active_groups={active} for {secs} s");
+            let r = run(c.clone(), active, proposers, secs).await;
             eprintln!(
-                "active_groups={active} proposers={proposers}: {tput:.0} proposals/s, p50 {p50:.2} ms, p99 {p99:.2} ms"
+                "active_groups={active} proposers={proposers}: {:.0} proposals/s, p50 {:.2} ms, p99 {:.2} ms, per proposal {:.1} µs CPU, {:.2} messages, {:.2} batches; {:.0} heartbeats/s",
+                r.proposals_per_sec, r.p50_ms, r.p99_ms, r.cpu_us_per_proposal, r.messages_per_proposal, r.batches_per_proposal, r.heartbeats_per_sec
             );
-            results.push((active, tput, p50, p99, proposers));
+            results.push((active, proposers, r));
         }
-        for (active, tput, p50, p99, proposers) in &results {
+        for (active, proposers, r) in &results {
             println!(
-                "RESULT {{\"active_groups\":{active},\"proposals_per_sec\":{tput:.1},\"p50_ms\":{p50:.3},\"p99_ms\":{p99:.3},\"proposers\":{proposers},\"seconds\":{secs}}}"
+                "RESULT {{\"active_groups\":{active},\"proposals_per_sec\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"cpu_us_per_proposal\":{:.1},\"messages_per_proposal\":{:.2},\"batches_per_proposal\":{:.3},\"heartbeats_per_sec\":{:.0},\"proposers\":{proposers},\"seconds\":{secs}}}",
+                r.proposals_per_sec, r.p50_ms, r.p99_ms, r.cpu_us_per_proposal, r.messages_per_proposal, r.batches_per_proposal, r.heartbeats_per_sec
             );
         }
-        let find = |n: usize| results.iter().find(|r| r.0 == n).map(|r| r.1);
-        if let (Some(a), Some(b)) = (find(64), find(1024)) {
-            println!(
-                "RESULT {{\"ratio_1024_to_64_active\":{:.3}}}",
-                b / a
-            );
+        let find = |n: usize| {
+            results
+                .iter()
+                .find(|r| r.0 == n)
+                .map(|r| r.2.proposals_per_sec)
+        };
+        for n in [1024, GROUPS] {
+            if let (Some(a), Some(b)) = (find(64), find(n)) {
+                println!("RESULT {{\"ratio_{n}_to_64_active\":{:.3}}}", b / a);
+            }
         }
         drop(c);
     });

@@ -19,8 +19,10 @@ use flotilla_store::StoreConfig;
 use flotilla_transport::MemNetwork;
 use flotilla_transport::Transport;
 
-use crate::layout::{first_campaigner, range_layout, range_start_key};
-use crate::server::{start_node_group, Server, ServerBuilder, ServerConfig, ServerError};
+use crate::layout::{range_layout, range_start_key};
+use crate::server::{
+    start_first_elections, start_node_group, Server, ServerBuilder, ServerConfig, ServerError,
+};
 
 /// Several NodeGroups on the in-memory network.
 pub struct Cluster {
@@ -137,10 +139,8 @@ impl Cluster {
                 .expect("bootstrap");
         }
         let running: Vec<NodeId> = self.running().into_iter().map(NodeId).collect();
-        for d in &layout {
-            if let Some(campaigner) = first_campaigner(d.id(), &running) {
-                let _ = self.node(campaigner.0).campaign(d.id());
-            }
+        for id in &running {
+            start_first_elections(self.node(id.0), *id, &layout, &running);
         }
         layout
     }

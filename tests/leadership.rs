@@ -304,3 +304,45 @@ async fn forwarded_proposal_to_a_lost_leader_is_answered_once_leadership_moves()
     // A retry goes through the new leader.
     c.put(b"lost", b"v", T).await.unwrap();
 }
+
+/// Leaders per node (index 0 is node 1) over `ranges`.
+fn leader_counts(c: &Cluster, ranges: &[RangeId]) -> Vec<usize> {
+    let mut counts = vec![0; c.size()];
+    for r in ranges {
+        if let Some(n) = c.leader_of(*r) {
+            counts[n as usize - 1] += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_end_up_where_the_layout_puts_them_even_if_a_node_missed_the_first_elections() {
+    let c = Cluster::with_config(3, stable_config, StoreConfig::default());
+    // Node 3 is cut off while the 64 ranges elect their first leaders: the 21 ranges it
+    // should lead are won by nodes 1 and 2.
+    let cut = c
+        .net
+        .add_filter(Box::new(flotilla::transport::IsolateFilter::new(NodeId(3))));
+    let ids: Vec<RangeId> = c.bootstrap(64).iter().map(|d| d.id()).collect();
+    c.wait_leaders(&ids, T).await;
+    let before = leader_counts(&c, &ids);
+    assert_eq!(before[2], 0, "{before:?}");
+    c.net.remove_filter(cut);
+    // The layout's campaigner of range r is node r % 3 + 1 (members in id order): 21 ranges
+    // for node 1, 22 for node 2, 21 for node 3. Their leaders hand leadership over to it.
+    let want = vec![21, 22, 21];
+    let mut counts = before.clone();
+    let placed = wait_until(T, || {
+        counts = leader_counts(&c, &ids);
+        counts == want
+    })
+    .await;
+    assert!(
+        placed,
+        "leaders {counts:?} (after the first elections {before:?})"
+    );
+    for r in &ids {
+        assert_eq!(c.leader_of(*r), Some(r.0 % 3 + 1), "range {r}");
+    }
+}

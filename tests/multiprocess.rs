@@ -156,8 +156,9 @@ async fn wait_leaders(clients: &mut [KvClient<Channel>], alive: &[usize], timeou
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_processes_survive_a_sigkill_and_lose_no_acknowledged_write() {
+/// Three nodes on free ports that bootstrap `ranges` ranges, not started yet; and their
+/// client addresses.
+fn three_nodes(ranges: usize) -> (Procs, Vec<SocketAddr>) {
     let dir = tempfile::tempdir().unwrap();
     let raft: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
     let client: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
@@ -179,15 +180,64 @@ async fn three_processes_survive_a_sigkill_and_lose_no_acknowledged_write() {
                 "--peers".into(),
                 peers.clone(),
                 "--bootstrap-ranges".into(),
-                RANGES.to_string(),
+                ranges.to_string(),
             ]
         })
         .collect();
-    let mut procs = Procs {
+    let procs = Procs {
         children: vec![None, None, None],
         args,
         dir,
     };
+    (procs, client)
+}
+
+/// The number of ranges each node leads, as its status says.
+async fn leaders_per_node(clients: &mut [KvClient<Channel>]) -> Vec<u64> {
+    let mut counts = Vec::new();
+    for c in clients.iter_mut() {
+        let s = c.status(StatusRequest {}).await.map(|s| s.into_inner());
+        counts.push(s.map_or(0, |s| s.leaders));
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_end_up_spread_over_the_nodes_after_a_staggered_start() {
+    // Started a second apart, as an operator would: the first elections go to whichever
+    // nodes are up, and the leaders then move to the nodes the layout chose.
+    const SPREAD: usize = 64;
+    let (mut procs, client) = three_nodes(SPREAD);
+    let mut clients = Vec::new();
+    for (i, addr) in client.iter().enumerate() {
+        procs.spawn(i);
+        clients.push(connect(*addr, Duration::from_secs(60)).await);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut counts = leaders_per_node(&mut clients).await;
+    while counts.iter().sum::<u64>() < SPREAD as u64 {
+        assert!(Instant::now() < deadline, "leaders {counts:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        counts = leaders_per_node(&mut clients).await;
+    }
+    let first = counts.clone();
+    // Range r's campaigner is node r % 3 + 1: 21, 22 and 21 ranges.
+    let want = vec![21, 22, 21];
+    while counts != want {
+        assert!(
+            Instant::now() < deadline,
+            "leaders {counts:?} (when every range first had one: {first:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        counts = leaders_per_node(&mut clients).await;
+    }
+    eprintln!("leaders per node: {first:?} once every range had one, then {counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_survive_a_sigkill_and_lose_no_acknowledged_write() {
+    let (mut procs, client) = three_nodes(RANGES);
     for i in 0..3 {
         procs.spawn(i);
     }

@@ -395,7 +395,9 @@ impl NodeGroupConfig {
             check_quorum: self.check_quorum,
             pre_vote: self.pre_vote,
             max_uncommitted_size: self.max_uncommitted_bytes,
-            skip_bcast_commit: false,
+            // Commits ride the next append or heartbeat unless a follower waits on one
+            // (replica/propose.rs turns broadcasting on then).
+            skip_bcast_commit: true,
             // Never batch appends inside raft-rs: its `try_batching` (0.7) merges new entries
             // into any pending MsgAppend to the same follower, also into an empty one sent at
             // a higher index (a commit broadcast) before a rejection moved the follower's next

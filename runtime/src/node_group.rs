@@ -136,6 +136,16 @@ impl NodeGroup {
         self.shared.post(range, PeerMsg::Campaign)
     }
 
+    /// Tells this node's replica of `range` that replica `leader` should lead the group: while
+    /// it leads, it hands leadership to `leader` once that replica is up and replicating. The
+    /// preference holds until `leader` has been seen leading (or it stops being a voter, or a
+    /// few transfers fail); it is not persisted. Bootstrap sets it on every node so that the
+    /// layout's spread of leaders survives a first election won by another node.
+    pub fn prefer_leader(&self, range: RangeId, leader: ReplicaId) -> Result<()> {
+        self.shared
+            .post(range, PeerMsg::PreferLeader { replica: leader.0 })
+    }
+
     /// Proposes an application command to the range that owns `key`; resolves with the state
     /// machine's answer once the command is applied on this node.
     pub async fn propose(

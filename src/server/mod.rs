@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_proto::meta::RangeDescriptor;
-use flotilla_proto::NodeId;
+use flotilla_proto::{NodeId, ReplicaId};
 use flotilla_runtime::{KvStateMachine, NodeGroup, NodeGroupConfig, StateMachine};
 use flotilla_store::{Engine, StoreConfig};
 use flotilla_transport::{BatchHandler, GrpcListener, GrpcTransport, Transport};
@@ -375,24 +375,42 @@ pub(crate) fn start_node_group(
     Ok((node, fresh))
 }
 
-/// Creates the ranges of `layout` on `node` (one synced write) and starts the first election
-/// of each range that `me` is the first campaigner of.
+/// Creates the ranges of `layout` on `node` (one synced write) and starts their first
+/// elections (see [`start_first_elections`]).
 fn bootstrap(
     node: &NodeGroup,
     me: NodeId,
     layout: Vec<RangeDescriptor>,
     members: &[NodeId],
 ) -> Result<(), ServerError> {
-    let ranges: Vec<_> = layout.iter().map(RangeDescriptor::id).collect();
-    node.bootstrap_ranges(layout)?;
-    for range in ranges {
-        if first_campaigner(range, members) == Some(me) {
-            // A campaign that cannot be queued only delays that range's first election to
-            // its election timeout.
-            let _ = node.campaign(range);
+    node.bootstrap_ranges(layout.clone())?;
+    start_first_elections(node, me, &layout, members);
+    Ok(())
+}
+
+/// Starts the first election of each range of `layout` that `me` is the
+/// [`first_campaigner`] of, and tells every replica which replica that is, so that a leader
+/// elected elsewhere (the campaigner started later, or missed the vote) hands leadership to it
+/// once it is up: the leaders end up spread over `members` as the layout says.
+pub(crate) fn start_first_elections(
+    node: &NodeGroup,
+    me: NodeId,
+    layout: &[RangeDescriptor],
+    members: &[NodeId],
+) {
+    for d in layout {
+        let Some(campaigner) = first_campaigner(d.id(), members) else {
+            continue;
+        };
+        // A message that cannot be queued only costs that range its placement, or delays its
+        // first election to its election timeout.
+        if let Some(r) = d.replica_on(campaigner) {
+            let _ = node.prefer_leader(d.id(), ReplicaId(r.replica_id));
+        }
+        if campaigner == me {
+            let _ = node.campaign(d.id());
         }
     }
-    Ok(())
 }
 
 /// Binds the client API socket now (so that the real port and any clash are known at once)

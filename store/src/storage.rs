@@ -121,8 +121,8 @@ impl GroupStorage {
         } else {
             s.read_term_from_disk(s.last_index)?
         };
-        // The commit index in the hard state is written with the apply batch without a sync,
-        // so it may lag the applied index after a crash; applied entries were committed.
+        // The commit index is written only with a new term or vote (see `set_commit`), so it
+        // may lag the applied index; applied entries were committed.
         if s.hard_state.commit < s.apply_state.applied_index {
             s.hard_state.commit = s.apply_state.applied_index;
         }
@@ -266,10 +266,14 @@ impl GroupStorage {
         Ok(())
     }
 
-    /// Records a new hard state in `batch`.
+    /// Records a new hard state in `batch`. A change of the commit index alone is kept in
+    /// memory only (see [`GroupStorage::set_commit`]).
     pub fn set_hard_state(&mut self, hs: HardState, batch: &mut WriteBatch) {
+        let durable = hs.term != self.hard_state.term || hs.vote != self.hard_state.vote;
         self.hard_state = hs;
-        self.write_hard_state(batch);
+        if durable {
+            self.write_hard_state(batch);
+        }
     }
 
     /// Keeps the term and vote of an earlier incarnation of this replica (an uninitialized
@@ -285,11 +289,14 @@ impl GroupStorage {
     }
 
     /// Moves commit forward (raft reports commit separately from the hard state when only the
-    /// commit index changed).
-    pub fn set_commit(&mut self, commit: u64, batch: &mut WriteBatch) {
+    /// commit index changed). In memory only: the commit index is written with the term and
+    /// vote when they change, never on its own, which would cost every group a write per
+    /// round. A restart raises it to the applied index (see [`GroupStorage::recover`]) and
+    /// raft learns the rest from the leader; the commit index need not be durable for
+    /// safety, only the log, term and vote.
+    pub fn set_commit(&mut self, commit: u64) {
         if commit > self.hard_state.commit {
             self.hard_state.commit = commit;
-            self.write_hard_state(batch);
         }
     }
 

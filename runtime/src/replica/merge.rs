@@ -167,6 +167,7 @@ impl Replica {
             }),
         );
         self.propose(token, data, env, out);
+        self.urge_commit();
     }
 
     /// Source, every replica: freezes the range. The answer is the encoded descriptor.
@@ -256,6 +257,7 @@ impl Replica {
                         }),
                     );
                     self.append(0, data, env, out, false);
+                    self.urge_commit();
                     self.merge_retry = MERGE_RETRY_TICKS;
                     return;
                 }

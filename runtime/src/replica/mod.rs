@@ -9,7 +9,7 @@
 //! Each feature has its own file: the inputs (`msg`), the seam (`context`), proposals
 //! (`propose`), reads (`read`), membership (`conf_change`), applying entries (`apply`),
 //! snapshots and log compaction (`snapshot`), range splits (`split`) and merges (`merge`),
-//! messages to other nodes (`send`).
+//! leader placement (`placement`), messages to other nodes (`send`).
 
 mod apply;
 mod conf_change;
@@ -17,6 +17,7 @@ mod context;
 mod hibernate;
 mod merge;
 mod msg;
+mod placement;
 mod propose;
 mod read;
 mod send;
@@ -101,6 +102,11 @@ pub(crate) struct Replica {
     forwarded: Vec<propose::Forwarded>,
     /// As leader, which peers were up in the last check-quorum window (for log compaction).
     peers_up: snapshot::PeersUp,
+    /// The replica that should lead this group, until it has (see `placement`).
+    placement: Option<placement::Placement>,
+    /// As leader, every commit is sent to the followers at once until the commit index
+    /// reaches this: a follower waits on it (see `propose.rs`). 0 when none does.
+    urgent_commit: u64,
     /// The placeholder descriptor of a replica created by a message, until its first round
     /// writes it with the round's batch (who we are must be on disk before raft votes).
     placeholder: Option<Box<RangeDescriptor>>,
@@ -175,6 +181,8 @@ impl Replica {
             merge_requested: false,
             forwarded: Vec::new(),
             peers_up: Default::default(),
+            placement: None,
+            urgent_commit: 0,
             placeholder: None,
             asleep: false,
             quiet_ticks: 0,
@@ -290,6 +298,7 @@ impl Replica {
 
     /// Handles everything that was in the mailbox.
     pub(crate) fn on_msgs(&mut self, msgs: Vec<PeerMsg>, env: &Env<'_>, out: &mut Output) {
+        self.settle_urgent_commit();
         for m in msgs {
             self.wake_for(&m, env, out);
             match m {
@@ -335,7 +344,10 @@ impl Replica {
                 PeerMsg::PrepareMerge { token, target } => {
                     self.propose_prepare_merge(token, target, env, out)
                 }
-                PeerMsg::ProposeMerge { data } => self.append(0, data, env, out, true),
+                PeerMsg::ProposeMerge { data } => {
+                    self.append(0, data, env, out, true);
+                    self.urge_commit();
+                }
                 PeerMsg::MergeCatchUp {
                     prepare_index,
                     prepare_term,
@@ -347,6 +359,7 @@ impl Replica {
                         tracing::debug!(range = %self.range, "campaign refused: {e}");
                     }
                 }
+                PeerMsg::PreferLeader { replica } => self.prefer_leader(replica),
                 PeerMsg::CompactLog { token } => {
                     let r = self.force_compact(out);
                     out.complete(token, r.map(|_| Vec::new()));
@@ -404,10 +417,19 @@ impl Replica {
                 .increment(1);
             return;
         }
+        let msg_type = msg.get_msg_type();
         if let Err(e) = self.raw.step(msg) {
             metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "step_error")
                 .increment(1);
             tracing::debug!(range = %self.range, "step refused: {e}");
+        } else if self.is_leader()
+            && matches!(
+                msg_type,
+                MessageType::MsgPropose | MessageType::MsgReadIndex
+            )
+        {
+            // A follower forwarded a proposal or a read and waits for the commit.
+            self.urge_commit();
         }
     }
 
@@ -435,6 +457,9 @@ impl Replica {
         }
         if ticks > 0 && !self.reads.is_empty() {
             self.retry_reads(ticks, env);
+        }
+        if ticks > 0 && self.placement.is_some() {
+            self.place_leader();
         }
         if self.campaign_retries > 0 && ticks > 0 {
             if self.raw.raft.leader_id != 0 {
@@ -464,6 +489,8 @@ impl Replica {
         let mut rd = self.raw.ready();
         if rd.ss().is_some_and(|ss| ss.raft_state == StateRole::Leader) {
             out.elections_won += 1;
+            // A new leader's first entry: followers' reads wait for a commit in its term.
+            self.urge_commit();
         }
         // Leader appends may go out before the local fsync (raft thesis 10.2.1).
         if !rd.messages().is_empty() {
@@ -505,7 +532,7 @@ impl Replica {
             // applied (its automatic leave of a joint configuration keys off that).
             let mut light = self.raw.advance_append(rd);
             if let Some(commit) = light.commit_index() {
-                self.raw.mut_store().set_commit(commit, apply_batch);
+                self.raw.mut_store().set_commit(commit);
             }
             let msgs = light.take_messages();
             if !msgs.is_empty() {

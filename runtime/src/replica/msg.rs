@@ -55,6 +55,9 @@ pub(crate) enum PeerMsg {
     MergeResume,
     /// Start an election now (used by bootstrap and tests to avoid waiting for a timeout).
     Campaign,
+    /// Replica `replica` should lead this group: hand leadership to it when it is up (see
+    /// `placement`).
+    PreferLeader { replica: u64 },
     /// Compact the log up to the applied index now, so lagging followers get a snapshot.
     CompactLog { token: u64 },
     /// The transport could not deliver to `to` (a replica id).

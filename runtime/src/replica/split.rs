@@ -70,6 +70,7 @@ impl Replica {
             }),
         );
         self.propose(token, data, env, out);
+        self.urge_commit();
     }
 
     /// Applies a committed split; the answer is an encoded [`SplitResult`]. `Err` is a store

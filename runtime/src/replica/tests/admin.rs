@@ -232,6 +232,55 @@ fn a_split_with_a_stale_epoch_is_refused_alike_on_every_replica() {
     }
 }
 
+// ---- leader placement ----
+
+/// Every replica of range 1 is told that node 3's replica should lead.
+fn prefer_node_3(sim: &mut Sim) {
+    for id in 1..=3 {
+        sim.node(id).post(1, PeerMsg::PreferLeader { replica: 3 });
+    }
+    sim.settle();
+}
+
+#[test]
+fn a_leader_hands_leadership_to_the_preferred_replica_once_it_is_up() {
+    let mut sim = Sim::new(3);
+    prefer_node_3(&mut sim);
+    // Node 3 misses the first election and its leader's first appends.
+    sim.cut.insert(3);
+    sim.elect_among(1, 1, &[1, 2]);
+    for _ in 0..30 {
+        sim.step(1);
+        sim.settle();
+    }
+    assert!(
+        sim.node(1).replica(1).is_leader(),
+        "no transfer to a node that is down"
+    );
+    sim.cut.clear();
+    sim.tick_until("node 3 leads", |s| s.nodes[2].replica(1).is_leader());
+    sim.tick_until("every node follows node 3", |s| {
+        s.nodes.iter().all(|n| n.replica(1).raw.raft.leader_id == 3)
+    });
+    // Placed once: every replica forgot the preference (on its next tick).
+    sim.step(1);
+    sim.settle();
+    assert!(sim.nodes.iter().all(|n| n.replica(1).placement.is_none()));
+}
+
+#[test]
+fn a_preferred_replica_that_wins_the_first_election_keeps_leading() {
+    let mut sim = Sim::new(3);
+    prefer_node_3(&mut sim);
+    sim.elect(3, 1);
+    for _ in 0..30 {
+        sim.step(1);
+        sim.settle();
+    }
+    assert!(sim.node(3).replica(1).is_leader());
+    assert!(sim.nodes.iter().all(|n| n.replica(1).placement.is_none()));
+}
+
 // ---- merge ----
 
 /// Two adjacent ranges on one node: 1 = ["", "m"), 2 = ["m", ""), both led by node 1.

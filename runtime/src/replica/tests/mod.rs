@@ -410,11 +410,18 @@ impl Sim {
 
     /// Elects node `id` leader of `range` and waits until every node knows it.
     fn elect(&mut self, id: u64, range: u64) {
+        let all: Vec<u64> = (1..=self.nodes.len() as u64).collect();
+        self.elect_among(id, range, &all);
+    }
+
+    /// Elects node `id` leader of `range` and waits until the nodes `among` know it.
+    fn elect_among(&mut self, id: u64, range: u64, among: &[u64]) {
         self.node(id).post(range, PeerMsg::Campaign);
         self.settle();
         self.tick_until("election", |s| {
-            s.nodes.iter().all(|n| {
-                n.replicas
+            among.iter().all(|n| {
+                s.nodes[*n as usize - 1]
+                    .replicas
                     .get(&range)
                     .is_none_or(|r| r.raw.raft.leader_id == id)
             })
