@@ -380,7 +380,7 @@ const MAX_FRAME_TURNS: u8 = 4;
 
 /// The response side of a `Batch` stream: every answer ready when the transport asks for the
 /// next frame goes into that frame. When the queue runs dry, the frame waits a turn of the
-/// scheduler, and again while each turn brought more (up to [`MAX_FRAME_TURNS`]), so that
+/// scheduler, and again while each turn brought more (up to four turns), so that
 /// answers completing at that moment join it.
 #[derive(Debug)]
 pub struct Answers {
