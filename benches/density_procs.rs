@@ -244,8 +244,23 @@ async fn measure(groups: usize, idle: Duration, base_rss: f64) -> Row {
     let mut p = Procs::start(groups);
     let t0 = Instant::now();
     let long = Duration::from_secs(900);
+    let mut shown = Instant::now();
     wait_for("every range has a leader", long, async || {
         let st = statuses(&p, &all()).await;
+        if shown.elapsed() > Duration::from_secs(10) {
+            shown = Instant::now();
+            let show: Vec<String> = st
+                .iter()
+                .map(|s| match s {
+                    Some(s) => format!(
+                        "{} replicas, {} leaders, {} awake, {} queued",
+                        s.replicas, s.leaders, s.awake, s.queued_wakes
+                    ),
+                    None => "no answer".into(),
+                })
+                .collect();
+            eprintln!("{groups}: waiting for leaders: {show:?}");
+        }
         st.iter().flatten().map(|s| s.leaders).sum::<u64>() >= groups as u64
     })
     .await;

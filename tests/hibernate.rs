@@ -27,12 +27,29 @@ fn asleep_everywhere(c: &Cluster, ranges: &[RangeId]) -> bool {
     })
 }
 
+/// How long setting up and settling `n_ranges` groups may take on a loaded machine.
+fn patience(n_ranges: usize) -> Duration {
+    T + Duration::from_millis(20 * n_ranges as u64)
+}
+
+/// The production clock (100 ms ticks, elections after 1-2 s), for thousands of groups: at the
+/// tests' 10 ms ticks, 30,000 replicas ticking in one process starve their own elections.
+fn big_config(node: u64) -> NodeGroupConfig {
+    NodeGroupConfig {
+        tick_interval: Duration::from_millis(100),
+        election_tick: 10,
+        heartbeat_tick: 2,
+        ..test_config(node)
+    }
+}
+
 async fn sleeping_cluster(n_ranges: usize) -> (Cluster, Vec<RangeId>) {
+    let config = if n_ranges > 1000 { big_config } else { config };
     let c = Cluster::with_config(3, config, StoreConfig::default());
     let ranges: Vec<RangeId> = c.bootstrap(n_ranges).iter().map(|d| d.id()).collect();
-    c.wait_leaders(&ranges, T).await;
+    c.wait_leaders(&ranges, patience(n_ranges)).await;
     assert!(
-        wait_until(T, || asleep_everywhere(&c, &ranges)).await,
+        wait_until(patience(n_ranges), || asleep_everywhere(&c, &ranges)).await,
         "the idle groups did not all fall asleep"
     );
     (c, ranges)
@@ -190,12 +207,12 @@ async fn a_partitioned_sleeping_leader_serves_no_stale_read_and_steps_down_on_he
     // The isolated old leader may believe it leads, but must not answer a read with the old
     // value: neither linearizable nor lease.
     for consistency in [ReadConsistency::Linearizable, ReadConsistency::Lease] {
-        if let Ok(Ok(v)) = tokio::time::timeout(
+        let read = tokio::time::timeout(
             Duration::from_secs(2),
             c.node(old_leader).get(&key, consistency),
         )
-        .await
-        {
+        .await;
+        if let Ok(Ok(v)) = read {
             panic!("stale {consistency:?} read served: {v:?}");
         }
     }
@@ -231,9 +248,9 @@ async fn a_restart_of_a_node_with_many_sleeping_groups_holds_at_most_one_electio
     c.stop(victim);
     c.start(victim);
     let restarted = Instant::now();
-    c.wait_leaders(&ranges, T).await;
+    c.wait_leaders(&ranges, patience(groups)).await;
     assert!(
-        wait_until(Duration::from_secs(120), || asleep_everywhere(&c, &ranges)).await,
+        wait_until(patience(groups), || asleep_everywhere(&c, &ranges)).await,
         "everything sleeps again after the restart"
     );
     // The restarted node's count starts at zero.

@@ -256,3 +256,31 @@ fn followers_of_a_leader_declared_down_forget_it_and_the_first_live_voter_campai
     assert_eq!(sim.node(3).replica(1).raw.raft.leader_id, 2);
     assert!(sim.node(2).replica(1).raw.raft.term > term);
 }
+
+#[test]
+fn a_sleeping_replica_gives_back_its_log_cache_and_raft_buffers() {
+    let mut sim = Sim::new(3);
+    sim.elect(1, 1);
+    for i in 0..20u8 {
+        assert!(kv_ok(&sim.put(1, &[b'w', i], b"v")));
+    }
+    assert!(sim.node(1).replica(1).raw.store().cached_entries() > 0);
+    sim.tick_until("the group sleeps", all_asleep);
+    for n in &sim.nodes {
+        let r = n.replica(1);
+        assert_eq!(r.raw.store().cached_entries(), 0, "node {}", n.id);
+        assert_eq!(r.raw.raft.msgs.capacity(), 0);
+        for (_, pr) in r.raw.raft.prs().iter() {
+            assert_eq!(pr.ins.buffer_capacity(), 0);
+        }
+    }
+    // Where an idle replica's bytes go, inline (printed with --nocapture; see BENCHMARKS.md).
+    println!(
+        "size_of: Replica {} (RawNode {}, GroupStorage {}), cell {}, descriptor {}",
+        std::mem::size_of::<Replica>(),
+        std::mem::size_of::<raft::RawNode<GroupStorage>>(),
+        std::mem::size_of::<GroupStorage>(),
+        std::mem::size_of::<crate::fsm::mailbox::ReplicaCell>(),
+        std::mem::size_of::<RangeDescriptor>(),
+    );
+}
