@@ -1,15 +1,18 @@
 //! The admin API of a node over gRPC (`flotilla.admin.Admin`): split a range (at a key or its
-//! middle), merge two adjacent ranges, change a range's replicas, list this node's range table. It exists so that an
-//! operator or a placement process can reshape the key space of a running cluster without
-//! linking the runtime; errors go through the one mapping in [`crate::kv_service::to_status`].
+//! middle), merge two adjacent ranges, change a range's replicas, hand its leadership to
+//! another node, list this node's range table (with each range's keys and bytes on request),
+//! and the node's counters. It exists so that an operator (`flotilla-ctl`) or a placement
+//! process can reshape the key space of a running cluster without linking the runtime;
+//! errors go through the one mapping in [`crate::kv_service::to_status`].
 
 use std::sync::Arc;
 
 use flotilla_proto::admin::admin_server::{Admin, AdminServer};
 use flotilla_proto::admin::{
     membership_change, split_request, ChangeMembershipRequest, ChangeMembershipResponse,
-    MergeRequest, MergeResponse, RangeInfo, RangesRequest, RangesResponse, SplitRequest,
-    SplitResponse,
+    MergeRequest, MergeResponse, NodeStatusRequest, NodeStatusResponse, RangeInfo,
+    RangeSizesRequest, RangesRequest, RangesResponse, SplitRequest, SplitResponse,
+    TransferLeaderRequest, TransferLeaderResponse,
 };
 use flotilla_proto::meta::RangeDescriptor;
 use flotilla_proto::{NodeId, RangeId, ReplicaId};
@@ -17,6 +20,13 @@ use flotilla_runtime::{MembershipChange, NodeGroup};
 use tonic::{Request, Response, Status};
 
 use crate::kv_service::to_status;
+
+/// Most keys of one range walked to measure it (`RangesRequest.sizes`); past it the size is
+/// RocksDB's estimate.
+const MEASURE_MAX_KEYS: u64 = 10_000;
+
+/// How many election timeouts a leader transfer may take before the call gives up waiting.
+const TRANSFER_WAIT_ELECTIONS: u32 = 3;
 
 /// The admin service over one NodeGroup. Split and merge run on this node: a node that does
 /// not lead the range answers `UNAVAILABLE` with the leader's node (it does not forward, for
@@ -49,7 +59,50 @@ impl AdminService {
             replicas: desc.replicas,
             leader_node_id: leader,
             merging: desc.merge.is_some(),
+            keys: 0,
+            bytes: 0,
+            size_exact: false,
         }
+    }
+
+    /// [`AdminService::info`] with the range's keys and bytes on this node.
+    fn info_with_size(&self, desc: RangeDescriptor) -> RangeInfo {
+        let size = self
+            .node
+            .engine()
+            .data_size(&desc.start_key, &desc.end_key, MEASURE_MAX_KEYS);
+        let mut info = self.info(desc);
+        if let Ok(size) = size {
+            info.keys = size.keys;
+            info.bytes = size.bytes;
+            info.size_exact = size.exact;
+        }
+        info
+    }
+
+    /// This node's range table, with each range's size if `sizes`.
+    async fn table(&self, sizes: bool) -> Result<Response<RangesResponse>, Status> {
+        let this = self.clone();
+        // The status walk and the measuring read RocksDB: off the async threads.
+        let ranges = tokio::task::spawn_blocking(move || {
+            this.node
+                .ranges()
+                .into_iter()
+                .map(|d| {
+                    if sizes {
+                        this.info_with_size(d)
+                    } else {
+                        this.info(d)
+                    }
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("range table: {e}")))?;
+        Ok(Response::new(RangesResponse {
+            node_id: self.node.node_id().0,
+            ranges,
+        }))
     }
 }
 
@@ -134,15 +187,87 @@ impl Admin for AdminService {
         &self,
         _req: Request<RangesRequest>,
     ) -> Result<Response<RangesResponse>, Status> {
-        let ranges = self
+        self.table(false).await
+    }
+
+    async fn range_sizes(
+        &self,
+        _req: Request<RangeSizesRequest>,
+    ) -> Result<Response<RangesResponse>, Status> {
+        self.table(true).await
+    }
+    /// Asks this node's replica (the leader) to hand leadership to the replica on
+    /// `to_node_id`, then waits until this node sees that replica lead.
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let r = req.into_inner();
+        let range = range_id(r.range_id, "range_id")?;
+        if r.to_node_id == 0 {
+            return Err(Status::invalid_argument("to_node_id is required"));
+        }
+        let to = NodeId(r.to_node_id);
+        let desc = self
             .node
             .ranges()
             .into_iter()
-            .map(|d| self.info(d))
-            .collect();
-        Ok(Response::new(RangesResponse {
-            node_id: self.node.node_id().0,
-            ranges,
+            .find(|d| d.id() == range)
+            .ok_or_else(|| to_status(flotilla_runtime::Error::RangeNotFound(range)))?;
+        let replica = desc.replica_on(to).ok_or_else(|| {
+            Status::failed_precondition(format!("range {range} has no replica on node {to}"))
+        })?;
+        let leads = |node: &NodeGroup| {
+            node.status(range)
+                .ok()
+                .is_some_and(|s| s.leader_node == Some(to))
+        };
+        if !leads(&self.node) {
+            self.node
+                .transfer_leader(range, ReplicaId(replica.replica_id))
+                .await
+                .map_err(to_status)?;
+        }
+        let config = self.node.config();
+        let wait = config.tick_interval
+            * u32::try_from(config.election_tick).unwrap_or(u32::MAX)
+            * TRANSFER_WAIT_ELECTIONS;
+        let deadline = tokio::time::Instant::now() + wait;
+        while !leads(&self.node) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "range {range}: node {to} did not take the leadership within {wait:?}"
+                )));
+            }
+            tokio::time::sleep(
+                config
+                    .tick_interval
+                    .min(std::time::Duration::from_millis(20)),
+            )
+            .await;
+        }
+        Ok(Response::new(TransferLeaderResponse {
+            range: Some(self.info(desc)),
+        }))
+    }
+
+    async fn node_status(
+        &self,
+        _req: Request<NodeStatusRequest>,
+    ) -> Result<Response<NodeStatusResponse>, Status> {
+        let node = self.node.clone();
+        let s = tokio::task::spawn_blocking(move || node.node_status())
+            .await
+            .map_err(|e| Status::internal(format!("status: {e}")))?;
+        Ok(Response::new(NodeStatusResponse {
+            node_id: s.node.0,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            replicas: s.replicas as u64,
+            ranges: s.ranges as u64,
+            leaders: s.leaders as u64,
+            awake: s.awake as u64,
+            pending_requests: s.pending_requests as u64,
+            elections_won: s.elections_won,
         }))
     }
 }

@@ -285,79 +285,88 @@ impl NodeGroupConfig {
 
     /// Checks every field; returns the first mistake found.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.mistakes().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every mistake, in field order (what a config file's reader reports, one line each).
+    pub fn mistakes(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
         if self.node_id == 0 {
-            return Err(ConfigError::ZeroNodeId);
+            out.push(ConfigError::ZeroNodeId);
         }
         if self.worker_threads == 0 {
-            return Err(ConfigError::ZeroWorkerThreads);
+            out.push(ConfigError::ZeroWorkerThreads);
         }
         if self.max_batch_replicas == 0 {
-            return Err(ConfigError::ZeroBatch);
+            out.push(ConfigError::ZeroBatch);
         }
         if self.tick_interval < Duration::from_millis(1) {
-            return Err(ConfigError::TickIntervalTooSmall);
+            out.push(ConfigError::TickIntervalTooSmall);
         }
         if self.heartbeat_tick == 0 {
-            return Err(ConfigError::ZeroHeartbeatTick);
+            out.push(ConfigError::ZeroHeartbeatTick);
         }
         if self.election_tick <= self.heartbeat_tick {
-            return Err(ConfigError::ElectionTickNotGreaterThanHeartbeat {
+            out.push(ConfigError::ElectionTickNotGreaterThanHeartbeat {
                 election: self.election_tick,
                 heartbeat: self.heartbeat_tick,
             });
         }
         if self.max_inflight_msgs == 0 {
-            return Err(ConfigError::ZeroInflight);
+            out.push(ConfigError::ZeroInflight);
         }
         if self.max_proposal_bytes == 0 {
-            return Err(ConfigError::ZeroProposalLimit);
+            out.push(ConfigError::ZeroProposalLimit);
         }
         if self.max_proposal_bytes > self.max_size_per_msg {
-            return Err(ConfigError::ProposalLargerThanMessage {
+            out.push(ConfigError::ProposalLargerThanMessage {
                 proposal: self.max_proposal_bytes,
                 msg: self.max_size_per_msg,
             });
         }
         if self.mailbox_capacity == 0 {
-            return Err(ConfigError::ZeroMailbox);
+            out.push(ConfigError::ZeroMailbox);
         }
         if self.log_compact_threshold == 0 {
-            return Err(ConfigError::ZeroCompactThreshold);
+            out.push(ConfigError::ZeroCompactThreshold);
         }
         if self.merge_freeze_limit < self.tick_interval {
-            return Err(ConfigError::MergeFreezeLimitBelowTick);
+            out.push(ConfigError::MergeFreezeLimitBelowTick);
         }
         if self.log_retain_max_entries < self.log_compact_trailing {
-            return Err(ConfigError::RetainBelowTrailing {
+            out.push(ConfigError::RetainBelowTrailing {
                 max: self.log_retain_max_entries,
                 trailing: self.log_compact_trailing,
             });
         }
         if self.log_retain_max_bytes == 0 {
-            return Err(ConfigError::ZeroRetainBytes);
+            out.push(ConfigError::ZeroRetainBytes);
         }
         if self.proposal_timeout.is_zero() || self.merge_timeout.is_zero() {
-            return Err(ConfigError::ZeroProposalTimeout);
+            out.push(ConfigError::ZeroProposalTimeout);
         }
         if self.split.check_interval.is_zero() || self.split.load_window.is_zero() {
-            return Err(ConfigError::ZeroSplitInterval);
+            out.push(ConfigError::ZeroSplitInterval);
         }
         if self.lease_reads && !self.check_quorum {
-            return Err(ConfigError::LeaseReadsWithoutCheckQuorum);
+            out.push(ConfigError::LeaseReadsWithoutCheckQuorum);
         }
         if self.hibernate_ticks == 0 {
-            return Err(ConfigError::ZeroHibernateTicks);
+            out.push(ConfigError::ZeroHibernateTicks);
         }
         if self.node_down_ticks != 0 && self.node_down_ticks < self.election_tick {
-            return Err(ConfigError::NodeDownBeforeElectionTimeout {
+            out.push(ConfigError::NodeDownBeforeElectionTimeout {
                 down: self.node_down_ticks,
                 election: self.election_tick,
             });
         }
         if self.max_wakes_per_tick == 0 {
-            return Err(ConfigError::ZeroWakesPerTick);
+            out.push(ConfigError::ZeroWakesPerTick);
         }
-        Ok(())
+        out
     }
 
     /// `merge_freeze_limit` in ticks (rounded up).

@@ -46,6 +46,42 @@ pub struct ServerConfig {
     /// balanced. Every node of a new cluster must be given the same count and the same peer
     /// ids. A node whose store holds ranges ignores it. Default 0: create none.
     pub bootstrap_ranges: usize,
+    /// Where the HTTP endpoint serves `/metrics` (Prometheus text format) and `/health`.
+    /// Default `None`: not served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Where the Redis protocol (RESP) is served. Default `None`: not served. Reserved here so
+    /// that the file and the flags carry it; the server does not serve it yet.
+    pub redis_addr: Option<SocketAddr>,
+    /// TLS on the client APIs (KV and admin). Default `None`: plaintext.
+    pub client_tls: Option<ClientTls>,
+}
+
+/// TLS on the client address: the node's certificate, and the CA whose certificates clients
+/// must present (mutual TLS) unless `client_ca_pem` is `None`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM of the certificate chain the node presents to clients.
+    pub cert_pem: String,
+    /// PEM of its private key.
+    pub key_pem: String,
+    /// PEM of the CA(s) that sign client certificates. `Some`: a client without a
+    /// certificate from it is refused at the handshake. `None`: any client may connect (it
+    /// only verifies the node). Default in the config file: the cluster's CA.
+    pub client_ca_pem: Option<String>,
+}
+
+/// Never prints the private key.
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"<redacted>")
+            .field(
+                "client_ca_pem",
+                &self.client_ca_pem.as_ref().map(|p| p.len()),
+            )
+            .finish()
+    }
 }
 
 impl Default for ServerConfig {
@@ -60,6 +96,9 @@ impl Default for ServerConfig {
             client_addr: any_port,
             peers: BTreeMap::new(),
             bootstrap_ranges: 0,
+            metrics_addr: None,
+            redis_addr: None,
+            client_tls: None,
         }
     }
 }
@@ -79,7 +118,8 @@ impl ServerConfig {
         NodeId(self.node.node_id)
     }
 
-    /// Checks every field, the nested configs included; returns the first mistake found.
+    /// Checks every field, the nested configs included; returns the first mistake found
+    /// (see [`ServerConfig::mistakes`] for all of them).
     ///
     /// # Errors
     ///
@@ -87,41 +127,77 @@ impl ServerConfig {
     /// for the layers' own settings, or the variant that names the mistake:
     /// [`ServerError::NoDataDir`], [`ServerError::SameAddress`], [`ServerError::ZeroPeerId`],
     /// [`ServerError::PeerAddress`], [`ServerError::BootstrapWithoutThisNode`],
-    /// [`ServerError::TooManyBootstrapRanges`].
+    /// [`ServerError::TooManyBootstrapRanges`], [`ServerError::ClientTls`].
     pub fn validate(&self) -> Result<(), ServerError> {
-        self.node.validate()?;
-        self.store.validate()?;
-        self.grpc.validate()?;
+        match self.mistakes().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every mistake of every field, the nested configs' included, in order: what a node
+    /// refuses to start with, one line each.
+    pub fn mistakes(&self) -> Vec<ServerError> {
+        let mut out: Vec<ServerError> = Vec::new();
+        out.extend(self.node.mistakes().into_iter().map(ServerError::from));
+        out.extend(self.store.mistakes().into_iter().map(ServerError::from));
+        out.extend(self.grpc.mistakes().into_iter().map(ServerError::from));
         if self.data_dir.as_os_str().is_empty() {
-            return Err(ServerError::NoDataDir);
+            out.push(ServerError::NoDataDir);
         }
         // Two port-0 addresses are two different sockets; only a fixed port can clash.
-        if self.raft_addr == self.client_addr && self.raft_addr.port() != 0 {
-            return Err(ServerError::SameAddress(self.raft_addr));
+        let mut fixed: Vec<SocketAddr> = Vec::new();
+        let listeners = [
+            Some(self.raft_addr),
+            Some(self.client_addr),
+            self.metrics_addr,
+            self.redis_addr,
+        ];
+        for addr in listeners.into_iter().flatten() {
+            if addr.port() == 0 {
+                continue;
+            }
+            if fixed.contains(&addr) {
+                out.push(ServerError::SameAddress(addr));
+            } else {
+                fixed.push(addr);
+            }
         }
         for (node, addr) in &self.peers {
             if node.0 == 0 {
-                return Err(ServerError::ZeroPeerId);
+                out.push(ServerError::ZeroPeerId);
             }
             if !is_host_port(addr) {
-                return Err(ServerError::PeerAddress {
+                out.push(ServerError::PeerAddress {
                     node: *node,
                     addr: addr.clone(),
                 });
             }
         }
         if self.bootstrap_ranges > MAX_RANGES {
-            return Err(ServerError::TooManyBootstrapRanges {
+            out.push(ServerError::TooManyBootstrapRanges {
                 count: self.bootstrap_ranges,
                 max: MAX_RANGES,
             });
         }
         if self.bootstrap_ranges > 0 && !self.peers.contains_key(&self.node_id()) {
-            return Err(ServerError::BootstrapWithoutThisNode {
+            out.push(ServerError::BootstrapWithoutThisNode {
                 node: self.node_id(),
             });
         }
-        Ok(())
+        if let Some(tls) = &self.client_tls {
+            let pems = [
+                ("cert", Some(&tls.cert_pem)),
+                ("key", Some(&tls.key_pem)),
+                ("client CA", tls.client_ca_pem.as_ref()),
+            ];
+            for (what, pem) in pems {
+                if pem.is_some_and(|p| !p.contains("-----BEGIN ")) {
+                    out.push(ServerError::ClientTls(format!("the {what} is not PEM")));
+                }
+            }
+        }
+        out
     }
 }
 
@@ -230,6 +306,21 @@ mod tests {
             },
             |e| matches!(e, ServerError::TooManyBootstrapRanges { count, max } if *count == MAX_RANGES + 1 && *max == MAX_RANGES),
         );
+    }
+
+    #[test]
+    fn mistakes_lists_every_mistake_of_every_layer() {
+        let mut c = base();
+        c.node.heartbeat_tick = 0;
+        c.node.max_wakes_per_tick = 0;
+        c.store.background_jobs = 0;
+        c.store.block_cache_bytes = 0;
+        c.grpc.ping_interval = Duration::ZERO;
+        c.metrics_addr = Some(c.client_addr);
+        c.data_dir = PathBuf::new();
+        let all: Vec<String> = c.mistakes().iter().map(|e| e.to_string()).collect();
+        assert_eq!(all.len(), 7, "{all:#?}");
+        assert_eq!(c.validate().unwrap_err().to_string(), all[0]);
     }
 
     #[test]

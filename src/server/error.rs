@@ -22,8 +22,9 @@ pub enum ServerError {
     #[error("data_dir must be set")]
     NoDataDir,
 
-    /// The raft and client addresses name the same socket: give each API its own port.
-    #[error("the raft and client APIs cannot both listen on {0}")]
+    /// Two of the listen addresses (raft, client, metrics, redis) name the same socket: give
+    /// each its own port.
+    #[error("two listeners (raft, client, metrics, redis) cannot both use {0}")]
     SameAddress(SocketAddr),
 
     /// A peer has node id 0, which raft reserves for "nobody": fix the peer list.
@@ -55,6 +56,16 @@ pub enum ServerError {
         /// The largest count allowed.
         max: usize,
     },
+
+    /// The client API's TLS material is unusable (not PEM, or refused by the TLS library):
+    /// fix the certificate or key files.
+    #[error("client TLS: {0}")]
+    ClientTls(String),
+
+    /// The metrics endpoint could not start (its address is in use, or a metrics recorder
+    /// was already installed in this process).
+    #[error("metrics endpoint: {0}")]
+    Metrics(String),
 
     /// The store refused its config or could not open the data directory (held by another
     /// process, damaged, no permission): see the store error.

@@ -23,6 +23,8 @@
 
 mod config;
 mod error;
+mod file;
+mod observe;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,8 +42,12 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-pub use config::ServerConfig;
+pub use config::{ClientTls, ServerConfig};
 pub use error::ServerError;
+pub use file::{
+    ConfigFile, LogSection, NodeSection, RaftSection, SplitSection, StoreSection, TlsSection,
+};
+pub use observe::{Kind as MetricKind, Metric, CATALOGUE as METRICS};
 
 use crate::admin_service::AdminService;
 use crate::kv_service::KvService;
@@ -73,6 +79,11 @@ pub struct Server {
     raft_addr: SocketAddr,
     client_addr: SocketAddr,
     client_api: Mutex<ClientApi>,
+    /// The `/metrics` and `/health` endpoint, if configured.
+    observe: Mutex<Option<observe::Endpoint>>,
+    metrics_addr: Option<SocketAddr>,
+    /// The Redis protocol address of the config, for the RESP server to serve.
+    redis_addr: Option<SocketAddr>,
 }
 
 /// The client API server task and the means to stop it and learn that it stopped.
@@ -182,6 +193,16 @@ impl Server {
         self.client_addr
     }
 
+    /// The address of the `/metrics` and `/health` endpoint, if one is served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The address the config asks the Redis protocol to be served on, if any.
+    pub fn redis_addr(&self) -> Option<SocketAddr> {
+        self.redis_addr
+    }
+
     /// Stops the node; see the module doc for the order and the wait. Idempotent.
     pub fn shutdown(&self) {
         let (stop, done) = {
@@ -191,10 +212,26 @@ impl Server {
         let Some(stop) = stop else {
             return;
         };
+        if let Some(endpoint) = &*self.observe.lock().unwrap_or_else(|e| e.into_inner()) {
+            endpoint.set_stopping();
+        }
         let _ = stop.send(());
         // After the client API stopped taking calls: the NodeGroup fails the calls still in
         // flight (`Stopped`), so that the server's graceful shutdown does not wait on them.
         self.node.shutdown();
+        // The workers are joined: nothing writes any more. Sync what the apply batches left
+        // unsynced, so that a restart replays nothing.
+        if let Err(e) = self.node.engine().sync_wal() {
+            tracing::warn!(node = %self.node_id(), error = %e, "engine sync at shutdown failed");
+        }
+        if let Some(mut endpoint) = self
+            .observe
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            endpoint.stop();
+        }
         // `Disconnected` means the task is gone already (its runtime was shut down).
         if Handle::try_current().is_err()
             && done
@@ -313,6 +350,10 @@ impl ServerBuilder {
             state_machine,
         } = self;
         let raft_addr = raft.local_addr();
+        if config.metrics_addr.is_some() {
+            // Before anything records, so that the endpoint sees every count.
+            observe::recorder()?;
+        }
         let mut transport = None;
         let (node, fresh) = start_node_group(
             config.node.clone(),
@@ -335,13 +376,22 @@ impl ServerBuilder {
             // On an error `node` is dropped, which shuts it down.
             bootstrap(&node, config.node_id(), layout, &members)?;
         }
-        let client_api = serve_client_api(node.clone(), client, &runtime);
+        let observe = match config.metrics_addr {
+            Some(addr) => Some(observe::serve(addr, node.clone(), &runtime)?),
+            None => None,
+        };
+        let metrics_addr = observe.as_ref().map(observe::Endpoint::addr);
+        let client_api =
+            serve_client_api(node.clone(), client, config.client_tls.as_ref(), &runtime)?;
         Ok(Server {
             node,
             transport,
             raft_addr,
             client_addr,
             client_api: Mutex::new(client_api),
+            observe: Mutex::new(observe),
+            metrics_addr,
+            redis_addr: config.redis_addr,
         })
     }
 }
@@ -428,18 +478,32 @@ fn bind_client(
     Ok((listener, local))
 }
 
-/// Serves the KV and admin APIs over `node` on `listener`, on `runtime`, until stopped.
+/// Serves the KV and admin APIs over `node` on `listener`, on `runtime`, until stopped; over
+/// TLS if `tls` says so.
 fn serve_client_api(
     node: Arc<NodeGroup>,
     listener: tokio::net::TcpListener,
+    tls: Option<&ClientTls>,
     runtime: &Handle,
-) -> ClientApi {
+) -> Result<ClientApi, ServerError> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let kv = KvService::new(node.clone());
     let streams = kv.clone();
-    let serve = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        let mut server_tls = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+        );
+        if let Some(ca) = &tls.client_ca_pem {
+            server_tls = server_tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder
+            .tls_config(server_tls)
+            .map_err(|e| ServerError::ClientTls(e.to_string()))?;
+    }
+    let serve = builder
         .add_service(flotilla_proto::kv::kv_server::KvServer::new(kv))
         .add_service(AdminService::server(node))
         .serve_with_incoming_shutdown(incoming, async move {
@@ -455,9 +519,9 @@ fn serve_client_api(
         let _ = done_tx.send(());
         served
     });
-    ClientApi {
+    Ok(ClientApi {
         stop: Some(stop_tx),
         done: Some(done_rx),
         task: Some(task),
-    }
+    })
 }

@@ -57,27 +57,36 @@ impl Default for StoreConfig {
 impl StoreConfig {
     /// Checks every field; returns the first mistake.
     pub fn validate(&self) -> Result<()> {
+        match self.mistakes().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every mistake, in field order (what a config file's reader reports, one line each).
+    pub fn mistakes(&self) -> Vec<StoreError> {
+        let mut out = Vec::new();
         if self.block_cache_bytes < 1 << 20 {
-            return Err(StoreError::InvalidConfig(
+            out.push(StoreError::InvalidConfig(
                 "block_cache_bytes must be at least 1 MiB",
             ));
         }
         if self.write_buffer_bytes < 1 << 20 {
-            return Err(StoreError::InvalidConfig(
+            out.push(StoreError::InvalidConfig(
                 "write_buffer_bytes must be at least 1 MiB",
             ));
         }
         if self.background_jobs < 1 {
-            return Err(StoreError::InvalidConfig(
+            out.push(StoreError::InvalidConfig(
                 "background_jobs must be at least 1",
             ));
         }
         if self.log_cache_entries > 1 << 20 {
-            return Err(StoreError::InvalidConfig(
+            out.push(StoreError::InvalidConfig(
                 "log_cache_entries must be at most 1048576",
             ));
         }
-        Ok(())
+        out
     }
 }
 
@@ -92,6 +101,17 @@ impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine").field("path", &self.path).finish()
     }
+}
+
+/// What [`Engine::data_size`] measured of a key interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataSize {
+    /// Keys (a lower bound unless `exact`).
+    pub keys: u64,
+    /// Bytes of keys plus values (an estimate unless `exact`).
+    pub bytes: u64,
+    /// Whether the interval was walked whole.
+    pub exact: bool,
 }
 
 /// Which column family an operation addresses.
@@ -163,6 +183,59 @@ impl Engine {
     /// may be written to the engine afterwards; drop it.
     pub fn stop_background_work(&self) {
         self.db.cancel_all_background_work(true);
+    }
+
+    /// Writes out and fsyncs everything written so far, unsynced writes included (the apply
+    /// batches): what a node does as it stops, so that a restart replays nothing it already
+    /// applied. Not needed for safety (the synced raft log holds every acknowledged write).
+    pub fn sync_wal(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    /// The size of the user data of `[start, end)` (an empty `end` is the end of the key
+    /// space): keys and bytes of keys plus values, counted exactly by walking the interval
+    /// (no copy) while it holds at most `max_keys` keys. Past that the walk stops and the
+    /// answer is approximate: `keys` is then a lower bound and `bytes` RocksDB's estimate of
+    /// the interval's share of the data files (compressed size; memtables not included).
+    pub fn data_size(&self, start: &[u8], end: &[u8], max_keys: u64) -> Result<DataSize> {
+        let mut opts = ReadOptions::default();
+        if !end.is_empty() {
+            opts.set_iterate_upper_bound(end.to_vec());
+        }
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(Cf::Data), opts);
+        it.seek(start);
+        let (mut keys, mut bytes) = (0u64, 0u64);
+        while it.valid() {
+            if keys == max_keys {
+                let upper = if end.is_empty() {
+                    vec![0xff; 64]
+                } else {
+                    end.to_vec()
+                };
+                let range = rocksdb::Range::new(start, &upper);
+                let estimate = self
+                    .db
+                    .get_approximate_sizes_cf(self.cf(Cf::Data), &[range])
+                    .first()
+                    .copied()
+                    .unwrap_or(0);
+                return Ok(DataSize {
+                    keys,
+                    bytes: estimate.max(bytes),
+                    exact: false,
+                });
+            }
+            keys += 1;
+            bytes += (it.key().map_or(0, <[u8]>::len) + it.value().map_or(0, <[u8]>::len)) as u64;
+            it.next();
+        }
+        it.status()?;
+        Ok(DataSize {
+            keys,
+            bytes,
+            exact: true,
+        })
     }
 
     /// The configuration it was opened with.

@@ -17,7 +17,7 @@ pub mod keys;
 pub mod snapshot;
 mod storage;
 
-pub use engine::{Engine, RecoveredGroup, StoreConfig, WriteBatch};
+pub use engine::{DataSize, Engine, RecoveredGroup, StoreConfig, WriteBatch};
 pub use error::{Result, StoreError};
 pub use snapshot::SnapshotImport;
 pub use storage::{GroupStorage, SPLIT_INIT_INDEX, SPLIT_INIT_TERM};

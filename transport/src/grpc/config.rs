@@ -104,72 +104,82 @@ impl GrpcConfig {
     ///
     /// [`TransportError::InvalidConfig`] naming the first wrong field.
     pub fn validate(&self) -> Result<(), TransportError> {
-        let bad = |field, problem| Err(TransportError::InvalidConfig { field, problem });
+        match self.mistakes().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every mistake, in field order (what a config file's reader reports, one line each);
+    /// the PEM contents of `tls` are only parsed when the transport binds.
+    pub fn mistakes(&self) -> Vec<TransportError> {
+        let bad = |field, problem| TransportError::InvalidConfig { field, problem };
+        let mut out = Vec::new();
         if self.queue_budget_bytes == 0 {
-            return bad("queue_budget_bytes", "must be positive");
+            out.push(bad("queue_budget_bytes", "must be positive"));
         }
         if self.max_frame_bytes == 0 {
-            return bad("max_frame_bytes", "must be positive");
+            out.push(bad("max_frame_bytes", "must be positive"));
         }
         if self.max_frame_bytes > MAX_GRPC_FRAME {
-            return bad(
+            out.push(bad(
                 "max_frame_bytes",
                 "must be below 4 GiB (gRPC length prefix)",
-            );
+            ));
         }
         if self.batch_max_messages == 0 {
-            return bad("batch_max_messages", "must be positive");
+            out.push(bad("batch_max_messages", "must be positive"));
         }
         if self.connect_timeout.is_zero() {
-            return bad("connect_timeout", "must be positive");
+            out.push(bad("connect_timeout", "must be positive"));
         }
         if self.reconnect_backoff_min.is_zero() {
-            return bad("reconnect_backoff_min", "must be positive");
+            out.push(bad("reconnect_backoff_min", "must be positive"));
         }
         if self.reconnect_backoff_max < self.reconnect_backoff_min {
-            return bad(
+            out.push(bad(
                 "reconnect_backoff_max",
                 "must be at least reconnect_backoff_min",
-            );
+            ));
         }
         if self.ping_interval.is_zero() {
-            return bad("ping_interval", "must be positive");
+            out.push(bad("ping_interval", "must be positive"));
         }
         if self.ping_timeout <= self.ping_interval {
-            return bad("ping_timeout", "must be longer than ping_interval");
+            out.push(bad("ping_timeout", "must be longer than ping_interval"));
         }
         if self.inbound_budget_bytes == 0 {
-            return bad("inbound_budget_bytes", "must be positive");
+            out.push(bad("inbound_budget_bytes", "must be positive"));
         }
         if self.inbound_budget_bytes > MAX_GRPC_FRAME {
-            return bad("inbound_budget_bytes", "must be below 4 GiB");
+            out.push(bad("inbound_budget_bytes", "must be below 4 GiB"));
         }
         if self.snapshot_chunk_bytes == 0 {
-            return bad("snapshot_chunk_bytes", "must be positive");
+            out.push(bad("snapshot_chunk_bytes", "must be positive"));
         }
         if self
             .snapshot_chunk_bytes
             .saturating_add(SNAPSHOT_FRAME_OVERHEAD)
             > self.max_frame_bytes
         {
-            return bad(
+            out.push(bad(
                 "snapshot_chunk_bytes",
                 "must be below max_frame_bytes by at least 256 bytes (the frame's header)",
-            );
+            ));
         }
         if self.max_snapshot_bytes == 0 {
-            return bad("max_snapshot_bytes", "must be positive");
+            out.push(bad("max_snapshot_bytes", "must be positive"));
         }
         if self.max_concurrent_snapshots == 0 {
-            return bad("max_concurrent_snapshots", "must be positive");
+            out.push(bad("max_concurrent_snapshots", "must be positive"));
         }
         if self.snapshot_timeout.is_zero() {
-            return bad("snapshot_timeout", "must be positive");
+            out.push(bad("snapshot_timeout", "must be positive"));
         }
         if let Some(tls) = &self.tls {
-            tls.validate()?;
+            out.extend(tls.validate().err());
         }
-        Ok(())
+        out
     }
 }
 

@@ -1,0 +1,571 @@
+//! `flotilla-ctl`: the operator's command line for a Flotilla cluster, in the style of
+//! `etcdctl`: `--endpoints` lists the nodes' client addresses, `--output table|json` picks
+//! the format, and each subcommand is one admin or KV call (routed to the range's leader when
+//! it must run there).
+//!
+//! Layout: `cluster.rs` (connections, node ids, the merged range table, leader routing),
+//! `kv.rs` (the KV subcommands), `output.rs` (tables, JSON, how bytes are shown); this file
+//! holds the flags and the admin subcommands.
+//!
+//! Exit status: 0 on success, 1 on any error (printed on stderr as one `error:` line), 2 for
+//! flags clap refuses.
+
+mod cluster;
+mod kv;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use flotilla_proto::admin::{
+    membership_change::Change, split_request, ChangeMembershipRequest, MembershipChange,
+    MergeRequest, RangeInfo, SplitRequest, TransferLeaderRequest,
+};
+use flotilla_proto::meta::ReplicaRole;
+use serde_json::{json, Value};
+
+use cluster::{Cluster, Dial, Range};
+use output::{show_bytes, show_end, show_size, show_start, table, Output};
+
+/// Operate a Flotilla cluster: its ranges, their replicas and leaders, the nodes, the data.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla-ctl", version, about, long_about = None)]
+struct Cli {
+    /// Client addresses (host:port) of the nodes, comma-separated. Give every node: commands
+    /// that must run on a range's leader are sent to the leader's node, which must be listed.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:8001",
+        env = "FLOTILLA_ENDPOINTS"
+    )]
+    endpoints: Vec<String>,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Longest wait for connecting to a node and for each call: 500ms, 5s, 1m.
+    #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// CA certificate (PEM) that signed the nodes' certificates: connect over TLS.
+    #[arg(long, global = true, value_name = "PATH")]
+    cacert: Option<PathBuf>,
+    /// This client's certificate (PEM), for nodes that require client certificates.
+    #[arg(long, global = true, value_name = "PATH")]
+    cert: Option<PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long = "key", id = "tls_key", global = true, value_name = "PATH")]
+    tls_key: Option<PathBuf>,
+    /// Name to check the nodes' certificates against instead of each endpoint's host.
+    #[arg(long, global = true, value_name = "NAME")]
+    server_name: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The range table: id, key interval, replicas, leader, keys and size.
+    Ranges {
+        /// Skip measuring each range's keys and bytes (faster with many ranges).
+        #[arg(long)]
+        no_sizes: bool,
+    },
+    /// Split a range in two, at a key or (without --at) at its middle key.
+    Split {
+        /// The range to split, by id.
+        #[arg(long, value_name = "ID", value_parser = parse_range_id, required_unless_present = "range_key")]
+        range: Option<u64>,
+        /// The range to split: the one holding this key.
+        #[arg(long, value_name = "KEY", conflicts_with = "range")]
+        range_key: Option<String>,
+        /// Where the right half starts; strictly inside the range. Default: its middle key.
+        #[arg(long, value_name = "KEY")]
+        at: Option<String>,
+    },
+    /// Merge a range into the adjacent range (replicated on the same nodes).
+    Merge {
+        /// The range that disappears.
+        #[arg(long, value_name = "ID", value_parser = parse_range_id)]
+        source: u64,
+        /// The range that absorbs it.
+        #[arg(long, value_name = "ID", value_parser = parse_range_id)]
+        target: u64,
+    },
+    /// Change a range's replicas.
+    Members {
+        #[command(subcommand)]
+        change: MembersCommand,
+    },
+    /// Hand a range's leadership to its replica on another node.
+    TransferLeader {
+        /// The range.
+        #[arg(long, value_name = "ID", value_parser = parse_range_id)]
+        range: u64,
+        /// The node whose replica should lead.
+        #[arg(long, value_name = "NODE")]
+        to: u64,
+    },
+    /// Each endpoint's node: id, version, ranges, leaders, replicas; or why it is unreachable.
+    Status,
+    /// Read and write keys.
+    Kv {
+        #[command(subcommand)]
+        command: kv::KvCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MembersCommand {
+    /// Add a replica of the range on a node (a voter, or a learner with --learner).
+    Add {
+        #[arg(long, value_name = "ID", value_parser = parse_range_id)]
+        range: u64,
+        /// The node to add a replica on.
+        #[arg(long)]
+        node: u64,
+        /// Add a non-voting learner (promote it once it caught up).
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove the range's replica on a node.
+    Remove {
+        #[arg(long, value_name = "ID", value_parser = parse_range_id)]
+        range: u64,
+        #[arg(long)]
+        node: u64,
+    },
+    /// Make the range's learner on a node a voter.
+    Promote {
+        #[arg(long, value_name = "ID", value_parser = parse_range_id)]
+        range: u64,
+        #[arg(long)]
+        node: u64,
+    },
+    /// Make the range's voter on a node a learner.
+    Demote {
+        #[arg(long, value_name = "ID", value_parser = parse_range_id)]
+        range: u64,
+        #[arg(long)]
+        node: u64,
+    },
+}
+
+/// `500ms`, `5s`, `2m`, or a number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (500ms, 5s, 1m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m)")),
+    };
+    if secs <= 0.0 {
+        return Err("must be positive".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A range id as shown (`r123` or `123`).
+fn parse_range_id(s: &str) -> Result<u64, String> {
+    let digits = s.strip_prefix('r').unwrap_or(s);
+    match digits.parse::<u64>() {
+        Ok(0) | Err(_) => Err(format!("{s:?} is not a range id")),
+        Ok(id) => Ok(id),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let tls = Dial::tls_from_files(
+        cli.cacert.as_deref(),
+        cli.cert.as_deref(),
+        cli.tls_key.as_deref(),
+        cli.server_name.as_deref(),
+    )?;
+    let dial = Dial {
+        endpoints: cli.endpoints.clone(),
+        timeout: cli.timeout,
+        tls,
+    };
+    let out = cli.output;
+    if let Command::Status = cli.command {
+        return status(&dial, out).await;
+    }
+    let cluster = Cluster::connect(&dial).await?;
+    match cli.command {
+        Command::Ranges { no_sizes } => ranges(&cluster, !no_sizes, out).await,
+        Command::Split {
+            range,
+            range_key,
+            at,
+        } => split(&cluster, range, range_key, at, out).await,
+        Command::Merge { source, target } => {
+            let merged = cluster
+                .on_leader(source, |mut c| async move {
+                    c.merge(MergeRequest {
+                        source_range_id: source,
+                        target_range_id: target,
+                    })
+                    .await
+                })
+                .await?;
+            show_ranges(&[merged.merged.context("the answer has no range")?], out);
+            Ok(())
+        }
+        Command::Members { change } => members(&cluster, change, out).await,
+        Command::TransferLeader { range, to } => {
+            let r = cluster
+                .on_leader(range, |mut c| async move {
+                    c.transfer_leader(TransferLeaderRequest {
+                        range_id: range,
+                        to_node_id: to,
+                    })
+                    .await
+                })
+                .await?;
+            show_ranges(&[r.range.context("the answer has no range")?], out);
+            Ok(())
+        }
+        Command::Kv { command } => kv::run(&cluster, command, out).await,
+        Command::Status => unreachable!("handled above"),
+    }
+}
+
+async fn ranges(cluster: &Cluster, sizes: bool, out: Output) -> Result<()> {
+    let ranges = cluster.ranges(sizes).await?;
+    let infos: Vec<RangeInfo> = ranges
+        .into_iter()
+        .map(|Range { mut info, leader }| {
+            info.leader_node_id = leader.unwrap_or(0);
+            info
+        })
+        .collect();
+    if sizes {
+        show_ranges_sized(&infos, out);
+    } else {
+        show_ranges(&infos, out);
+    }
+    Ok(())
+}
+
+async fn split(
+    cluster: &Cluster,
+    range: Option<u64>,
+    key: Option<String>,
+    at: Option<String>,
+    out: Output,
+) -> Result<()> {
+    let id = match (range, &key) {
+        (Some(id), _) => id,
+        (None, Some(k)) => {
+            let table = cluster.ranges(false).await?;
+            table
+                .iter()
+                .find(|r| {
+                    &r.info.start_key[..] <= k.as_bytes()
+                        && (r.info.end_key.is_empty() || k.as_bytes() < &r.info.end_key[..])
+                })
+                .map(|r| r.info.range_id)
+                .with_context(|| format!("no range holds key {k:?}"))?
+        }
+        (None, None) => bail!("--range or --key is required"),
+    };
+    let split_key = at.map(|k| k.into_bytes()).unwrap_or_default();
+    let r = cluster
+        .on_leader(id, |mut c| {
+            let split_key = split_key.clone();
+            async move {
+                c.split(SplitRequest {
+                    range: Some(split_request::Range::RangeId(id)),
+                    split_key: split_key.into(),
+                })
+                .await
+            }
+        })
+        .await?;
+    let halves: Vec<RangeInfo> = [r.left, r.right].into_iter().flatten().collect();
+    show_ranges(&halves, out);
+    Ok(())
+}
+
+async fn members(cluster: &Cluster, cmd: MembersCommand, out: Output) -> Result<()> {
+    let (range, change) = match cmd {
+        MembersCommand::Add {
+            range,
+            node,
+            learner,
+        } => {
+            let change = if learner {
+                Change::AddLearnerNode(node)
+            } else {
+                Change::AddVoterNode(node)
+            };
+            (range, change)
+        }
+        MembersCommand::Remove { range, node } => (
+            range,
+            Change::RemoveReplica(replica_on(cluster, range, node).await?),
+        ),
+        MembersCommand::Promote { range, node } => (
+            range,
+            Change::PromoteReplica(replica_on(cluster, range, node).await?),
+        ),
+        MembersCommand::Demote { range, node } => (
+            range,
+            Change::DemoteReplica(replica_on(cluster, range, node).await?),
+        ),
+    };
+    let r = cluster
+        .on_leader(range, |mut c| async move {
+            c.change_membership(ChangeMembershipRequest {
+                range_id: range,
+                changes: vec![MembershipChange {
+                    change: Some(change),
+                }],
+            })
+            .await
+        })
+        .await?;
+    show_ranges(&[r.range.context("the answer has no range")?], out);
+    Ok(())
+}
+
+/// The replica id of `range` on `node`.
+async fn replica_on(cluster: &Cluster, range: u64, node: u64) -> Result<u64> {
+    let r = cluster.range(range).await?;
+    r.info
+        .replicas
+        .iter()
+        .find(|p| p.node_id == node)
+        .map(|p| p.replica_id)
+        .with_context(|| format!("range {range} has no replica on node {node}"))
+}
+
+async fn status(dial: &Dial, out: Output) -> Result<()> {
+    let nodes = Cluster::connect(dial).await?.nodes;
+    match out {
+        Output::Json => {
+            let list: Vec<Value> = nodes
+                .iter()
+                .map(|n| match &n.status {
+                    Ok(s) => json!({
+                        "endpoint": n.endpoint, "reachable": true, "node_id": s.node_id,
+                        "version": s.version, "replicas": s.replicas, "ranges": s.ranges,
+                        "leaders": s.leaders, "awake": s.awake,
+                        "pending_requests": s.pending_requests, "elections_won": s.elections_won,
+                    }),
+                    Err(e) => json!({ "endpoint": n.endpoint, "reachable": false, "error": e }),
+                })
+                .collect();
+            println!("{}", Value::Array(list));
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = nodes
+                .iter()
+                .map(|n| match &n.status {
+                    Ok(s) => vec![
+                        n.endpoint.clone(),
+                        s.node_id.to_string(),
+                        s.version.clone(),
+                        s.ranges.to_string(),
+                        s.leaders.to_string(),
+                        s.replicas.to_string(),
+                        s.awake.to_string(),
+                        s.pending_requests.to_string(),
+                        "ok".into(),
+                    ],
+                    Err(e) => {
+                        let mut row = vec![n.endpoint.clone()];
+                        row.extend(std::iter::repeat_n("-".to_string(), 7));
+                        row.push(format!("unreachable: {e}"));
+                        row
+                    }
+                })
+                .collect();
+            table(
+                &[
+                    "ENDPOINT", "NODE", "VERSION", "RANGES", "LEADERS", "REPLICAS", "AWAKE",
+                    "PENDING", "STATE",
+                ],
+                &rows,
+            );
+        }
+    }
+    if nodes.iter().any(|n| n.status.is_err()) {
+        bail!("some endpoints are unreachable");
+    }
+    Ok(())
+}
+
+/// `r{id}`: how range ids are shown.
+fn range_name(id: u64) -> String {
+    format!("r{id}")
+}
+
+/// `node:replica` per replica, `(learner)` marked, the leader's starred.
+fn replicas_cell(info: &RangeInfo) -> String {
+    info.replicas
+        .iter()
+        .map(|r| {
+            let learner = r.role == ReplicaRole::Learner as i32;
+            let leader = r.node_id == info.leader_node_id;
+            format!(
+                "n{}{}{}",
+                r.node_id,
+                if learner { "(learner)" } else { "" },
+                if leader { "*" } else { "" }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn range_json(info: &RangeInfo, sized: bool) -> Value {
+    let (conf_ver, version) = info
+        .epoch
+        .as_ref()
+        .map_or((0, 0), |e| (e.conf_ver, e.version));
+    let replicas: Vec<Value> = info
+        .replicas
+        .iter()
+        .map(|r| {
+            json!({
+                "node_id": r.node_id, "replica_id": r.replica_id,
+                "learner": r.role == ReplicaRole::Learner as i32,
+            })
+        })
+        .collect();
+    let mut v = json!({
+        "id": range_name(info.range_id),
+        "range_id": info.range_id,
+        "start": show_bytes(&info.start_key),
+        "end": show_bytes(&info.end_key),
+        "replicas": replicas,
+        "leader_node_id": (info.leader_node_id != 0).then_some(info.leader_node_id),
+        "epoch": { "conf_ver": conf_ver, "version": version },
+        "merging": info.merging,
+    });
+    if sized {
+        v["keys"] = json!(info.keys);
+        v["bytes"] = json!(info.bytes);
+        v["size_exact"] = json!(info.size_exact);
+    }
+    v
+}
+
+fn leader_cell(info: &RangeInfo) -> String {
+    match info.leader_node_id {
+        0 => "-".into(),
+        n => format!("n{n}"),
+    }
+}
+
+/// Ranges without sizes.
+fn show_ranges(infos: &[RangeInfo], out: Output) {
+    match out {
+        Output::Json => {
+            let v: Vec<Value> = infos.iter().map(|i| range_json(i, false)).collect();
+            println!("{}", Value::Array(v));
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = infos
+                .iter()
+                .map(|i| {
+                    vec![
+                        range_name(i.range_id),
+                        show_start(&i.start_key),
+                        show_end(&i.end_key),
+                        replicas_cell(i),
+                        leader_cell(i),
+                    ]
+                })
+                .collect();
+            table(&["ID", "START", "END", "REPLICAS", "LEADER"], &rows);
+        }
+    }
+}
+
+/// Ranges with their keys and sizes (`~` marks an estimate).
+fn show_ranges_sized(infos: &[RangeInfo], out: Output) {
+    match out {
+        Output::Json => {
+            let v: Vec<Value> = infos.iter().map(|i| range_json(i, true)).collect();
+            println!("{}", Value::Array(v));
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = infos
+                .iter()
+                .map(|i| {
+                    let approx = if i.size_exact { "" } else { "~" };
+                    vec![
+                        range_name(i.range_id),
+                        show_start(&i.start_key),
+                        show_end(&i.end_key),
+                        replicas_cell(i),
+                        leader_cell(i),
+                        format!("{approx}{}", i.keys),
+                        format!("{approx}{}", show_size(i.bytes)),
+                    ]
+                })
+                .collect();
+            table(
+                &["ID", "START", "END", "REPLICAS", "LEADER", "KEYS", "SIZE"],
+                &rows,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_range_ids_parse_as_shown() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_range_id("r42"), Ok(42));
+        assert_eq!(parse_range_id("42"), Ok(42));
+        assert!(parse_range_id("r0").is_err());
+        assert!(parse_range_id("x").is_err());
+    }
+
+    #[test]
+    fn the_flags_are_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

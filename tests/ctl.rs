@@ -1,0 +1,339 @@
+//! `flotilla-ctl` against a live cluster: three `flotilla-node` processes on 127.0.0.1 (free
+//! ports picked at run time, killed by pid on drop) and the built `flotilla-ctl` binary run
+//! against them: status, kv put/get, ranges (table and JSON, with sizes), split,
+//! transfer-leader, members remove/add, and a clear error with a non-zero exit when no
+//! endpoint can be reached.
+//!
+//! `flotilla-ctl` is another package's binary: it is found beside `flotilla-node` in the
+//! target directory, which `cargo build --workspace` (or nextest on the workspace) fills.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(30);
+const RANGES: usize = 4;
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn ctl_binary() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_flotilla-node")).with_file_name("flotilla-ctl");
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// The three node processes; killed on drop, their logs printed if the test failed.
+struct Cluster {
+    children: Vec<Child>,
+    dir: tempfile::TempDir,
+    endpoints: String,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let raft: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+        let client: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+        let peers = (0..3)
+            .map(|i| format!("{}={}", i + 1, raft[i]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let children = (0..3)
+            .map(|i| {
+                let log =
+                    std::fs::File::create(dir.path().join(format!("n{}.log", i + 1))).unwrap();
+                Command::new(env!("CARGO_BIN_EXE_flotilla-node"))
+                    .args(["--id", &(i + 1).to_string()])
+                    .args(["--raft", &raft[i].to_string()])
+                    .args(["--client", &client[i].to_string()])
+                    .args([
+                        "--data-dir",
+                        &dir.path().join(format!("n{}", i + 1)).display().to_string(),
+                    ])
+                    .args(["--peers", &peers])
+                    .args(["--bootstrap-ranges", &RANGES.to_string()])
+                    .args(["--tick-ms", "20"])
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .expect("spawn flotilla-node")
+            })
+            .collect();
+        let endpoints = client
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        Cluster {
+            children,
+            dir,
+            endpoints,
+        }
+    }
+
+    /// Runs `flotilla-ctl --endpoints <all> args...`.
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(ctl_binary())
+            .args(["--endpoints", &self.endpoints, "--timeout", "5s"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs it until it succeeds (the cluster may still be electing), returning stdout.
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        let deadline = Instant::now() + T;
+        loop {
+            let out = self.ctl(args);
+            if out.status.success() {
+                return String::from_utf8(out.stdout).unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "flotilla-ctl {args:?} kept failing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The range table as JSON, once `ok` accepts it.
+    fn ranges_until(&self, what: &str, ok: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + T;
+        loop {
+            let out = self.ctl(&["ranges", "-o", "json"]);
+            if out.status.success() {
+                let v: Value = serde_json::from_slice(&out.stdout).expect("ranges JSON parses");
+                let list = v.as_array().unwrap().clone();
+                if ok(&list) {
+                    return list;
+                }
+                assert!(Instant::now() < deadline, "ranges never {what}: {list:#?}");
+            } else {
+                assert!(
+                    Instant::now() < deadline,
+                    "ranges failing: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            for i in 1..=3 {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("n{i}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                eprintln!("--- node {i} ---");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+fn leader(r: &Value) -> Option<u64> {
+    r["leader_node_id"].as_u64()
+}
+
+#[test]
+fn flotilla_ctl_operates_a_three_node_cluster() {
+    let c = Cluster::start();
+    let all_led = |l: &[Value]| l.len() == RANGES && l.iter().all(|r| leader(r).is_some());
+    c.ranges_until("led", all_led);
+
+    // status: one row per node, all reachable; JSON parses.
+    let status: Value = serde_json::from_str(&c.ctl_ok(&["status", "-o", "json"])).unwrap();
+    let nodes = status.as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    assert!(nodes.iter().all(|n| n["reachable"] == true), "{status:#}");
+    let leaders: u64 = nodes.iter().map(|n| n["leaders"].as_u64().unwrap()).sum();
+    assert_eq!(leaders, RANGES as u64);
+    let table = c.ctl_ok(&["status"]);
+    assert!(
+        table.starts_with("ENDPOINT") && table.lines().count() == 4,
+        "{table}"
+    );
+
+    // kv put / get, in both formats.
+    assert_eq!(
+        c.ctl_ok(&["kv", "put", "k00000001-a", "hello"]).trim(),
+        "OK"
+    );
+    assert_eq!(c.ctl_ok(&["kv", "get", "k00000001-a"]).trim(), "hello");
+    let got: Value =
+        serde_json::from_str(&c.ctl_ok(&["kv", "get", "k00000001-a", "-o", "json"])).unwrap();
+    assert_eq!(got["value"], "hello");
+    let missing = c.ctl(&["kv", "get", "k00000001-missing"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
+    for i in 0..20 {
+        c.ctl_ok(&["kv", "put", &format!("k00000002-{i:02}"), "v"]);
+    }
+
+    // ranges: the table has every column, and the sizes count the keys just written.
+    let table = c.ctl_ok(&["ranges"]);
+    let header = table.lines().next().unwrap();
+    for col in ["ID", "START", "END", "REPLICAS", "LEADER", "KEYS", "SIZE"] {
+        assert!(header.contains(col), "{table}");
+    }
+    assert_eq!(table.lines().count(), RANGES + 1, "{table}");
+    let list = c.ranges_until("sized", |l| {
+        l.iter()
+            .any(|r| r["start"] == "k00000002" && r["keys"] == 20)
+    });
+    let r2 = list.iter().find(|r| r["start"] == "k00000002").unwrap();
+    assert!(r2["bytes"].as_u64().unwrap() > 20 * 10, "{r2:#}");
+    let r2_id = r2["range_id"].as_u64().unwrap();
+
+    // split at a key: two ranges where there was one, the data still readable.
+    let halves: Value = serde_json::from_str(&c.ctl_ok(&[
+        "split",
+        "--range",
+        &format!("r{r2_id}"),
+        "--at",
+        "k00000002-10",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(halves.as_array().unwrap().len(), 2, "{halves:#}");
+    assert_eq!(halves[1]["start"], "k00000002-10");
+    let right_id = halves[1]["range_id"].as_u64().unwrap();
+    c.ranges_until("split", |l| {
+        l.len() == RANGES + 1 && l.iter().all(|r| leader(r).is_some())
+    });
+    assert_eq!(c.ctl_ok(&["kv", "get", "k00000002-15"]).trim(), "v");
+
+    // transfer-leader: the right half's leadership moves to another node.
+    let list = c.ranges_until("led after the split", |l| {
+        l.iter()
+            .any(|r| r["range_id"] == right_id && leader(r).is_some())
+    });
+    let from = leader(list.iter().find(|r| r["range_id"] == right_id).unwrap()).unwrap();
+    let to = from % 3 + 1;
+    let moved: Value = serde_json::from_str(&c.ctl_ok(&[
+        "transfer-leader",
+        "--range",
+        &right_id.to_string(),
+        "--to",
+        &to.to_string(),
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(moved[0]["leader_node_id"], to, "{moved:#}");
+    c.ranges_until("led by the new node", |l| {
+        l.iter()
+            .any(|r| r["range_id"] == right_id && leader(r) == Some(to))
+    });
+
+    // members: remove the replica on a node that does not lead, then add one back.
+    let gone = to % 3 + 1;
+    let removed: Value = serde_json::from_str(&c.ctl_ok(&[
+        "members",
+        "remove",
+        "--range",
+        &right_id.to_string(),
+        "--node",
+        &gone.to_string(),
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        removed[0]["replicas"].as_array().unwrap().len(),
+        2,
+        "{removed:#}"
+    );
+    let added: Value = serde_json::from_str(&c.ctl_ok(&[
+        "members",
+        "add",
+        "--range",
+        &right_id.to_string(),
+        "--node",
+        &gone.to_string(),
+        "--learner",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let replicas = added[0]["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 3, "{added:#}");
+    assert!(replicas
+        .iter()
+        .any(|r| r["node_id"] == gone && r["learner"] == true));
+    let promoted: Value = serde_json::from_str(&c.ctl_ok(&[
+        "members",
+        "promote",
+        "--range",
+        &right_id.to_string(),
+        "--node",
+        &gone.to_string(),
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert!(promoted[0]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["learner"] == false));
+    assert_eq!(c.ctl_ok(&["kv", "get", "k00000002-15"]).trim(), "v");
+}
+
+#[test]
+fn unreachable_endpoints_give_a_clear_error_and_a_failure_status() {
+    // Ports that were free a moment ago: nothing listens there.
+    let a = free_addr();
+    let b = free_addr();
+    let started = Instant::now();
+    let out = Command::new(ctl_binary())
+        .args([
+            "--endpoints",
+            &format!("{a},{b}"),
+            "--timeout",
+            "1s",
+            "ranges",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach the cluster"), "{err}");
+    assert!(
+        err.contains(&a.to_string()) && err.contains(&b.to_string()),
+        "{err}"
+    );
+    // Bounded by the timeout per endpoint, not a default of minutes.
+    assert!(started.elapsed() < T, "{:?}", started.elapsed());
+    // A malformed endpoint is named.
+    let out = Command::new(ctl_binary())
+        .args(["--endpoints", "not an address", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an address"));
+}
