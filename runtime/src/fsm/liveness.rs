@@ -20,11 +20,21 @@
 //! group to wake by itself.
 //!
 //! **Wake-storm control**: those wakes, and the first wake of every replica recovered at start
-//! (they start asleep), go through a FIFO queue drained by at most `max_wakes_per_tick` a tick,
-//! so that a restart, a partition healing or a liveness flap wakes (and makes campaign) at a
-//! bounded rate, in the order the events came. A group with a request does not wait in the
-//! queue: the request wakes it at once (and a follower woken so whose leader's node is down
-//! campaigns at once if it is the group's first live voter).
+//! or bootstrapped (they start asleep), go through a FIFO queue drained by at most
+//! `max_wakes_per_tick` a tick, so that a restart, a partition healing, a liveness flap or the
+//! creation of many groups wakes (and makes campaign) at a bounded rate, in the order the
+//! events came. A group with a request does not wait in the queue: the request wakes it at once
+//! (and a follower woken so whose leader's node is down campaigns at once if it is the group's
+//! first live voter).
+//!
+//! **Bootstrap** (`fsm::life::bootstrap`): of a new group, only the replica the layout chose to
+//! lead is queued, to campaign ([`Wake::Campaign`]); the others sleep until its vote request
+//! wakes them, and the group falls asleep again once elected: creating N groups costs one
+//! election each, paced, and no replica ticks for longer than its election. In case that
+//! campaign never comes (its node is down, or it lost the vote), the others are queued too, to
+//! wake only if they still know no leader ([`Wake::Unled`]), and not before the liveness window
+//! (`node_down_ticks`) has passed: by then the chosen node is as good as down, and their own
+//! election timeout elects another leader.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Instant;
@@ -57,6 +67,11 @@ pub(crate) struct Liveness {
     by_leader: Mutex<HashMap<u64, BTreeSet<u64>>>,
     /// Wakes waiting for their turn: (range, what to tell it).
     wakes: Mutex<VecDeque<(u64, Wake)>>,
+    /// Wakes that wait for a tick before their turn: (tick, range, what to tell it), in the
+    /// order of their ticks; drained after `wakes`, with what is left of a tick's budget.
+    deferred: Mutex<VecDeque<(u64, u64, Wake)>>,
+    /// Liveness checks so far: this node's tick count.
+    ticks: std::sync::atomic::AtomicU64,
 }
 
 /// Why a queued group is woken.
@@ -66,6 +81,12 @@ pub(crate) enum Wake {
     LeaderDown(NodeId),
     /// A node came back, or the replica was recovered asleep.
     Up,
+    /// A bootstrapped replica that the layout chose to lead: campaigns, unless its group
+    /// already woke (an election is under way) or knows a leader.
+    Campaign,
+    /// A bootstrapped replica: wakes (and so times out and campaigns) only if its group is
+    /// still asleep without a known leader.
+    Unled,
 }
 
 /// What one liveness check found (for tests and metrics).
@@ -127,8 +148,18 @@ impl Liveness {
         self.wakes.lock().push_back((range.0, why));
     }
 
+    /// Queues a paced wake of `range` that waits until `after` more ticks have passed.
+    pub(crate) fn defer_wake(&self, range: RangeId, why: Wake, after: usize) {
+        let due = self.ticks.load(std::sync::atomic::Ordering::Acquire) + after as u64;
+        let mut q = self.deferred.lock();
+        // Kept in tick order: a later call never has an earlier tick unless `after` shrank.
+        let at = q.partition_point(|&(t, _, _)| t <= due);
+        q.insert(at, (due, range.0, why));
+    }
+
+    /// Wakes waiting in the queue, deferred ones included.
     pub(crate) fn queued_wakes(&self) -> usize {
-        self.wakes.lock().len()
+        self.wakes.lock().len() + self.deferred.lock().len()
     }
 }
 
@@ -153,6 +184,10 @@ impl Shared {
 /// that follow.
 pub(crate) fn check(shared: &Shared) -> Transitions {
     let mut found = Transitions::default();
+    shared
+        .liveness
+        .ticks
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     let Some(transport) = shared.transport.get() else {
         return found;
     };
@@ -205,32 +240,58 @@ pub(crate) fn check(shared: &Shared) -> Transitions {
     found
 }
 
-/// Wakes up to `max_wakes_per_tick` queued groups; returns how many were woken.
+/// Wakes up to `max_wakes_per_tick` queued groups, then deferred ones that are due; returns
+/// how many were woken (skipped entries, whose group needs no wake any more, do not count).
 pub(crate) fn drain_wakes(shared: &Shared) -> usize {
     let max = shared.config.max_wakes_per_tick;
     let mut woken = 0;
-    loop {
+    while woken < max {
         let next = shared.liveness.wakes.lock().pop_front();
         let Some((range, why)) = next else {
             break;
         };
-        let Some(cell) = shared.cell(RangeId(range)) else {
-            continue;
+        woken += wake(shared, range, why) as usize;
+    }
+    let now = shared
+        .liveness
+        .ticks
+        .load(std::sync::atomic::Ordering::Acquire);
+    while woken < max {
+        let next = {
+            let mut q = shared.liveness.deferred.lock();
+            match q.front() {
+                Some(&(due, _, _)) if due <= now => q.pop_front(),
+                _ => None,
+            }
         };
-        let msg = match why {
-            Wake::LeaderDown(node) => PeerMsg::NodeDown(node),
-            // An awake group needs no wake.
-            Wake::Up if !cell.is_asleep() => continue,
-            Wake::Up => PeerMsg::Wake,
-        };
-        let _ = cell.send(msg, usize::MAX, &shared.ready_tx);
-        woken += 1;
-        if woken >= max {
+        let Some((_, range, why)) = next else {
             break;
-        }
+        };
+        woken += wake(shared, range, why) as usize;
     }
     if woken > 0 {
         metrics::counter!("flotilla_runtime_queued_wakes_total").increment(woken as u64);
     }
     woken
+}
+
+/// Sends `range` what a queued wake `why` asks, if it still needs it; false if it did not.
+fn wake(shared: &Shared, range: u64, why: Wake) -> bool {
+    let Some(cell) = shared.cell(RangeId(range)) else {
+        return false;
+    };
+    let unled =
+        || cell.is_asleep() && cell.leader_node.load(std::sync::atomic::Ordering::Acquire) == 0;
+    let msg = match why {
+        Wake::LeaderDown(node) => PeerMsg::NodeDown(node),
+        // An awake group needs no wake.
+        Wake::Up if !cell.is_asleep() => return false,
+        Wake::Up => PeerMsg::Wake,
+        Wake::Campaign if !unled() => return false,
+        Wake::Campaign => PeerMsg::Campaign,
+        Wake::Unled if !unled() => return false,
+        Wake::Unled => PeerMsg::Wake,
+    };
+    let _ = cell.send(msg, usize::MAX, &shared.ready_tx);
+    true
 }
