@@ -157,25 +157,28 @@ pub(crate) fn bootstrap(
         if let Some(leader) = first {
             replica.prefer_leader(leader);
         }
-        let campaign = first == Some(me);
+        let leader_node = first.and_then(|l| desc.replicas.iter().find(|r| r.replica_id == l));
+        let leader_node = leader_node.map(|r| NodeId(r.node_id));
         if shared.config.hibernate {
             replica.start_asleep();
         }
         register(shared, ReplicaCell::new(range, replica));
         shared.router.upsert(desc);
-        wakes.push((range, first.is_some(), campaign));
+        wakes.push((range, first == Some(me), leader_node));
     }
     // After every replica is registered, so that a wake never misses its cell.
     let live = &shared.liveness;
-    for (range, led, campaign) in wakes {
-        match (shared.config.hibernate, led, campaign) {
-            (false, _, true) => {
+    for (range, campaign, leader_node) in wakes {
+        match (shared.config.hibernate, campaign, leader_node) {
+            (false, true, _) => {
                 let _ = shared.post(range, PeerMsg::Campaign);
             }
-            (false, _, false) => {}
-            (true, _, true) => live.queue_wake(range, Wake::Campaign),
-            (true, true, false) => live.defer_wake(range, Wake::Unled, shared.config.down_ticks()),
-            (true, false, false) => live.queue_wake(range, Wake::Unled),
+            (false, false, _) => {}
+            (true, true, _) => live.defer_wake(range, Wake::Campaign, 0),
+            (true, false, Some(node)) => {
+                live.defer_wake(range, Wake::Unled(node), shared.config.down_ticks())
+            }
+            (true, false, None) => live.queue_wake(range, Wake::Up),
         }
     }
     Ok(())

@@ -30,11 +30,15 @@
 //! **Bootstrap** (`fsm::life::bootstrap`): of a new group, only the replica the layout chose to
 //! lead is queued, to campaign ([`Wake::Campaign`]); the others sleep until its vote request
 //! wakes them, and the group falls asleep again once elected: creating N groups costs one
-//! election each, paced, and no replica ticks for longer than its election. In case that
-//! campaign never comes (its node is down, or it lost the vote), the others are queued too, to
-//! wake only if they still know no leader ([`Wake::Unled`]), and not before the liveness window
-//! (`node_down_ticks`) has passed: by then the chosen node is as good as down, and their own
-//! election timeout elects another leader.
+//! election each and no replica ticks for longer than its election. These wakes wait in a
+//! second queue, drained with what is left of a tick's budget and only while fewer than
+//! [`BOOTSTRAP_AWAKE`] × `max_wakes_per_tick` replicas are awake here: the pace adapts to how
+//! fast elections end (on a loaded machine a fixed rate would wake groups faster than they
+//! elect and sleep, until all are awake). In case the campaign never comes (the chosen node is
+//! down), the others are queued too ([`Wake::Unled`]), for after the liveness window
+//! (`node_down_ticks`): then, if their group still knows no leader and the chosen node is not
+//! live, they wake and elect on their timeout; while it is live they wait another window (a
+//! live campaigner retries its own election until it wins or hears a leader).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Instant;
@@ -67,8 +71,9 @@ pub(crate) struct Liveness {
     by_leader: Mutex<HashMap<u64, BTreeSet<u64>>>,
     /// Wakes waiting for their turn: (range, what to tell it).
     wakes: Mutex<VecDeque<(u64, Wake)>>,
-    /// Wakes that wait for a tick before their turn: (tick, range, what to tell it), in the
-    /// order of their ticks; drained after `wakes`, with what is left of a tick's budget.
+    /// Bootstrap wakes, each from a tick on: (tick, range, what to tell it), in the order of
+    /// their ticks; drained after `wakes`, with what is left of a tick's budget, while the
+    /// awake set is small (see the module doc).
     deferred: Mutex<VecDeque<(u64, u64, Wake)>>,
     /// Liveness checks so far: this node's tick count.
     ticks: std::sync::atomic::AtomicU64,
@@ -84,10 +89,15 @@ pub(crate) enum Wake {
     /// A bootstrapped replica that the layout chose to lead: campaigns, unless its group
     /// already woke (an election is under way) or knows a leader.
     Campaign,
-    /// A bootstrapped replica: wakes (and so times out and campaigns) only if its group is
-    /// still asleep without a known leader.
-    Unled,
+    /// A bootstrapped replica whose group's first leader is on the node given: wakes (and so
+    /// times out and campaigns) if its group is still asleep without a known leader and that
+    /// node is not live; waits another liveness window while it is.
+    Unled(NodeId),
 }
+
+/// The bootstrap wakes (campaigns, unled replicas) wait while this many times
+/// `max_wakes_per_tick` replicas are awake on the node.
+pub(crate) const BOOTSTRAP_AWAKE: usize = 4;
 
 /// What one liveness check found (for tests and metrics).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -240,8 +250,9 @@ pub(crate) fn check(shared: &Shared) -> Transitions {
     found
 }
 
-/// Wakes up to `max_wakes_per_tick` queued groups, then deferred ones that are due; returns
-/// how many were woken (skipped entries, whose group needs no wake any more, do not count).
+/// Wakes up to `max_wakes_per_tick` queued groups, then bootstrap wakes that are due while the
+/// awake set is small; returns how many were woken (skipped entries, whose group needs no wake
+/// any more, do not count).
 pub(crate) fn drain_wakes(shared: &Shared) -> usize {
     let max = shared.config.max_wakes_per_tick;
     let mut woken = 0;
@@ -256,7 +267,8 @@ pub(crate) fn drain_wakes(shared: &Shared) -> usize {
         .liveness
         .ticks
         .load(std::sync::atomic::Ordering::Acquire);
-    while woken < max {
+    let busy = BOOTSTRAP_AWAKE.saturating_mul(max);
+    while woken < max && shared.awake.len() < busy {
         let next = {
             let mut q = shared.liveness.deferred.lock();
             match q.front() {
@@ -289,8 +301,14 @@ fn wake(shared: &Shared, range: u64, why: Wake) -> bool {
         Wake::Up => PeerMsg::Wake,
         Wake::Campaign if !unled() => return false,
         Wake::Campaign => PeerMsg::Campaign,
-        Wake::Unled if !unled() => return false,
-        Wake::Unled => PeerMsg::Wake,
+        Wake::Unled(_) if !unled() => return false,
+        Wake::Unled(node) if shared.node_live(node) == Some(true) => {
+            shared
+                .liveness
+                .defer_wake(RangeId(range), why, shared.config.down_ticks());
+            return false;
+        }
+        Wake::Unled(_) => PeerMsg::Wake,
     };
     let _ = cell.send(msg, usize::MAX, &shared.ready_tx);
     true
