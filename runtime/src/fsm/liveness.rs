@@ -32,9 +32,9 @@
 //! wakes them, and the group falls asleep again once elected: creating N groups costs one
 //! election each and no replica ticks for longer than its election. These wakes wait in a
 //! second queue, drained with what is left of a tick's budget and only while fewer than
-//! [`BOOTSTRAP_AWAKE`] × `max_wakes_per_tick` replicas are awake here: the pace adapts to how
-//! fast elections end (on a loaded machine a fixed rate would wake groups faster than they
-//! elect and sleep, until all are awake). In case the campaign never comes (the chosen node is
+//! [`BOOTSTRAP_AWAKE`] × `max_wakes_per_tick` replicas are awake or scheduled here: the pace
+//! adapts to how fast elections end (on a loaded machine a fixed rate would wake groups faster
+//! than they elect and sleep, until all are awake). In case the campaign never comes (the chosen node is
 //! down), the others are queued too ([`Wake::Unled`]), for after the liveness window
 //! (`node_down_ticks`): then, if their group still knows no leader and the chosen node is not
 //! live, they wake and elect on their timeout; while it is live they wait another window (a
@@ -268,7 +268,10 @@ pub(crate) fn drain_wakes(shared: &Shared) -> usize {
         .ticks
         .load(std::sync::atomic::Ordering::Acquire);
     let busy = BOOTSTRAP_AWAKE.saturating_mul(max);
-    while woken < max && shared.awake.len() < busy {
+    // Replicas scheduled but not run yet count too: on a starved machine the workers lag the
+    // ticker, and the awake set alone would not see the last ticks' campaigns.
+    let active = || shared.awake.len() + shared.ready_tx.len();
+    while woken < max && active() < busy {
         let next = {
             let mut q = shared.liveness.deferred.lock();
             match q.front() {
