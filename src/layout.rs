@@ -68,7 +68,7 @@ pub fn range_start_key(i: u64) -> Vec<u8> {
 /// The member that starts the first election of `range`: `members[range % len]`, so that the
 /// first leaders are spread evenly over the members. Every member's replica is told so at
 /// bootstrap, and a leader elected elsewhere hands leadership to it once it is up
-/// (`server::start_first_elections`). `None` if there are no members.
+/// (`NodeGroup::bootstrap_layout`). `None` if there are no members.
 pub fn first_campaigner(range: RangeId, members: &[NodeId]) -> Option<NodeId> {
     if members.is_empty() {
         return None;

@@ -21,7 +21,7 @@ use flotilla_transport::Transport;
 
 use crate::layout::{range_layout, range_start_key};
 use crate::server::{
-    start_first_elections, start_node_group, Server, ServerBuilder, ServerConfig, ServerError,
+    bootstrap, start_node_group, Server, ServerBuilder, ServerConfig, ServerError,
 };
 
 /// Several NodeGroups on the in-memory network.
@@ -133,14 +133,9 @@ impl Cluster {
     /// (spread over the nodes so leaders are balanced).
     pub fn bootstrap(&self, count: usize) -> Vec<RangeDescriptor> {
         let layout = range_layout(count, &node_ids(self.nodes.len()));
-        for id in self.running() {
-            self.node(id)
-                .bootstrap_ranges(layout.clone())
-                .expect("bootstrap");
-        }
         let running: Vec<NodeId> = self.running().into_iter().map(NodeId).collect();
         for id in &running {
-            start_first_elections(self.node(id.0), *id, &layout, &running);
+            bootstrap(self.node(id.0), layout.clone(), &running).expect("bootstrap");
         }
         layout
     }

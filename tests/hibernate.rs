@@ -234,14 +234,57 @@ async fn a_partitioned_sleeping_leader_serves_no_stale_read_and_steps_down_on_he
     assert!(matches!(&v, Ok(Some(x)) if x == b"new") || matches!(v, Err(Error::NotLeader { .. })));
 }
 
-/// `FLOTILLA_HIB_GROUPS` sets the number of groups (the issue asks for 10,000; the default
-/// keeps the suite quick).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_of_a_node_with_many_sleeping_groups_holds_at_most_one_election_per_group() {
-    let groups: usize = std::env::var("FLOTILLA_HIB_GROUPS")
+/// Groups for the tests of many groups: `FLOTILLA_HIB_GROUPS`, or `default` (kept small so
+/// that the suite stays quick; the issue asks for 10,000).
+fn many_groups(default: usize) -> usize {
+    std::env::var("FLOTILLA_HIB_GROUPS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+        .unwrap_or(default)
+}
+
+/// Bootstrapped replicas start asleep: only the layout's first leader of each group is woken
+/// (paced) to campaign, the others wake on its vote request, and the group sleeps again once
+/// elected. Before, every replica started awake and ticking, and at 50,000 groups per node on
+/// a loaded machine the elections timed out over and over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_of_many_groups_elects_each_about_once_and_every_group_sleeps() {
+    let groups = many_groups(2000);
+    let started = Instant::now();
+    let (c, _) = sleeping_cluster(groups).await;
+    let won = elections(&c, 0);
+    let mut led = Vec::new();
+    for n in c.running() {
+        led.push(c.node(n).node_status().leaders);
+    }
+    println!(
+        "bootstrap of {groups} groups: {won} elections, leaders per node {led:?}, all asleep after {:?}",
+        started.elapsed()
+    );
+    // One election per group, give or take the few a loaded machine makes a campaign lose
+    // (a vote that came before the voter's own bootstrap, a placement transfer).
+    assert!(
+        won as usize <= groups + groups / 4,
+        "{won} elections for {groups} groups"
+    );
+    // The layout's leaders: a third on each node, give or take the same few.
+    for (i, l) in led.iter().enumerate() {
+        assert!(
+            *l >= groups / 4,
+            "node {} leads {l} of {groups} groups",
+            i + 1
+        );
+    }
+    // Every range serves.
+    for i in [0, groups as u64 / 2, groups as u64 - 1] {
+        c.put(&key_in_range(i, "b"), b"v", T).await.unwrap();
+    }
+}
+
+/// `FLOTILLA_HIB_GROUPS` sets the number of groups (see [`many_groups`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_a_node_with_many_sleeping_groups_holds_at_most_one_election_per_group() {
+    let groups = many_groups(300);
     let (mut c, ranges) = sleeping_cluster(groups).await;
     let victim = 2;
     let before = elections(&c, victim);

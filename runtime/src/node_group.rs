@@ -126,9 +126,26 @@ impl NodeGroup {
         self.bootstrap_ranges(vec![desc])
     }
 
-    /// [`NodeGroup::bootstrap_range`] for many ranges with one synced write.
+    /// [`NodeGroup::bootstrap_range`] for many ranges with one synced write. With hibernation
+    /// the new replicas start asleep and are woken at a bounded rate (`max_wakes_per_tick`),
+    /// then elect on their election timeouts; [`NodeGroup::bootstrap_layout`] spares most of
+    /// them even that.
     pub fn bootstrap_ranges(&self, descs: Vec<RangeDescriptor>) -> Result<()> {
-        life::bootstrap(&self.shared, descs)
+        life::bootstrap(&self.shared, descs, &|_| None)
+    }
+
+    /// [`NodeGroup::bootstrap_ranges`] with a first leader chosen per range (`first_leader`,
+    /// the same on every node): every replica prefers it (as [`NodeGroup::prefer_leader`]),
+    /// it campaigns at once (paced), and with hibernation the other replicas sleep until its
+    /// vote request reaches them, so that each group holds about one election and sleeps
+    /// again. A replica whose group has no leader after the liveness window (`node_down_ticks`:
+    /// the chosen node is down) wakes and elects on its timeout.
+    pub fn bootstrap_layout(
+        &self,
+        descs: Vec<RangeDescriptor>,
+        first_leader: impl Fn(&RangeDescriptor) -> Option<ReplicaId>,
+    ) -> Result<()> {
+        life::bootstrap(&self.shared, descs, &|d| first_leader(d).map(|r| r.0))
     }
 
     /// Starts an election for this node's replica of `range` now.

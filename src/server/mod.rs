@@ -374,7 +374,7 @@ impl ServerBuilder {
             let members: Vec<NodeId> = config.peers.keys().copied().collect();
             let layout = range_layout(config.bootstrap_ranges, &members);
             // On an error `node` is dropped, which shuts it down.
-            bootstrap(&node, config.node_id(), layout, &members)?;
+            bootstrap(&node, layout, &members)?;
         }
         let observe = match config.metrics_addr {
             Some(addr) => Some(observe::serve(addr, node.clone(), &runtime)?),
@@ -425,42 +425,22 @@ pub(crate) fn start_node_group(
     Ok((node, fresh))
 }
 
-/// Creates the ranges of `layout` on `node` (one synced write) and starts their first
-/// elections (see [`start_first_elections`]).
-fn bootstrap(
+/// Creates the ranges of `layout` on `node` (one synced write) with their first leaders
+/// chosen by [`first_campaigner`]: that node's replica campaigns, every replica prefers it, so
+/// that a leader elected elsewhere (the campaigner started later, or missed the vote) hands
+/// leadership to it once it is up and the leaders end up spread over `members` as the layout
+/// says. With hibernation the other replicas sleep until the campaign reaches them
+/// ([`NodeGroup::bootstrap_layout`]).
+pub(crate) fn bootstrap(
     node: &NodeGroup,
-    me: NodeId,
     layout: Vec<RangeDescriptor>,
     members: &[NodeId],
 ) -> Result<(), ServerError> {
-    node.bootstrap_ranges(layout.clone())?;
-    start_first_elections(node, me, &layout, members);
+    node.bootstrap_layout(layout, |d| {
+        let campaigner = first_campaigner(d.id(), members)?;
+        d.replica_on(campaigner).map(|r| ReplicaId(r.replica_id))
+    })?;
     Ok(())
-}
-
-/// Starts the first election of each range of `layout` that `me` is the
-/// [`first_campaigner`] of, and tells every replica which replica that is, so that a leader
-/// elected elsewhere (the campaigner started later, or missed the vote) hands leadership to it
-/// once it is up: the leaders end up spread over `members` as the layout says.
-pub(crate) fn start_first_elections(
-    node: &NodeGroup,
-    me: NodeId,
-    layout: &[RangeDescriptor],
-    members: &[NodeId],
-) {
-    for d in layout {
-        let Some(campaigner) = first_campaigner(d.id(), members) else {
-            continue;
-        };
-        // A message that cannot be queued only costs that range its placement, or delays its
-        // first election to its election timeout.
-        if let Some(r) = d.replica_on(campaigner) {
-            let _ = node.prefer_leader(d.id(), ReplicaId(r.replica_id));
-        }
-        if campaigner == me {
-            let _ = node.campaign(d.id());
-        }
-    }
 }
 
 /// Binds the client API socket now (so that the real port and any clash are known at once)

@@ -32,6 +32,7 @@ use parking_lot::MutexGuard;
 use raft::prelude::{ConfState, HardState};
 
 use crate::error::{Error, Result};
+use crate::fsm::liveness::Wake;
 use crate::fsm::mailbox::ReplicaCell;
 use crate::fsm::shared::Shared;
 use crate::replica::{Existing, Host, Output, PeerMsg, Replica};
@@ -45,7 +46,18 @@ pub(crate) type Guard<'a> = MutexGuard<'a, Option<Replica>>;
 /// one synced write (as etcd's initial cluster, every listed replica is created the same way
 /// on its node). Idempotent for an existing identical range. An uninitialized replica that a
 /// peer's message created first is replaced, keeping its term and vote.
-pub(crate) fn bootstrap(shared: &Shared, descs: Vec<RangeDescriptor>) -> Result<()> {
+///
+/// `first_leader` names, per range, the replica that should lead it first (if any): every
+/// replica prefers it (`replica::placement`). With hibernation the replicas start asleep, so
+/// that creating many groups does not make them all tick: the chosen leader's replica is
+/// queued to campaign, the others wait for its vote request, and wake by themselves (paced,
+/// after the liveness window) only if no leader showed up (see `fsm::liveness`). Ranges without
+/// a chosen leader queue every replica to wake at once (paced), and elect on their timeouts.
+pub(crate) fn bootstrap(
+    shared: &Shared,
+    descs: Vec<RangeDescriptor>,
+    first_leader: &dyn Fn(&RangeDescriptor) -> Option<u64>,
+) -> Result<()> {
     let _creating = shared.create_lock.lock();
     // Check everything before changing anything.
     let mut planned: Vec<(RangeDescriptor, u64, Option<Arc<ReplicaCell>>)> = Vec::new();
@@ -137,10 +149,37 @@ pub(crate) fn bootstrap(shared: &Shared, descs: Vec<RangeDescriptor>) -> Result<
         created.push((desc, me, storage));
     }
     shared.engine.write(batch, true)?;
+    let mut wakes = Vec::new();
     for (desc, me, storage) in created {
-        let replica = Replica::open(storage, me, shared.node, &shared.config, &shared.logger)?;
-        register(shared, ReplicaCell::new(desc.id(), replica));
+        let range = desc.id();
+        let first = first_leader(&desc);
+        let mut replica = Replica::open(storage, me, shared.node, &shared.config, &shared.logger)?;
+        if let Some(leader) = first {
+            replica.prefer_leader(leader);
+        }
+        let leader_node = first.and_then(|l| desc.replicas.iter().find(|r| r.replica_id == l));
+        let leader_node = leader_node.map(|r| NodeId(r.node_id));
+        if shared.config.hibernate {
+            replica.start_asleep();
+        }
+        register(shared, ReplicaCell::new(range, replica));
         shared.router.upsert(desc);
+        wakes.push((range, first == Some(me), leader_node));
+    }
+    // After every replica is registered, so that a wake never misses its cell.
+    let live = &shared.liveness;
+    for (range, campaign, leader_node) in wakes {
+        match (shared.config.hibernate, campaign, leader_node) {
+            (false, true, _) => {
+                let _ = shared.post(range, PeerMsg::Campaign);
+            }
+            (false, false, _) => {}
+            (true, true, _) => live.defer_wake(range, Wake::Campaign, 0),
+            (true, false, Some(node)) => {
+                live.defer_wake(range, Wake::Unled(node), shared.config.down_ticks())
+            }
+            (true, false, None) => live.queue_wake(range, Wake::Up),
+        }
     }
     Ok(())
 }
@@ -178,9 +217,7 @@ pub(crate) fn recover(shared: &Shared) -> Result<()> {
         // of a node with many groups does not make them all tick and campaign at once.
         if shared.config.hibernate {
             replica.start_asleep();
-            shared
-                .liveness
-                .queue_wake(range, crate::fsm::liveness::Wake::Up);
+            shared.liveness.queue_wake(range, Wake::Up);
         }
         register(shared, ReplicaCell::new(range, replica));
         if initialized {

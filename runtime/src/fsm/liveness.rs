@@ -20,11 +20,25 @@
 //! group to wake by itself.
 //!
 //! **Wake-storm control**: those wakes, and the first wake of every replica recovered at start
-//! (they start asleep), go through a FIFO queue drained by at most `max_wakes_per_tick` a tick,
-//! so that a restart, a partition healing or a liveness flap wakes (and makes campaign) at a
-//! bounded rate, in the order the events came. A group with a request does not wait in the
-//! queue: the request wakes it at once (and a follower woken so whose leader's node is down
-//! campaigns at once if it is the group's first live voter).
+//! or bootstrapped (they start asleep), go through a FIFO queue drained by at most
+//! `max_wakes_per_tick` a tick, so that a restart, a partition healing, a liveness flap or the
+//! creation of many groups wakes (and makes campaign) at a bounded rate, in the order the
+//! events came. A group with a request does not wait in the queue: the request wakes it at once
+//! (and a follower woken so whose leader's node is down campaigns at once if it is the group's
+//! first live voter).
+//!
+//! **Bootstrap** (`fsm::life::bootstrap`): of a new group, only the replica the layout chose to
+//! lead is queued, to campaign ([`Wake::Campaign`]); the others sleep until its vote request
+//! wakes them, and the group falls asleep again once elected: creating N groups costs one
+//! election each and no replica ticks for longer than its election. These wakes wait in a
+//! second queue, drained with what is left of a tick's budget and only while fewer than
+//! [`BOOTSTRAP_AWAKE`] × `max_wakes_per_tick` replicas are awake or scheduled here: the pace
+//! adapts to how fast elections end (on a loaded machine a fixed rate would wake groups faster
+//! than they elect and sleep, until all are awake). In case the campaign never comes (the chosen node is
+//! down), the others are queued too ([`Wake::Unled`]), for after the liveness window
+//! (`node_down_ticks`): then, if their group still knows no leader and the chosen node is not
+//! live, they wake and elect on their timeout; while it is live they wait another window (a
+//! live campaigner retries its own election until it wins or hears a leader).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Instant;
@@ -57,6 +71,12 @@ pub(crate) struct Liveness {
     by_leader: Mutex<HashMap<u64, BTreeSet<u64>>>,
     /// Wakes waiting for their turn: (range, what to tell it).
     wakes: Mutex<VecDeque<(u64, Wake)>>,
+    /// Bootstrap wakes, each from a tick on: (tick, range, what to tell it), in the order of
+    /// their ticks; drained after `wakes`, with what is left of a tick's budget, while the
+    /// awake set is small (see the module doc).
+    deferred: Mutex<VecDeque<(u64, u64, Wake)>>,
+    /// Liveness checks so far: this node's tick count.
+    ticks: std::sync::atomic::AtomicU64,
 }
 
 /// Why a queued group is woken.
@@ -66,7 +86,18 @@ pub(crate) enum Wake {
     LeaderDown(NodeId),
     /// A node came back, or the replica was recovered asleep.
     Up,
+    /// A bootstrapped replica that the layout chose to lead: campaigns, unless its group
+    /// already woke (an election is under way) or knows a leader.
+    Campaign,
+    /// A bootstrapped replica whose group's first leader is on the node given: wakes (and so
+    /// times out and campaigns) if its group is still asleep without a known leader and that
+    /// node is not live; waits another liveness window while it is.
+    Unled(NodeId),
 }
+
+/// The bootstrap wakes (campaigns, unled replicas) wait while this many times
+/// `max_wakes_per_tick` replicas are awake on the node.
+pub(crate) const BOOTSTRAP_AWAKE: usize = 4;
 
 /// What one liveness check found (for tests and metrics).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -127,8 +158,18 @@ impl Liveness {
         self.wakes.lock().push_back((range.0, why));
     }
 
+    /// Queues a paced wake of `range` that waits until `after` more ticks have passed.
+    pub(crate) fn defer_wake(&self, range: RangeId, why: Wake, after: usize) {
+        let due = self.ticks.load(std::sync::atomic::Ordering::Acquire) + after as u64;
+        let mut q = self.deferred.lock();
+        // Kept in tick order: a later call never has an earlier tick unless `after` shrank.
+        let at = q.partition_point(|&(t, _, _)| t <= due);
+        q.insert(at, (due, range.0, why));
+    }
+
+    /// Wakes waiting in the queue, deferred ones included.
     pub(crate) fn queued_wakes(&self) -> usize {
-        self.wakes.lock().len()
+        self.wakes.lock().len() + self.deferred.lock().len()
     }
 }
 
@@ -153,6 +194,10 @@ impl Shared {
 /// that follow.
 pub(crate) fn check(shared: &Shared) -> Transitions {
     let mut found = Transitions::default();
+    shared
+        .liveness
+        .ticks
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     let Some(transport) = shared.transport.get() else {
         return found;
     };
@@ -205,32 +250,69 @@ pub(crate) fn check(shared: &Shared) -> Transitions {
     found
 }
 
-/// Wakes up to `max_wakes_per_tick` queued groups; returns how many were woken.
+/// Wakes up to `max_wakes_per_tick` queued groups, then bootstrap wakes that are due while the
+/// awake set is small; returns how many were woken (skipped entries, whose group needs no wake
+/// any more, do not count).
 pub(crate) fn drain_wakes(shared: &Shared) -> usize {
     let max = shared.config.max_wakes_per_tick;
     let mut woken = 0;
-    loop {
+    while woken < max {
         let next = shared.liveness.wakes.lock().pop_front();
         let Some((range, why)) = next else {
             break;
         };
-        let Some(cell) = shared.cell(RangeId(range)) else {
-            continue;
+        woken += wake(shared, range, why) as usize;
+    }
+    let now = shared
+        .liveness
+        .ticks
+        .load(std::sync::atomic::Ordering::Acquire);
+    let busy = BOOTSTRAP_AWAKE.saturating_mul(max);
+    // Replicas scheduled but not run yet count too: on a starved machine the workers lag the
+    // ticker, and the awake set alone would not see the last ticks' campaigns.
+    let active = || shared.awake.len() + shared.ready_tx.len();
+    while woken < max && active() < busy {
+        let next = {
+            let mut q = shared.liveness.deferred.lock();
+            match q.front() {
+                Some(&(due, _, _)) if due <= now => q.pop_front(),
+                _ => None,
+            }
         };
-        let msg = match why {
-            Wake::LeaderDown(node) => PeerMsg::NodeDown(node),
-            // An awake group needs no wake.
-            Wake::Up if !cell.is_asleep() => continue,
-            Wake::Up => PeerMsg::Wake,
-        };
-        let _ = cell.send(msg, usize::MAX, &shared.ready_tx);
-        woken += 1;
-        if woken >= max {
+        let Some((_, range, why)) = next else {
             break;
-        }
+        };
+        woken += wake(shared, range, why) as usize;
     }
     if woken > 0 {
         metrics::counter!("flotilla_runtime_queued_wakes_total").increment(woken as u64);
     }
     woken
+}
+
+/// Sends `range` what a queued wake `why` asks, if it still needs it; false if it did not.
+fn wake(shared: &Shared, range: u64, why: Wake) -> bool {
+    let Some(cell) = shared.cell(RangeId(range)) else {
+        return false;
+    };
+    let unled =
+        || cell.is_asleep() && cell.leader_node.load(std::sync::atomic::Ordering::Acquire) == 0;
+    let msg = match why {
+        Wake::LeaderDown(node) => PeerMsg::NodeDown(node),
+        // An awake group needs no wake.
+        Wake::Up if !cell.is_asleep() => return false,
+        Wake::Up => PeerMsg::Wake,
+        Wake::Campaign if !unled() => return false,
+        Wake::Campaign => PeerMsg::Campaign,
+        Wake::Unled(_) if !unled() => return false,
+        Wake::Unled(node) if shared.node_live(node) == Some(true) => {
+            shared
+                .liveness
+                .defer_wake(RangeId(range), why, shared.config.down_ticks());
+            return false;
+        }
+        Wake::Unled(_) => PeerMsg::Wake,
+    };
+    let _ = cell.send(msg, usize::MAX, &shared.ready_tx);
+    true
 }

@@ -24,7 +24,7 @@ pub(super) struct Placement {
 
 impl Replica {
     /// Sets the replica that should lead this group (see the module doc).
-    pub(super) fn prefer_leader(&mut self, leader: u64) {
+    pub(crate) fn prefer_leader(&mut self, leader: u64) {
         self.placement = Some(Placement {
             leader,
             transfers: TRANSFERS,

@@ -306,7 +306,11 @@ impl Sim {
                 })
                 .collect();
             let node = sim.nodes[id as usize - 1].as_ref().expect("started");
-            crate::fsm::life::bootstrap(&node.shared, descs).expect("bootstrap");
+            // First leaders spread as a layout does: the chosen replica campaigns through the
+            // paced wake queue, the others sleep until it does (or time out).
+            let nodes = sim.cfg.nodes;
+            let first = move |d: &RangeDescriptor| Some(1 + d.range_id % nodes);
+            crate::fsm::life::bootstrap(&node.shared, descs, &first).expect("bootstrap");
         }
         sim
     }
