@@ -15,9 +15,24 @@ use flotilla_runtime::{Error, KvProposal, ProposeOptions, ReadConsistency};
 use super::reply::Reply;
 use super::{Conn, Shared};
 
-/// Times a run is proposed again when a range split or merged under it before it applied
-/// (nothing of it applied then).
-const MAX_RESHAPES: usize = 8;
+/// Times a run is proposed again when nothing of it applied: its range split or merged under
+/// it, or has no leader yet (a range just split off elects one), or pushed back (busy). The
+/// waits between tries double from 5 ms up to 100 ms: a few seconds in all.
+const MAX_RESHAPES: usize = 32;
+
+/// Whether `e` says that nothing was applied and a moment later may succeed.
+fn worth_retrying(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::EpochNotMatch { .. } | Error::NotLeader { .. } | Error::Busy(_)
+    )
+}
+
+/// The wait before try `round` (from 1).
+async fn backoff(round: usize) {
+    let ms = (5u64 << round.min(5)).min(100);
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+}
 
 /// Most keys a SCAN call looks at (its COUNT is capped to this).
 const MAX_SCAN_COUNT: usize = 10_000;
@@ -613,6 +628,9 @@ async fn writes(run: WriteRun, shared: &Shared, out: &mut Vec<(Reply, u8)>) {
     let mut answers: Vec<Option<Result<Vec<u8>, Error>>> = vec![None; requests.len()];
     let mut todo: Vec<usize> = (0..requests.len()).collect();
     for round in 0..=MAX_RESHAPES {
+        if round > 0 {
+            backoff(round).await;
+        }
         let proposals = todo
             .iter()
             .map(|&i| KvProposal {
@@ -626,7 +644,7 @@ async fn writes(run: WriteRun, shared: &Shared, out: &mut Vec<(Reply, u8)>) {
         let mut again = Vec::new();
         for (i, r) in todo.into_iter().zip(results) {
             match r {
-                Err(Error::EpochNotMatch { .. }) if round < MAX_RESHAPES => again.push(i),
+                Err(e) if worth_retrying(&e) && round < MAX_RESHAPES => again.push(i),
                 r => answers[i] = Some(r),
             }
         }
@@ -689,12 +707,15 @@ async fn reads(run: ReadRun, shared: &Shared, out: &mut Vec<(Reply, u8)>) {
         .flat_map(|(keys, _)| keys.iter().map(|k| &k[..]))
         .collect();
     let mut result = Err(Error::Stopped);
-    for _ in 0..=MAX_RESHAPES {
+    for round in 0..=MAX_RESHAPES {
+        if round > 0 {
+            backoff(round).await;
+        }
         result = shared
             .node
             .get_many(&keys, ReadConsistency::Linearizable)
             .await;
-        if !matches!(result, Err(Error::EpochNotMatch { .. })) {
+        if !result.as_ref().is_err_and(worth_retrying) {
             break;
         }
     }
