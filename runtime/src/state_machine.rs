@@ -99,6 +99,9 @@ impl<'a> ApplyContext<'a> {
     }
 }
 
+/// A key and its value.
+pub type Pair = (Vec<u8>, Vec<u8>);
+
 /// What a read sees: the range's applied data in the engine, after the read's barrier.
 pub struct ReadContext<'a> {
     engine: &'a Engine,
@@ -129,12 +132,7 @@ impl<'a> ReadContext<'a> {
     /// # Errors
     ///
     /// As [`ReadContext::get`].
-    pub fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<Pair>, StoreError> {
         self.engine.scan(start, end, limit)
     }
 }

@@ -200,7 +200,7 @@ pub(crate) fn parse(args: Vec<Bytes>, conn: &mut Conn) -> Step {
         }
         "mset" => {
             let rest: Vec<Bytes> = args.collect();
-            if rest.len() % 2 != 0 {
+            if !rest.len().is_multiple_of(2) {
                 return Step::Done(Reply::err(
                     "ERR wrong number of arguments for 'mset' command",
                 ));
@@ -365,7 +365,7 @@ fn command_entry(name: &str) -> Option<Reply> {
     Some(Reply::Array(vec![
         Reply::bulk(Bytes::from_static(name.as_bytes())),
         Reply::Int(arity),
-        Reply::Array(flags.iter().map(|f| Reply::Status(*f)).collect()),
+        Reply::Array(flags.iter().copied().map(Reply::Status).collect()),
         Reply::Int(first),
         Reply::Int(last),
         Reply::Int(step),
