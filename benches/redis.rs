@@ -5,7 +5,7 @@
 //!   always` (every write fsynced before it is answered: the durable single-node reference),
 //!   data in a temporary directory;
 //! - `flotilla`: three Flotilla nodes in this process (gRPC transport between them on
-//!   loopback, one RocksDB engine each in a temporary directory, fsync on, 10 ms ticks) with
+//!   loopback, one RocksDB engine each in a temporary directory, fsync on, default settings: 100 ms ticks) with
 //!   `REDIS_BENCH_RANGES` ranges (default 12) that cut redis-benchmark's key space
 //!   (`key:000000000000` to `key:000000099999`) evenly, leaders spread over the nodes; the
 //!   benchmark talks to node 1's Redis port, which forwards writes to ranges led elsewhere
@@ -27,8 +27,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla::layout::{first_campaigner, range_layout};
-use flotilla::testing::{local_server_config, node_ids, start_servers, test_config};
-use flotilla::{RangeId, StateRole};
+use flotilla::testing::{local_server_config, node_ids, start_servers};
+use flotilla::{NodeGroupConfig, RangeId, StateRole};
 use flotilla_benchkit::{free_addr, Children};
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -112,7 +112,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let configs = (1..=3)
         .map(|id| {
-            let mut c = local_server_config(test_config(id), dir.path());
+            let mut c = local_server_config(NodeGroupConfig::new(id), dir.path());
             c.redis_addr = Some("127.0.0.1:0".parse().expect("an address"));
             c
         })
