@@ -13,16 +13,22 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use flotilla_proto::command::{kv_request, KvRequest, MultiPut, Put};
+use flotilla_proto::command::{
+    kv_request, CompareAndSet, Delete, InsertIfAbsent, KvRequest, KvResponse, MultiPut, Put,
+    Write as WriteCmd, Writes,
+};
 use flotilla_proto::kv::batch_request::request::Cmd;
 use flotilla_proto::kv::batch_response::{self, response::Result as Answer};
 use flotilla_proto::kv::kv_error::Kind;
 use flotilla_proto::kv::kv_server::{Kv, KvServer};
 use flotilla_proto::kv::{
-    BatchRequest, BatchResponse, GetRequest, GetResponse, KvError, LocateRequest, LocateResponse,
-    MultiPutRequest, MultiPutResponse, PutRequest, PutResponse, RouteContext, StatusRequest,
-    StatusResponse,
+    BatchGetRequest, BatchGetResponse, BatchRequest, BatchResponse, BatchWriteRequest,
+    BatchWriteResponse, CompareAndSetRequest, CompareAndSetResponse, DeleteRequest, DeleteResponse,
+    GetRequest, GetResponse, InsertRequest, InsertResponse, KeyValue, KvError, LocateRequest,
+    LocateResponse, MultiPutRequest, MultiPutResponse, PutRequest, PutResponse, RouteContext,
+    ScanRequest, ScanResponse, StatusRequest, StatusResponse,
 };
+use flotilla_proto::Message as _;
 use flotilla_proto::{NodeId, RangeId};
 use flotilla_runtime::{Error, KvProposal, NodeGroup, ProposeOptions, Proposed, ReadConsistency};
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
@@ -171,6 +177,239 @@ fn multi_put_proposal(r: MultiPutRequest) -> KvProposal {
     proposal(request, r.client_id, r.seq, r.route)
 }
 
+fn delete_proposal(r: DeleteRequest) -> KvProposal {
+    let request = KvRequest {
+        op: Some(kv_request::Op::Delete(Delete { key: r.key })),
+    };
+    proposal(request, r.client_id, r.seq, r.route)
+}
+
+fn insert_proposal(r: InsertRequest) -> KvProposal {
+    let request = KvRequest {
+        op: Some(kv_request::Op::Insert(InsertIfAbsent {
+            key: r.key,
+            value: r.value,
+        })),
+    };
+    proposal(request, r.client_id, r.seq, r.route)
+}
+
+fn cas_proposal(r: CompareAndSetRequest) -> KvProposal {
+    let request = KvRequest {
+        op: Some(kv_request::Op::Cas(CompareAndSet {
+            key: r.key,
+            expected: r.expected,
+            value: r.value,
+            delete: r.delete,
+        })),
+    };
+    proposal(request, r.client_id, r.seq, r.route)
+}
+
+/// What kind of answer a write gets, and what it needs to build it from the state machine's.
+#[derive(Debug, Clone)]
+enum WriteKind {
+    Put,
+    MultiPut,
+    Delete,
+    Insert,
+    /// A compare-and-set: the new value (`None`: a delete), reported back on success.
+    Cas(Option<flotilla_proto::Bytes>),
+}
+
+impl WriteKind {
+    /// The answer to a write of this kind from the state machine's encoded `KvResponse`.
+    fn answer(&self, raw: &[u8]) -> Result<Answer, Error> {
+        let decode = || {
+            KvResponse::decode(raw).map_err(|e| Error::BadAnswer {
+                what: "kv write",
+                reason: e.to_string(),
+            })
+        };
+        Ok(match self {
+            WriteKind::Put => Answer::Put(PutResponse {}),
+            WriteKind::MultiPut => Answer::MultiPut(MultiPutResponse {}),
+            WriteKind::Delete => {
+                let r = decode()?;
+                Answer::Delete(DeleteResponse {
+                    deleted: r.ok,
+                    previous: r.previous.unwrap_or_default(),
+                })
+            }
+            WriteKind::Insert => {
+                let r = decode()?;
+                Answer::Insert(InsertResponse {
+                    inserted: r.ok,
+                    current: r.previous.unwrap_or_default(),
+                })
+            }
+            WriteKind::Cas(new) => {
+                let r = decode()?;
+                // After a success the key holds the new value (or nothing); after a failure,
+                // the value that did not match.
+                let now = if r.ok { new.clone() } else { r.previous };
+                Answer::Cas(CompareAndSetResponse {
+                    succeeded: r.ok,
+                    found: now.is_some(),
+                    current: now.unwrap_or_default(),
+                })
+            }
+        })
+    }
+}
+
+/// Proposes one write and waits for its answer.
+async fn write(node: &NodeGroup, p: KvProposal, kind: WriteKind) -> Result<Answer, Error> {
+    let answer = node.kv_batch(vec![p]).pop().ok_or(Error::Stopped)?;
+    kind.answer(&answer.await?)
+}
+
+/// The runtime's read consistency for a request's (`stale` wins if set).
+fn consistency(c: i32, stale: bool) -> ReadConsistency {
+    use flotilla_proto::kv::ReadConsistency as Wire;
+    match Wire::try_from(c).unwrap_or(Wire::Linearizable) {
+        _ if stale => ReadConsistency::Stale,
+        Wire::Linearizable => ReadConsistency::Linearizable,
+        Wire::Lease => ReadConsistency::Lease,
+        Wire::Stale => ReadConsistency::Stale,
+    }
+}
+
+/// Most pairs a scan returns per call, and the default.
+const MAX_SCAN_LIMIT: u32 = 10_000;
+const DEFAULT_SCAN_LIMIT: u32 = 1_000;
+/// Most keys of a `BatchGet`, writes of a `BatchWrite`.
+const MAX_BATCH_KEYS: usize = 10_000;
+
+/// A scan page of `[start, end)` from the continuation token (the key the page starts at).
+async fn scan(node: &NodeGroup, r: ScanRequest) -> Result<ScanResponse, Error> {
+    let invalid = |why: &str| Err(Error::InvalidCommand(why.to_string()));
+    if !r.end.is_empty() && r.start >= r.end {
+        return invalid("scan: start must be before end");
+    }
+    let from = if r.continuation.is_empty() {
+        r.start.clone()
+    } else {
+        r.continuation.clone()
+    };
+    if from < r.start || (!r.end.is_empty() && from >= r.end) {
+        return invalid("scan: the continuation token is not inside [start, end)");
+    }
+    let limit = match r.limit {
+        0 => DEFAULT_SCAN_LIMIT,
+        n => n.min(MAX_SCAN_LIMIT),
+    };
+    let page = node
+        .scan(
+            &from,
+            &r.end,
+            limit as usize,
+            consistency(r.consistency, false),
+        )
+        .await?;
+    Ok(ScanResponse {
+        pairs: page
+            .pairs
+            .into_iter()
+            .map(|(k, v)| KeyValue {
+                key: k.into(),
+                value: v.into(),
+            })
+            .collect(),
+        continuation: page.next.unwrap_or_default().into(),
+    })
+}
+
+async fn batch_get(node: &NodeGroup, r: BatchGetRequest) -> Result<BatchGetResponse, Error> {
+    if r.keys.len() > MAX_BATCH_KEYS {
+        return Err(Error::InvalidCommand(format!(
+            "batch get of {} keys: at most {MAX_BATCH_KEYS}",
+            r.keys.len()
+        )));
+    }
+    let keys: Vec<&[u8]> = r.keys.iter().map(|k| &k[..]).collect();
+    let values = node
+        .get_many(&keys, consistency(r.consistency, false))
+        .await?;
+    Ok(BatchGetResponse {
+        values: values
+            .into_iter()
+            .map(|v| GetResponse {
+                found: v.is_some(),
+                value: v.unwrap_or_default().into(),
+            })
+            .collect(),
+    })
+}
+
+/// Times a part of a batch write whose range split or merged before it was proposed is
+/// grouped again.
+const MAX_REGROUPS: usize = 8;
+
+/// Applies puts and deletes of any keys: grouped by this node's ranges, one `Writes` command
+/// per range, every part with the request's id (each range records it, so a retry of the
+/// whole batch applies nothing twice). A part refused because its range changed shape before
+/// it was proposed or applied (nothing applied) is grouped again.
+pub(crate) async fn batch_write(
+    node: &NodeGroup,
+    writes: Vec<WriteCmd>,
+    request_id: Option<(u64, u64)>,
+) -> Result<(), Error> {
+    if writes.len() > MAX_BATCH_KEYS {
+        return Err(Error::InvalidCommand(format!(
+            "batch write of {} writes: at most {MAX_BATCH_KEYS}",
+            writes.len()
+        )));
+    }
+    let mut todo = writes;
+    for _ in 0..MAX_REGROUPS {
+        let mut groups: Vec<(RangeId, Vec<WriteCmd>)> = Vec::new();
+        for w in todo.drain(..) {
+            let range = node.range_of(&w.key)?.id();
+            match groups.iter_mut().find(|(r, _)| *r == range) {
+                Some((_, g)) => g.push(w),
+                None => groups.push((range, vec![w])),
+            }
+        }
+        let proposals = groups
+            .iter()
+            .map(|(_, writes)| KvProposal {
+                request: KvRequest {
+                    op: Some(kv_request::Op::Writes(Writes {
+                        writes: writes.clone(),
+                    })),
+                },
+                opts: ProposeOptions {
+                    request_id,
+                    epoch: None,
+                },
+                range: None,
+                forward: true,
+            })
+            .collect();
+        let answers = futures_util::future::join_all(node.kv_batch(proposals)).await;
+        let mut first_error = None;
+        for ((_, writes), answer) in groups.into_iter().zip(answers) {
+            match answer {
+                Ok(_) => {}
+                Err(Error::EpochNotMatch { .. }) => todo.extend(writes),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        if todo.is_empty() {
+            return Ok(());
+        }
+    }
+    Err(Error::Busy(
+        "ranges kept changing shape under a batch write; retry",
+    ))
+}
+
 /// A read, after checking the caller's route against this node's range for the key.
 async fn get(node: &NodeGroup, r: GetRequest) -> Result<GetResponse, Error> {
     if let Some(route) = r.route {
@@ -185,12 +424,9 @@ async fn get(node: &NodeGroup, r: GetRequest) -> Result<GetResponse, Error> {
             });
         }
     }
-    let consistency = if r.stale {
-        ReadConsistency::Stale
-    } else {
-        ReadConsistency::Linearizable
-    };
-    let v = node.get(&r.key, consistency).await?;
+    let v = node
+        .get(&r.key, consistency(r.consistency, r.stale))
+        .await?;
     Ok(GetResponse {
         found: v.is_some(),
         value: v.unwrap_or_default().into(),
@@ -226,6 +462,82 @@ impl Kv for KvService {
         get(&self.node, req.into_inner())
             .await
             .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let p = delete_proposal(req.into_inner());
+        match write(&self.node, p, WriteKind::Delete).await {
+            Ok(Answer::Delete(r)) => Ok(Response::new(r)),
+            Ok(_) => Err(Status::internal("a delete answered as another write")),
+            Err(e) => Err(to_status(e)),
+        }
+    }
+
+    async fn insert(
+        &self,
+        req: Request<InsertRequest>,
+    ) -> Result<Response<InsertResponse>, Status> {
+        let p = insert_proposal(req.into_inner());
+        match write(&self.node, p, WriteKind::Insert).await {
+            Ok(Answer::Insert(r)) => Ok(Response::new(r)),
+            Ok(_) => Err(Status::internal("an insert answered as another write")),
+            Err(e) => Err(to_status(e)),
+        }
+    }
+
+    async fn compare_and_set(
+        &self,
+        req: Request<CompareAndSetRequest>,
+    ) -> Result<Response<CompareAndSetResponse>, Status> {
+        let r = req.into_inner();
+        let kind = WriteKind::Cas((!r.delete).then(|| r.value.clone()));
+        match write(&self.node, cas_proposal(r), kind).await {
+            Ok(Answer::Cas(r)) => Ok(Response::new(r)),
+            Ok(_) => Err(Status::internal(
+                "a compare-and-set answered as another write",
+            )),
+            Err(e) => Err(to_status(e)),
+        }
+    }
+
+    async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        scan(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn batch_get(
+        &self,
+        req: Request<BatchGetRequest>,
+    ) -> Result<Response<BatchGetResponse>, Status> {
+        batch_get(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn batch_write(
+        &self,
+        req: Request<BatchWriteRequest>,
+    ) -> Result<Response<BatchWriteResponse>, Status> {
+        let r = req.into_inner();
+        let writes = r
+            .writes
+            .into_iter()
+            .map(|w| WriteCmd {
+                key: w.key,
+                value: w.value,
+            })
+            .collect();
+        let id = (r.client_id != 0).then_some((r.client_id, r.seq));
+        batch_write(&self.node, writes, id)
+            .await
+            .map(|()| Response::new(BatchWriteResponse {}))
             .map_err(to_status)
     }
 
@@ -307,31 +619,34 @@ fn serve_frame(
 ) {
     let mut ids = Vec::with_capacity(frame.requests.len());
     let mut proposals = Vec::with_capacity(frame.requests.len());
-    let mut puts = Vec::with_capacity(frame.requests.len());
+    let mut kinds = Vec::with_capacity(frame.requests.len());
     for r in frame.requests {
-        match r.cmd {
-            Some(Cmd::Put(p)) => {
-                ids.push(r.id);
-                puts.push(true);
-                proposals.push(put_proposal(p));
-            }
-            Some(Cmd::MultiPut(m)) => {
-                ids.push(r.id);
-                puts.push(false);
-                proposals.push(multi_put_proposal(m));
-            }
+        let (kind, p) = match r.cmd {
+            Some(Cmd::Put(p)) => (WriteKind::Put, put_proposal(p)),
+            Some(Cmd::MultiPut(m)) => (WriteKind::MultiPut, multi_put_proposal(m)),
+            Some(Cmd::Delete(d)) => (WriteKind::Delete, delete_proposal(d)),
+            Some(Cmd::Insert(i)) => (WriteKind::Insert, insert_proposal(i)),
+            Some(Cmd::Cas(c)) => (
+                WriteKind::Cas((!c.delete).then(|| c.value.clone())),
+                cas_proposal(c),
+            ),
             Some(Cmd::Get(g)) => {
                 let (node, tx) = (node.clone(), tx.clone());
                 tokio::spawn(async move {
                     let answer = get(&node, g).await.map(Answer::Get);
                     let _ = tx.send(response(r.id, answer));
                 });
+                continue;
             }
             None => {
                 let e = Error::InvalidCommand("empty request".into());
                 let _ = tx.send(response(r.id, Err(e)));
+                continue;
             }
-        }
+        };
+        ids.push(r.id);
+        kinds.push(kind);
+        proposals.push(p);
     }
     if proposals.is_empty() {
         return;
@@ -340,15 +655,12 @@ fn serve_frame(
     let mut waiting: FuturesUnordered<_> = answers
         .into_iter()
         .zip(ids)
-        .zip(puts)
-        .map(|((answer, id), put)| async move {
-            let result = answer.await.map(|_| {
-                if put {
-                    Answer::Put(PutResponse {})
-                } else {
-                    Answer::MultiPut(MultiPutResponse {})
-                }
-            });
+        .zip(kinds)
+        .map(|((answer, id), kind)| async move {
+            let result = match answer.await {
+                Ok(raw) => kind.answer(&raw),
+                Err(e) => Err(e),
+            };
             response(id, result)
         })
         .collect();

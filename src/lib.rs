@@ -12,6 +12,7 @@
 //!   shared by the `flotilla-node` binary, the tests, the benchmarks and the examples;
 //! - [`layout`]: the initial range layout a new cluster bootstraps;
 //! - [`kv_service`], [`admin_service`]: the client gRPC APIs a server serves;
+//! - [`resp`]: the Redis protocol over the same NodeGroup, on its own port;
 //! - `testing` (with the `testing` feature only, which tests, benchmarks and examples turn
 //!   on): the in-memory cluster harness and helpers they share. The product never uses it.
 //!
@@ -20,6 +21,7 @@
 pub mod admin_service;
 pub mod kv_service;
 pub mod layout;
+pub mod resp;
 pub mod server;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -27,9 +29,9 @@ pub mod testing;
 pub use flotilla_proto as proto;
 pub use flotilla_proto::{NodeId, RangeId, ReplicaId};
 pub use flotilla_runtime::{
-    ApplyContext, ConfigError, Error, KvStateMachine, MembershipChange, NodeGroup, NodeGroupConfig,
-    NodeStatus, ProposeOptions, RangeRouter, ReadConsistency, ReplicaStatus, Result, SplitConfig,
-    StateMachine, StateRole,
+    ApplyContext, ApplyError, ConfigError, Error, KvProposal, KvStateMachine, MembershipChange,
+    NodeGroup, NodeGroupConfig, NodeStatus, ProposeOptions, RangeRouter, ReadConsistency,
+    ReadContext, ReplicaStatus, Result, ScanPage, SplitConfig, StateMachine, StateRole,
 };
 pub use flotilla_store::{Engine, StoreConfig, StoreError};
 pub use flotilla_transport as transport;

@@ -279,6 +279,7 @@ async fn split_list_merge_and_error_codes_over_grpc() {
                 key: key(i).into(),
                 stale: false,
                 route: None,
+                consistency: 0,
             })
             .await
             .unwrap()

@@ -150,6 +150,7 @@ async fn read(kv: &mut KvClient<Channel>, key: Vec<u8>) -> Option<Vec<u8>> {
             key: key.into(),
             stale: false,
             route: None,
+            consistency: 0,
         })
         .await
         .unwrap()

@@ -565,6 +565,7 @@ async fn retried_request_is_applied_once() {
             key: b"ctr".to_vec().into(),
             expected: Some(from.to_vec().into()),
             value: to.to_vec().into(),
+            delete: false,
         })),
     };
     let opts = flotilla::ProposeOptions {

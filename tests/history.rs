@@ -470,12 +470,15 @@ async fn membership_changes_under_concurrent_writes_keep_the_history_linearizabl
     for &n in &members {
         let deadline = Instant::now() + T;
         let rows = loop {
-            match c
-                .node(n)
-                .scan(b"", usize::MAX, ReadConsistency::Linearizable)
-                .await
-            {
-                Ok(rows) => break rows,
+            // The range that holds b"" (as the node knows it), up to its end.
+            let end = c.node(n).range_of(b"").map(|d| d.end_key.to_vec());
+            let scan = async {
+                c.node(n)
+                    .scan(b"", &end?, usize::MAX, ReadConsistency::Linearizable)
+                    .await
+            };
+            match scan.await {
+                Ok(page) => break page.pairs,
                 Err(e) => {
                     assert!(
                         Instant::now() < deadline,
@@ -671,12 +674,15 @@ async fn leader_removing_itself_reports_unknown_outcomes() {
     for &n in &members {
         let deadline = Instant::now() + T;
         let rows = loop {
-            match c
-                .node(n)
-                .scan(b"", usize::MAX, ReadConsistency::Linearizable)
-                .await
-            {
-                Ok(rows) => break rows,
+            // The range that holds b"" (as the node knows it), up to its end.
+            let end = c.node(n).range_of(b"").map(|d| d.end_key.to_vec());
+            let scan = async {
+                c.node(n)
+                    .scan(b"", &end?, usize::MAX, ReadConsistency::Linearizable)
+                    .await
+            };
+            match scan.await {
+                Ok(page) => break page.pairs,
                 Err(e) => {
                     assert!(
                         Instant::now() < deadline,

@@ -281,9 +281,10 @@ async fn merges_under_concurrent_writes_lose_nothing() {
     for n in 1..=3 {
         let all = c
             .node(n)
-            .scan(b"", 1_000_000, ReadConsistency::Stale)
+            .scan(b"", b"", 1_000_000, ReadConsistency::Stale)
             .await
-            .unwrap();
+            .unwrap()
+            .pairs;
         for (k, v) in all {
             let k = String::from_utf8(k).unwrap();
             let v = String::from_utf8(v).unwrap();

@@ -121,6 +121,7 @@ async fn get(client: &mut KvClient<Channel>, key: &[u8], timeout: Duration) -> O
                 key: key.to_vec().into(),
                 stale: false,
                 route: None,
+                consistency: 0,
             })
             .await
         {

@@ -63,6 +63,7 @@ async fn get(client: SocketAddr, key: &[u8]) -> Option<Vec<u8>> {
                     key: key.to_vec().into(),
                     stale: false,
                     route: None,
+                    consistency: 0,
                 })
                 .await
                 .map(|r| r.into_inner())

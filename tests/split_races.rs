@@ -633,6 +633,7 @@ fn cas(key: &[u8], expected: u64, value: u64) -> KvRequest {
             key: key.to_vec().into(),
             expected: (expected > 0).then(|| expected.to_string().into_bytes().into()),
             value: value.to_string().into_bytes().into(),
+            delete: false,
         })),
     }
 }

@@ -30,6 +30,12 @@
 //! assert_eq!(client.get("key").await?.as_deref(), Some(&b"value"[..]));
 //! // Puts of several ranges: each range's part is applied atomically.
 //! client.multi_put([("a", "1"), ("b", "2")]).await?;
+//! // Conditional writes, deletes, scans and batched reads.
+//! client.compare_and_set("key", Some("value".into()), Some("v2".into())).await?;
+//! client.delete("a").await?;
+//! let page = client.scan("a", "z", 100, None).await?;
+//! let values = client.batch_get(["a", "b"]).await?;
+//! # let _ = (page, values);
 //! // A shorter deadline for one call.
 //! client.with_timeout(std::time::Duration::from_millis(500)).put("k", "v").await?;
 //! # Ok(()) }
@@ -52,7 +58,8 @@ use flotilla_proto::kv::batch_response::response::Result as Reply;
 use flotilla_proto::kv::kv_client::KvClient;
 use flotilla_proto::kv::kv_error::Kind;
 use flotilla_proto::kv::{
-    GetRequest, KeyValue, LocateRequest, MultiPutRequest, PutRequest, RouteContext, StatusRequest,
+    BatchGetRequest, CompareAndSetRequest, DeleteRequest, GetRequest, InsertRequest, KeyValue,
+    LocateRequest, MultiPutRequest, PutRequest, RouteContext, ScanRequest, StatusRequest,
 };
 use flotilla_proto::meta::RangeDescriptor;
 use parking_lot::{Mutex, RwLock};
@@ -198,19 +205,44 @@ impl Session {
     }
 }
 
+/// The outcome of a conditional write ([`Client::compare_and_set`],
+/// [`Client::insert_if_absent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CasOutcome {
+    /// The condition held and the write was applied.
+    pub succeeded: bool,
+    /// The key's value now: the new one after a success (`None` after a delete), the one that
+    /// did not match after a failure.
+    pub current: Option<Bytes>,
+}
+
+/// One page of [`Client::scan`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanPage {
+    /// The pairs, in key order.
+    pub pairs: Vec<(Bytes, Bytes)>,
+    /// Where the next page starts (pass it back to [`Client::scan`]); `None`: the interval is
+    /// exhausted.
+    pub continuation: Option<Bytes>,
+}
+
 /// A request as the retry loop handles it.
 #[derive(Debug, Clone)]
 enum Op {
     Put(Bytes, Bytes),
     MultiPut(Vec<KeyValue>),
     Get(Bytes),
+    Delete(Bytes),
+    Insert(Bytes, Bytes),
+    /// Key, expected value (`None`: absent), new value (`None`: delete).
+    Cas(Bytes, Option<Bytes>, Option<Bytes>),
 }
 
 impl Op {
     /// The key the request is routed by.
     fn key(&self) -> &[u8] {
         match self {
-            Op::Put(k, _) | Op::Get(k) => k,
+            Op::Put(k, _) | Op::Get(k) | Op::Delete(k) | Op::Insert(k, _) | Op::Cas(k, _, _) => k,
             Op::MultiPut(kvs) => kvs.first().map_or(&[][..], |kv| &kv.key[..]),
         }
     }
@@ -225,6 +257,10 @@ impl Op {
 enum Answer {
     Written,
     Value(Option<Bytes>),
+    /// A delete: whether the key existed.
+    Deleted(bool),
+    /// A conditional write.
+    Cas(CasOutcome),
 }
 
 /// Why the retry loop stopped without an answer.
@@ -343,7 +379,177 @@ impl Client {
     pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>> {
         match self.run(Op::Get(key.into())).await? {
             Answer::Value(v) => Ok(v),
-            Answer::Written => Err(Error::Server("a write's answer to a read".into())),
+            _ => Err(Error::Server("a write's answer to a read".into())),
+        }
+    }
+
+    /// Deletes `key`; says whether it existed.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::put`].
+    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool> {
+        match self.run(Op::Delete(key.into())).await? {
+            Answer::Deleted(existed) => Ok(existed),
+            _ => Err(Error::Server("another answer to a delete".into())),
+        }
+    }
+
+    /// Writes `key = value` only if `key` does not exist.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::put`].
+    pub async fn insert_if_absent(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<CasOutcome> {
+        match self.run(Op::Insert(key.into(), value.into())).await? {
+            Answer::Cas(c) => Ok(c),
+            _ => Err(Error::Server("another answer to an insert".into())),
+        }
+    }
+
+    /// Compare-and-set: if `key` holds `expected` (`None`: if it does not exist), writes
+    /// `new` (`None`: deletes the key), atomically.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::put`].
+    pub async fn compare_and_set(
+        &self,
+        key: impl Into<Bytes>,
+        expected: Option<Bytes>,
+        new: Option<Bytes>,
+    ) -> Result<CasOutcome> {
+        match self.run(Op::Cas(key.into(), expected, new)).await? {
+            Answer::Cas(c) => Ok(c),
+            _ => Err(Error::Server("another answer to a compare-and-set".into())),
+        }
+    }
+
+    /// Reads up to `limit` pairs of `[start, end)` (empty `end`: to the end of the key
+    /// space; `limit` 0: the node's default, 1000) linearizably, range by range; start at
+    /// `continuation` if given (from the previous page of the same interval).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRequest`] for an empty interval or a foreign continuation;
+    /// [`Error::DeadlineExceeded`] if no node answered in time.
+    pub async fn scan(
+        &self,
+        start: impl Into<Bytes>,
+        end: impl Into<Bytes>,
+        limit: u32,
+        continuation: Option<Bytes>,
+    ) -> Result<ScanPage> {
+        let req = ScanRequest {
+            start: start.into(),
+            end: end.into(),
+            limit,
+            consistency: 0,
+            continuation: continuation.unwrap_or_default(),
+        };
+        let r = self
+            .on_any_node(|mut kv| {
+                let req = req.clone();
+                async move { kv.scan(req).await }
+            })
+            .await?;
+        Ok(ScanPage {
+            pairs: r.pairs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
+            continuation: Some(r.continuation).filter(|c| !c.is_empty()),
+        })
+    }
+
+    /// Reads several keys linearizably (the node groups them by range); the values come in
+    /// the order of `keys`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::scan`].
+    pub async fn batch_get<K: Into<Bytes>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<Vec<Option<Bytes>>> {
+        let req = BatchGetRequest {
+            keys: keys.into_iter().map(Into::into).collect(),
+            consistency: 0,
+        };
+        let n = req.keys.len();
+        let r = self
+            .on_any_node(|mut kv| {
+                let req = req.clone();
+                async move { kv.batch_get(req).await }
+            })
+            .await?;
+        if r.values.len() != n {
+            return Err(Error::Server("a batch get without a value per key".into()));
+        }
+        Ok(r.values
+            .into_iter()
+            .map(|g| g.found.then_some(g.value))
+            .collect())
+    }
+
+    /// Runs a read that any node serves (it reads each range on its own replica), trying the
+    /// nodes in turn until one answers or the deadline passes.
+    async fn on_any_node<T, F, Fut>(&self, mut call: F) -> Result<T>
+    where
+        F: FnMut(KvClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let cfg = &self.inner.config;
+        let deadline = Instant::now() + self.timeout;
+        let mut backoff = cfg.backoff_initial;
+        let mut attempts = 0u32;
+        let mut last = String::from("no attempt was made");
+        bump(&self.inner.counters.requests);
+        loop {
+            for node in self.nodes_in_order() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                attempts += 1;
+                bump(&self.inner.counters.attempts);
+                let timeout = left.min(cfg.attempt_timeout);
+                let failure = match tokio::time::timeout(timeout, call(node.kv.clone())).await {
+                    Ok(Ok(r)) => {
+                        node.mark_up();
+                        return Ok(r.into_inner());
+                    }
+                    Ok(Err(status)) => Failure::from_status(&status),
+                    Err(_) => Failure::NoAnswer {
+                        why: format!("no answer within {timeout:?}"),
+                        sent: true,
+                    },
+                };
+                last = failure.describe();
+                match failure {
+                    Failure::Refused(e)
+                        if matches!(e.kind(), Kind::InvalidArgument | Kind::Refused) =>
+                    {
+                        return Err(Error::InvalidRequest(e.message));
+                    }
+                    Failure::Garbled(why) => return Err(Error::Server(why)),
+                    Failure::NoAnswer { .. } => {
+                        bump(&self.inner.counters.no_answer);
+                        node.mark_down(cfg.down_for);
+                    }
+                    Failure::Refused(_) => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::DeadlineExceeded {
+                    timeout: self.timeout,
+                    attempts,
+                    last,
+                    outcome_unknown: false,
+                });
+            }
+            self.sleep(&mut backoff, deadline).await;
         }
     }
 
@@ -704,7 +910,24 @@ impl Client {
                         key: k.clone(),
                         stale: false,
                         route,
+                        consistency: 0,
                     }),
+                    Op::Delete(k) => Cmd::Delete(DeleteRequest {
+                        key: k.clone(),
+                        client_id,
+                        seq,
+                        route,
+                    }),
+                    Op::Insert(k, v) => Cmd::Insert(InsertRequest {
+                        key: k.clone(),
+                        value: v.clone(),
+                        client_id,
+                        seq,
+                        route,
+                    }),
+                    Op::Cas(k, expected, new) => {
+                        Cmd::Cas(cas_request(k, expected, new, client_id, seq, route))
+                    }
                 };
                 let r = node
                     .call(
@@ -720,6 +943,15 @@ impl Client {
                 match r.result {
                     Some(Reply::Put(_) | Reply::MultiPut(_)) => Answer::Written,
                     Some(Reply::Get(g)) => Answer::Value(g.found.then_some(g.value)),
+                    Some(Reply::Delete(d)) => Answer::Deleted(d.deleted),
+                    Some(Reply::Insert(i)) => Answer::Cas(CasOutcome {
+                        succeeded: i.inserted,
+                        current: Some(if i.inserted { op_value(op) } else { i.current }),
+                    }),
+                    Some(Reply::Cas(c)) => Answer::Cas(CasOutcome {
+                        succeeded: c.succeeded,
+                        current: c.found.then_some(c.current),
+                    }),
                     None => return Err(Failure::Garbled("an answer without a result".into())),
                 }
             }
@@ -751,10 +983,48 @@ impl Client {
                                 key: k.clone(),
                                 stale: false,
                                 route,
+                                consistency: 0,
                             };
                             kv.get(req).await.map(|r| {
                                 let g = r.into_inner();
                                 Answer::Value(g.found.then_some(g.value))
+                            })
+                        }
+                        Op::Delete(k) => {
+                            let req = DeleteRequest {
+                                key: k.clone(),
+                                client_id,
+                                seq,
+                                route,
+                            };
+                            kv.delete(req)
+                                .await
+                                .map(|r| Answer::Deleted(r.into_inner().deleted))
+                        }
+                        Op::Insert(k, v) => {
+                            let req = InsertRequest {
+                                key: k.clone(),
+                                value: v.clone(),
+                                client_id,
+                                seq,
+                                route,
+                            };
+                            kv.insert(req).await.map(|r| {
+                                let i = r.into_inner();
+                                Answer::Cas(CasOutcome {
+                                    succeeded: i.inserted,
+                                    current: Some(if i.inserted { v.clone() } else { i.current }),
+                                })
+                            })
+                        }
+                        Op::Cas(k, expected, new) => {
+                            let req = cas_request(k, expected, new, client_id, seq, route);
+                            kv.compare_and_set(req).await.map(|r| {
+                                let c = r.into_inner();
+                                Answer::Cas(CasOutcome {
+                                    succeeded: c.succeeded,
+                                    current: c.found.then_some(c.current),
+                                })
                             })
                         }
                     }
@@ -955,6 +1225,33 @@ impl Client {
         let left = deadline.saturating_duration_since(Instant::now());
         tokio::time::sleep(wait.min(left)).await;
         *backoff = (*backoff * 2).min(self.inner.config.backoff_max);
+    }
+}
+
+/// The value an insert writes.
+fn op_value(op: &Op) -> Bytes {
+    match op {
+        Op::Insert(_, v) => v.clone(),
+        _ => Bytes::new(),
+    }
+}
+
+fn cas_request(
+    key: &Bytes,
+    expected: &Option<Bytes>,
+    new: &Option<Bytes>,
+    client_id: u64,
+    seq: u64,
+    route: Option<RouteContext>,
+) -> CompareAndSetRequest {
+    CompareAndSetRequest {
+        key: key.clone(),
+        expected: expected.clone(),
+        value: new.clone().unwrap_or_default(),
+        delete: new.is_none(),
+        client_id,
+        seq,
+        route,
     }
 }
 

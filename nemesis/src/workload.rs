@@ -231,6 +231,7 @@ pub async fn get(
             key: key.to_vec().into(),
             stale: false,
             route: None,
+            consistency: 0,
         };
         let mut kv = nodes.kv(node);
         let hint = match tokio::time::timeout(ATTEMPT_TIMEOUT, kv.get(req)).await {

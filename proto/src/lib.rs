@@ -45,6 +45,7 @@ pub mod admin {
     include!(concat!(env!("OUT_DIR"), "/flotilla.admin.rs"));
 }
 
+pub use prost::bytes::Bytes;
 pub use prost::Message;
 
 impl meta::RangeDescriptor {

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use flotilla_proto::command::{kv_request, KvRequest, Put, RequestHeader, RequestId};
+use flotilla_proto::command::{kv_request, KvRequest, RequestHeader, RequestId};
 use flotilla_proto::meta::RangeEpoch;
 use flotilla_proto::RangeId;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
@@ -177,15 +177,23 @@ impl NodeGroup {
     fn route(&self, p: &KvProposal) -> Result<(RangeId, Option<RangeEpoch>)> {
         use kv_request::Op;
         let s = &self.shared;
-        let (first, rest): (&[u8], &[Put]) = match &p.request.op {
-            Some(Op::Put(x)) => (&x.key, &[]),
-            Some(Op::Delete(x)) => (&x.key, &[]),
-            Some(Op::Insert(x)) => (&x.key, &[]),
-            Some(Op::Cas(x)) => (&x.key, &[]),
-            Some(Op::MultiPut(m)) => match m.puts.split_first() {
-                Some((f, rest)) => (&f.key, rest),
-                None => return Err(Error::InvalidCommand("empty multi-put".into())),
-            },
+        // The first key routes; the others (of a multi-key command) must be in its range.
+        // (A single-key command allocates nothing here: an empty Vec does not.)
+        let none = || Error::InvalidCommand("a multi-key command without keys".into());
+        let (first, rest): (&[u8], Vec<&[u8]>) = match &p.request.op {
+            Some(Op::Put(x)) => (&x.key, Vec::new()),
+            Some(Op::Delete(x)) => (&x.key, Vec::new()),
+            Some(Op::Insert(x)) => (&x.key, Vec::new()),
+            Some(Op::Cas(x)) => (&x.key, Vec::new()),
+            Some(Op::Incr(x)) => (&x.key, Vec::new()),
+            Some(Op::MultiPut(m)) => {
+                let (f, rest) = m.puts.split_first().ok_or_else(none)?;
+                (&f.key, rest.iter().map(|p| &p.key[..]).collect())
+            }
+            Some(Op::Writes(w)) => {
+                let (f, rest) = w.writes.split_first().ok_or_else(none)?;
+                (&f.key, rest.iter().map(|w| &w.key[..]).collect())
+            }
             None => return Err(Error::InvalidCommand("empty KvRequest".into())),
         };
         let routed = s.router.with_range(first, |d| {
@@ -193,7 +201,7 @@ impl NodeGroup {
                 || p.opts
                     .epoch
                     .is_some_and(|e| e.is_stale(&d.epoch_or_default()));
-            let spans = rest.iter().any(|x| !d.contains(&x.key));
+            let spans = rest.iter().any(|x| !d.contains(x));
             if moved || spans {
                 Err(Box::new(d.clone()))
             } else {
@@ -209,7 +217,7 @@ impl NodeGroup {
             Err(desc) => {
                 let mut current = vec![*desc];
                 for x in rest {
-                    if let Ok(d) = s.router.lookup(&x.key) {
+                    if let Ok(d) = s.router.lookup(x) {
                         if !current.iter().any(|c| c.range_id == d.range_id) {
                             current.push(d);
                         }

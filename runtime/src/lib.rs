@@ -10,8 +10,8 @@
 //!    of the NodeGroup: it is driven through a narrow context and returns effects.
 //! 3. `fsm/`: the shell — the shared registry, the replica lifecycle (`life`), mailboxes and
 //!    scheduling, the worker round (group commit), the ticker, the split checker.
-//! 4. [`NodeGroup`] (`node_group`): the public API; `inbound` (what the transport delivers),
-//!    `status` (status queries).
+//! 4. [`NodeGroup`] (`node_group`): the public API; `read` (reads through the state machine),
+//!    `inbound` (what the transport delivers), `status` (status queries).
 //!
 //! ARCHITECTURE.md at the repository root states the rule and the reasons.
 
@@ -24,6 +24,7 @@ mod inbound;
 mod logger;
 mod node_group;
 mod pending;
+mod read;
 mod replica;
 mod router;
 #[cfg(test)]
@@ -37,6 +38,7 @@ pub use config::{ConfigError, NodeGroupConfig, SplitConfig};
 pub use error::{Error, Result};
 pub use node_group::NodeGroup;
 pub use raft::StateRole;
+pub use read::ScanPage;
 pub use replica::ReplicaStatus;
 pub use router::RangeRouter;
-pub use state_machine::{ApplyContext, ApplyError, KvStateMachine, StateMachine};
+pub use state_machine::{ApplyContext, ApplyError, KvStateMachine, ReadContext, StateMachine};

@@ -114,6 +114,11 @@ impl NodeGroup {
         self.shared.node
     }
 
+    /// The configuration it runs with.
+    pub fn config(&self) -> &NodeGroupConfig {
+        &self.shared.config
+    }
+
     /// The engine.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.shared.engine
@@ -213,7 +218,7 @@ impl NodeGroup {
         .await
     }
 
-    async fn submit(
+    pub(crate) async fn submit(
         &self,
         range: RangeId,
         token: u64,
@@ -282,31 +287,6 @@ impl NodeGroup {
         self.submit(range, token, rx, PeerMsg::Read { token, lease })
             .await
             .map(|_| ())
-    }
-
-    /// Reads `key` (default KV state machine) with the given consistency.
-    pub async fn get(&self, key: &[u8], consistency: ReadConsistency) -> Result<Option<Vec<u8>>> {
-        let desc = self.shared.router.lookup(key)?;
-        self.shared.record_load(desc.range_id, key);
-        self.read_barrier(desc.id(), consistency).await?;
-        // The range may have changed shape while we waited.
-        let now = self.shared.router.lookup(key)?;
-        if now.range_id != desc.range_id {
-            return Err(Error::EpochNotMatch { current: vec![now] });
-        }
-        Ok(self.shared.engine.get(key)?)
-    }
-
-    /// Reads up to `limit` keys from `start` within the range that owns `start`.
-    pub async fn scan(
-        &self,
-        start: &[u8],
-        limit: usize,
-        consistency: ReadConsistency,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let desc = self.shared.router.lookup(start)?;
-        self.read_barrier(desc.id(), consistency).await?;
-        Ok(self.shared.engine.scan(start, &desc.end_key, limit)?)
     }
 
     /// Changes the membership of `range`; this node's replica must be the leader. Resolves

@@ -36,6 +36,10 @@ pub struct ServerConfig {
     /// Where the client APIs (`flotilla.kv.Kv`, `flotilla.admin.Admin`) listen. Port 0 picks
     /// a free port. Default `127.0.0.1:0`.
     pub client_addr: SocketAddr,
+    /// Where the Redis protocol (RESP2/RESP3, see docs/DATABASE.md) listens, if anywhere.
+    /// Port 0 picks a free port, read it back with `Server::redis_addr`. Default `None`: no
+    /// Redis listener.
+    pub redis_addr: Option<SocketAddr>,
     /// The raft address (`host:port`) of each node of the cluster. An entry for this node is
     /// allowed (and needed to bootstrap); the transport skips it. Default empty; peers can
     /// also be added after binding (`ServerBuilder::set_peer`).
@@ -94,6 +98,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::new(),
             raft_addr: any_port,
             client_addr: any_port,
+            redis_addr: None,
             peers: BTreeMap::new(),
             bootstrap_ranges: 0,
             metrics_addr: None,

@@ -2,7 +2,7 @@
 //! the examples: open the engine in the data directory, bind the gRPC transport on the raft
 //! address and tell it the peers, start the [`NodeGroup`] with a state machine, bootstrap the
 //! initial range layout on a fresh store, and serve the KV and admin gRPC APIs on the client
-//! address until shut down.
+//! address (and the Redis protocol on its own address, if configured) until shut down.
 //!
 //! Starting is two steps so that a cluster in one process can use free ports: [`Server::bind`]
 //! opens both sockets (their real addresses are then known, and a port clash is reported
@@ -52,6 +52,7 @@ pub use observe::{Kind as MetricKind, Metric, CATALOGUE as METRICS};
 use crate::admin_service::AdminService;
 use crate::kv_service::KvService;
 use crate::layout::{first_campaigner, range_layout};
+use crate::resp::RespServer;
 
 /// How long a shutdown waits for the client API server to close its socket and connections.
 const SERVER_STOP_WAIT: Duration = Duration::from_secs(5);
@@ -82,8 +83,8 @@ pub struct Server {
     /// The `/metrics` and `/health` endpoint, if configured.
     observe: Mutex<Option<observe::Endpoint>>,
     metrics_addr: Option<SocketAddr>,
-    /// The Redis protocol address of the config, for the RESP server to serve.
-    redis_addr: Option<SocketAddr>,
+    /// The Redis protocol listener, if the config asks for one.
+    redis: Option<RespServer>,
 }
 
 /// The client API server task and the means to stop it and learn that it stopped.
@@ -105,6 +106,7 @@ pub struct ServerBuilder {
     raft: GrpcListener,
     client: tokio::net::TcpListener,
     client_addr: SocketAddr,
+    redis: Option<tokio::net::TcpListener>,
     state_machine: Arc<dyn StateMachine>,
 }
 
@@ -148,12 +150,17 @@ impl Server {
             }
         }
         let (client, client_addr) = bind_client(config.client_addr, &runtime)?;
+        let redis = match config.redis_addr {
+            Some(addr) => Some(bind_client(addr, &runtime)?.0),
+            None => None,
+        };
         Ok(ServerBuilder {
             config,
             runtime,
             raft,
             client,
             client_addr,
+            redis,
             state_machine: Arc::new(KvStateMachine),
         })
     }
@@ -198,13 +205,16 @@ impl Server {
         self.metrics_addr
     }
 
-    /// The address the config asks the Redis protocol to be served on, if any.
+    /// The address the Redis protocol listens on, if the config asked for it.
     pub fn redis_addr(&self) -> Option<SocketAddr> {
-        self.redis_addr
+        self.redis.as_ref().map(RespServer::local_addr)
     }
 
     /// Stops the node; see the module doc for the order and the wait. Idempotent.
     pub fn shutdown(&self) {
+        if let Some(r) = &self.redis {
+            r.stop();
+        }
         let (stop, done) = {
             let mut api = self.client_api.lock().unwrap_or_else(|e| e.into_inner());
             (api.stop.take(), api.done.take())
@@ -347,6 +357,7 @@ impl ServerBuilder {
             raft,
             client,
             client_addr,
+            redis,
             state_machine,
         } = self;
         let raft_addr = raft.local_addr();
@@ -383,6 +394,19 @@ impl ServerBuilder {
         let metrics_addr = observe.as_ref().map(observe::Endpoint::addr);
         let client_api =
             serve_client_api(node.clone(), client, config.client_tls.as_ref(), &runtime)?;
+        let redis = match redis {
+            Some(listener) => {
+                let _in_runtime = runtime.enter();
+                let addr = listener.local_addr().ok();
+                Some(RespServer::serve(listener, node.clone()).map_err(|source| {
+                    ServerError::ClientBind {
+                        addr: addr.unwrap_or(client_addr),
+                        source,
+                    }
+                })?)
+            }
+            None => None,
+        };
         Ok(Server {
             node,
             transport,
@@ -391,7 +415,7 @@ impl ServerBuilder {
             client_api: Mutex::new(client_api),
             observe: Mutex::new(observe),
             metrics_addr,
-            redis_addr: config.redis_addr,
+            redis,
         })
     }
 }
