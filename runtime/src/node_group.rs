@@ -307,11 +307,6 @@ impl NodeGroup {
         })
     }
 
-    /// The configuration this NodeGroup runs with.
-    pub fn config(&self) -> &NodeGroupConfig {
-        &self.shared.config
-    }
-
     /// Asks this node's replica of `range` (the leader) to hand leadership to replica `to`.
     pub async fn transfer_leader(&self, range: RangeId, to: ReplicaId) -> Result<()> {
         let s = &self.shared;

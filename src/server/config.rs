@@ -53,9 +53,6 @@ pub struct ServerConfig {
     /// Where the HTTP endpoint serves `/metrics` (Prometheus text format) and `/health`.
     /// Default `None`: not served.
     pub metrics_addr: Option<SocketAddr>,
-    /// Where the Redis protocol (RESP) is served. Default `None`: not served. Reserved here so
-    /// that the file and the flags carry it; the server does not serve it yet.
-    pub redis_addr: Option<SocketAddr>,
     /// TLS on the client APIs (KV and admin). Default `None`: plaintext.
     pub client_tls: Option<ClientTls>,
 }
@@ -102,7 +99,6 @@ impl Default for ServerConfig {
             peers: BTreeMap::new(),
             bootstrap_ranges: 0,
             metrics_addr: None,
-            redis_addr: None,
             client_tls: None,
         }
     }

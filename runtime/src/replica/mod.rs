@@ -321,6 +321,9 @@ impl Replica {
                     self.propose_conf_change(token, changes, env, out)
                 }
                 PeerMsg::TransferLeader { token, to } => {
+                    // An explicit transfer overrides the layout's preference: the new leader
+                    // must not hand leadership back to the layout's choice.
+                    self.placement = None;
                     if self.is_leader() {
                         // The transferee's election ignores leases.
                         self.reads.suspect_lease();
@@ -487,6 +490,12 @@ impl Replica {
             return Ok(());
         }
         let mut rd = self.raw.ready();
+        if let Some(ss) = rd.ss() {
+            // Seen here, not only on ticks: a group asleep right after its first election
+            // ticks no more, and a preference left set would later undo another leadership
+            // (an operator's transfer).
+            self.note_leader(ss.leader_id);
+        }
         if rd.ss().is_some_and(|ss| ss.raft_state == StateRole::Leader) {
             out.elections_won += 1;
             // A new leader's first entry: followers' reads wait for a commit in its term.

@@ -31,6 +31,13 @@ impl Replica {
         });
     }
 
+    /// Forgets the preference once its replica leads (raft's soft state named it leader).
+    pub(super) fn note_leader(&mut self, leader_id: u64) {
+        if self.placement.is_some_and(|p| p.leader == leader_id) {
+            self.placement = None;
+        }
+    }
+
     /// Called on ticks while a preference is set: forgets it once it holds, or hands
     /// leadership over when this replica leads and the chosen one is up and replicating.
     pub(super) fn place_leader(&mut self) {
