@@ -5,7 +5,8 @@
 //!
 //! Run: `cargo bench --bench throughput` (env `FLOTILLA_BENCH_SECS` sets the measured
 //! seconds per configuration, default 10; `FLOTILLA_BENCH_ACTIVE`, a comma-separated list,
-//! runs only those configurations, e.g. `64,4096` when profiling). Prints one line per
+//! runs only those configurations, e.g. `64,4096` when profiling; `FLOTILLA_BENCH_ALL_HEARTBEATS`
+//! set sends every heartbeat, also those a leader skips after an append). Prints one line per
 //! configuration: `RESULT {"active_groups":N,"proposals_per_sec":X,"p50_ms":X,"p99_ms":X,
 //! "cpu_us_per_proposal":X,"messages_per_proposal":X,"batches_per_proposal":X,
 //! "heartbeats_per_sec":X,..}` (CPU of the whole process, three nodes and load generator, per
@@ -29,6 +30,8 @@ const PROPOSERS: usize = 4096;
 fn config(node: u64) -> NodeGroupConfig {
     NodeGroupConfig {
         tick_interval: Duration::from_millis(100),
+        // For an A/B of the heartbeats a busy leader skips.
+        skip_heartbeats_after_append: std::env::var("FLOTILLA_BENCH_ALL_HEARTBEATS").is_err(),
         ..NodeGroupConfig::new(node)
     }
 }

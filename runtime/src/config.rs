@@ -181,6 +181,13 @@ pub struct NodeGroupConfig {
     /// Send leaders' heartbeats (and their responses) as compact `(group, from, to, term,
     /// commit)` entries of the node pair's batch instead of full raft messages. Default true.
     pub coalesce_heartbeats: bool,
+    /// A leader sends no plain heartbeat (one without a read-index context) to a follower it
+    /// sent an append since its previous heartbeat: the append already reset the follower's
+    /// election timer and carried the commit, and each heartbeat answered by a follower with
+    /// entries in flight makes raft send one more (empty) append and its response. On a busy
+    /// group that was two heartbeats and four messages per follower per heartbeat interval
+    /// for nothing. Heartbeats that confirm a read-index are always sent. Default true.
+    pub skip_heartbeats_after_append: bool,
     /// Consider compacting a group's log once it holds more than this many applied entries;
     /// a compaction happens only if it drops at least this many minus
     /// `log_compact_trailing` (so a follower that holds the log back does not cause a
@@ -258,6 +265,7 @@ impl Default for NodeGroupConfig {
             mailbox_capacity: 1024,
             forward_proposals: true,
             coalesce_heartbeats: true,
+            skip_heartbeats_after_append: true,
             log_compact_threshold: 1024,
             log_compact_trailing: 64,
             log_retain_max_entries: 32 << 10,

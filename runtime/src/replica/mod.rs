@@ -116,6 +116,10 @@ pub(crate) struct Replica {
     quiet_ticks: usize,
     /// A follower that stopped hearing its leader asks it to wake with this round's messages.
     poke_pending: bool,
+    /// As leader, the followers sent an append since the last heartbeat broadcast, with the
+    /// highest commit those appends carried: their next plain heartbeat is skipped unless it
+    /// tells a newer commit (see `send` and `skip_heartbeats_after_append`).
+    appended_to: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -187,6 +191,7 @@ impl Replica {
             asleep: false,
             quiet_ticks: 0,
             poke_pending: false,
+            appended_to: Vec::new(),
         }
     }
 

@@ -13,6 +13,7 @@ use super::{Env, Output, PeerMsg, Replica};
 impl Replica {
     /// Turns raft messages into our envelopes in the round's outbox, per destination node.
     pub(super) fn send_raft(&mut self, msgs: Vec<Message>, env: &Env<'_>, out: &mut Output) {
+        let broadcast = self.note_appends(&msgs, env);
         let desc = self.descriptor();
         let (epoch, start, end) = match desc {
             Some(d) => (d.epoch, d.start_key.clone(), d.end_key.clone()),
@@ -24,6 +25,17 @@ impl Replica {
             role: 0,
         };
         for m in msgs {
+            if broadcast
+                && m.get_msg_type() == MessageType::MsgHeartbeat
+                && m.context.is_empty()
+                && self
+                    .appended_to
+                    .iter()
+                    .any(|&(to, commit)| to == m.to && commit >= m.commit)
+            {
+                metrics::counter!("flotilla_runtime_heartbeats_skipped_total").increment(1);
+                continue;
+            }
             let Some(node) = self.node_of(m.to) else {
                 metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "unknown_peer")
                     .increment(1);
@@ -97,6 +109,52 @@ impl Replica {
             };
             out.push_message(node, envelope, is_snapshot, self.range, m.to);
         }
+        if broadcast {
+            // The next heartbeat interval starts with no append sent.
+            self.appended_to.clear();
+        }
+    }
+}
+
+impl Replica {
+    /// Notes the followers `msgs` sends an append (with the commit it carries) and answers
+    /// whether `msgs` holds a heartbeat broadcast, in which the plain heartbeats to them are
+    /// skipped (the caller clears the notes after sending it): to followers this leader sent
+    /// an append since its previous broadcast, or sends one in `msgs` itself, that carried
+    /// at least the heartbeat's commit. Such an append did what the heartbeat would: reset
+    /// the follower's election timer and tell it the commit. And a heartbeat answered by a
+    /// follower that has entries in flight makes raft-rs send it one more, empty, append: on
+    /// a busy group each heartbeat interval cost four messages per follower for nothing. A
+    /// heartbeat that would tell a newer commit (the last append went out before its entries
+    /// committed, and no append since) is sent: followers learn commits as soon as before.
+    ///
+    /// Nothing else a heartbeat does is lost. A heartbeat with a context (a read-index
+    /// confirmation) is always sent. A follower raft probes (paused after one append) gets
+    /// no append until a heartbeat answers, so its next heartbeat goes out: at most one
+    /// interval later than raft would send it. Check-quorum counts append responses as
+    /// activity like heartbeat responses. Lease reads run on read-index confirmations (see
+    /// `read`), not on heartbeats.
+    fn note_appends(&mut self, msgs: &[Message], env: &Env<'_>) -> bool {
+        if !env.config.skip_heartbeats_after_append
+            || self.raw.raft.state != raft::StateRole::Leader
+        {
+            self.appended_to.clear();
+            return false;
+        }
+        let mut broadcast = false;
+        for m in msgs {
+            match m.get_msg_type() {
+                MessageType::MsgAppend => {
+                    match self.appended_to.iter_mut().find(|(to, _)| *to == m.to) {
+                        Some((_, commit)) => *commit = (*commit).max(m.commit),
+                        None => self.appended_to.push((m.to, m.commit)),
+                    }
+                }
+                MessageType::MsgHeartbeat => broadcast = true,
+                _ => {}
+            }
+        }
+        broadcast
     }
 }
 

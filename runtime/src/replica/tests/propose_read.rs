@@ -131,6 +131,121 @@ fn a_follower_read_waits_for_the_leaders_read_index_and_its_own_apply() {
     assert!(follower >= leader, "follower applied {follower} < {leader}");
 }
 
+/// One tick round of every replica of range 1, then delivery and settling; returns the plain
+/// heartbeats (no read-index context, not a response, not a sleep notice) node 1 sent in it.
+fn tick_counting_plain_heartbeats(sim: &mut Sim) -> usize {
+    let mut sent = Vec::new();
+    for i in 0..sim.nodes.len() {
+        let id = sim.nodes[i].id;
+        sent.push((id, sim.nodes[i].round(1, 1)));
+    }
+    let plain = |h: &Heartbeat| !h.response && !h.hibernate && h.context.is_empty();
+    let mut n = 0;
+    for (from, out) in &sent {
+        if from.0 == 1 {
+            n += out.tick_heartbeats.iter().filter(|(_, h)| plain(h)).count();
+            n += out
+                .outbox
+                .values()
+                .map(|o| o.batch.heartbeats.iter().filter(|h| plain(h)).count())
+                .sum::<usize>();
+        }
+    }
+    for (from, mut out) in sent {
+        sim.deliver(from, &mut out);
+    }
+    sim.settle();
+    n
+}
+
+/// Heartbeats node 1 (the leader) sends over `ticks` ticks, when `busy` with a put proposed
+/// in every tick's round (its append goes out with the tick's heartbeats, as on a group that
+/// always has entries in flight); and whether a linearizable read during them completed.
+fn heartbeats_over(sim: &mut Sim, ticks: usize, busy: bool) -> (usize, bool) {
+    let mut heartbeats = 0;
+    let token = sim.node(1).token();
+    let mut puts = Vec::new();
+    for t in 0..ticks {
+        if busy {
+            let node = sim.node(1);
+            let put = node.token();
+            let data = node.put_cmd(1, put, format!("k{t}").as_bytes(), b"v");
+            node.post(1, PeerMsg::Propose { token: put, data });
+            puts.push(put);
+        }
+        if t == ticks / 2 {
+            // A read-index confirmation goes out as a heartbeat with a context: never skipped.
+            sim.node(1).post(
+                1,
+                PeerMsg::Read {
+                    token,
+                    lease: false,
+                },
+            );
+        }
+        heartbeats += tick_counting_plain_heartbeats(sim);
+    }
+    for put in puts {
+        assert!(kv_ok(&sim.node(1).answers[&put]));
+    }
+    let read = matches!(sim.node(1).answers.get(&token), Some(Ok(_)));
+    (heartbeats, read)
+}
+
+#[test]
+fn a_busy_leader_sends_no_heartbeat_a_follower_just_had_an_append_for() {
+    for skip in [true, false] {
+        let mut nodes: Vec<Node> = Vec::new();
+        let desc = descriptor(1, b"", b"", &[1, 2, 3]);
+        for id in 1..=3 {
+            let mut node = Node::new(id, Arc::new(KvStateMachine));
+            node.config.skip_heartbeats_after_append = skip;
+            // A group with no traffic must keep heartbeating here, not fall asleep.
+            node.config.hibernate = false;
+            node.bootstrap(&desc);
+            nodes.push(node);
+        }
+        let mut sim = Sim::of(nodes);
+        sim.elect(1, 1);
+        // heartbeat_tick is 2: 10 ticks hold 5 heartbeat broadcasts to 2 followers.
+        let (busy, busy_read) = heartbeats_over(&mut sim, 10, true);
+        // When the burst ends, the next heartbeat (two ticks at most) tells the followers the
+        // commit of its last entries, which no append carried.
+        for _ in 0..2 {
+            tick_counting_plain_heartbeats(&mut sim);
+        }
+        let commit = sim.node(1).replica(1).raw.raft.raft_log.committed;
+        for id in 2..=3 {
+            let known = sim.node(id).replica(1).raw.raft.raft_log.committed;
+            assert_eq!(known, commit, "node {id} knows the commit (skip {skip})");
+        }
+        let (idle, idle_read) = heartbeats_over(&mut sim, 10, false);
+        assert!(busy_read && idle_read, "reads complete (skip {skip})");
+        assert!(idle >= 8, "an idle leader heartbeats (skip {skip}): {idle}");
+        if skip {
+            assert_eq!(
+                busy, 0,
+                "a follower that had an append gets no plain heartbeat"
+            );
+        } else {
+            assert!(
+                busy >= 8,
+                "every heartbeat is sent when not skipping: {busy}"
+            );
+        }
+        // Followers kept their leader throughout: no election while heartbeats were skipped.
+        let term = sim.node(1).replica(1).raw.raft.term;
+        for id in 2..=3 {
+            let raft = &sim.node(id).replica(1).raw.raft;
+            assert_eq!(
+                (raft.leader_id, raft.term),
+                (1, term),
+                "node {id} (skip {skip})"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_read_without_a_known_leader_is_answered_not_leader() {
     let mut sim = Sim::new(3);
