@@ -210,10 +210,33 @@ fn all() -> Vec<usize> {
 }
 
 async fn everything_asleep(p: &Procs, which: &[usize]) -> bool {
-    statuses(p, which).await.iter().all(|s| {
+    asleep(&statuses(p, which).await)
+}
+
+fn asleep(st: &[Option<StatusResponse>]) -> bool {
+    st.iter().all(|s| {
         s.as_ref()
             .is_some_and(|s| s.awake == 0 && s.queued_wakes == 0)
     })
+}
+
+/// Every 10 s of a long wait, what each node reports (a stuck step shows where it is stuck).
+fn show_progress(shown: &mut Instant, groups: usize, what: &str, st: &[Option<StatusResponse>]) {
+    if shown.elapsed() < Duration::from_secs(10) {
+        return;
+    }
+    *shown = Instant::now();
+    let show: Vec<String> = st
+        .iter()
+        .map(|s| match s {
+            Some(s) => format!(
+                "{} replicas, {} leaders, {} awake, {} queued",
+                s.replicas, s.leaders, s.awake, s.queued_wakes
+            ),
+            None => "no answer".into(),
+        })
+        .collect();
+    eprintln!("{groups}: {what}: {show:?}");
 }
 
 /// Mean RSS of three processes without groups.
@@ -247,20 +270,7 @@ async fn measure(groups: usize, idle: Duration, base_rss: f64) -> Row {
     let mut shown = Instant::now();
     wait_for("every range has a leader", long, async || {
         let st = statuses(&p, &all()).await;
-        if shown.elapsed() > Duration::from_secs(10) {
-            shown = Instant::now();
-            let show: Vec<String> = st
-                .iter()
-                .map(|s| match s {
-                    Some(s) => format!(
-                        "{} replicas, {} leaders, {} awake, {} queued",
-                        s.replicas, s.leaders, s.awake, s.queued_wakes
-                    ),
-                    None => "no answer".into(),
-                })
-                .collect();
-            eprintln!("{groups}: waiting for leaders: {show:?}");
-        }
+        show_progress(&mut shown, groups, "waiting for leaders", &st);
         st.iter().flatten().map(|s| s.leaders).sum::<u64>() >= groups as u64
     })
     .await;
@@ -307,11 +317,11 @@ async fn measure(groups: usize, idle: Duration, base_rss: f64) -> Row {
     p.kill(2);
     let t = Instant::now();
     p.spawn(2);
+    let mut shown = Instant::now();
     wait_for("node 3 recovered and caught up", long, async || {
-        statuses(&p, &[2]).await[0]
-            .as_ref()
-            .is_some_and(|s| s.replicas >= groups as u64)
-            && everything_asleep(&p, &all()).await
+        let st = statuses(&p, &all()).await;
+        show_progress(&mut shown, groups, "waiting for the restart", &st);
+        st[2].as_ref().is_some_and(|s| s.replicas >= groups as u64) && asleep(&st)
     })
     .await;
     let restart_secs = t.elapsed().as_secs_f64();

@@ -73,6 +73,12 @@ pub const CATALOGUE: &[Metric] = &[
         "Coalesced heartbeats sent.",
     ),
     (
+        "flotilla_runtime_heartbeats_skipped_total",
+        C,
+        false,
+        "Heartbeats a leader did not send: the follower had an append carrying the commit.",
+    ),
+    (
         "flotilla_runtime_replicas_created_total",
         C,
         true,

@@ -28,7 +28,8 @@ pub struct GroupStorage {
     hard_state: HardState,
     conf_state: ConfState,
     apply_state: ApplyState,
-    descriptor: Option<RangeDescriptor>,
+    /// Shared with the node's range router (one copy per replica, not two).
+    descriptor: Option<Arc<RangeDescriptor>>,
     last_index: u64,
     last_term: u64,
     /// Contiguous entries ending at `last_index`.
@@ -101,10 +102,10 @@ impl GroupStorage {
         };
         s.last_index = index;
         s.last_term = term;
-        s.descriptor = Some(descriptor);
+        batch.put_descriptor(&descriptor);
+        s.descriptor = Some(Arc::new(descriptor));
         s.write_hard_state(batch);
         s.write_apply(batch);
-        batch.put_descriptor(s.descriptor.as_ref().expect("set above"));
         s
     }
 
@@ -114,7 +115,7 @@ impl GroupStorage {
         s.hard_state = rec.hard_state;
         s.conf_state = rec.conf_state;
         s.apply_state = rec.apply_state;
-        s.descriptor = rec.descriptor;
+        s.descriptor = rec.descriptor.map(Arc::new);
         s.last_index = rec.last_index;
         s.last_term = if s.last_index == s.apply_state.truncated_index {
             s.apply_state.truncated_term
@@ -168,7 +169,13 @@ impl GroupStorage {
 
     /// The range this group replicates, once known.
     pub fn descriptor(&self) -> Option<&RangeDescriptor> {
-        self.descriptor.as_ref()
+        self.descriptor.as_deref()
+    }
+
+    /// The descriptor itself, for holders that keep it beside this storage (the range
+    /// router): sharing it keeps one copy per replica.
+    pub fn shared_descriptor(&self) -> Option<Arc<RangeDescriptor>> {
+        self.descriptor.clone()
     }
 
     /// True once the group has a membership (created by bootstrap, split or a snapshot).
@@ -318,10 +325,17 @@ impl GroupStorage {
         );
     }
 
-    /// Records a new descriptor (membership change, split).
-    pub fn set_descriptor(&mut self, desc: RangeDescriptor, batch: &mut WriteBatch) {
+    /// Records a new descriptor (membership change, split); returns it shared, for the
+    /// router.
+    pub fn set_descriptor(
+        &mut self,
+        desc: RangeDescriptor,
+        batch: &mut WriteBatch,
+    ) -> Arc<RangeDescriptor> {
         batch.put_descriptor(&desc);
-        self.descriptor = Some(desc);
+        let desc = Arc::new(desc);
+        self.descriptor = Some(desc.clone());
+        desc
     }
 
     /// Removes log entries up to and including `compact_index`, which must be applied.
@@ -372,7 +386,7 @@ impl GroupStorage {
         meta: &SnapshotMetadata,
         descriptor: RangeDescriptor,
         batch: &mut WriteBatch,
-    ) {
+    ) -> Arc<RangeDescriptor> {
         let (lo, hi) = keys::log_bounds(self.group);
         batch.delete_range(Cf::Raft, &lo, &hi);
         self.cache = VecDeque::new();
@@ -395,7 +409,7 @@ impl GroupStorage {
         self.write_apply(batch);
         let cs = meta.conf_state.clone().unwrap_or_default();
         self.set_conf_state(cs, batch);
-        self.set_descriptor(descriptor, batch);
+        self.set_descriptor(descriptor, batch)
     }
 
     /// Builds a raft snapshot of the range as of the applied index, with the data inline.
@@ -431,7 +445,7 @@ impl GroupStorage {
             })
             .collect();
         let header = SnapshotHeader {
-            descriptor: Some(desc),
+            descriptor: Some(RangeDescriptor::clone(&desc)),
             inline_chunks: chunks,
             client_records,
         };

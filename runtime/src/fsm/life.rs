@@ -162,8 +162,9 @@ pub(crate) fn bootstrap(
         if shared.config.hibernate {
             replica.start_asleep();
         }
+        let routed = replica.shared_descriptor();
         register(shared, ReplicaCell::new(range, replica));
-        shared.router.upsert(desc);
+        shared.router.upsert(routed.unwrap_or_else(|| desc.into()));
         wakes.push((range, first == Some(me), leader_node));
     }
     // After every replica is registered, so that a wake never misses its cell.
@@ -213,15 +214,38 @@ pub(crate) fn recover(shared: &Shared) -> Result<()> {
         let initialized = desc.state == RangeState::Normal as i32;
         let storage = GroupStorage::recover(shared.engine.clone(), rec)?;
         let mut replica = Replica::open(storage, me, shared.node, &shared.config, &shared.logger)?;
-        // Recovered replicas start asleep and wake through the paced queue, so that a restart
-        // of a node with many groups does not make them all tick and campaign at once.
+        // Recovered replicas start asleep, so that a restart of a node with many groups does
+        // not make them all tick and campaign at once. Only a replica that voted for itself in
+        // its last term can have been the leader the others still wait for (they may not have
+        // noticed the restart): it is woken, paced by the awake-set bound, to campaign. The
+        // rest sleep until their leader writes to them (a leader with an unmatched follower
+        // stays awake), its node wakes the groups it leads on seeing this node back up, a
+        // request arrives, or liveness declares their leader's node down: the replica they
+        // voted for is presumed their leader, in the leader index, until they learn better.
+        let mut presumed = None;
         if shared.config.hibernate {
             replica.start_asleep();
-            shared.liveness.queue_wake(range, Wake::Up);
+            let vote = replica.hard_state().vote;
+            if vote == me {
+                shared.liveness.defer_wake(range, Wake::Up, 0);
+            } else {
+                presumed = desc
+                    .replicas
+                    .iter()
+                    .find(|r| r.replica_id == vote && r.node_id != shared.node.0)
+                    .map(|r| r.node_id);
+            }
         }
-        register(shared, ReplicaCell::new(range, replica));
+        let routed = replica.shared_descriptor();
+        let cell = ReplicaCell::new(range, replica);
+        if let Some(node) = presumed {
+            cell.leader_node
+                .store(node, std::sync::atomic::Ordering::Release);
+            shared.liveness.move_leader(range, 0, node, shared.node);
+        }
+        register(shared, cell);
         if initialized {
-            shared.router.upsert(desc);
+            shared.router.upsert(routed.unwrap_or_else(|| desc.into()));
         }
     }
     tracing::info!(node = %shared.node, replicas = count, "recovered replicas from the store");
@@ -232,14 +256,13 @@ pub(crate) fn recover(shared: &Shared) -> Result<()> {
 /// disk, publishes both halves, and on the parent's leader starts the new group's election.
 pub(crate) fn create_split(
     shared: &Shared,
-    left: RangeDescriptor,
+    left: Arc<RangeDescriptor>,
     storage: GroupStorage,
     replica_id: u64,
     campaign: bool,
 ) -> Result<()> {
     let right = storage
-        .descriptor()
-        .cloned()
+        .shared_descriptor()
         .ok_or(Error::RangeNotFound(storage.group()))?;
     let mut replica = Replica::open(
         storage,
@@ -401,7 +424,7 @@ pub(crate) fn merged_away(
     shared: &Shared,
     source: RangeId,
     tombstone: &RangeDescriptor,
-    merged: RangeDescriptor,
+    merged: Arc<RangeDescriptor>,
     out: &mut Output,
 ) {
     shared.handovers.remove(&source.0);

@@ -19,22 +19,29 @@
 //! the others elected, and catches up the replicas of a restarted node, without waiting for a
 //! group to wake by itself.
 //!
-//! **Wake-storm control**: those wakes, and the first wake of every replica recovered at start
-//! or bootstrapped (they start asleep), go through a FIFO queue drained by at most
-//! `max_wakes_per_tick` a tick, so that a restart, a partition healing, a liveness flap or the
-//! creation of many groups wakes (and makes campaign) at a bounded rate, in the order the
-//! events came. A group with a request does not wait in the queue: the request wakes it at once
-//! (and a follower woken so whose leader's node is down campaigns at once if it is the group's
-//! first live voter).
+//! **Wake-storm control**: two queues, drained by the ticker with at most
+//! `max_wakes_per_tick` wakes a tick in all. The first holds the wakes of failover (the groups
+//! a down node led), drained first: they are what restores service. The second holds the wakes
+//! that can concern every group of the node at once (the groups led here when a node comes
+//! back, the recovered replicas that may have led before a restart, the bootstrap campaigns),
+//! drained with what is left of the budget and only while fewer than [`BOOTSTRAP_AWAKE`] ×
+//! `max_wakes_per_tick` replicas are awake or scheduled here, so that a restart, a partition
+//! healing, a liveness flap or the creation of many groups proceeds at the pace elections end
+//! on this machine rather than at a fixed rate that a loaded machine cannot follow. A group
+//! with a request does not wait in a queue: the request wakes it at once (and a follower woken
+//! so whose leader's node is down campaigns at once if it is the group's first live voter).
+//!
+//! **Restart** (`fsm::life::recover`): recovered replicas start asleep, and only those that
+//! voted for themselves in their last term (only they can have been the leader the others
+//! still wait for) are queued; the others are woken by their leader (which stays awake while
+//! a follower is behind, and wakes its groups when it sees this node back up), a request, or
+//! liveness.
 //!
 //! **Bootstrap** (`fsm::life::bootstrap`): of a new group, only the replica the layout chose to
 //! lead is queued, to campaign ([`Wake::Campaign`]); the others sleep until its vote request
 //! wakes them, and the group falls asleep again once elected: creating N groups costs one
-//! election each and no replica ticks for longer than its election. These wakes wait in a
-//! second queue, drained with what is left of a tick's budget and only while fewer than
-//! [`BOOTSTRAP_AWAKE`] × `max_wakes_per_tick` replicas are awake or scheduled here: the pace
-//! adapts to how fast elections end (on a loaded machine a fixed rate would wake groups faster
-//! than they elect and sleep, until all are awake). In case the campaign never comes (the chosen node is
+//! election each and no replica ticks for longer than its election. These wakes wait in the
+//! second, bounded queue. In case the campaign never comes (the chosen node is
 //! down), the others are queued too ([`Wake::Unled`]), for after the liveness window
 //! (`node_down_ticks`): then, if their group still knows no leader and the chosen node is not
 //! live, they wake and elect on their timeout; while it is live they wait another window (a
@@ -95,8 +102,8 @@ pub(crate) enum Wake {
     Unled(NodeId),
 }
 
-/// The bootstrap wakes (campaigns, unled replicas) wait while this many times
-/// `max_wakes_per_tick` replicas are awake on the node.
+/// The wakes of the second queue (bootstrap, restart, a node back up) wait while this many
+/// times `max_wakes_per_tick` replicas are awake on the node.
 pub(crate) const BOOTSTRAP_AWAKE: usize = 4;
 
 /// What one liveness check found (for tests and metrics).
@@ -165,6 +172,20 @@ impl Liveness {
         // Kept in tick order: a later call never has an earlier tick unless `after` shrank.
         let at = q.partition_point(|&(t, _, _)| t <= due);
         q.insert(at, (due, range.0, why));
+    }
+
+    /// Queues paced wakes of many groups at once, due now (one pass over the queue, however
+    /// many groups: a node coming back can concern all of them).
+    fn defer_wakes(&self, ranges: Vec<u64>, why: Wake) {
+        if ranges.is_empty() {
+            return;
+        }
+        let due = self.ticks.load(std::sync::atomic::Ordering::Acquire);
+        let mut q = self.deferred.lock();
+        let at = q.partition_point(|&(t, _, _)| t <= due);
+        let later = q.split_off(at);
+        q.extend(ranges.into_iter().map(|range| (due, range, why)));
+        q.extend(later);
     }
 
     /// Wakes waiting in the queue, deferred ones included.
@@ -241,11 +262,21 @@ pub(crate) fn check(shared: &Shared) -> Transitions {
             tracing::info!(%node, "node back up; waking the groups led here");
             metrics::counter!("flotilla_runtime_nodes_up_total").increment(1);
         }
-        let groups = live.led_by(shared.node);
-        let mut q = live.wakes.lock();
-        for range in groups {
-            q.push_back((range, Wake::Up));
-        }
+        // Only the groups with a replica on a node that came back need their leader's word.
+        // These wakes go through the bounded queue: a healed partition or a restart can
+        // concern every group led here, and waking them all in a few ticks is the storm this
+        // queue exists to prevent.
+        let groups: Vec<u64> = live
+            .led_by(shared.node)
+            .into_iter()
+            .filter(|&range| {
+                shared
+                    .router
+                    .get(RangeId(range))
+                    .is_none_or(|d| found.up.iter().any(|&node| d.replica_on(node).is_some()))
+            })
+            .collect();
+        live.defer_wakes(groups, Wake::Up);
     }
     found
 }

@@ -183,11 +183,11 @@ impl Replica {
                 self.removed = !desc.replicas.iter().any(|r| r.replica_id == self.id);
                 let store = self.raw.mut_store();
                 store.set_conf_state(cs, batch);
-                store.set_descriptor(desc.clone(), batch);
+                let shared = store.set_descriptor(desc.clone(), batch);
                 if self.removed {
                     out.effect(Effect::Removed);
                 } else {
-                    out.effect(Effect::Route(desc.clone()));
+                    out.effect(Effect::Route(shared));
                 }
                 if let Some(t) = token {
                     out.complete(t, Ok(desc.encode_to_vec()));

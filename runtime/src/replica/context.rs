@@ -73,8 +73,9 @@ pub(crate) enum Existing {
 pub(crate) enum Effect {
     /// Queue a message for this node's replica of `range` (merge steps, a first campaign).
     Post(RangeId, PeerMsg),
-    /// Publish a descriptor in the router (a shape or membership change).
-    Route(RangeDescriptor),
+    /// Publish a descriptor in the router (a shape or membership change); the storage's own
+    /// copy, shared.
+    Route(std::sync::Arc<RangeDescriptor>),
     /// A range this node leads passed the split-check threshold: the split checker measures
     /// it.
     SplitCandidate(RangeId),
@@ -87,7 +88,7 @@ pub(crate) enum Effect {
     /// A split applied: once the apply batch is on disk (it is synced), create the new range's
     /// replica from `storage` and publish both halves.
     CreateSplit {
-        left: RangeDescriptor,
+        left: std::sync::Arc<RangeDescriptor>,
         storage: Box<GroupStorage>,
         replica_id: u64,
         /// The parent's leader starts the new group's election at once.
@@ -101,7 +102,7 @@ pub(crate) enum Effect {
     MergedAway {
         source: RangeId,
         tombstone: RangeDescriptor,
-        merged: RangeDescriptor,
+        merged: std::sync::Arc<RangeDescriptor>,
     },
 }
 

@@ -204,8 +204,8 @@ impl Replica {
             prepare_index: index,
             prepare_term: term,
         }));
-        self.raw.mut_store().set_descriptor(frozen.clone(), batch);
-        out.effect(Effect::Route(frozen.clone()));
+        let shared = self.raw.mut_store().set_descriptor(frozen.clone(), batch);
+        out.effect(Effect::Route(shared));
         self.merge_retry = 0;
         self.merge_frozen_ticks = 0;
         // The target beside us may be waiting for this apply.
@@ -353,8 +353,8 @@ impl Replica {
             version: epoch.version + 1,
             ..epoch
         });
-        self.raw.mut_store().set_descriptor(desc.clone(), batch);
-        out.effect(Effect::Route(desc.clone()));
+        let shared = self.raw.mut_store().set_descriptor(desc.clone(), batch);
+        out.effect(Effect::Route(shared));
         tracing::info!(
             target = %self.range,
             source = abandon.source_range_id,
@@ -382,8 +382,8 @@ impl Replica {
         let mut epoch = desc.epoch_or_default();
         epoch.version += 1;
         desc.epoch = Some(epoch);
-        self.raw.mut_store().set_descriptor(desc.clone(), batch);
-        out.effect(Effect::Route(desc.clone()));
+        let shared = self.raw.mut_store().set_descriptor(desc.clone(), batch);
+        out.effect(Effect::Route(shared));
         tracing::info!(range = %self.range, "merge rolled back: the target changed");
         metrics::counter!("flotilla_runtime_merge_rollbacks_total").increment(1);
         Ok(desc.encode_to_vec())
@@ -453,7 +453,7 @@ impl Replica {
         }
 
         let new = merged(&desc, &source);
-        self.raw.mut_store().set_descriptor(new.clone(), batch);
+        let shared = self.raw.mut_store().set_descriptor(new.clone(), batch);
         if let Err(e) = self.absorb_client_records(source_id, env, out, batch) {
             return Ok(Step::Done(Err(e)));
         }
@@ -468,7 +468,7 @@ impl Replica {
         out.effect(Effect::MergedAway {
             source: source_id,
             tombstone: tomb,
-            merged: new.clone(),
+            merged: shared,
         });
         tracing::info!(source = %source_id, target = %self.range, index, "ranges merged");
         Ok(Step::Done(Ok(new.encode_to_vec())))

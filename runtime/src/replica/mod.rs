@@ -74,8 +74,10 @@ pub(crate) struct Replica {
     /// Where replicas not in our descriptor live (an uninitialized replica learns its leader's
     /// node from the leader's messages).
     peers: Vec<ReplicaDescriptor>,
-    /// The Ready taken in this round, between `collect_ready` and `after_persist`.
-    ready: Option<Ready>,
+    /// The Ready taken in this round, between `collect_ready` and `after_persist`. Boxed: a
+    /// Ready is 320 bytes inline, held only within a round, and every sleeping replica would
+    /// carry that space for nothing.
+    ready: Option<Box<Ready>>,
     /// Set when an applied membership change removed this replica.
     removed: bool,
     /// Campaigns left to retry (every two ticks, while no leader is known) for a group this
@@ -254,6 +256,11 @@ impl Replica {
         self.raw.store().descriptor()
     }
 
+    /// The storage's descriptor, shared (for the router: one copy per replica).
+    pub(crate) fn shared_descriptor(&self) -> Option<std::sync::Arc<RangeDescriptor>> {
+        self.raw.store().shared_descriptor()
+    }
+
     pub(crate) fn is_initialized(&self) -> bool {
         self.raw.store().is_initialized()
     }
@@ -426,6 +433,20 @@ impl Replica {
             return;
         }
         let msg_type = msg.get_msg_type();
+        // A campaign by the replica this follower takes for its leader: that leader restarted
+        // or stepped down (a leader never campaigns), so there is no lease to protect. Without
+        // this, raft's lease check would ignore the campaign for an election timeout, which
+        // after a restart is time with no leader (and a sleeping follower's clock stands still).
+        let raft = &mut self.raw.raft;
+        if matches!(
+            msg_type,
+            MessageType::MsgRequestPreVote | MessageType::MsgRequestVote
+        ) && raft.state == StateRole::Follower
+            && msg.from == raft.leader_id
+            && msg.term > raft.term
+        {
+            raft.leader_id = 0;
+        }
         if let Err(e) = self.raw.step(msg) {
             metrics::counter!("flotilla_runtime_dropped_messages_total", "reason" => "step_error")
                 .increment(1);
@@ -522,7 +543,7 @@ impl Replica {
             let states = rd.take_read_states();
             self.on_read_states(states);
         }
-        self.ready = Some(rd);
+        self.ready = Some(Box::new(rd));
         Ok(())
     }
 
@@ -544,7 +565,7 @@ impl Replica {
             entries.extend(rd.take_committed_entries());
             // advance_append, not advance: raft must learn what was applied only after it was
             // applied (its automatic leave of a joint configuration keys off that).
-            let mut light = self.raw.advance_append(rd);
+            let mut light = self.raw.advance_append(*rd);
             if let Some(commit) = light.commit_index() {
                 self.raw.mut_store().set_commit(commit);
             }

@@ -117,11 +117,12 @@ impl Replica {
             .map(|r| (r.client_id, r.record.to_vec()))
             .collect();
         import.batch().replace_client_records(self.range, &records);
-        self.raw
+        let shared = self
+            .raw
             .mut_store()
-            .apply_snapshot_state(&meta, desc.clone(), import.batch());
+            .apply_snapshot_state(&meta, desc, import.batch());
         env.engine.write(import.finish(), true)?;
-        out.effect(Effect::Route(desc));
+        out.effect(Effect::Route(shared));
         // Entries of forwarded proposals may be inside the snapshot, never applied here.
         self.drop_forwarded(out);
         // Reads waiting below the snapshot point can now be served.

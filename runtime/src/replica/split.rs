@@ -141,8 +141,8 @@ impl Replica {
             }
             Existing::Initialized => {
                 tracing::info!(range = %right.id(), "new range of a split already initialized here; keeping it");
-                self.raw.mut_store().set_descriptor(left.clone(), batch);
-                out.effect(Effect::Route(left.clone()));
+                let shared = self.raw.mut_store().set_descriptor(left.clone(), batch);
+                out.effect(Effect::Route(shared));
                 return Ok(Step::Done(Ok(SplitResult {
                     left: Some(left),
                     right: Some(right),
@@ -152,7 +152,7 @@ impl Replica {
             Existing::Uninitialized(hs) => Some(hs),
             Existing::Absent => None,
         };
-        self.raw.mut_store().set_descriptor(left.clone(), batch);
+        let shared_left = self.raw.mut_store().set_descriptor(left.clone(), batch);
         let conf_state = self.raw.store().conf_state().clone();
         let mut storage = GroupStorage::initialize(
             env.engine.clone(),
@@ -171,7 +171,7 @@ impl Replica {
         self.raw.mut_store().set_applied(index, term, batch);
         out.sync_apply = true;
         out.effect(Effect::CreateSplit {
-            left: left.clone(),
+            left: shared_left,
             storage: Box::new(storage),
             replica_id: self.id,
             campaign: self.is_leader(),

@@ -121,7 +121,7 @@ fn an_applied_split_asks_its_owner_to_create_the_right_half_after_a_synced_write
         _ => None,
     });
     let (l, r, campaign) = created.expect("a CreateSplit effect");
-    assert_eq!(l, left);
+    assert_eq!(*l, left);
     assert_eq!(r.unwrap(), right);
     assert!(campaign, "the parent's leader campaigns for the new half");
     // Both halves' state is on disk before the new replica exists.
@@ -361,7 +361,7 @@ fn a_commit_merge_waits_for_the_source_hand_over_then_absorbs_it() {
         engine.descriptor(RangeId(1)).unwrap().unwrap().state,
         RangeState::Tombstone as i32
     );
-    assert_eq!(engine.descriptor(RangeId(2)).unwrap().unwrap(), merged);
+    assert_eq!(engine.descriptor(RangeId(2)).unwrap().unwrap(), *merged);
 }
 
 /// Runs `ticks` ticks (settling after each) while node `down` receives nothing.

@@ -276,10 +276,12 @@ fn a_sleeping_replica_gives_back_its_log_cache_and_raft_buffers() {
     }
     // Where an idle replica's bytes go, inline (printed with --nocapture; see BENCHMARKS.md).
     println!(
-        "size_of: Replica {} (RawNode {}, GroupStorage {}), cell {}, descriptor {}",
+        "size_of: Replica {} (RawNode {}, GroupStorage {}, Ready {}, reads {}), cell {}, descriptor {}",
         std::mem::size_of::<Replica>(),
         std::mem::size_of::<raft::RawNode<GroupStorage>>(),
         std::mem::size_of::<GroupStorage>(),
+        std::mem::size_of::<Option<raft::Ready>>(),
+        std::mem::size_of::<crate::replica::read::Reads>(),
         std::mem::size_of::<crate::fsm::mailbox::ReplicaCell>(),
         std::mem::size_of::<RangeDescriptor>(),
     );
