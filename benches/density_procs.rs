@@ -343,16 +343,14 @@ async fn measure(groups: usize, idle: Duration, base_rss: f64) -> Row {
     let sample: Vec<u64> = led_by_1.iter().step_by(step).copied().collect();
     p.kill(0);
     let t = Instant::now();
-    wait_for("the survivors lead every range", long, async || {
-        statuses(&p, &survivors)
-            .await
-            .iter()
-            .flatten()
-            .map(|s| s.leaders)
-            .sum::<u64>()
-            >= groups as u64
+    let mut shown = Instant::now();
+    let led = wait_for("the survivors lead every range", long, async || {
+        let st = statuses(&p, &survivors).await;
+        show_progress(&mut shown, groups, "waiting for the failover", &st);
+        st.iter().flatten().map(|s| s.leaders).sum::<u64>() >= groups as u64
     })
     .await;
+    eprintln!("{groups}: the survivors lead every range after {led:.1?}");
     for r in &sample {
         let mut key = range_start_key(*r);
         key.extend_from_slice(b"/failover");
