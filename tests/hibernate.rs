@@ -138,7 +138,10 @@ async fn splits_and_merges_work_on_sleeping_groups() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_leaders_sleeping_groups_elect_new_leaders_about_once_each() {
-    let (mut c, ranges) = sleeping_cluster(9).await;
+    // Enough groups that the failover's elections and sleeps overlap (with 9, a leader woken
+    // over and over by the transport's reports about the dead node went unnoticed).
+    let groups = many_groups(300);
+    let (mut c, ranges) = sleeping_cluster(groups).await;
     let victim = 1;
     let led = led_by(&c, &ranges, victim);
     assert!(!led.is_empty(), "node {victim} leads some ranges");
@@ -148,7 +151,7 @@ async fn a_dead_leaders_sleeping_groups_elect_new_leaders_about_once_each() {
     // Liveness declares node 1 down (600ms of silence), its followers forget it and one of
     // them campaigns: well within a few seconds.
     assert!(
-        wait_until(T, || led
+        wait_until(patience(groups), || led
             .iter()
             .all(|r| c.leader_of(*r).is_some_and(|l| l != victim)))
         .await,
@@ -164,14 +167,27 @@ async fn a_dead_leaders_sleeping_groups_elect_new_leaders_about_once_each() {
         "failover of {} groups: {failover:?}, {won} elections",
         led.len()
     );
-    assert!(failover < Duration::from_secs(10), "{failover:?}");
     assert!(
         won as usize <= 2 * led.len(),
         "{won} elections for {} groups",
         led.len()
     );
     // The survivors' groups sleep again.
-    assert!(wait_until(T, || asleep_everywhere(&c, &ranges)).await);
+    let slept = wait_until(patience(groups), || asleep_everywhere(&c, &ranges)).await;
+    if !slept {
+        for n in c.running() {
+            let awake: Vec<_> = ranges
+                .iter()
+                .filter_map(|r| c.node(n).status(*r).ok())
+                .filter(|s| !s.asleep)
+                .collect();
+            println!("node {n}: {} awake", awake.len());
+            for s in awake.iter().take(3) {
+                println!("  {s:?}");
+            }
+        }
+    }
+    assert!(slept, "the survivors' groups sleep again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -103,7 +103,10 @@ impl Replica {
             return;
         }
         let from = match msg {
-            PeerMsg::Sleep { .. } => return,
+            // The transport could not deliver to a replica (its node is down, typically): raft
+            // only marks that follower's progress. Waking for it would undo every sleep of a
+            // leader whose last heartbeats went to a dead node, over and over.
+            PeerMsg::Sleep { .. } | PeerMsg::Unreachable { .. } => return,
             PeerMsg::Raft { msg, .. } => {
                 let raft = &self.raw.raft;
                 // The answers to a leader's last heartbeats before it slept.
