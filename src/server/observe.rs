@@ -182,6 +182,12 @@ pub const CATALOGUE: &[Metric] = &[
         "Replicas put to sleep (hibernation).",
     ),
     (
+        "flotilla_runtime_heartbeats_skipped_total",
+        C,
+        false,
+        "Plain heartbeats not sent: an append in the same round told the follower the commit.",
+    ),
+    (
         "flotilla_runtime_leaders_forgotten_total",
         C,
         false,
