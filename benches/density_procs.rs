@@ -29,115 +29,38 @@
 //! `cargo bench --bench density_procs -- --groups 10000,20000 --idle-secs 10`.
 //! Without `--bench` (as `cargo test` runs benches) it does one quick round with N = 300.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla::layout::{first_campaigner, range_start_key};
 use flotilla::proto::kv::kv_client::KvClient;
 use flotilla::proto::kv::{PutRequest, StatusRequest, StatusResponse};
 use flotilla::{NodeId, RangeId};
+use flotilla_benchkit::free_addr;
+use flotilla_benchkit::nodes::{Layout, NodeProcs};
 use tonic::transport::Channel;
 
 const NODES: usize = 3;
 
-struct Node {
-    args: Vec<String>,
-    child: Option<Child>,
-    client: SocketAddr,
-    log: PathBuf,
+/// The three nodes, on 127.0.0.1, .2 and .3 (the shared launcher kills them on drop).
+fn start_procs(groups: usize) -> NodeProcs {
+    let ips: Vec<String> = (1..=NODES).map(|i| format!("127.0.0.{i}")).collect();
+    let free = |ip: &String| free_addr(ip).expect("a free port on loopback");
+    let layout = Layout {
+        raft: ips.iter().map(free).collect(),
+        client: ips.iter().map(free).collect(),
+        redis: Vec::new(),
+        ranges: groups,
+        extra: Vec::new(),
+    };
+    NodeProcs::start(Path::new(env!("CARGO_BIN_EXE_flotilla-node")), layout)
+        .expect("start flotilla-node processes")
 }
 
-struct Procs {
-    nodes: Vec<Node>,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port(ip: [u8; 4]) -> SocketAddr {
-    TcpListener::bind(SocketAddr::from((ip, 0)))
-        .and_then(|l| l.local_addr())
-        .expect("a free port on loopback")
-}
-
-impl Procs {
-    fn start(groups: usize) -> Procs {
-        let dir = tempfile::Builder::new()
-            .prefix("flotilla-density")
-            .tempdir()
-            .expect("temp dir");
-        let ips: Vec<[u8; 4]> = (1..=NODES as u8).map(|i| [127, 0, 0, i]).collect();
-        let raft: Vec<SocketAddr> = ips.iter().map(|ip| free_port(*ip)).collect();
-        let client: Vec<SocketAddr> = ips.iter().map(|ip| free_port(*ip)).collect();
-        let peers = raft
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("{}={a}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
-        let nodes = (0..NODES)
-            .map(|i| Node {
-                args: vec![
-                    "--id".into(),
-                    (i + 1).to_string(),
-                    "--raft".into(),
-                    raft[i].to_string(),
-                    "--client".into(),
-                    client[i].to_string(),
-                    "--data-dir".into(),
-                    dir.path().join(format!("n{}", i + 1)).display().to_string(),
-                    "--peers".into(),
-                    peers.clone(),
-                    "--bootstrap-ranges".into(),
-                    groups.to_string(),
-                ],
-                child: None,
-                client: client[i],
-                log: dir.path().join(format!("n{}.log", i + 1)),
-            })
-            .collect();
-        let mut p = Procs { nodes, _dir: dir };
-        for i in 0..NODES {
-            p.spawn(i);
-        }
-        p
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_flotilla-node"))
-            .args(&node.args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn flotilla-node");
-        node.child = Some(child);
-    }
-
-    /// SIGKILL and reap.
-    fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn pid(&self, i: usize) -> u32 {
-        self.nodes[i].child.as_ref().expect("running").id()
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for i in 0..NODES {
-            self.kill(i);
-        }
-    }
+/// The pid of running node `i`.
+fn pid(p: &NodeProcs, i: usize) -> u32 {
+    p.pid(i).expect("running")
 }
 
 fn proc_field(pid: u32, file: &str) -> String {
@@ -185,10 +108,10 @@ async fn status(addr: SocketAddr) -> Option<StatusResponse> {
 }
 
 /// Status of every node in `which` (None for a node that does not answer).
-async fn statuses(p: &Procs, which: &[usize]) -> Vec<Option<StatusResponse>> {
+async fn statuses(p: &NodeProcs, which: &[usize]) -> Vec<Option<StatusResponse>> {
     let mut out = Vec::new();
     for &i in which {
-        out.push(status(p.nodes[i].client).await);
+        out.push(status(p.client[i]).await);
     }
     out
 }
@@ -209,7 +132,7 @@ fn all() -> Vec<usize> {
     (0..NODES).collect()
 }
 
-async fn everything_asleep(p: &Procs, which: &[usize]) -> bool {
+async fn everything_asleep(p: &NodeProcs, which: &[usize]) -> bool {
     asleep(&statuses(p, which).await)
 }
 
@@ -241,13 +164,16 @@ fn show_progress(shown: &mut Instant, groups: usize, what: &str, st: &[Option<St
 
 /// Mean RSS of three processes without groups.
 async fn empty_rss() -> f64 {
-    let p = Procs::start(0);
+    let p = start_procs(0);
     wait_for("empty nodes answer", Duration::from_secs(60), async || {
         statuses(&p, &all()).await.iter().all(Option::is_some)
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    (0..NODES).map(|i| rss_bytes(p.pid(i)) as f64).sum::<f64>() / NODES as f64
+    (0..NODES)
+        .map(|i| rss_bytes(pid(&p, i)) as f64)
+        .sum::<f64>()
+        / NODES as f64
 }
 
 #[derive(Debug, Clone)]
@@ -264,7 +190,7 @@ struct Row {
 }
 
 async fn measure(groups: usize, idle: Duration, base_rss: f64) -> Row {
-    let mut p = Procs::start(groups);
+    let mut p = start_procs(groups);
     let t0 = Instant::now();
     let long = Duration::from_secs(900);
     let mut shown = Instant::now();
@@ -287,7 +213,10 @@ async fn measure(groups: usize, idle: Duration, base_rss: f64) -> Row {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Memory and idle CPU, every group asleep.
-    let rss = (0..NODES).map(|i| rss_bytes(p.pid(i)) as f64).sum::<f64>() / NODES as f64;
+    let rss = (0..NODES)
+        .map(|i| rss_bytes(pid(&p, i)) as f64)
+        .sum::<f64>()
+        / NODES as f64;
     let rss_per_replica = (rss - base_rss) / groups as f64;
     let hb0: u64 = statuses(&p, &all())
         .await
@@ -295,11 +224,11 @@ async fn measure(groups: usize, idle: Duration, base_rss: f64) -> Row {
         .flatten()
         .map(|s| s.heartbeat_batches)
         .sum();
-    let cpu0: Vec<f64> = (0..NODES).map(|i| cpu_secs(p.pid(i))).collect();
+    let cpu0: Vec<f64> = (0..NODES).map(|i| cpu_secs(pid(&p, i))).collect();
     let t = Instant::now();
     tokio::time::sleep(idle).await;
     let secs = t.elapsed().as_secs_f64();
-    let cpu1: Vec<f64> = (0..NODES).map(|i| cpu_secs(p.pid(i))).collect();
+    let cpu1: Vec<f64> = (0..NODES).map(|i| cpu_secs(pid(&p, i))).collect();
     let st = statuses(&p, &all()).await;
     let hb1: u64 = st.iter().flatten().map(|s| s.heartbeat_batches).sum();
     let awake: u64 = st.iter().flatten().map(|s| s.awake).sum();
@@ -316,7 +245,7 @@ async fn measure(groups: usize, idle: Duration, base_rss: f64) -> Row {
     // Restart of node 3.
     p.kill(2);
     let t = Instant::now();
-    p.spawn(2);
+    p.spawn(2).expect("restart node 3");
     let mut shown = Instant::now();
     wait_for("node 3 recovered and caught up", long, async || {
         let st = statuses(&p, &all()).await;
@@ -357,7 +286,7 @@ async fn measure(groups: usize, idle: Duration, base_rss: f64) -> Row {
         let deadline = Instant::now() + long;
         'retry: loop {
             for &i in &survivors {
-                if let Some(mut c) = client(p.nodes[i].client).await {
+                if let Some(mut c) = client(p.client[i]).await {
                     let put = PutRequest {
                         key: key.clone().into(),
                         value: b"v".to_vec().into(),

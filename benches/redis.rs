@@ -4,12 +4,15 @@
 //! - `redis`: Debian's `redis-server` on a free port with `--appendonly yes --appendfsync
 //!   always` (every write fsynced before it is answered: the durable single-node reference),
 //!   data in a temporary directory;
-//! - `flotilla`: three Flotilla nodes in this process (gRPC transport between them on
-//!   loopback, one RocksDB engine each in a temporary directory, fsync on, default settings: 100 ms ticks) with
+//! - `flotilla`: three `flotilla-node` processes (started by the shared launcher,
+//!   `flotilla_benchkit::nodes`; gRPC transport between them on loopback, one RocksDB engine
+//!   each in a temporary directory, fsync on, default settings: 100 ms ticks) with
 //!   `REDIS_BENCH_RANGES` ranges (default 12) that cut redis-benchmark's key space
-//!   (`key:000000000000` to `key:000000099999`) evenly, leaders spread over the nodes; the
+//!   (`key:000000000000` to `key:000000099999`) evenly: one range at start, split at the
+//!   boundaries over the admin API, leaders then moved round-robin over the nodes; the
 //!   benchmark talks to node 1's Redis port, which forwards writes to ranges led elsewhere
-//!   and reads the others' ranges linearizably from its own replicas (ReadIndex).
+//!   and reads the others' ranges linearizably from its own replicas (ReadIndex). So the
+//!   comparison is process against process.
 //!
 //! Every write is replicated to three nodes and fsynced on a quorum before it is answered.
 //! Environment: `REDIS_BENCH_N` (requests per test, default 200000), `REDIS_BENCH_RUNS`
@@ -23,13 +26,15 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flotilla::layout::{first_campaigner, range_layout};
-use flotilla::testing::{local_server_config, node_ids, start_servers};
-use flotilla::{NodeGroupConfig, RangeId, StateRole};
+use flotilla::proto::admin::admin_client::AdminClient;
+use flotilla::proto::admin::{split_request, RangesRequest, SplitRequest, TransferLeaderRequest};
+use flotilla_benchkit::nodes::{Layout, NodeProcs};
 use flotilla_benchkit::{free_addr, Children};
+use tonic::transport::Channel;
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -56,6 +61,97 @@ fn bench(addr: SocketAddr, test: &str, n: usize, pipeline: usize) -> anyhow::Res
         }
     }
     anyhow::bail!("no {test} line in redis-benchmark's output: {text}")
+}
+
+/// Calls `call` on each node in turn until one succeeds (only a range's leader splits it or
+/// hands its leadership on; the others refuse), for up to 30 s.
+async fn on_some_node<T, F, Fut>(
+    admins: &[AdminClient<Channel>],
+    what: &str,
+    call: F,
+) -> anyhow::Result<T>
+where
+    F: Fn(AdminClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut last = None;
+        for a in admins {
+            match call(a.clone()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(e) => last = Some(e),
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{what}: {last:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Splits the one range at `boundaries` (in order), then moves range `i`'s leadership to node
+/// `i % 3 + 1`, and returns once every node sees each range led where it should be.
+async fn lay_out(clients: &[SocketAddr], boundaries: &[Vec<u8>]) -> anyhow::Result<()> {
+    let admins: Vec<AdminClient<Channel>> = clients
+        .iter()
+        .map(|a| {
+            let ch = Channel::from_shared(format!("http://{a}"))?.connect_lazy();
+            Ok(AdminClient::new(ch))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut ids = Vec::new();
+    for at in boundaries {
+        let halves = on_some_node(&admins, "split", |mut a| {
+            let req = SplitRequest {
+                range: Some(split_request::Range::RangeKey(at.clone().into())),
+                split_key: at.clone().into(),
+            };
+            async move { a.split(req).await }
+        })
+        .await?;
+        if ids.is_empty() {
+            ids.push(halves.left.map_or(0, |r| r.range_id));
+        }
+        ids.push(halves.right.map_or(0, |r| r.range_id));
+    }
+    if ids.is_empty() {
+        ids.push(
+            on_some_node(&admins, "ranges", |mut a| async move {
+                a.ranges(RangesRequest {}).await
+            })
+            .await?
+            .ranges[0]
+                .range_id,
+        );
+    }
+    for (i, &range) in ids.iter().enumerate() {
+        let to = (i % 3) as u64 + 1;
+        on_some_node(&admins, "transfer-leader", |mut a| async move {
+            a.transfer_leader(TransferLeaderRequest {
+                range_id: range,
+                to_node_id: to,
+            })
+            .await
+        })
+        .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'wait: loop {
+        anyhow::ensure!(Instant::now() < deadline, "the leaders did not settle");
+        for a in &admins {
+            let table = a.clone().ranges(RangesRequest {}).await?.into_inner();
+            let placed = ids.iter().enumerate().all(|(i, id)| {
+                table
+                    .ranges
+                    .iter()
+                    .any(|r| r.range_id == *id && r.leader_node_id == (i % 3) as u64 + 1)
+            });
+            if !placed {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue 'wait;
+            }
+        }
+        return Ok(());
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -106,50 +202,18 @@ fn main() -> anyhow::Result<()> {
             .spawn()?,
     );
 
-    // Three Flotilla nodes with a Redis port each.
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // Three flotilla-node processes with a Redis port each: one range at first, split at the
+    // boundaries below, each range's leadership then moved to its node in turn.
+    let layout = Layout::local(3, 1)?.with_redis()?;
+    let flotilla_addr = layout.redis[0];
+    let procs = NodeProcs::start(Path::new(env!("CARGO_BIN_EXE_flotilla-node")), layout)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let configs = (1..=3)
-        .map(|id| {
-            let mut c = local_server_config(NodeGroupConfig::new(id), dir.path());
-            c.redis_addr = Some("127.0.0.1:0".parse().expect("an address"));
-            c
-        })
+    let boundaries: Vec<Vec<u8>> = (1..ranges)
+        .map(|i| format!("key:{:012}", i * 100_000 / ranges).into_bytes())
         .collect();
-    let servers = start_servers(configs, rt.handle().clone())?;
-    let members = node_ids(3);
-    let mut layout = range_layout(ranges, &members);
-    let start = |i: usize| format!("key:{:012}", i * 100_000 / ranges).into_bytes();
-    for (i, d) in layout.iter_mut().enumerate() {
-        d.start_key = if i == 0 { Vec::new() } else { start(i) }.into();
-        d.end_key = if i + 1 == ranges {
-            Vec::new()
-        } else {
-            start(i + 1)
-        }
-        .into();
-    }
-    for s in &servers {
-        s.node().bootstrap_ranges(layout.clone())?;
-    }
-    for d in &layout {
-        if let Some(c) = first_campaigner(d.id(), &members) {
-            servers[c.0 as usize - 1].node().campaign(d.id())?;
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for d in &layout {
-        while !servers.iter().any(|s| {
-            s.node()
-                .status(RangeId(d.range_id))
-                .is_ok_and(|st| st.role == StateRole::Leader)
-        }) {
-            anyhow::ensure!(Instant::now() < deadline, "no leader for r{}", d.range_id);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    let flotilla_addr = servers[0].redis_addr().expect("a redis port");
+    rt.block_on(lay_out(&procs.client, &boundaries))?;
     // The reference is up once it answers.
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(redis_addr).is_err() {
@@ -191,9 +255,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    for s in &servers {
-        s.shutdown();
-    }
+    drop(procs);
     drop(children);
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! the product never does): an in-memory cluster of several NodeGroups in one process, each on
 //! its own RocksDB in a temporary directory, talking over the in-memory network (with its
 //! fault-injection filters); helpers to start [`Server`]s, the real gRPC nodes, in one
-//! process; waits that poll a condition; and the measurements the benchmarks share.
+//! process, and [`ServerCluster`], three of them with their ranges led; waits that poll a condition; and the measurements the benchmarks share.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,7 +19,10 @@ use flotilla_store::StoreConfig;
 use flotilla_transport::MemNetwork;
 use flotilla_transport::Transport;
 
-use crate::layout::{range_layout, range_start_key};
+use flotilla_proto::kv::kv_client::KvClient;
+use tonic::transport::Channel;
+
+use crate::layout::{first_campaigner, range_layout, range_start_key};
 use crate::server::{
     bootstrap, start_node_group, Server, ServerBuilder, ServerConfig, ServerError,
 };
@@ -313,6 +316,106 @@ pub fn start_local_servers(
         .map(|id| local_server_config(config(id), dir))
         .collect();
     start_servers(configs, runtime)
+}
+
+/// Three (or `n`) gRPC nodes in this process, each a [`Server`] on free ports of 127.0.0.1
+/// with [`test_config`], the same layout bootstrapped on all of them and each range's first
+/// election started on its campaigner ([`first_campaigner`]), as `--bootstrap-ranges` does on
+/// a fresh cluster: the harness of the gRPC and Redis tests, written once.
+pub struct ServerCluster {
+    /// Node `i + 1` at index `i`.
+    pub servers: Vec<Server>,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for ServerCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCluster")
+            .field("servers", &self.servers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCluster {
+    /// How long [`ServerCluster::leader`] waits for a leader.
+    const LEADER_WAIT: Duration = Duration::from_secs(20);
+
+    /// Starts `n` nodes on the current tokio runtime, `edit` changing each node's config
+    /// first (a Redis address, say), bootstraps `layout` on each and returns once every range
+    /// has a leader.
+    ///
+    /// # Panics
+    ///
+    /// If a node cannot start or a range elects no leader within 20 s: it is a test harness.
+    pub async fn start(
+        n: usize,
+        layout: Vec<RangeDescriptor>,
+        edit: impl Fn(&mut ServerConfig),
+    ) -> ServerCluster {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let configs = (1..=n as u64)
+            .map(|id| {
+                let mut c = local_server_config(test_config(id), dir.path());
+                edit(&mut c);
+                c
+            })
+            .collect();
+        let servers =
+            start_servers(configs, tokio::runtime::Handle::current()).expect("the servers start");
+        let members = node_ids(n);
+        for s in &servers {
+            s.node()
+                .bootstrap_ranges(layout.clone())
+                .expect("bootstrap the layout");
+        }
+        for d in &layout {
+            let first = first_campaigner(d.id(), &members).expect("the layout has members");
+            servers[first.0 as usize - 1]
+                .node()
+                .campaign(d.id())
+                .expect("campaign");
+        }
+        let cluster = ServerCluster { servers, _dir: dir };
+        for d in &layout {
+            cluster.leader(d.range_id).await;
+        }
+        cluster
+    }
+
+    /// Index of the server leading `range`, once there is one.
+    ///
+    /// # Panics
+    ///
+    /// If none leads it within 20 s.
+    pub async fn leader(&self, range: u64) -> usize {
+        let deadline = Instant::now() + Self::LEADER_WAIT;
+        loop {
+            if let Some(i) = self.servers.iter().position(|s| {
+                s.node()
+                    .status(RangeId(range))
+                    .is_ok_and(|st| st.role == StateRole::Leader)
+            }) {
+                return i;
+            }
+            assert!(Instant::now() < deadline, "no leader for r{range}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A KV client of server `i` (connecting on first use).
+    pub fn kv(&self, i: usize) -> KvClient<Channel> {
+        let ch = Channel::from_shared(format!("http://{}", self.servers[i].client_addr()))
+            .expect("a client address is a URI")
+            .connect_lazy();
+        KvClient::new(ch)
+    }
+
+    /// Stops every server.
+    pub fn shutdown(self) {
+        for s in &self.servers {
+            s.shutdown();
+        }
+    }
 }
 
 /// Measurement helpers shared by the benchmarks.

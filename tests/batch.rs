@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use flotilla::layout::{first_campaigner, range_layout};
+use flotilla::layout::range_layout;
 use flotilla::proto::kv::batch_request::{self, request::Cmd};
 use flotilla::proto::kv::batch_response::response::Result as Reply;
 use flotilla::proto::kv::kv_client::KvClient;
@@ -17,81 +17,26 @@ use flotilla::proto::kv::{
     RouteContext,
 };
 use flotilla::proto::meta::RangeEpoch;
-use flotilla::testing::{key_in_range, node_ids, start_local_servers, test_config};
-use flotilla::{RangeId, Server, StateRole};
+use flotilla::testing::{key_in_range, node_ids, ServerCluster};
+use flotilla::RangeId;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 const T: Duration = Duration::from_secs(20);
 
-struct Harness {
-    servers: Vec<Server>,
-    _dir: tempfile::TempDir,
+/// Three in-process nodes with `ranges` ranges of the layout, every range led.
+async fn start(ranges: usize) -> ServerCluster {
+    ServerCluster::start(3, range_layout(ranges, &node_ids(3)), |_| {}).await
 }
 
-impl Harness {
-    async fn start(ranges: usize) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let servers = start_local_servers(
-            3,
-            test_config,
-            dir.path(),
-            tokio::runtime::Handle::current(),
-        )
-        .unwrap();
-        let members = node_ids(3);
-        let layout = range_layout(ranges, &members);
-        for s in &servers {
-            s.node().bootstrap_ranges(layout.clone()).unwrap();
-        }
-        for d in &layout {
-            let n = first_campaigner(d.id(), &members).unwrap();
-            servers[n.0 as usize - 1].node().campaign(d.id()).unwrap();
-        }
-        let h = Harness { servers, _dir: dir };
-        for d in &layout {
-            h.leader(d.range_id).await;
-        }
-        h
-    }
-
-    /// Index of the server leading `range`, once there is one.
-    async fn leader(&self, range: u64) -> usize {
-        let deadline = Instant::now() + T;
-        loop {
-            if let Some(i) = self.servers.iter().position(|s| {
-                s.node()
-                    .status(RangeId(range))
-                    .is_ok_and(|st| st.role == StateRole::Leader)
-            }) {
-                return i;
-            }
-            assert!(Instant::now() < deadline, "no leader for r{range}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn kv(&self, i: usize) -> KvClient<Channel> {
-        let ch = Channel::from_shared(format!("http://{}", self.servers[i].client_addr()))
-            .unwrap()
-            .connect_lazy();
-        KvClient::new(ch)
-    }
-
-    fn last_index(&self, i: usize, range: u64) -> u64 {
-        self.servers[i]
-            .node()
-            .status(RangeId(range))
-            .unwrap()
-            .last_index
-    }
-
-    fn shutdown(self) {
-        for s in &self.servers {
-            s.shutdown();
-        }
-    }
+/// The last index of `range`'s log on server `i`.
+fn last_index(h: &ServerCluster, i: usize, range: u64) -> u64 {
+    h.servers[i]
+        .node()
+        .status(RangeId(range))
+        .unwrap()
+        .last_index
 }
 
 /// A `Batch` stream: send frames, read answers.
@@ -160,9 +105,9 @@ async fn read(kv: &mut KvClient<Channel>, key: Vec<u8>) -> Option<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_frame_is_one_entry_per_range_and_each_request_its_own_answer() {
-    let h = Harness::start(2).await;
+    let h = start(2).await;
     let (l1, l2) = (h.leader(1).await, h.leader(2).await);
-    let before = (h.last_index(l1, 1), h.last_index(l2, 2));
+    let before = (last_index(&h, l1, 1), last_index(&h, l2, 2));
     let mut kv = h.kv(l1);
     let mut s = Stream::open(&mut kv).await;
     // 20 puts to range 1, 10 to range 2 (forwarded if this node does not lead it), in one
@@ -181,8 +126,8 @@ async fn one_frame_is_one_entry_per_range_and_each_request_its_own_answer() {
         assert!(matches!(a.result, Some(Reply::Put(_))), "{a:?}");
     }
     // One entry per range: the leaders' logs grew by one each.
-    assert_eq!(h.last_index(l1, 1), before.0 + 1);
-    assert_eq!(h.last_index(l2, 2), before.1 + 1);
+    assert_eq!(last_index(&h, l1, 1), before.0 + 1);
+    assert_eq!(last_index(&h, l2, 2), before.1 + 1);
     for i in 0..30u64 {
         let range = if i % 3 == 2 { 2 } else { 1 };
         let v = read(&mut kv, key_in_range(range, &i.to_string())).await;
@@ -193,7 +138,7 @@ async fn one_frame_is_one_entry_per_range_and_each_request_its_own_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_are_deduplicated_per_request_inside_a_batch() {
-    let h = Harness::start(1).await;
+    let h = start(1).await;
     let mut kv = h.kv(h.leader(1).await);
     let mut s = Stream::open(&mut kv).await;
     let k = key_in_range(1, "k");
@@ -223,7 +168,7 @@ async fn request_ids_are_deduplicated_per_request_inside_a_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routed_requests_get_structured_redirects() {
-    let h = Harness::start(2).await;
+    let h = start(2).await;
     let leader = h.leader(1).await;
     let follower = (leader + 1) % 3;
     // Wait until the follower knows the leader, so that it can name it.

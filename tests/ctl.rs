@@ -1,28 +1,21 @@
 //! `flotilla-ctl` against a live cluster: three `flotilla-node` processes on 127.0.0.1 (free
 //! ports picked at run time, killed by pid on drop) and the built `flotilla-ctl` binary run
 //! against them: status, kv put/get, ranges (table and JSON, with sizes), split,
-//! transfer-leader, members remove/add, and a clear error with a non-zero exit when no
+//! transfer-leader, members remove/add/promote/demote, kv scan/cas/del, merge, and a clear error with a non-zero exit when no
 //! endpoint can be reached.
 //!
 //! `flotilla-ctl` is another package's binary: it is found beside `flotilla-node` in the
 //! target directory, which `cargo build --workspace` (or nextest on the workspace) fills.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use flotilla_benchkit::nodes::{Layout, NodeProcs};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
 const RANGES: usize = 4;
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 fn ctl_binary() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_BIN_EXE_flotilla-node")).with_file_name("flotilla-ctl");
@@ -34,52 +27,23 @@ fn ctl_binary() -> PathBuf {
     path
 }
 
-/// The three node processes; killed on drop, their logs printed if the test failed.
+/// The three node processes (killed on drop, their logs printed if the test failed) and the
+/// endpoints to give `flotilla-ctl`.
 struct Cluster {
-    children: Vec<Child>,
-    dir: tempfile::TempDir,
+    _procs: NodeProcs,
     endpoints: String,
 }
 
 impl Cluster {
     fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let raft: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
-        let client: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
-        let peers = (0..3)
-            .map(|i| format!("{}={}", i + 1, raft[i]))
-            .collect::<Vec<_>>()
-            .join(",");
-        let children = (0..3)
-            .map(|i| {
-                let log =
-                    std::fs::File::create(dir.path().join(format!("n{}.log", i + 1))).unwrap();
-                Command::new(env!("CARGO_BIN_EXE_flotilla-node"))
-                    .args(["--id", &(i + 1).to_string()])
-                    .args(["--raft", &raft[i].to_string()])
-                    .args(["--client", &client[i].to_string()])
-                    .args([
-                        "--data-dir",
-                        &dir.path().join(format!("n{}", i + 1)).display().to_string(),
-                    ])
-                    .args(["--peers", &peers])
-                    .args(["--bootstrap-ranges", &RANGES.to_string()])
-                    .args(["--tick-ms", "20"])
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .expect("spawn flotilla-node")
-            })
-            .collect();
-        let endpoints = client
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
+        let layout = Layout::local(3, RANGES)
+            .unwrap()
+            .with_args(&["--tick-ms", "20"]);
+        let procs =
+            NodeProcs::start(Path::new(env!("CARGO_BIN_EXE_flotilla-node")), layout).unwrap();
         Cluster {
-            children,
-            dir,
-            endpoints,
+            endpoints: procs.endpoints(),
+            _procs: procs,
         }
     }
 
@@ -129,26 +93,6 @@ impl Cluster {
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            for i in 1..=3 {
-                let log = std::fs::read_to_string(self.dir.path().join(format!("n{i}.log")))
-                    .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                eprintln!("--- node {i} ---");
-                for l in tail.iter().rev() {
-                    eprintln!("{l}");
-                }
-            }
         }
     }
 }
@@ -301,13 +245,125 @@ fn flotilla_ctl_operates_a_three_node_cluster() {
         .iter()
         .all(|r| r["learner"] == false));
     assert_eq!(c.ctl_ok(&["kv", "get", "k00000002-15"]).trim(), "v");
+
+    // members demote: the voter becomes a learner; promote it back for the merge below.
+    let demoted: Value = serde_json::from_str(&c.ctl_ok(&[
+        "members",
+        "demote",
+        "--range",
+        &right_id.to_string(),
+        "--node",
+        &gone.to_string(),
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert!(
+        demoted[0]["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["node_id"] == gone && r["learner"] == true),
+        "{demoted:#}"
+    );
+    c.ctl_ok(&[
+        "members",
+        "promote",
+        "--range",
+        &right_id.to_string(),
+        "--node",
+        &gone.to_string(),
+    ]);
+
+    // kv scan: across three ranges (k00000001, and both halves of the split), following the
+    // continuations; a limit stops early and says so.
+    let scan = |args: &[&str]| -> Value {
+        let mut all = vec!["kv", "scan", "k00000001", "k00000003", "-o", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&c.ctl_ok(&all)).unwrap()
+    };
+    let everything = scan(&["--limit", "0"]);
+    assert_eq!(everything["count"], 21, "{everything:#}");
+    assert_eq!(everything["complete"], true);
+    let keys: Vec<&str> = everything["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["key"].as_str().unwrap())
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort_unstable();
+    assert_eq!(keys, sorted, "in key order");
+    assert_eq!(keys[0], "k00000001-a");
+    assert_eq!(keys[20], "k00000002-19");
+    let first = scan(&["--limit", "12"]);
+    assert_eq!(first["count"], 12, "{first:#}");
+    assert_eq!(first["complete"], false);
+    assert_eq!(first["pairs"][11]["key"], "k00000002-10");
+    let table = c.ctl_ok(&["kv", "scan", "k00000002-18"]);
+    assert!(table.starts_with("KEY"), "{table}");
+    assert!(table.contains("k00000002-19"), "{table}");
+
+    // kv cas: a mismatch says so and shows the current value; a match swaps; "absent" creates.
+    let miss: Value =
+        serde_json::from_str(&c.ctl_ok(&["kv", "cas", "k00000001-a", "nope", "x", "-o", "json"]))
+            .unwrap();
+    assert_eq!(miss["swapped"], false, "{miss:#}");
+    assert_eq!(miss["current"], "hello");
+    let out = c.ctl_ok(&["kv", "cas", "k00000001-a", "hello", "world"]);
+    assert_eq!(out.trim(), "swapped; current value: world");
+    let out = c.ctl_ok(&["kv", "cas", "k00000001-a", "absent", "again"]);
+    assert_eq!(out.trim(), "not swapped; current value: world");
+    let created: Value = serde_json::from_str(&c.ctl_ok(&[
+        "kv",
+        "cas",
+        "k00000001-new",
+        "absent",
+        "fresh",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(created["swapped"], true, "{created:#}");
+    assert_eq!(created["current"], "fresh");
+
+    // kv del: the old value is reported; a second delete finds nothing.
+    let deleted: Value =
+        serde_json::from_str(&c.ctl_ok(&["kv", "del", "k00000001-new", "-o", "json"])).unwrap();
+    assert_eq!(deleted["deleted"], true, "{deleted:#}");
+    assert_eq!(deleted["previous"], "fresh");
+    assert_eq!(
+        c.ctl_ok(&["kv", "del", "k00000001-new"]).trim(),
+        "not found (nothing to delete)"
+    );
+    let gone_key = c.ctl(&["kv", "get", "k00000001-new"]);
+    assert!(!gone_key.status.success());
+
+    // merge: the split's right half goes back into its left half; its keys still read.
+    let left_id = halves[0]["range_id"].as_u64().unwrap();
+    let merged: Value = serde_json::from_str(&c.ctl_ok(&[
+        "merge",
+        "--source",
+        &right_id.to_string(),
+        "--target",
+        &left_id.to_string(),
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(merged[0]["range_id"], left_id, "{merged:#}");
+    assert_eq!(merged[0]["start"], "k00000002", "{merged:#}");
+    c.ranges_until("merged", |l| {
+        l.len() == RANGES && l.iter().all(|r| r["range_id"] != right_id)
+    });
+    assert_eq!(c.ctl_ok(&["kv", "get", "k00000002-15"]).trim(), "v");
 }
 
 #[test]
 fn unreachable_endpoints_give_a_clear_error_and_a_failure_status() {
     // Ports that were free a moment ago: nothing listens there.
-    let a = free_addr();
-    let b = free_addr();
+    let a = flotilla_benchkit::free_addr("127.0.0.1").unwrap();
+    let b = flotilla_benchkit::free_addr("127.0.0.1").unwrap();
     let started = Instant::now();
     let out = Command::new(ctl_binary())
         .args([

@@ -5,9 +5,9 @@
 //! an oversized value, a bad scan, a compare-and-set that does not match, and retries of a
 //! request id that apply once.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use flotilla::layout::{first_campaigner, range_layout};
+use flotilla::layout::range_layout;
 use flotilla::proto::kv::batch_request::{self, request::Cmd};
 use flotilla::proto::kv::batch_response::response::Result as Reply;
 use flotilla::proto::kv::kv_client::KvClient;
@@ -16,8 +16,8 @@ use flotilla::proto::kv::{
     BatchGetRequest, BatchRequest, BatchWriteRequest, CompareAndSetRequest, DeleteRequest,
     GetRequest, InsertRequest, KvError, PutRequest, ReadConsistency, ScanRequest, Write,
 };
-use flotilla::testing::{key_in_range, node_ids, start_local_servers, test_config};
-use flotilla::{RangeId, Server, StateRole};
+use flotilla::testing::{key_in_range, node_ids, test_config, ServerCluster};
+use flotilla::RangeId;
 use flotilla_client::{Client, ClientConfig};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -27,66 +27,11 @@ const T: Duration = Duration::from_secs(20);
 /// The end of the last range: keys from here on are in no range.
 const END: &[u8] = b"z";
 
-struct Harness {
-    servers: Vec<Server>,
-    _dir: tempfile::TempDir,
-}
-
-impl Harness {
-    /// Three nodes, `ranges` ranges of the layout, the last one ending at [`END`].
-    async fn start(ranges: usize) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let servers = start_local_servers(
-            3,
-            test_config,
-            dir.path(),
-            tokio::runtime::Handle::current(),
-        )
-        .unwrap();
-        let members = node_ids(3);
-        let mut layout = range_layout(ranges, &members);
-        layout.last_mut().unwrap().end_key = END.to_vec().into();
-        for s in &servers {
-            s.node().bootstrap_ranges(layout.clone()).unwrap();
-        }
-        for d in &layout {
-            let n = first_campaigner(d.id(), &members).unwrap();
-            servers[n.0 as usize - 1].node().campaign(d.id()).unwrap();
-        }
-        let h = Harness { servers, _dir: dir };
-        for d in &layout {
-            h.leader(d.range_id).await;
-        }
-        h
-    }
-
-    async fn leader(&self, range: u64) -> usize {
-        let deadline = Instant::now() + T;
-        loop {
-            if let Some(i) = self.servers.iter().position(|s| {
-                s.node()
-                    .status(RangeId(range))
-                    .is_ok_and(|st| st.role == StateRole::Leader)
-            }) {
-                return i;
-            }
-            assert!(Instant::now() < deadline, "no leader for r{range}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn kv(&self, i: usize) -> KvClient<Channel> {
-        let ch = Channel::from_shared(format!("http://{}", self.servers[i].client_addr()))
-            .unwrap()
-            .connect_lazy();
-        KvClient::new(ch)
-    }
-
-    fn shutdown(self) {
-        for s in &self.servers {
-            s.shutdown();
-        }
-    }
+/// Three in-process nodes, `ranges` ranges of the layout, the last one ending at [`END`].
+async fn start(ranges: usize) -> ServerCluster {
+    let mut layout = range_layout(ranges, &node_ids(3));
+    layout.last_mut().unwrap().end_key = END.to_vec().into();
+    ServerCluster::start(3, layout, |_| {}).await
 }
 
 fn b(s: &str) -> flotilla::proto::Bytes {
@@ -165,7 +110,7 @@ async fn scan_all(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_call_works_from_any_node() {
-    let h = Harness::start(2).await;
+    let h = start(2).await;
     // A node that does not lead range 1: its writes are forwarded to the leader.
     let l1 = h.leader(1).await;
     let f = (l1 + 1) % 3;
@@ -363,7 +308,7 @@ async fn every_call_works_from_any_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scan_crosses_ranges_and_a_split_with_a_limit_and_continuations() {
-    let h = Harness::start(2).await;
+    let h = start(2).await;
     let mut kv = h.kv(0);
     let mut want = Vec::new();
     for r in 1..=2u64 {
@@ -413,7 +358,7 @@ async fn a_scan_crosses_ranges_and_a_split_with_a_limit_and_continuations() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_say_what_to_do_next_and_retries_apply_once() {
-    let h = Harness::start(2).await;
+    let h = start(2).await;
     let mut kv = h.kv(1);
 
     // A key in no range: NOT_FOUND / KEY_NOT_IN_RANGE, for reads and writes alike.
@@ -583,7 +528,7 @@ async fn errors_say_what_to_do_next_and_retries_apply_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_library_has_every_call() {
-    let h = Harness::start(2).await;
+    let h = start(2).await;
     let endpoints: Vec<String> = h
         .servers
         .iter()

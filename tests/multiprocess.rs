@@ -6,9 +6,11 @@
 //! A write is acknowledged only after it was applied on its leader, which needs it fsynced on a
 //! quorum: that is why a SIGKILL of any one node cannot lose it.
 
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use flotilla_benchkit::nodes::{Layout, NodeProcs};
 
 use flotilla::proto::admin::admin_client::AdminClient;
 use flotilla::proto::admin::RangesRequest;
@@ -18,62 +20,6 @@ use flotilla::testing::key_in_range;
 use tonic::transport::Channel;
 
 const RANGES: usize = 1000;
-
-/// Kills every child on drop, so a failing test leaves no process behind.
-struct Procs {
-    children: Vec<Option<Child>>,
-    args: Vec<Vec<String>>,
-    dir: tempfile::TempDir,
-}
-
-impl Procs {
-    fn spawn(&mut self, i: usize) {
-        let log =
-            std::fs::File::create(self.dir.path().join(format!("node-{}.log", i + 1))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_flotilla-node"))
-            .args(&self.args[i])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn flotilla-node");
-        self.children[i] = Some(child);
-    }
-
-    fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.children[i].take() {
-            let _ = c.kill(); // SIGKILL
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for i in 0..self.children.len() {
-            self.kill(i);
-        }
-        if std::thread::panicking() {
-            // The nodes' own logs say why, when the client only sees an error.
-            for i in 0..self.children.len() {
-                let log =
-                    std::fs::read_to_string(self.dir.path().join(format!("node-{}.log", i + 1)))
-                        .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                eprintln!("--- node {} log (last {} lines) ---", i + 1, tail.len());
-                for l in tail.iter().rev() {
-                    eprintln!("{l}");
-                }
-            }
-        }
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 async fn connect(addr: SocketAddr, timeout: Duration) -> KvClient<Channel> {
     let deadline = Instant::now() + timeout;
@@ -159,37 +105,10 @@ async fn wait_leaders(clients: &mut [KvClient<Channel>], alive: &[usize], timeou
 
 /// Three nodes on free ports that bootstrap `ranges` ranges, not started yet; and their
 /// client addresses.
-fn three_nodes(ranges: usize) -> (Procs, Vec<SocketAddr>) {
-    let dir = tempfile::tempdir().unwrap();
-    let raft: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
-    let client: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
-    let peers = (0..3)
-        .map(|i| format!("{}={}", i + 1, raft[i]))
-        .collect::<Vec<_>>()
-        .join(",");
-    let args = (0..3)
-        .map(|i| {
-            vec![
-                "--id".into(),
-                (i + 1).to_string(),
-                "--raft".into(),
-                raft[i].to_string(),
-                "--client".into(),
-                client[i].to_string(),
-                "--data-dir".into(),
-                dir.path().join(format!("n{}", i + 1)).display().to_string(),
-                "--peers".into(),
-                peers.clone(),
-                "--bootstrap-ranges".into(),
-                ranges.to_string(),
-            ]
-        })
-        .collect();
-    let procs = Procs {
-        children: vec![None, None, None],
-        args,
-        dir,
-    };
+fn three_nodes(ranges: usize) -> (NodeProcs, Vec<SocketAddr>) {
+    let layout = Layout::local(3, ranges).unwrap();
+    let procs = NodeProcs::prepare(Path::new(env!("CARGO_BIN_EXE_flotilla-node")), layout).unwrap();
+    let client = procs.client.clone();
     (procs, client)
 }
 
@@ -211,7 +130,7 @@ async fn leaders_end_up_spread_over_the_nodes_after_a_staggered_start() {
     let (mut procs, client) = three_nodes(SPREAD);
     let mut clients = Vec::new();
     for (i, addr) in client.iter().enumerate() {
-        procs.spawn(i);
+        procs.spawn(i).unwrap();
         clients.push(connect(*addr, Duration::from_secs(60)).await);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -240,7 +159,7 @@ async fn leaders_end_up_spread_over_the_nodes_after_a_staggered_start() {
 async fn three_processes_survive_a_sigkill_and_lose_no_acknowledged_write() {
     let (mut procs, client) = three_nodes(RANGES);
     for i in 0..3 {
-        procs.spawn(i);
+        procs.spawn(i).unwrap();
     }
     let mut clients = Vec::new();
     for a in &client {
@@ -295,7 +214,7 @@ async fn three_processes_survive_a_sigkill_and_lose_no_acknowledged_write() {
     );
 
     // Restart node 3 from its data directory: it recovers its 1,000 replicas and catches up.
-    procs.spawn(2);
+    procs.spawn(2).unwrap();
     clients[2] = connect(client[2], Duration::from_secs(60)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

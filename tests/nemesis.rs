@@ -3,8 +3,8 @@
 //! the proxy, live split and merge, a merge while a replica is down, a replica replacement),
 //! then the history is checked for linearizability.
 //!
-//! The suite kills every process it started when it returns, and on a panic (its `Cluster`
-//! is dropped while unwinding); the whole run is bounded by a timeout.
+//! The suite kills every process it started when it returns, and on a panic (its `NodeProcs`
+//! are dropped while unwinding); the whole run is bounded by a timeout.
 
 use std::path::PathBuf;
 use std::time::Duration;

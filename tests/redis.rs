@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use flotilla::layout::{first_campaigner, range_layout};
-use flotilla::testing::{key_in_range, local_server_config, node_ids, start_servers, test_config};
-use flotilla::{RangeId, Server, StateRole};
+use flotilla::layout::range_layout;
+use flotilla::testing::{key_in_range, node_ids, test_config, ServerCluster};
+use flotilla::RangeId;
 use redis_protocol::resp2::types::BytesFrame as Req;
 use redis_protocol::resp3::types::BytesFrame as F;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -19,62 +19,18 @@ use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(20);
 
-struct Harness {
-    servers: Vec<Server>,
-    _dir: tempfile::TempDir,
+/// Three in-process nodes serving Redis too, `ranges` ranges of the layout, every range led.
+async fn start(ranges: usize) -> ServerCluster {
+    let layout = range_layout(ranges, &node_ids(3));
+    ServerCluster::start(3, layout, |c| {
+        c.redis_addr = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await
 }
 
-impl Harness {
-    async fn start(ranges: usize) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let configs = (1..=3)
-            .map(|id| {
-                let mut c = local_server_config(test_config(id), dir.path());
-                c.redis_addr = Some("127.0.0.1:0".parse().unwrap());
-                c
-            })
-            .collect();
-        let servers = start_servers(configs, tokio::runtime::Handle::current()).unwrap();
-        let members = node_ids(3);
-        let layout = range_layout(ranges, &members);
-        for s in &servers {
-            s.node().bootstrap_ranges(layout.clone()).unwrap();
-        }
-        for d in &layout {
-            let n = first_campaigner(d.id(), &members).unwrap();
-            servers[n.0 as usize - 1].node().campaign(d.id()).unwrap();
-        }
-        let h = Harness { servers, _dir: dir };
-        for d in &layout {
-            h.leader(d.range_id).await;
-        }
-        h
-    }
-
-    async fn leader(&self, range: u64) -> usize {
-        let deadline = Instant::now() + T;
-        loop {
-            if let Some(i) = self.servers.iter().position(|s| {
-                s.node()
-                    .status(RangeId(range))
-                    .is_ok_and(|st| st.role == StateRole::Leader)
-            }) {
-                return i;
-            }
-            assert!(Instant::now() < deadline, "no leader for r{range}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn redis(&self, i: usize) -> SocketAddr {
-        self.servers[i].redis_addr().unwrap()
-    }
-
-    fn shutdown(self) {
-        for s in &self.servers {
-            s.shutdown();
-        }
-    }
+/// Server `i`'s Redis address.
+fn redis(h: &ServerCluster, i: usize) -> SocketAddr {
+    h.servers[i].redis_addr().unwrap()
 }
 
 /// A minimal client: commands encoded and replies decoded by `redis-protocol`, in RESP2
@@ -216,8 +172,8 @@ fn key(range: u64, suffix: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_answers_as_redis_does() {
-    let h = Harness::start(2).await;
-    let mut r = Redis::connect(h.redis(0)).await;
+    let h = start(2).await;
+    let mut r = Redis::connect(redis(&h, 0)).await;
     let (a, b) = (key(1, "a"), key(2, "b"));
     assert_eq!(s(&r.call(&["PING"]).await), "PONG");
     assert_eq!(s(&r.call(&["ping", "hi"]).await), "hi");
@@ -409,7 +365,7 @@ async fn every_command_answers_as_redis_does() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_is_one_entry_per_range_even_across_a_split() {
-    let h = Harness::start(2).await;
+    let h = start(2).await;
     let l1 = h.leader(1).await;
     let l2 = h.leader(2).await;
     let last = |i: usize, range: u64| {
@@ -422,7 +378,7 @@ async fn a_pipeline_is_one_entry_per_range_even_across_a_split() {
     let before = (last(l1, 1), last(l2, 2));
     // 200 SETs over both ranges, one write, sent to the leader of range 1 (range 2's share
     // is forwarded): one entry per range.
-    let mut r = Redis::connect(h.redis(l1)).await;
+    let mut r = Redis::connect(redis(&h, l1)).await;
     let sets: Vec<_> = (0..200)
         .map(|i| cmd(&["SET", &key(1 + i % 2, &format!("p{i:03}")), &i.to_string()]))
         .collect();
@@ -505,21 +461,21 @@ async fn a_pipeline_is_one_entry_per_range_even_across_a_split() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_close_the_connection_and_big_values_are_refused() {
-    let h = Harness::start(1).await;
+    let h = start(1).await;
     // A malformed frame: an error reply, then the connection closes.
-    let mut r = Redis::connect(h.redis(0)).await;
+    let mut r = Redis::connect(redis(&h, 0)).await;
     r.send_raw(b"*1\r\n$abc\r\n").await;
     let e = s(&r.reply().await.unwrap());
     assert!(e.starts_with("-ERR Protocol error"), "{e}");
     assert!(r.reply().await.is_none());
     // A frame that is not an array of strings: the same.
-    let mut r = Redis::connect(h.redis(0)).await;
+    let mut r = Redis::connect(redis(&h, 0)).await;
     r.send_raw(b":12\r\n").await;
     let e = s(&r.reply().await.unwrap());
     assert!(e.starts_with("-ERR Protocol error"), "{e}");
     assert!(r.reply().await.is_none());
     // Replies to the good frames before a bad one still come, in order.
-    let mut r = Redis::connect(h.redis(0)).await;
+    let mut r = Redis::connect(redis(&h, 0)).await;
     r.send_raw(b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nx\r\n*1\r\n$-5\r\n")
         .await;
     assert_eq!(s(&r.reply().await.unwrap()), "PONG");
@@ -529,14 +485,14 @@ async fn bad_frames_close_the_connection_and_big_values_are_refused() {
 
     // A value above the proposal limit: an error reply, the connection stays usable.
     let limit = test_config(1).max_proposal_bytes as usize;
-    let mut r = Redis::connect(h.redis(0)).await;
+    let mut r = Redis::connect(redis(&h, 0)).await;
     let big = "x".repeat(limit + 1);
     let e = s(&r.call(&["SET", "big", &big]).await);
     assert!(e.starts_with("-ERR value too large"), "{e}");
     assert_eq!(s(&r.call(&["GET", "big"]).await), "(nil)");
     assert_eq!(s(&r.call(&["SET", "small", "1"]).await), "OK");
     // A frame far above the limit is refused before it is read whole.
-    let mut r = Redis::connect(h.redis(0)).await;
+    let mut r = Redis::connect(redis(&h, 0)).await;
     let huge = limit + (2 << 20);
     r.send_raw(format!("*3\r\n$3\r\nSET\r\n$1\r\nk\r\n${huge}\r\n").as_bytes())
         .await;
@@ -579,8 +535,8 @@ async fn redis_cli_and_redis_benchmark_work_unchanged() {
     let (Some(cli), Some(bench)) = (tool("redis-cli"), tool("redis-benchmark")) else {
         return;
     };
-    let h = Harness::start(2).await;
-    let addr = h.redis(1);
+    let h = start(2).await;
+    let addr = redis(&h, 1);
     let (host, port) = (addr.ip().to_string(), addr.port().to_string());
     let run = |exe: &std::path::Path, args: &[&str]| {
         let exe = exe.to_path_buf();

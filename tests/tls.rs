@@ -4,9 +4,16 @@
 //! and 2 serve. A client with a certificate from the cluster CA reads and writes; one
 //! without a certificate, or with a foreign one, is refused at the handshake.
 //!
-//! A plain `#[test]` with its own runtime, so that the servers' shutdowns can wait.
+//! The same as an operator runs it: three `flotilla-node` processes, each started with a
+//! TOML config file that names its certificate files (written by the test), `flotilla-ctl`
+//! with its CA and client certificate flags working against them, a client presenting no
+//! certificate or a foreign one refused, and the node with a foreign certificate kept out.
+//!
+//! Plain `#[test]`s with their own runtime, so that the servers' shutdowns can wait.
 
 use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flotilla::proto::kv::kv_client::KvClient;
@@ -15,6 +22,7 @@ use flotilla::server::ClientTls;
 use flotilla::testing::{key_in_range, test_config};
 use flotilla::transport::TlsConfig;
 use flotilla::{NodeId, Server, ServerConfig};
+use flotilla_benchkit::nodes::NodeProcs;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -217,4 +225,229 @@ fn nodes_and_clients_without_a_certificate_from_the_cluster_ca_are_refused() {
     for s in &servers {
         s.shutdown();
     }
+}
+
+/// Writes `text` to `dir/name` and returns the path as a string for a config or a flag.
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// `GET http://addr/path` over a plain TCP stream: (status code, body).
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// The value of the unlabelled counter `name` on a `/metrics` page.
+fn counter(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
+fn ctl_binary() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_flotilla-node")).with_file_name("flotilla-ctl");
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn node_processes_take_tls_from_their_config_files_and_refuse_foreign_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("flotilla cluster CA");
+    let foreign = Ca::new("someone else's CA");
+    let ca_file = write(d, "ca.pem", &ca.pem());
+    let foreign_ca_file = write(d, "foreign-ca.pem", &foreign.pem());
+    let raft: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let client: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let metrics: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let peers: String = (0..3)
+        .map(|j| format!("{} = \"{}\"\n", j + 1, raft[j]))
+        .collect();
+    // Node 3 presents, and trusts, certificates of the foreign CA only.
+    let args = (0..3)
+        .map(|i| {
+            let id = i + 1;
+            let (issuer, trust) = if i == 2 {
+                (&foreign, &foreign_ca_file)
+            } else {
+                (&ca, &ca_file)
+            };
+            let cert = issuer.issue(&format!("node {id}"));
+            let config = format!(
+                "[node]\nid = {id}\ndata-dir = \"{data}\"\nraft = \"{raft}\"\n\
+                 client = \"{client}\"\nmetrics = \"{metrics}\"\nbootstrap-ranges = 2\n\
+                 [peers]\n{peers}[raft]\ntick-ms = 20\n\
+                 [tls]\nca-file = \"{trust}\"\ncert-file = \"{cert}\"\nkey-file = \"{key}\"\n",
+                data = d.join(format!("n{id}")).display(),
+                raft = raft[i],
+                client = client[i],
+                metrics = metrics[i],
+                cert = write(d, &format!("n{id}.pem"), &cert.cert),
+                key = write(d, &format!("n{id}-key.pem"), &cert.key),
+            );
+            let file = write(d, &format!("n{id}.toml"), &config);
+            vec!["--config".to_string(), file]
+        })
+        .collect();
+    let procs = NodeProcs::start_args(
+        Path::new(env!("CARGO_BIN_EXE_flotilla-node")),
+        args,
+        client.clone(),
+    )
+    .unwrap();
+
+    let operator = ca.issue("operator");
+    let operator_cert = write(d, "operator.pem", &operator.cert);
+    let operator_key = write(d, "operator-key.pem", &operator.key);
+    let intruder = foreign.issue("intruder");
+    let intruder_cert = write(d, "intruder.pem", &intruder.cert);
+    let intruder_key = write(d, "intruder-key.pem", &intruder.key);
+    // flotilla-ctl against nodes 1 and 2 (a quorum), with the given TLS flags.
+    let healthy = format!("{},{}", client[0], client[1]);
+    let ctl = |endpoints: &str, tls: &[&str], args: &[&str]| {
+        Command::new(ctl_binary())
+            .args(["--endpoints", endpoints, "--timeout", "5s"])
+            .args(["--server-name", "localhost"])
+            .args(tls)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let operator_tls = [
+        "--cacert",
+        ca_file.as_str(),
+        "--cert",
+        operator_cert.as_str(),
+        "--key",
+        operator_key.as_str(),
+    ];
+    let deadline = Instant::now() + T;
+    loop {
+        let out = ctl(
+            &healthy,
+            &operator_tls,
+            &["kv", "put", "k00000001-tls", "v"],
+        );
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flotilla-ctl never wrote over TLS: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = ctl(&healthy, &operator_tls, &["kv", "get", "k00000001-tls"]);
+    assert!(got.status.success(), "{got:?}");
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "v");
+
+    // No client certificate, one from a foreign CA, or plaintext: refused.
+    let refused = [
+        ("no certificate", vec!["--cacert", ca_file.as_str()]),
+        (
+            "a foreign certificate",
+            vec![
+                "--cacert",
+                ca_file.as_str(),
+                "--cert",
+                intruder_cert.as_str(),
+                "--key",
+                intruder_key.as_str(),
+            ],
+        ),
+        ("plaintext", vec![]),
+    ];
+    for (what, tls) in refused {
+        let out = ctl(&healthy, &tls, &["kv", "get", "k00000001-tls"]);
+        assert!(!out.status.success(), "a client with {what} was served");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot reach the cluster"), "{what}: {err}");
+    }
+
+    // Nodes 1 and 2 serve: every range they host knows its leader.
+    for (i, addr) in metrics.iter().enumerate().take(2) {
+        let deadline = Instant::now() + T;
+        loop {
+            let (code, body) = http_get(*addr, "/health").unwrap();
+            if code == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} does not serve: {body}",
+                i + 1
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Node 3 cannot join: with the cluster up, nodes 1 and 2 keep failing to connect to it
+    // (its certificate is refused, and theirs by it) and it to them, so it never learns a
+    // leader (its /health says so).
+    let failures = |i: usize| {
+        http_get(metrics[i], "/metrics").map_or(0.0, |(_, page)| {
+            counter(&page, "flotilla_transport_grpc_connect_failures_total")
+        })
+    };
+    let before: Vec<f64> = (0..3).map(failures).collect();
+    let deadline = Instant::now() + T;
+    while !(0..3).all(|i| failures(i) > before[i]) {
+        assert!(
+            Instant::now() < deadline,
+            "a node with a foreign certificate was not refused: {before:?} then {:?}",
+            (0..3).map(failures).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, body) = http_get(metrics[2], "/health").unwrap();
+    assert_eq!(code, 503, "node 3 serves: {body}");
+    // Seen by an operator who holds node 3's foreign CA: its ranges have no leader.
+    let alone = ctl(
+        &client[2].to_string(),
+        &[
+            "--cacert",
+            foreign_ca_file.as_str(),
+            "--cert",
+            intruder_cert.as_str(),
+            "--key",
+            intruder_key.as_str(),
+        ],
+        &["ranges", "--no-sizes", "-o", "json"],
+    );
+    assert!(alone.status.success(), "{alone:?}");
+    let list: serde_json::Value = serde_json::from_slice(&alone.stdout).unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["leader_node_id"].is_null()),
+        "{list:#}"
+    );
+    drop(procs);
 }

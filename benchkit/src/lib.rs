@@ -1,7 +1,8 @@
 //! What the comparison benchmark (`cargo bench --bench compare`) needs besides Flotilla: stubs
 //! for etcd's KV API generated from a minimal copy of its rpc.proto (so that no etcd client
 //! crate with its own tonic comes in), a bare echo service (the ceiling), a 3-member etcd
-//! cluster of processes, and the CPU time of server processes.
+//! cluster of processes, and the CPU time of server processes; and `nodes`, the one launcher of
+//! `flotilla-node` processes that the process tests, the benchmarks and the nemesis suite share.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -9,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+
+pub mod nodes;
 
 /// etcd's KV and Maintenance services (the part the benchmark calls).
 #[allow(missing_docs, clippy::all, missing_debug_implementations)]

@@ -4,7 +4,7 @@
 //! it must run there).
 //!
 //! Layout: `cluster.rs` (connections, node ids, the merged range table, leader routing),
-//! `kv.rs` (the KV subcommands), `output.rs` (tables, JSON, how bytes are shown); this file
+//! `kv.rs` (the KV subcommands: get, put, del, scan, cas), `output.rs` (tables, JSON, how bytes are shown); this file
 //! holds the flags and the admin subcommands.
 //!
 //! Exit status: 0 on success, 1 on any error (printed on stderr as one `error:` line), 2 for
@@ -122,36 +122,29 @@ enum Command {
 enum MembersCommand {
     /// Add a replica of the range on a node (a voter, or a learner with --learner).
     Add {
-        #[arg(long, value_name = "ID", value_parser = parse_range_id)]
-        range: u64,
-        /// The node to add a replica on.
-        #[arg(long)]
-        node: u64,
+        #[command(flatten)]
+        at: ReplicaAt,
         /// Add a non-voting learner (promote it once it caught up).
         #[arg(long)]
         learner: bool,
     },
     /// Remove the range's replica on a node.
-    Remove {
-        #[arg(long, value_name = "ID", value_parser = parse_range_id)]
-        range: u64,
-        #[arg(long)]
-        node: u64,
-    },
+    Remove(ReplicaAt),
     /// Make the range's learner on a node a voter.
-    Promote {
-        #[arg(long, value_name = "ID", value_parser = parse_range_id)]
-        range: u64,
-        #[arg(long)]
-        node: u64,
-    },
+    Promote(ReplicaAt),
     /// Make the range's voter on a node a learner.
-    Demote {
-        #[arg(long, value_name = "ID", value_parser = parse_range_id)]
-        range: u64,
-        #[arg(long)]
-        node: u64,
-    },
+    Demote(ReplicaAt),
+}
+
+/// The replica a `members` subcommand is about: a range and a node.
+#[derive(Debug, Clone, Copy, clap::Args)]
+struct ReplicaAt {
+    /// The range.
+    #[arg(long, value_name = "ID", value_parser = parse_range_id)]
+    range: u64,
+    /// The node.
+    #[arg(long)]
+    node: u64,
 }
 
 /// `500ms`, `5s`, `2m`, or a number of seconds.
@@ -319,32 +312,15 @@ async fn split(
 }
 
 async fn members(cluster: &Cluster, cmd: MembersCommand, out: Output) -> Result<()> {
-    let (range, change) = match cmd {
-        MembersCommand::Add {
-            range,
-            node,
-            learner,
-        } => {
-            let change = if learner {
-                Change::AddLearnerNode(node)
-            } else {
-                Change::AddVoterNode(node)
-            };
-            (range, change)
-        }
-        MembersCommand::Remove { range, node } => (
-            range,
-            Change::RemoveReplica(replica_on(cluster, range, node).await?),
-        ),
-        MembersCommand::Promote { range, node } => (
-            range,
-            Change::PromoteReplica(replica_on(cluster, range, node).await?),
-        ),
-        MembersCommand::Demote { range, node } => (
-            range,
-            Change::DemoteReplica(replica_on(cluster, range, node).await?),
-        ),
+    // Adding names a node; the other changes name the replica already there.
+    let (at, change) = match cmd {
+        MembersCommand::Add { at, learner } if learner => (at, Change::AddLearnerNode(at.node)),
+        MembersCommand::Add { at, .. } => (at, Change::AddVoterNode(at.node)),
+        MembersCommand::Remove(at) => (at, Change::RemoveReplica(replica_on(cluster, at).await?)),
+        MembersCommand::Promote(at) => (at, Change::PromoteReplica(replica_on(cluster, at).await?)),
+        MembersCommand::Demote(at) => (at, Change::DemoteReplica(replica_on(cluster, at).await?)),
     };
+    let range = at.range;
     let r = cluster
         .on_leader(range, |mut c| async move {
             c.change_membership(ChangeMembershipRequest {
@@ -360,8 +336,8 @@ async fn members(cluster: &Cluster, cmd: MembersCommand, out: Output) -> Result<
     Ok(())
 }
 
-/// The replica id of `range` on `node`.
-async fn replica_on(cluster: &Cluster, range: u64, node: u64) -> Result<u64> {
+/// The replica id of the range's replica on the node.
+async fn replica_on(cluster: &Cluster, ReplicaAt { range, node }: ReplicaAt) -> Result<u64> {
     let r = cluster.range(range).await?;
     r.info
         .replicas

@@ -21,9 +21,9 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use tonic::transport::Channel;
 
-use crate::cluster::Cluster;
 use crate::proxy::Proxies;
 use crate::workload::{self, leader_hint, Nodes, Recorder, Route};
+use flotilla_benchkit::nodes::NodeProcs;
 
 /// One kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +91,7 @@ pub struct FaultLog {
 /// The state the nemeses act on.
 #[derive(Debug)]
 pub struct Nemesis {
-    pub(crate) cluster: Cluster,
+    pub(crate) cluster: NodeProcs,
     pub(crate) proxies: Proxies,
     pub(crate) nodes: Nodes,
     admin: Vec<AdminClient<Channel>>,
@@ -108,7 +108,7 @@ pub struct Nemesis {
 
 impl Nemesis {
     pub(crate) fn new(
-        cluster: Cluster,
+        cluster: NodeProcs,
         proxies: Proxies,
         nodes: Nodes,
         rec: Arc<Recorder>,

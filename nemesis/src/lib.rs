@@ -5,7 +5,8 @@
 //!
 //! # Layout
 //!
-//! - [`cluster`]: the node processes (start, kill -9, restart, SIGSTOP/SIGCONT, cleanup by pid);
+//! - the node processes (start, kill -9, restart, SIGSTOP/SIGCONT, cleanup by pid) are
+//!   `flotilla_benchkit::nodes`, the launcher the process tests and benchmarks use too;
 //! - [`proxy`]: the fault-injecting TCP proxy every raft connection goes through (partitions);
 //! - [`workload`]: the clients and the recorder of their operations;
 //! - [`faults`]: the nemeses themselves, their log, and the write-stall measurements.
@@ -15,7 +16,6 @@
 //! clients, read every key from every node, check. The crate is a test tool: its library only
 //! serves its binary and the CI test, so it reports errors with `anyhow` like a binary.
 
-pub mod cluster;
 pub mod faults;
 pub mod proxy;
 pub mod workload;
@@ -30,10 +30,10 @@ use flotilla_check::{Op, Outcome, Report};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use crate::cluster::Cluster;
 use crate::faults::{Fault, Nemesis};
 use crate::proxy::Proxies;
 use crate::workload::{Nodes, Recorder, Route};
+use flotilla_benchkit::nodes::{Layout, NodeProcs};
 
 /// Which faults, how many, for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,13 +114,9 @@ fn key(j: usize, ranges: usize) -> Vec<u8> {
 
 /// Runs the suite. Every process it started is killed when it returns, error or not.
 pub async fn run(config: Config) -> anyhow::Result<Outcomes> {
-    let raft = (0..3)
-        .map(|_| cluster::free_addr())
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let proxies = Proxies::start(&raft).await?;
-    let cluster = Cluster::start(config.node_bin.clone(), raft, config.ranges, |i, j| {
-        proxies.addr(i, j)
-    })?;
+    let layout = Layout::local(3, config.ranges)?;
+    let proxies = Proxies::start(&layout.raft).await?;
+    let cluster = NodeProcs::start_with(&config.node_bin, layout, |i, j| proxies.addr(i, j))?;
     let nodes = Nodes::new(&cluster.client)?;
     let rec = Arc::new(Recorder::new());
     let keys: Arc<Vec<Vec<u8>>> =

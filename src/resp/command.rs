@@ -14,6 +14,7 @@ use flotilla_runtime::{Error, KvProposal, ProposeOptions, ReadConsistency};
 
 use super::reply::Reply;
 use super::{Conn, Shared};
+use crate::kv_service::kv_error;
 
 /// Times a run is proposed again when nothing of it applied: its range split or merged under
 /// it, or has no leader yet (a range just split off elects one), or pushed back (busy). The
@@ -551,21 +552,30 @@ fn class(pattern: &[u8], c: u8) -> Option<(bool, usize)> {
     None
 }
 
-/// The reply to a runtime error: retryable conditions as `TRYAGAIN` (Redis Cluster's code
-/// for "retry later"), the rest as `ERR`, each with what to do next.
+/// The reply to a runtime error, in Redis's words. What to do next is decided once, by
+/// [`kv_error`] (the mapping the gRPC API uses too); here each kind only gets its Redis code:
+/// whatever may succeed if retried a moment later (a proposal dropped with its outcome
+/// unknown, a leader changing, a range splitting, merging or moving away) is `TRYAGAIN`
+/// (Redis Cluster's code for "retry later"), the rest `ERR`.
 pub(crate) fn error_reply(e: &Error) -> Reply {
-    match e {
-        Error::ProposalTooLarge { size, limit } => Reply::err(format!(
-            "ERR value too large: the command is {size} bytes, above the limit of {limit} \
-             bytes of one proposal"
-        )),
-        Error::InvalidCommand(why) => Reply::err(format!("ERR {why}")),
-        Error::NotLeader { .. }
-        | Error::EpochNotMatch { .. }
-        | Error::Busy(_)
-        | Error::ProposalDropped => Reply::err(format!("TRYAGAIN {e}")),
-        Error::Stopped => Reply::err("ERR the node is shutting down: use another node"),
-        _ => Reply::err(format!("ERR {e}")),
+    use flotilla_proto::kv::kv_error::Kind;
+    match kv_error(e).kind() {
+        Kind::NotLeader
+        | Kind::EpochNotMatch
+        | Kind::KeyNotInRange
+        | Kind::RangeNotFound
+        | Kind::ProposalDropped
+        | Kind::Busy => Reply::err(format!("TRYAGAIN {e}")),
+        Kind::Stopped => Reply::err("ERR the node is shutting down: use another node"),
+        Kind::InvalidArgument => match e {
+            Error::ProposalTooLarge { size, limit } => Reply::err(format!(
+                "ERR value too large: the command is {size} bytes, above the limit of {limit} \
+                 bytes of one proposal"
+            )),
+            Error::InvalidCommand(why) => Reply::err(format!("ERR {why}")),
+            _ => Reply::err(format!("ERR {e}")),
+        },
+        Kind::Unspecified | Kind::Refused | Kind::Internal => Reply::err(format!("ERR {e}")),
     }
 }
 
@@ -841,7 +851,56 @@ pub(crate) async fn dbsize(shared: &Shared) -> Result<u64, Error> {
 
 #[cfg(test)]
 mod tests {
-    use super::glob;
+    use super::{error_reply, glob, Reply};
+    use flotilla_proto::meta::RangeDescriptor;
+    use flotilla_proto::{NodeId, RangeId};
+    use flotilla_runtime::Error;
+
+    /// The code an error reply starts with.
+    fn code(e: Error) -> String {
+        match error_reply(&e) {
+            Reply::Error(line) => line.split(' ').next().unwrap().to_string(),
+            other => panic!("{e:?} gave {other:?}, not an error"),
+        }
+    }
+
+    #[test]
+    fn retryable_runtime_errors_reach_redis_clients_as_tryagain() {
+        let retry_later = [
+            Error::ProposalDropped,
+            Error::NotLeader {
+                range: RangeId(7),
+                leader_hint: Some(NodeId(2)),
+            },
+            Error::NotLeader {
+                range: RangeId(7),
+                leader_hint: None,
+            },
+            Error::EpochNotMatch {
+                current: vec![RangeDescriptor::default()],
+            },
+            Error::KeyNotInRange { key: b"k".to_vec() },
+            Error::RangeNotFound(RangeId(7)),
+            Error::Busy("mailbox full"),
+        ];
+        for e in retry_later {
+            assert_eq!(code(e.clone()), "TRYAGAIN", "{e:?}");
+        }
+        let give_up = [
+            Error::ProposalTooLarge { size: 10, limit: 5 },
+            Error::InvalidCommand("not a number".into()),
+            Error::AdminRefused("no".into()),
+            Error::ReplicaFailed(RangeId(7)),
+            Error::Stopped,
+        ];
+        for e in give_up {
+            assert_eq!(code(e.clone()), "ERR", "{e:?}");
+        }
+        match error_reply(&Error::ProposalTooLarge { size: 10, limit: 5 }) {
+            Reply::Error(line) => assert!(line.contains("value too large"), "{line}"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn glob_matches_as_redis_does() {
