@@ -27,7 +27,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla::layout::{first_campaigner, range_layout};
-use flotilla::testing::{local_server_config, node_ids, start_servers};
+use flotilla::testing::{
+    bootstrap_ranges_and_system, local_server_config, node_ids, start_servers,
+};
 use flotilla::{NodeGroupConfig, RangeId, StateRole};
 use flotilla_benchkit::{free_addr, Children};
 
@@ -131,7 +133,7 @@ fn main() -> anyhow::Result<()> {
         .into();
     }
     for s in &servers {
-        s.node().bootstrap_ranges(layout.clone())?;
+        bootstrap_ranges_and_system(s.node(), layout.clone())?;
     }
     for d in &layout {
         if let Some(c) = first_campaigner(d.id(), &members) {

@@ -16,7 +16,9 @@ use flotilla::proto::kv::{
     BatchGetRequest, BatchRequest, BatchWriteRequest, CompareAndSetRequest, DeleteRequest,
     GetRequest, InsertRequest, KvError, PutRequest, ReadConsistency, ScanRequest, Write,
 };
-use flotilla::testing::{key_in_range, node_ids, start_local_servers, test_config};
+use flotilla::testing::{
+    bootstrap_ranges_and_system, key_in_range, node_ids, start_local_servers, test_config,
+};
 use flotilla::{RangeId, Server, StateRole};
 use flotilla_client::{Client, ClientConfig};
 use tokio_stream::wrappers::ReceiverStream;
@@ -47,7 +49,7 @@ impl Harness {
         let mut layout = range_layout(ranges, &members);
         layout.last_mut().unwrap().end_key = END.to_vec().into();
         for s in &servers {
-            s.node().bootstrap_ranges(layout.clone()).unwrap();
+            bootstrap_ranges_and_system(s.node(), layout.clone()).unwrap();
         }
         for d in &layout {
             let n = first_campaigner(d.id(), &members).unwrap();

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use flotilla::layout::{first_campaigner, range_layout};
-use flotilla::testing::{key_in_range, local_server_config, node_ids, start_servers, test_config};
+use flotilla::testing::{
+    bootstrap_ranges_and_system, key_in_range, local_server_config, node_ids, start_servers,
+    test_config,
+};
 use flotilla::{RangeId, Server, StateRole};
 use redis_protocol::resp2::types::BytesFrame as Req;
 use redis_protocol::resp3::types::BytesFrame as F;
@@ -38,7 +41,7 @@ impl Harness {
         let members = node_ids(3);
         let layout = range_layout(ranges, &members);
         for s in &servers {
-            s.node().bootstrap_ranges(layout.clone()).unwrap();
+            bootstrap_ranges_and_system(s.node(), layout.clone()).unwrap();
         }
         for d in &layout {
             let n = first_campaigner(d.id(), &members).unwrap();

@@ -89,8 +89,12 @@ impl RangeRouter {
 
     /// Inserts or replaces `desc`. Any other range it overlaps is removed first: a newer
     /// descriptor (from a split, merge or snapshot) supersedes the old shape. Returns the
-    /// ranges that were displaced.
+    /// ranges that were displaced. The system range ([`RangeId::SYSTEM`]) holds no user key
+    /// and is never inserted: no key ever routes to it.
     pub fn upsert(&self, desc: RangeDescriptor) -> Vec<RangeDescriptor> {
+        if desc.id().is_system() {
+            return Vec::new();
+        }
         let mut inner = self.inner.write();
         if let Some(old) = inner.start_of.remove(&desc.range_id) {
             inner.by_start.remove(&old);
@@ -149,8 +153,12 @@ impl RangeRouter {
     }
 }
 
-/// Whether two half-open ranges (empty end = unbounded) share a key.
+/// Whether two half-open ranges (empty end = unbounded) share a key. The system range shares
+/// no key with any range.
 pub(crate) fn overlaps(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
+    if a.id().is_system() || b.id().is_system() {
+        return false;
+    }
     let a_before_b_ends = b.end_key.is_empty() || a.start_key < b.end_key;
     let b_before_a_ends = a.end_key.is_empty() || b.start_key < a.end_key;
     a_before_b_ends && b_before_a_ends
@@ -168,6 +176,20 @@ mod tests {
             end_key: end.to_vec().into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_system_range_is_never_routed_to() {
+        let r = RangeRouter::new();
+        r.upsert(desc(1, b"", b""));
+        let displaced = r.upsert(desc(RangeId::SYSTEM.0, b"", b""));
+        assert!(displaced.is_empty());
+        assert_eq!(r.lookup(b"any").unwrap().id(), RangeId(1));
+        assert!(r.get(RangeId::SYSTEM).is_none());
+        assert!(!overlaps(
+            &desc(RangeId::SYSTEM.0, b"", b""),
+            &desc(1, b"", b"")
+        ));
     }
 
     #[test]

@@ -563,6 +563,7 @@ pub(crate) fn error_reply(e: &Error) -> Reply {
         Error::NotLeader { .. }
         | Error::EpochNotMatch { .. }
         | Error::Busy(_)
+        | Error::SystemUnavailable(_)
         | Error::ProposalDropped => Reply::err(format!("TRYAGAIN {e}")),
         Error::Stopped => Reply::err("ERR the node is shutting down: use another node"),
         _ => Reply::err(format!("ERR {e}")),

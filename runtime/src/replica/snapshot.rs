@@ -54,6 +54,10 @@ impl Replica {
         let Some(desc) = header.descriptor else {
             return false;
         };
+        // The system range shares no key with any range: nothing to clash with.
+        if desc.id().is_system() {
+            return desc.id() == self.range;
+        }
         let others: Vec<_> = env
             .router
             .overlapping(&desc.start_key, &desc.end_key)
@@ -107,10 +111,28 @@ impl Replica {
                 reason: "its keys overlap another range on this node".into(),
             });
         }
-        let mut import = SnapshotImport::begin(env.engine.batch(), &desc.start_key, &desc.end_key)?;
-        for c in &header.inline_chunks {
-            import.add_chunk(c)?;
+        if desc.id().is_system() != self.range.is_system() {
+            return Err(Error::BadSnapshot {
+                range: self.range,
+                reason: format!("it is a snapshot of {}", desc.id()),
+            });
         }
+        let mut import = if desc.id().is_system() {
+            // Its data is the system records, not user keys: replace them all.
+            let mut batch = env.engine.batch();
+            batch.clear_system_records();
+            for p in header.inline_chunks.iter().flat_map(|c| &c.pairs) {
+                batch.put_system_record(&p.key, &p.value);
+            }
+            SnapshotImport::without_data(batch)
+        } else {
+            let mut import =
+                SnapshotImport::begin(env.engine.batch(), &desc.start_key, &desc.end_key)?;
+            for c in &header.inline_chunks {
+                import.add_chunk(c)?;
+            }
+            import
+        };
         let records: Vec<(u64, Vec<u8>)> = header
             .client_records
             .iter()
