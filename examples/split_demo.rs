@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use flotilla::layout::range_layout;
 use flotilla::proto::meta::RangeDescriptor;
-use flotilla::testing::{node_ids, start_local_servers, test_config, wait_until};
+use flotilla::testing::{
+    bootstrap_ranges_and_system, node_ids, start_local_servers, test_config, wait_until,
+};
 use flotilla::{Error, NodeGroupConfig, RangeId, ReadConsistency, Server, SplitConfig, StateRole};
 
 const NODES: usize = 3;
@@ -101,7 +103,7 @@ fn key_count(nodes: &[Server], d: &RangeDescriptor) -> usize {
 fn print_table(nodes: &[Server], limit: usize, merged: &[RangeDescriptor]) {
     let ranges = nodes[0].node().ranges();
     println!(
-        "  {:>20}  {:<16} {:<16} {:>6} {:>6}",
+        "  {:>8}  {:<16} {:<16} {:>6} {:>6}",
         "range", "start", "end", "leader", "keys"
     );
     let show = |k: &[u8], empty: &str| {
@@ -124,7 +126,7 @@ fn print_table(nodes: &[Server], limit: usize, merged: &[RangeDescriptor]) {
         }
         let leader = leader_node(nodes, d).map_or("-".into(), |i| format!("n{}", i + 1));
         println!(
-            "  {:>20}  {:<16} {:<16} {:>6} {:>6}{}",
+            "  {:>8}  {:<16} {:<16} {:>6} {:>6}{}",
             d.id().to_string(),
             show(&d.start_key, "-∞"),
             show(&d.end_key, "+∞"),
@@ -292,7 +294,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let whole = range_layout(1, &node_ids(NODES)).remove(0);
     for n in nodes.iter() {
-        n.node().bootstrap_range(whole.clone())?;
+        bootstrap_ranges_and_system(n.node(), vec![whole.clone()])?;
     }
     nodes[0].node().campaign(whole.id())?;
     let t = Instant::now();

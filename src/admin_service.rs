@@ -1,7 +1,7 @@
 //! The admin API of a node over gRPC (`flotilla.admin.Admin`): split a range (at a key or its
 //! middle), merge two adjacent ranges, change a range's replicas, hand its leadership to
 //! another node, list this node's range table (with each range's keys and bytes on request),
-//! and the node's counters. It exists so that an operator (`flotilla-ctl`) or a placement
+//! the node's counters, and the node registry (list, join, state). It exists so that an operator (`flotilla-ctl`) or a placement
 //! process can reshape the key space of a running cluster without linking the runtime;
 //! errors go through the one mapping in [`crate::kv_service::to_status`].
 
@@ -10,13 +10,14 @@ use std::sync::Arc;
 use flotilla_proto::admin::admin_server::{Admin, AdminServer};
 use flotilla_proto::admin::{
     membership_change, split_request, ChangeMembershipRequest, ChangeMembershipResponse,
-    MergeRequest, MergeResponse, NodeStatusRequest, NodeStatusResponse, RangeInfo,
-    RangeSizesRequest, RangesRequest, RangesResponse, SplitRequest, SplitResponse,
-    TransferLeaderRequest, TransferLeaderResponse,
+    JoinRequest, JoinResponse, MergeRequest, MergeResponse, NodeStatusRequest, NodeStatusResponse,
+    NodesRequest, NodesResponse, RangeInfo, RangeSizesRequest, RangesRequest, RangesResponse,
+    SetNodeStateRequest, SetNodeStateResponse, SplitRequest, SplitResponse, TransferLeaderRequest,
+    TransferLeaderResponse,
 };
-use flotilla_proto::meta::RangeDescriptor;
+use flotilla_proto::meta::{NodeState, RangeDescriptor};
 use flotilla_proto::{NodeId, RangeId, ReplicaId};
-use flotilla_runtime::{MembershipChange, NodeGroup};
+use flotilla_runtime::{MembershipChange, NodeGroup, ReadConsistency};
 use tonic::{Request, Response, Status};
 
 use crate::kv_service::to_status;
@@ -269,5 +270,65 @@ impl Admin for AdminService {
             pending_requests: s.pending_requests as u64,
             elections_won: s.elections_won,
         }))
+    }
+
+    async fn nodes(&self, _req: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {
+        let nodes = self
+            .node
+            .nodes(ReadConsistency::Linearizable)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(NodesResponse { nodes }))
+    }
+
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let req = req.into_inner();
+        for (field, addr) in [
+            ("raft_addr", &req.raft_addr),
+            ("client_addr", &req.client_addr),
+        ] {
+            if addr
+                .rsplit_once(':')
+                .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+            {
+                return Err(Status::invalid_argument(format!(
+                    "{field} {addr:?} is not host:port"
+                )));
+            }
+        }
+        let id = (req.node_id != 0).then_some(NodeId(req.node_id));
+        let node = self
+            .node
+            .register_node(id, req.raft_addr, req.client_addr)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(node = node.node_id, raft = %node.raft_addr, "node joined the registry");
+        let nodes = self
+            .node
+            .nodes(ReadConsistency::Linearizable)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(JoinResponse {
+            node: Some(node),
+            nodes,
+        }))
+    }
+
+    async fn set_node_state(
+        &self,
+        req: Request<SetNodeStateRequest>,
+    ) -> Result<Response<SetNodeStateResponse>, Status> {
+        let req = req.into_inner();
+        let state = NodeState::try_from(req.state)
+            .map_err(|_| Status::invalid_argument(format!("unknown node state {}", req.state)))?;
+        if req.node_id == 0 {
+            return Err(Status::invalid_argument("node_id must be non-zero"));
+        }
+        let node = self
+            .node
+            .set_node_state(NodeId(req.node_id), state)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(SetNodeStateResponse { node: Some(node) }))
     }
 }

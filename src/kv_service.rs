@@ -66,7 +66,8 @@ pub fn kv_error(e: &Error) -> KvError {
             Kind::RangeNotFound
         }
         Error::ProposalDropped => Kind::ProposalDropped,
-        Error::Busy(_) => Kind::Busy,
+        // The system range (id leases) comes back with a leader: retry after a short wait.
+        Error::Busy(_) | Error::SystemUnavailable(_) => Kind::Busy,
         Error::Stopped => Kind::Stopped,
         Error::ProposalTooLarge { .. } | Error::InvalidCommand(_) => Kind::InvalidArgument,
         Error::AdminRefused(_) => Kind::Refused,

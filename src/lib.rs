@@ -31,7 +31,8 @@ pub use flotilla_proto::{NodeId, RangeId, ReplicaId};
 pub use flotilla_runtime::{
     ApplyContext, ApplyError, ConfigError, Error, KvProposal, KvStateMachine, MembershipChange,
     NodeGroup, NodeGroupConfig, NodeStatus, ProposeOptions, RangeRouter, ReadConsistency,
-    ReadContext, ReplicaStatus, Result, ScanPage, SplitConfig, StateMachine, StateRole,
+    ReadContext, ReplicaStatus, Result, ScanPage, SplitConfig, StateMachine, StateRole, SystemSeed,
+    ID_LEASE_BLOCK,
 };
 pub use flotilla_store::{Engine, StoreConfig, StoreError};
 pub use flotilla_transport as transport;

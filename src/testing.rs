@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use flotilla_proto::meta::RangeDescriptor;
 use flotilla_proto::{NodeId, RangeId};
 use flotilla_runtime::{
-    Error, KvStateMachine, NodeGroup, NodeGroupConfig, ReadConsistency, StateRole,
+    system_descriptor, Error, KvStateMachine, NodeGroup, NodeGroupConfig, ReadConsistency,
+    StateRole, SystemSeed,
 };
 use flotilla_store::StoreConfig;
 use flotilla_transport::MemNetwork;
@@ -138,7 +139,8 @@ impl Cluster {
         let layout = range_layout(count, &node_ids(self.nodes.len()));
         let running: Vec<NodeId> = self.running().into_iter().map(NodeId).collect();
         for id in &running {
-            bootstrap(self.node(id.0), layout.clone(), &running).expect("bootstrap");
+            bootstrap(self.node(id.0), layout.clone(), &running, |_| String::new())
+                .expect("bootstrap");
         }
         layout
     }
@@ -213,6 +215,21 @@ impl Drop for Cluster {
             self.stop(id);
         }
     }
+}
+
+/// Creates `layout` and the system range (seeded as [`Server`] seeds it, on the layout's
+/// nodes) on `node`, with no first leaders: for tests that bootstrap a layout of their own
+/// and start its elections themselves. Call it on every node of the layout.
+pub fn bootstrap_ranges_and_system(
+    node: &NodeGroup,
+    layout: Vec<RangeDescriptor>,
+) -> Result<(), Error> {
+    let members: Vec<NodeId> = layout
+        .first()
+        .map(|d| d.replicas.iter().map(|r| NodeId(r.node_id)).collect())
+        .unwrap_or_default();
+    let seed = SystemSeed::new(&layout, &members, |_| String::new());
+    node.bootstrap_cluster(layout, system_descriptor(&members), &seed, |_| None)
 }
 
 /// Node ids 1..=n, the ids of a [`Cluster`] of `n` nodes.
@@ -364,9 +381,7 @@ impl ServerCluster {
             start_servers(configs, tokio::runtime::Handle::current()).expect("the servers start");
         let members = node_ids(n);
         for s in &servers {
-            s.node()
-                .bootstrap_ranges(layout.clone())
-                .expect("bootstrap the layout");
+            bootstrap_ranges_and_system(s.node(), layout.clone()).expect("bootstrap the layout");
         }
         for d in &layout {
             let first = first_campaigner(d.id(), &members).expect("the layout has members");

@@ -13,7 +13,7 @@ use flotilla::proto::admin::admin_client::AdminClient;
 use flotilla::proto::admin::{split_request, MergeRequest, RangeInfo, RangesRequest, SplitRequest};
 use flotilla::proto::kv::kv_client::KvClient;
 use flotilla::proto::kv::GetRequest;
-use flotilla::testing::{node_ids, start_local_servers, test_config};
+use flotilla::testing::{bootstrap_ranges_and_system, node_ids, start_local_servers, test_config};
 use flotilla::{NodeId, Server, StateRole};
 use tonic::transport::Channel;
 use tonic::Code;
@@ -44,7 +44,7 @@ impl Harness {
         .unwrap();
         let whole = range_layout(1, &node_ids(3)).remove(0);
         for n in &nodes {
-            n.node().bootstrap_range(whole.clone()).unwrap();
+            bootstrap_ranges_and_system(n.node(), vec![whole.clone()]).unwrap();
         }
         nodes[0].node().campaign(whole.id()).unwrap();
         let (mut admins, mut kvs) = (Vec::new(), Vec::new());

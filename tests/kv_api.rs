@@ -336,6 +336,8 @@ async fn a_scan_crosses_ranges_and_a_split_with_a_limit_and_continuations() {
             .await
         );
     }
+    // The new range serves once it has elected its leader.
+    h.leader(right.range_id).await;
     for node in 0..3 {
         let mut kv = h.kv(node);
         // Pages of 7 over 30 keys in 3 ranges: every key once, in order.

@@ -563,14 +563,26 @@ async fn node_stopped_right_after_a_split_was_proposed() {
         });
         let outcome = {
             let fut = c.node(l).split(range, Some(split_key.clone()));
-            match delay {
-                // Polled once (the request is queued), then abandoned when the timer fires.
-                Some(delay) => tokio::select! {
-                    biased;
-                    r = fut => Some(r.map(|_| ())),
-                    _ = tokio::time::sleep(delay) => None,
-                },
-                None => Some(fut.await.map(|_| ())),
+            // The leader alone: abandoned once the split is in its log (the split first leases
+            // its new range id from the system range, which may take a round trip).
+            let in_log = || {
+                let st = c.node(l).status(range).unwrap();
+                st.last_index > st.commit
+            };
+            let abandon = async {
+                match (victim, delay) {
+                    (Victim::LeaderAlone, _) => {
+                        wait_until(T, in_log).await;
+                    }
+                    (_, Some(delay)) => tokio::time::sleep(delay).await,
+                    (_, None) => std::future::pending().await,
+                }
+            };
+            // Polled once (the request is queued), then abandoned when `abandon` is done.
+            tokio::select! {
+                biased;
+                r = fut => Some(r.map(|_| ())),
+                _ = abandon => None,
             }
         };
         if let Some(f) = appends {

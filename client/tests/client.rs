@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use flotilla::layout::{first_campaigner, range_layout};
 use flotilla::proto::meta::RangeDescriptor;
-use flotilla::testing::{key_in_range, node_ids, start_local_servers, test_config};
+use flotilla::testing::{
+    bootstrap_ranges_and_system, key_in_range, node_ids, start_local_servers, test_config,
+};
 use flotilla::{NodeId, RangeId, ReplicaId, Server, StateRole};
 use flotilla_client::{Client, ClientConfig, Error, Transport};
 
@@ -33,7 +35,7 @@ impl Cluster {
         let members = node_ids(3);
         let layout = range_layout(ranges, &members);
         for s in &servers {
-            s.node().bootstrap_ranges(layout.clone()).unwrap();
+            bootstrap_ranges_and_system(s.node(), layout.clone()).unwrap();
         }
         for d in &layout {
             let n = first_campaigner(d.id(), &members).unwrap();

@@ -74,6 +74,13 @@ pub struct Node {
     pub status: std::result::Result<NodeStatusResponse, String>,
 }
 
+impl Node {
+    /// The admin client of this node.
+    pub fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel.clone())
+    }
+}
+
 /// The reachable part of a cluster.
 #[derive(Debug)]
 pub struct Cluster {

@@ -22,9 +22,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use flotilla_proto::admin::{
     membership_change::Change, split_request, ChangeMembershipRequest, MembershipChange,
-    MergeRequest, RangeInfo, SplitRequest, TransferLeaderRequest,
+    MergeRequest, NodesRequest, RangeInfo, SplitRequest, TransferLeaderRequest,
 };
-use flotilla_proto::meta::ReplicaRole;
+use flotilla_proto::meta::{NodeRecord, NodeState, ReplicaRole};
 use serde_json::{json, Value};
 
 use cluster::{Cluster, Dial, Range};
@@ -111,6 +111,9 @@ enum Command {
     },
     /// Each endpoint's node: id, version, ranges, leaders, replicas; or why it is unreachable.
     Status,
+    /// The node registry: every node that joined the cluster, with its addresses and state
+    /// (up, draining, removed). Asked of the first endpoint holding the system range.
+    Nodes,
     /// Read and write keys.
     Kv {
         #[command(subcommand)]
@@ -250,7 +253,71 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Kv { command } => kv::run(&cluster, command, out).await,
+        Command::Nodes => nodes(&cluster, out).await,
         Command::Status => unreachable!("handled above"),
+    }
+}
+
+/// The registry from the first reachable node that holds the system range (the others
+/// answer UNAVAILABLE).
+async fn nodes(cluster: &Cluster, out: Output) -> Result<()> {
+    let mut last = None;
+    for n in cluster.reachable() {
+        let mut admin = n.admin();
+        match admin.nodes(NodesRequest {}).await {
+            Ok(r) => {
+                show_nodes(&r.into_inner().nodes, out);
+                return Ok(());
+            }
+            Err(s) => last = Some(format!("{}: {}", n.endpoint, cluster::describe(&s))),
+        }
+    }
+    bail!(
+        "no endpoint answered with the node registry ({})",
+        last.unwrap_or_default()
+    )
+}
+
+fn show_nodes(nodes: &[NodeRecord], out: Output) {
+    let state = |n: &NodeRecord| {
+        NodeState::try_from(n.state)
+            .map(|s| s.as_str_name().to_ascii_lowercase())
+            .unwrap_or_else(|_| format!("unknown({})", n.state))
+    };
+    match out {
+        Output::Json => {
+            let v: Vec<Value> = nodes
+                .iter()
+                .map(|n| {
+                    json!({
+                        "id": n.node_id, "raft": n.raft_addr, "client": n.client_addr,
+                        "state": state(n),
+                    })
+                })
+                .collect();
+            println!("{}", Value::Array(v));
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = nodes
+                .iter()
+                .map(|n| {
+                    let addr = |a: &str| {
+                        if a.is_empty() {
+                            "-".to_string()
+                        } else {
+                            a.to_string()
+                        }
+                    };
+                    vec![
+                        format!("n{}", n.node_id),
+                        addr(&n.raft_addr),
+                        addr(&n.client_addr),
+                        state(n),
+                    ]
+                })
+                .collect();
+            table(&["ID", "RAFT", "CLIENT", "STATE"], &rows);
+        }
     }
 }
 

@@ -11,7 +11,7 @@ macro_rules! id_newtype {
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, concat!($prefix, "{}"), self.0)
+                fmt::Display::fmt(self, f)
             }
         }
 
@@ -45,3 +45,15 @@ id_newtype!(
     ReplicaId,
     "p"
 );
+
+impl RangeId {
+    /// The system range: the reserved group that holds the cluster's metadata (the id
+    /// counters and the node registry). Its id is the largest one, which no counter reaches;
+    /// it has no user keys, so the router never holds it, and splits and merges refuse it.
+    pub const SYSTEM: RangeId = RangeId(u64::MAX);
+
+    /// Whether this is [`RangeId::SYSTEM`].
+    pub fn is_system(self) -> bool {
+        self == RangeId::SYSTEM
+    }
+}

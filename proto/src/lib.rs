@@ -49,9 +49,12 @@ pub use prost::bytes::Bytes;
 pub use prost::Message;
 
 impl meta::RangeDescriptor {
-    /// Whether `key` falls inside `[start_key, end_key)`; an empty end key is unbounded.
+    /// Whether `key` falls inside `[start_key, end_key)`; an empty end key is unbounded. The
+    /// system range ([`RangeId::SYSTEM`]) contains no user key, whatever its bounds say.
     pub fn contains(&self, key: &[u8]) -> bool {
-        key >= &self.start_key[..] && (self.end_key.is_empty() || key < &self.end_key[..])
+        !self.id().is_system()
+            && key >= &self.start_key[..]
+            && (self.end_key.is_empty() || key < &self.end_key[..])
     }
 
     /// The id of this range as a newtype.

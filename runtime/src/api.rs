@@ -51,12 +51,17 @@ pub struct ProposeOptions {
 pub struct NodeStatus {
     /// This node.
     pub node: NodeId,
-    /// Replicas hosted (initialized or not).
+    /// Replicas of ranges hosted (initialized or not). The system range's replica is not
+    /// counted here (it holds no part of the key space, and placement counts ranges): see
+    /// `system`.
     pub replicas: usize,
     /// Ranges in the router (initialized replicas).
     pub ranges: usize,
-    /// Replicas that are currently leader.
+    /// Replicas of ranges that are currently leader (the system range's apart).
     pub leaders: usize,
+    /// This node's replica of the system range: `None` if it holds none, else whether it
+    /// leads the system range.
+    pub system: Option<bool>,
     /// Requests waiting for an outcome.
     pub pending_requests: usize,
     /// Replicas awake (ticked); the others hibernate.

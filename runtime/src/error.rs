@@ -107,6 +107,11 @@ pub enum Error {
     /// other groups keep running. Restart the node to recover it from its log.
     #[error("replica of range {0} failed and was isolated; restart the node")]
     ReplicaFailed(RangeId),
+    /// The system range cannot answer from here (no replica of it on this node, its group
+    /// has no leader, or it was not bootstrapped): ids cannot be leased, so a split fails
+    /// rather than use an id that might repeat. Retry once the system range has a leader.
+    #[error("system range unavailable: {0}")]
+    SystemUnavailable(String),
     /// The NodeGroup is shutting down.
     #[error("node group stopped")]
     Stopped,

@@ -32,6 +32,7 @@ use crate::fsm::shared::Shared;
 use crate::inbound::Inbound;
 use crate::replica::PeerMsg;
 use crate::state_machine::StateMachine;
+use crate::system::SystemSeed;
 
 /// The per-process host of every group replica.
 pub struct NodeGroup {
@@ -136,7 +137,7 @@ impl NodeGroup {
     /// then elect on their election timeouts; [`NodeGroup::bootstrap_layout`] spares most of
     /// them even that.
     pub fn bootstrap_ranges(&self, descs: Vec<RangeDescriptor>) -> Result<()> {
-        life::bootstrap(&self.shared, descs, &|_| None)
+        life::bootstrap(&self.shared, descs, &|_| None, None)
     }
 
     /// [`NodeGroup::bootstrap_ranges`] with a first leader chosen per range (`first_leader`,
@@ -150,7 +151,32 @@ impl NodeGroup {
         descs: Vec<RangeDescriptor>,
         first_leader: impl Fn(&RangeDescriptor) -> Option<ReplicaId>,
     ) -> Result<()> {
-        life::bootstrap(&self.shared, descs, &|d| first_leader(d).map(|r| r.0))
+        life::bootstrap(&self.shared, descs, &|d| first_leader(d).map(|r| r.0), None)
+    }
+
+    /// [`NodeGroup::bootstrap_layout`] of a new cluster: the ranges of `descs` and the system
+    /// range (`system`, see [`crate::system_descriptor`]) holding `seed`, all in one synced
+    /// write. Every bootstrap node must be given the same arguments.
+    pub fn bootstrap_cluster(
+        &self,
+        mut descs: Vec<RangeDescriptor>,
+        system: RangeDescriptor,
+        seed: &SystemSeed,
+        first_leader: impl Fn(&RangeDescriptor) -> Option<ReplicaId>,
+    ) -> Result<()> {
+        if !system.id().is_system() {
+            return Err(Error::AdminRefused(format!(
+                "{} is not the system range",
+                system.id()
+            )));
+        }
+        descs.push(system);
+        life::bootstrap(
+            &self.shared,
+            descs,
+            &|d| first_leader(d).map(|r| r.0),
+            Some(seed),
+        )
     }
 
     /// Starts an election for this node's replica of `range` now.
@@ -341,6 +367,11 @@ impl NodeGroup {
         split_key: Option<Vec<u8>>,
     ) -> Result<(RangeDescriptor, RangeDescriptor)> {
         let s = &self.shared;
+        if range.is_system() {
+            return Err(Error::AdminRefused(
+                "the system range holds no user keys and is never split".into(),
+            ));
+        }
         let split_key = match split_key {
             Some(k) => k,
             None => {
@@ -352,7 +383,7 @@ impl NodeGroup {
                     })?
             }
         };
-        let new_range_id = s.allocate_range_id();
+        let new_range_id = self.next_range_id().await?;
         let (token, rx) = s.pending.register(s.config.proposal_timeout);
         let answer = self
             .submit(
@@ -374,6 +405,34 @@ impl NodeGroup {
         match (r.left, r.right) {
             (Some(l), Some(r)) => Ok((l, r)),
             _ => Err(bad("without both halves".into())),
+        }
+    }
+
+    /// A new range id from this node's lease, leasing a block from the system range when the
+    /// lease is used up.
+    ///
+    /// # Errors
+    ///
+    /// `SystemUnavailable` if no block can be leased (no replica of the system range here,
+    /// no leader, timeout): never a made-up id.
+    pub(crate) async fn next_range_id(&self) -> Result<u64> {
+        let s = &self.shared;
+        // A system range between leaders (just started, or electing) comes back within an
+        // election or two: retry until the proposal timeout, then give up.
+        let deadline = std::time::Instant::now() + s.config.proposal_timeout;
+        loop {
+            if let Some(id) = s.take_range_id() {
+                return Ok(id);
+            }
+            // Not retried: no replica of the system range here, a full mailbox, a failed
+            // replica, a stop.
+            let rx = s.lease_range_ids()?;
+            match s.add_range_ids(rx.await.ok()) {
+                Ok(()) => {}
+                Err(Error::Stopped) => return Err(Error::Stopped),
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
         }
     }
 

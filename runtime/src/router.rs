@@ -125,10 +125,16 @@ impl RangeRouter {
         }
     }
 
-    /// Inserts or replaces `desc` (by range id), removing every range it overlaps; returns the
-    /// ranges it displaced. Pass the replica storage's `Arc` to share one copy.
+    /// Inserts or replaces `desc` (by range id), removing every range it overlaps (a newer
+    /// descriptor, from a split, merge or snapshot, supersedes the old shape); returns the
+    /// ranges it displaced. Pass the replica storage's `Arc` to share one copy. The system
+    /// range ([`RangeId::SYSTEM`]) holds no user key and is never inserted: no key ever
+    /// routes to it.
     pub fn upsert(&self, desc: impl Into<Arc<RangeDescriptor>>) -> Vec<RangeDescriptor> {
         let desc = desc.into();
+        if desc.id().is_system() {
+            return Vec::new();
+        }
         let mut inner = self.inner.write();
         inner.remove(desc.range_id);
         let mut displaced = Vec::new();
@@ -184,8 +190,12 @@ impl RangeRouter {
     }
 }
 
-/// Whether two half-open ranges (empty end = unbounded) share a key.
+/// Whether two half-open ranges (empty end = unbounded) share a key. The system range shares
+/// no key with any range.
 pub(crate) fn overlaps(a: &RangeDescriptor, b: &RangeDescriptor) -> bool {
+    if a.id().is_system() || b.id().is_system() {
+        return false;
+    }
     let a_before_b_ends = b.end_key.is_empty() || a.start_key < b.end_key;
     let b_before_a_ends = a.end_key.is_empty() || b.start_key < a.end_key;
     a_before_b_ends && b_before_a_ends
@@ -203,6 +213,20 @@ mod tests {
             end_key: end.to_vec().into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_system_range_is_never_routed_to() {
+        let r = RangeRouter::new();
+        r.upsert(desc(1, b"", b""));
+        let displaced = r.upsert(desc(RangeId::SYSTEM.0, b"", b""));
+        assert!(displaced.is_empty());
+        assert_eq!(r.lookup(b"any").unwrap().id(), RangeId(1));
+        assert!(r.get(RangeId::SYSTEM).is_none());
+        assert!(!overlaps(
+            &desc(RangeId::SYSTEM.0, b"", b""),
+            &desc(1, b"", b"")
+        ));
     }
 
     #[test]

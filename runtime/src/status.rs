@@ -24,14 +24,19 @@ impl NodeGroup {
     /// Counters of the whole NodeGroup (walks every replica: not for hot paths).
     pub fn node_status(&self) -> NodeStatus {
         let mut leaders = 0;
+        let mut system = None;
         for c in self.shared.cells() {
-            if c.replica.lock().as_ref().is_some_and(|r| r.is_leader()) {
+            let leads = c.replica.lock().as_ref().is_some_and(|r| r.is_leader());
+            if c.range.is_system() {
+                system = Some(leads);
+            } else if leads {
                 leaders += 1;
             }
         }
         let st = NodeStatus {
             node: self.shared.node,
-            replicas: self.shared.replica_count(),
+            replicas: self.shared.replica_count() - usize::from(system.is_some()),
+            system,
             ranges: self.shared.router.len(),
             leaders,
             pending_requests: self.shared.pending.len(),

@@ -7,6 +7,8 @@
 //! flotilla-node --id 1 --raft 127.0.0.1:7001 --client 127.0.0.1:8001 --data-dir /tmp/n1 \
 //!     --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 [--bootstrap-ranges 1000] \
 //!     [--tick-ms 100] [--no-hibernate] [--metrics 127.0.0.1:9001]
+//! flotilla-node --raft 127.0.0.1:7004 --client 127.0.0.1:8004 --data-dir /tmp/n4 \
+//!     --join 127.0.0.1:8001
 //! ```
 //!
 //! Settings come from the config file (`--config`, TOML; `flotilla.example.toml` documents
@@ -54,6 +56,11 @@ struct Args {
     /// every node of a new cluster must get the same N and peers (file: node.bootstrap-ranges).
     #[arg(long, value_name = "N")]
     bootstrap_ranges: Option<usize>,
+    /// Client address (host:port) of a running node to join the cluster through: a new store
+    /// gets its node id (no --id needed) and every peer from the node registry; a store that
+    /// joined before keeps its id. Needs a fixed --raft port (file: node.join).
+    #[arg(long, value_name = "ADDR")]
+    join: Option<String>,
     /// Raft tick interval in milliseconds (file: raft.tick-ms; default 100).
     #[arg(long, value_name = "MS")]
     tick_ms: Option<u64>,
@@ -111,6 +118,7 @@ impl Args {
         n.metrics = self.metrics.or(n.metrics);
         n.redis = self.redis.or(n.redis);
         n.bootstrap_ranges = self.bootstrap_ranges.or(n.bootstrap_ranges);
+        n.join = self.join.or(n.join.take());
         if let Some(Peers(peers)) = self.peers {
             f.peers = peers
                 .into_iter()
@@ -184,8 +192,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let id = config.node_id();
     let served = runtime.block_on(async move {
+        let mut config = config;
+        flotilla::server::join(&mut config).await?;
+        let id = config.node_id();
         let server = Server::start(config, tokio::runtime::Handle::current())?;
         println!(
             "node {id} serving raft on {} and clients on {}{}",
@@ -196,10 +206,10 @@ fn main() -> ExitCode {
                 .map(|a| format!(", metrics on http://{a}/metrics"))
                 .unwrap_or_default()
         );
-        server.run_until(stop_signal()).await
+        server.run_until(stop_signal()).await.map(|()| id)
     });
     match served {
-        Ok(()) => {
+        Ok(id) => {
             tracing::info!(node = %id, "stopped");
             ExitCode::SUCCESS
         }

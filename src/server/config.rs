@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use flotilla_proto::NodeId;
-use flotilla_runtime::NodeGroupConfig;
+use flotilla_runtime::{ConfigError, NodeGroupConfig};
 use flotilla_store::StoreConfig;
 use flotilla_transport::GrpcConfig;
 
@@ -55,6 +55,12 @@ pub struct ServerConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// TLS on the client APIs (KV and admin). Default `None`: plaintext.
     pub client_tls: Option<ClientTls>,
+    /// The client address (`host:port`) of a running node of the cluster to join through
+    /// ([`crate::server::join`]): a node whose store has no identity yet asks it for a node
+    /// id (its node id setting may then be 0) and the registry's addresses; a node that
+    /// joined before keeps its id. Needs a fixed raft port and no `bootstrap_ranges`.
+    /// Default `None`: the node's id and peers come from this config alone.
+    pub join: Option<String>,
 }
 
 /// TLS on the client address: the node's certificate, and the CA whose certificates clients
@@ -100,6 +106,7 @@ impl Default for ServerConfig {
             bootstrap_ranges: 0,
             metrics_addr: None,
             client_tls: None,
+            join: None,
         }
     }
 }
@@ -140,7 +147,15 @@ impl ServerConfig {
     /// refuses to start with, one line each.
     pub fn mistakes(&self) -> Vec<ServerError> {
         let mut out: Vec<ServerError> = Vec::new();
-        out.extend(self.node.mistakes().into_iter().map(ServerError::from));
+        // A joining node may leave its id to the join.
+        let id_from_join = self.join.is_some();
+        out.extend(
+            self.node
+                .mistakes()
+                .into_iter()
+                .filter(|e| !(id_from_join && matches!(e, ConfigError::ZeroNodeId)))
+                .map(ServerError::from),
+        );
         out.extend(self.store.mistakes().into_iter().map(ServerError::from));
         out.extend(self.grpc.mistakes().into_iter().map(ServerError::from));
         if self.data_dir.as_os_str().is_empty() {
@@ -185,6 +200,17 @@ impl ServerConfig {
             out.push(ServerError::BootstrapWithoutThisNode {
                 node: self.node_id(),
             });
+        }
+        if let Some(join) = &self.join {
+            if !is_host_port(join) {
+                out.push(ServerError::JoinAddress(join.clone()));
+            }
+            if self.bootstrap_ranges > 0 {
+                out.push(ServerError::JoinAndBootstrap);
+            }
+            if self.raft_addr.port() == 0 {
+                out.push(ServerError::JoinWithoutRaftPort(self.raft_addr));
+            }
         }
         if let Some(tls) = &self.client_tls {
             let pems = [
@@ -307,6 +333,42 @@ mod tests {
             },
             |e| matches!(e, ServerError::TooManyBootstrapRanges { count, max } if *count == MAX_RANGES + 1 && *max == MAX_RANGES),
         );
+        let joining = || ServerConfig {
+            bootstrap_ranges: 0,
+            join: Some("127.0.0.1:8002".into()),
+            ..base()
+        };
+        check(
+            ServerConfig {
+                join: Some("nowhere".into()),
+                ..joining()
+            },
+            |e| matches!(e, ServerError::JoinAddress(a) if a == "nowhere"),
+        );
+        check(
+            ServerConfig {
+                bootstrap_ranges: 1,
+                ..joining()
+            },
+            |e| matches!(e, ServerError::JoinAndBootstrap),
+        );
+        check(
+            ServerConfig {
+                raft_addr: "127.0.0.1:0".parse().unwrap(),
+                ..joining()
+            },
+            |e| matches!(e, ServerError::JoinWithoutRaftPort(_)),
+        );
+    }
+
+    #[test]
+    fn a_joining_node_may_leave_its_id_to_the_join() {
+        let mut c = base();
+        c.bootstrap_ranges = 0;
+        c.node.node_id = 0;
+        assert!(c.validate().is_err());
+        c.join = Some("127.0.0.1:8002".into());
+        c.validate().unwrap();
     }
 
     #[test]

@@ -91,6 +91,31 @@ pub enum ServerError {
     #[error("client API server failed: {0}")]
     ClientServe(#[source] tonic::transport::Error),
 
+    /// `join` is not `host:port`: give the client address of a running node.
+    #[error("join address {0:?} is not host:port")]
+    JoinAddress(String),
+
+    /// `join` and `bootstrap_ranges` together: a joining node never creates ranges (the
+    /// cluster it joins has them). Drop one.
+    #[error("join and bootstrap_ranges exclude each other: a joining node creates no range")]
+    JoinAndBootstrap,
+
+    /// A joining node must listen on a fixed raft port: the other nodes record its address
+    /// before it runs, and find it there after restarts.
+    #[error("a joining node needs a fixed raft port, not {0}")]
+    JoinWithoutRaftPort(SocketAddr),
+
+    /// The join failed: the node at the join address could not be reached, or refused (no
+    /// replica of the system range there: use a bootstrap node's client address; the node
+    /// was removed; the system range has no leader yet: retry).
+    #[error("cannot join through {addr}: {reason}")]
+    Join {
+        /// The join address.
+        addr: String,
+        /// Why, as the other node or the network said.
+        reason: String,
+    },
+
     /// The NodeGroup could not start, or could not bootstrap its ranges: see the runtime
     /// error.
     #[error("node group: {0}")]

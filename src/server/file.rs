@@ -65,6 +65,8 @@ pub struct NodeSection {
     pub redis: Option<SocketAddr>,
     /// Ranges to create on a fresh store (`--bootstrap-ranges`).
     pub bootstrap_ranges: Option<usize>,
+    /// Client address of a running node to join through (`--join`).
+    pub join: Option<String>,
 }
 
 /// `[raft]`.
@@ -204,8 +206,11 @@ impl ConfigFile {
     pub fn to_server_config(&self) -> Result<ServerConfig, Vec<String>> {
         let mut mistakes = Vec::new();
         let n = &self.node;
+        // A joining node may get its id from the join.
         let id = n.id.unwrap_or_else(|| {
-            mistakes.push("node.id (--id) is required".to_string());
+            if n.join.is_none() {
+                mistakes.push("node.id (--id) is required (or node.join, --join)".to_string());
+            }
             0
         });
         let dir = n.data_dir.clone().unwrap_or_else(|| {
@@ -222,6 +227,7 @@ impl ConfigFile {
         c.metrics_addr = n.metrics;
         c.redis_addr = n.redis;
         c.bootstrap_ranges = n.bootstrap_ranges.unwrap_or(0);
+        c.join = n.join.clone();
         for (key, addr) in &self.peers {
             match key.parse::<u64>() {
                 Ok(node) => {

@@ -24,6 +24,7 @@
 mod config;
 mod error;
 mod file;
+mod join;
 mod observe;
 
 use std::future::Future;
@@ -35,7 +36,9 @@ use std::time::Duration;
 
 use flotilla_proto::meta::RangeDescriptor;
 use flotilla_proto::{NodeId, ReplicaId};
-use flotilla_runtime::{KvStateMachine, NodeGroup, NodeGroupConfig, StateMachine};
+use flotilla_runtime::{
+    system_descriptor, KvStateMachine, NodeGroup, NodeGroupConfig, StateMachine, SystemSeed,
+};
 use flotilla_store::{Engine, StoreConfig};
 use flotilla_transport::{BatchHandler, GrpcListener, GrpcTransport, Transport};
 use tokio::runtime::Handle;
@@ -47,6 +50,7 @@ pub use error::ServerError;
 pub use file::{
     ConfigFile, LogSection, NodeSection, RaftSection, SplitSection, StoreSection, TlsSection,
 };
+pub use join::{join, REFRESH as REGISTRY_REFRESH};
 pub use observe::{Kind as MetricKind, Metric, CATALOGUE as METRICS};
 
 use crate::admin_service::AdminService;
@@ -85,6 +89,9 @@ pub struct Server {
     metrics_addr: Option<SocketAddr>,
     /// The Redis protocol listener, if the config asks for one.
     redis: Option<RespServer>,
+    /// The task that keeps the transport's peers in step with the node registry
+    /// (`join::Watcher`); aborted at shutdown.
+    registry: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// The client API server task and the means to stop it and learn that it stopped.
@@ -214,6 +221,14 @@ impl Server {
     pub fn shutdown(&self) {
         if let Some(r) = &self.redis {
             r.stop();
+        }
+        if let Some(task) = self
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            task.abort();
         }
         let (stop, done) = {
             let mut api = self.client_api.lock().unwrap_or_else(|e| e.into_inner());
@@ -385,7 +400,10 @@ impl ServerBuilder {
             let members: Vec<NodeId> = config.peers.keys().copied().collect();
             let layout = range_layout(config.bootstrap_ranges, &members);
             // On an error `node` is dropped, which shuts it down.
-            bootstrap(&node, layout, &members)?;
+            let peers = &config.peers;
+            bootstrap(&node, layout, &members, |n| {
+                peers.get(&n).cloned().unwrap_or_default()
+            })?;
         }
         let observe = match config.metrics_addr {
             Some(addr) => Some(observe::serve(addr, node.clone(), &runtime)?),
@@ -407,7 +425,10 @@ impl ServerBuilder {
             }
             None => None,
         };
+        let registry = runtime
+            .spawn(join::Watcher::new(node.clone(), transport.clone(), &config, client_addr).run());
         Ok(Server {
+            registry: Mutex::new(Some(registry)),
             node,
             transport,
             raft_addr,
@@ -455,12 +476,24 @@ pub(crate) fn start_node_group(
 /// leadership to it once it is up and the leaders end up spread over `members` as the layout
 /// says. With hibernation the other replicas sleep until the campaign reaches them
 /// ([`NodeGroup::bootstrap_layout`]).
+///
+/// The system range is created with it, on the layout's nodes, seeded
+/// ([`SystemSeed`]) so that range ids continue after the layout's and node ids after the
+/// bootstrap nodes', each bootstrap node registered with its raft address (`raft_addr`; empty
+/// when unknown).
 pub(crate) fn bootstrap(
     node: &NodeGroup,
     layout: Vec<RangeDescriptor>,
     members: &[NodeId],
+    raft_addr: impl Fn(NodeId) -> String,
 ) -> Result<(), ServerError> {
-    node.bootstrap_layout(layout, |d| {
+    let system_members: Vec<NodeId> = match layout.first() {
+        Some(d) => d.replicas.iter().map(|r| NodeId(r.node_id)).collect(),
+        None => members.to_vec(),
+    };
+    let system = system_descriptor(&system_members);
+    let seed = SystemSeed::new(&layout, &system_members, raft_addr);
+    node.bootstrap_cluster(layout, system, &seed, |d| {
         let campaigner = first_campaigner(d.id(), members)?;
         d.replica_on(campaigner).map(|r| ReplicaId(r.replica_id))
     })?;

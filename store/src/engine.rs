@@ -376,6 +376,31 @@ impl Engine {
         Ok(out)
     }
 
+    /// Reads one record of the system range (see `keys::system_key`).
+    pub fn system_record(&self, name: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(Cf::Meta), keys::system_key(name))?)
+    }
+
+    /// Every record of the system range stored here, as `(name, value)` in name order.
+    pub fn system_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let (lo, hi) = keys::system_bounds();
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(hi.to_vec());
+        let iter = self.db.iterator_cf_opt(
+            self.cf(Cf::Meta),
+            opts,
+            IteratorMode::From(&lo, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            let (k, v) = item?;
+            if let Some(name) = keys::parse_system_key(&k) {
+                out.push((name.to_vec(), v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads one user key.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get_cf(self.cf(Cf::Data), key)?)
@@ -606,6 +631,17 @@ impl WriteBatch {
     /// Deletes a user key.
     pub fn delete_data(&mut self, key: &[u8]) {
         self.delete(Cf::Data, key);
+    }
+
+    /// Writes a record of the system range (its apply, its bootstrap).
+    pub fn put_system_record(&mut self, name: &[u8], value: &[u8]) {
+        self.put(Cf::Meta, &keys::system_key(name), value);
+    }
+
+    /// Deletes every record of the system range (before a snapshot of it is installed).
+    pub fn clear_system_records(&mut self) {
+        let (lo, hi) = keys::system_bounds();
+        self.delete_range(Cf::Meta, &lo, &hi);
     }
 
     /// Stores a range descriptor (replacing the previous one of that range).

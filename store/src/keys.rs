@@ -15,6 +15,13 @@
 //! Column family `meta`:
 //! - `0x01 | range` → the `RangeDescriptor` of a range hosted here.
 //! - `0x02` → the `StoreIdent` (which node this engine belongs to).
+//! - `0x03` → the start counter.
+//! - `0x10 | name` → a record of the system range (the id counters, the node registry): the
+//!   system range's replicated data. It lives here, in `meta`, and not in `data`, so that no
+//!   user key can ever collide with it (user keys are stored as they are and may be any
+//!   bytes); the prefix keeps it apart from this node's own records above, and it is one
+//!   interval, so that a snapshot of the system range is one scan and its install one range
+//!   delete.
 //!
 //! Column family `data`: user keys as they are. Ranges partition the key space, so one range's
 //! data is the key interval `[start, end)`: splits move no data and a snapshot is one scan.
@@ -38,6 +45,29 @@ pub const STORE_IDENT_KEY: &[u8] = &[0x02];
 /// Key of the start counter in `meta` (how many times the engine was opened by a node: see
 /// `Engine::next_start`).
 pub const START_COUNT_KEY: &[u8] = &[0x03];
+
+const SYSTEM_PREFIX: u8 = 0x10;
+
+/// `0x10 | name` in `meta`: a record of the system range.
+pub fn system_key(name: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(SYSTEM_PREFIX);
+    k.extend_from_slice(name);
+    k
+}
+
+/// The name of a system record key; `None` if it is not one.
+pub fn parse_system_key(key: &[u8]) -> Option<&[u8]> {
+    match key.split_first() {
+        Some((&SYSTEM_PREFIX, name)) => Some(name),
+        _ => None,
+    }
+}
+
+/// `[start, end)` bounds of all system record keys.
+pub fn system_bounds() -> ([u8; 1], [u8; 1]) {
+    ([SYSTEM_PREFIX], [SYSTEM_PREFIX + 1])
+}
 
 /// Which per-group state record a state key names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +232,18 @@ mod tests {
             prop_assert!(ka.as_slice() >= lo.as_slice() && ka.as_slice() < hi.as_slice());
             prop_assert!(STORE_IDENT_KEY >= hi.as_slice());
             prop_assert!(START_COUNT_KEY >= hi.as_slice());
+        }
+
+        /// System records form one interval of `meta` apart from descriptors and this node's
+        /// own records, whatever their names.
+        #[test]
+        fn system_keys_are_a_separate_interval(name: Vec<u8>, r: u64) {
+            let k = system_key(&name);
+            let (lo, hi) = system_bounds();
+            prop_assert!(k.as_slice() >= lo.as_slice() && k.as_slice() < hi.as_slice());
+            prop_assert_eq!(parse_system_key(&k), Some(name.as_slice()));
+            prop_assert!(descriptor_key(RangeId(r)).as_slice() < lo.as_slice());
+            prop_assert!(STORE_IDENT_KEY < lo.as_slice() && START_COUNT_KEY < lo.as_slice());
         }
     }
 

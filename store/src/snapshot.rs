@@ -83,6 +83,19 @@ impl SnapshotImport {
         })
     }
 
+    /// An import that writes no user data (the system range's snapshot, whose records the
+    /// caller put in `batch`): chunks are refused.
+    pub fn without_data(batch: WriteBatch) -> SnapshotImport {
+        SnapshotImport {
+            batch,
+            // An empty interval: [0x01, 0x00) holds no key.
+            start: vec![1],
+            end: vec![0],
+            pairs: 0,
+            bytes: 0,
+        }
+    }
+
     /// Adds one chunk. Pairs outside the range are refused: a snapshot must not write into a
     /// neighbour's keys.
     pub fn add_chunk(&mut self, chunk: &SnapshotChunk) -> Result<()> {

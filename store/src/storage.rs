@@ -425,16 +425,30 @@ impl GroupStorage {
             });
         };
         let mut chunks = Vec::new();
-        snapshot::export_range(
-            &self.engine,
-            &desc.start_key,
-            &desc.end_key,
-            chunk_bytes,
-            |c| {
-                chunks.push(c);
-                Ok(())
-            },
-        )?;
+        if desc.id().is_system() {
+            // The system range's data is its records in `meta`, not user keys: a few
+            // counters and node records, so one chunk.
+            let pairs = self.engine.system_records()?.into_iter();
+            chunks.push(flotilla_proto::meta::SnapshotChunk {
+                pairs: pairs
+                    .map(|(key, value)| flotilla_proto::meta::KvPair {
+                        key: key.into(),
+                        value: value.into(),
+                    })
+                    .collect(),
+            });
+        } else {
+            snapshot::export_range(
+                &self.engine,
+                &desc.start_key,
+                &desc.end_key,
+                chunk_bytes,
+                |c| {
+                    chunks.push(c);
+                    Ok(())
+                },
+            )?;
+        }
         let client_records = self
             .engine
             .client_records(self.group)?

@@ -57,7 +57,13 @@ pub(crate) fn bootstrap(
     shared: &Shared,
     descs: Vec<RangeDescriptor>,
     first_leader: &dyn Fn(&RangeDescriptor) -> Option<u64>,
+    seed: Option<&crate::system::SystemSeed>,
 ) -> Result<()> {
+    if seed.is_some() != descs.iter().any(|d| d.id().is_system()) {
+        return Err(Error::AdminRefused(
+            "the system range is bootstrapped with its seed, and only with it".into(),
+        ));
+    }
     let _creating = shared.create_lock.lock();
     // Check everything before changing anything.
     let mut planned: Vec<(RangeDescriptor, u64, Option<Arc<ReplicaCell>>)> = Vec::new();
@@ -89,10 +95,11 @@ pub(crate) fn bootstrap(
                 None => {}
             }
         }
-        let clash = !shared
-            .router
-            .overlapping(&desc.start_key, &desc.end_key)
-            .is_empty();
+        let clash = !desc.id().is_system()
+            && !shared
+                .router
+                .overlapping(&desc.start_key, &desc.end_key)
+                .is_empty();
         if clash {
             return Err(Error::AdminRefused(format!(
                 "{} overlaps a range already hosted on {}",
@@ -145,6 +152,14 @@ pub(crate) fn bootstrap(
         );
         if let Some(hs) = &carried {
             storage.adopt_vote(hs, &mut batch);
+        }
+        // The system range starts with its records, in the same synced write as its state:
+        // never a system range without counters. (Not when it existed already: its
+        // counters have moved on.)
+        if let (true, Some(seed)) = (desc.id().is_system(), seed) {
+            for (name, value) in seed.records() {
+                batch.put_system_record(&name, &value);
+            }
         }
         created.push((desc, me, storage));
     }

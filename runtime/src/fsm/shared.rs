@@ -9,8 +9,12 @@ use std::sync::{Arc, OnceLock};
 
 use crossbeam_channel::Sender;
 use dashmap::DashMap;
+use flotilla_proto::command::{
+    raft_command, system_command, AllocateIds, IdBlock, IdKind, RaftCommand, RequestHeader,
+    SystemCommand,
+};
 use flotilla_proto::transport::Heartbeat;
-use flotilla_proto::{NodeId, RangeId};
+use flotilla_proto::{Message as _, NodeId, RangeId};
 use flotilla_store::Engine;
 use flotilla_transport::Transport;
 use parking_lot::Mutex;
@@ -23,6 +27,7 @@ use crate::pending::Pending;
 use crate::replica::{Env, PeerMsg};
 use crate::router::RangeRouter;
 use crate::state_machine::StateMachine;
+use crate::system::{IdLease, ID_LEASE_BLOCK};
 
 /// State shared by the API, the workers, the ticker and the inbound handler.
 pub(crate) struct Shared {
@@ -55,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) split_candidates: Mutex<HashSet<u64>>,
     /// Client requests per range in the current load window (only ranges with traffic).
     pub(crate) load: DashMap<u64, LoadStats>,
+    /// Range ids leased from the system range and not used yet.
+    range_ids: IdLease,
     pub(crate) ready_tx: Sender<Arc<ReplicaCell>>,
     pub(super) logger: slog::Logger,
     stopped: AtomicBool,
@@ -92,6 +99,7 @@ impl Shared {
             tick_heartbeats: Mutex::new(Default::default()),
             split_candidates: Mutex::new(Default::default()),
             load: DashMap::new(),
+            range_ids: IdLease::default(),
             ready_tx,
             stopped: AtomicBool::new(false),
             ticker_paused: AtomicBool::new(false),
@@ -113,16 +121,76 @@ impl Shared {
         }
     }
 
-    /// A range id for a new range (split). Random 63-bit ids: no coordinator is needed and a
-    /// collision among even a million ranges has a probability of about 1e-7; the split's
-    /// apply refuses an id this node already hosts.
-    pub(crate) fn allocate_range_id(&self) -> u64 {
-        loop {
-            let id = rand::random::<u64>() >> 1;
-            if id > 1 << 32 && self.cell(RangeId(id)).is_none() {
-                return id;
-            }
+    /// Proposes `cmd` to the system range through this node's replica of it (a follower
+    /// forwards it to the leader); the receiver gets the answer once it applied here.
+    ///
+    /// # Errors
+    ///
+    /// `SystemUnavailable` if this node holds no replica of the system range; the mailbox's
+    /// errors (`Busy`, `ReplicaFailed`); `Stopped`.
+    pub(crate) fn propose_system(
+        &self,
+        cmd: SystemCommand,
+    ) -> Result<tokio::sync::oneshot::Receiver<crate::pending::Answer>> {
+        if self.is_stopped() {
+            return Err(Error::Stopped);
         }
+        if self.cell(RangeId::SYSTEM).is_none() {
+            return Err(Error::SystemUnavailable(format!(
+                "{} holds no replica of the system range",
+                self.node
+            )));
+        }
+        let (token, rx) = self.pending.register(self.config.proposal_timeout);
+        let data = RaftCommand {
+            header: Some(RequestHeader {
+                range_id: RangeId::SYSTEM.0,
+                proposer_node: self.node.0,
+                proposal_token: token,
+                ..Default::default()
+            }),
+            body: Some(raft_command::Body::System(cmd)),
+        }
+        .encode_to_vec();
+        if let Err(e) = self.post(RangeId::SYSTEM, PeerMsg::Propose { token, data }) {
+            self.pending.complete(token, Err(e.clone()));
+            return Err(e);
+        }
+        Ok(rx)
+    }
+
+    /// A range id for a new range (split), from this node's lease; `None` when the lease is
+    /// used up (see [`Shared::lease_range_ids`]).
+    pub(crate) fn take_range_id(&self) -> Option<u64> {
+        self.range_ids.take()
+    }
+
+    /// Starts leasing a block of [`ID_LEASE_BLOCK`] range ids from the system range; the
+    /// receiver's answer is an encoded `IdBlock`, to hand to [`Shared::add_range_ids`].
+    pub(crate) fn lease_range_ids(
+        &self,
+    ) -> Result<tokio::sync::oneshot::Receiver<crate::pending::Answer>> {
+        self.propose_system(SystemCommand {
+            cmd: Some(system_command::Cmd::Allocate(AllocateIds {
+                kind: IdKind::RangeIds as i32,
+                count: ID_LEASE_BLOCK,
+            })),
+        })
+    }
+
+    /// Adds the block a [`Shared::lease_range_ids`] answered to the lease; any failure to get
+    /// it is `SystemUnavailable`, so that a split never goes on without an id.
+    pub(crate) fn add_range_ids(&self, answer: Option<crate::pending::Answer>) -> Result<()> {
+        let unavailable = |why: String| Error::SystemUnavailable(format!("no range ids: {why}"));
+        let bytes = match answer {
+            Some(Ok(b)) => b,
+            Some(Err(Error::Stopped)) | None => return Err(Error::Stopped),
+            Some(Err(e)) => return Err(unavailable(e.to_string())),
+        };
+        let block = IdBlock::decode(&bytes[..]).map_err(|e| unavailable(e.to_string()))?;
+        tracing::debug!(node = %self.node, start = block.start, count = block.count, "leased range ids");
+        self.range_ids.add(block.start, block.count);
+        Ok(())
     }
 
     /// Counts a client request for load-based splits (only when they are on).

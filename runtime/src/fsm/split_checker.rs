@@ -116,7 +116,24 @@ fn size_split_key(shared: &Shared, range: RangeId) -> Option<Vec<u8>> {
 }
 
 fn propose_split(shared: &Shared, range: RangeId, key: Vec<u8>, why: &'static str) {
-    let new_range_id = shared.allocate_range_id();
+    // This thread may wait on the system range: it only measures and proposes splits, and
+    // the wait is bounded by the proposal timeout. One split in ID_LEASE_BLOCK waits at all.
+    let new_range_id = match shared.take_range_id() {
+        Some(id) => id,
+        None => {
+            let leased = shared
+                .lease_range_ids()
+                .and_then(|rx| shared.add_range_ids(rx.blocking_recv().ok()));
+            match leased.map(|()| shared.take_range_id()) {
+                Ok(Some(id)) => id,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(%range, "automatic split not proposed: {e}");
+                    return;
+                }
+            }
+        }
+    };
     // Nobody awaits the outcome: the token only lets the replica report it (and expire).
     let (token, _rx) = shared.pending.register(Duration::from_secs(30));
     let msg = PeerMsg::Split {

@@ -302,6 +302,7 @@ fn finish(shared: &Shared, out: &mut Output) {
         metrics::counter!("flotilla_runtime_elections_won_total").increment(won);
     }
     out.overlay.clear();
+    out.system_overlay.clear();
     out.client_records.clear();
     for (token, answer) in out.completions.drain(..) {
         shared.pending.complete(token, answer);

@@ -130,6 +130,12 @@ impl Replica {
                 }
                 Step::Done(Ok(Vec::new()))
             }
+            Some(raft_command::Body::System(cmd)) => {
+                Step::Done(self.apply_system(cmd, env, out, batch)?)
+            }
+            Some(raft_command::Body::Admin(_)) if self.range.is_system() => Step::Done(Err(
+                Error::AdminRefused("the system range is never split or merged".into()),
+            )),
             Some(raft_command::Body::Admin(admin)) => match admin.cmd {
                 Some(admin_command::Cmd::Split(split)) => {
                     self.apply_split(&header, &split, at, env, out, batch)?

@@ -119,6 +119,8 @@ pub(crate) struct Output {
     /// Data keys written by entries applied earlier in this round (the apply batch is not
     /// readable before it is written).
     pub(crate) overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// System range records written earlier in this round (by name), for the same reason.
+    pub(crate) system_overlay: HashMap<Vec<u8>, Vec<u8>>,
     /// Client records written earlier in this round, by (range, client).
     pub(crate) client_records: HashMap<(u64, u64), ClientRecord>,
     /// Compactions requested through the API: (range, up to index).

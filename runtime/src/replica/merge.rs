@@ -66,6 +66,9 @@ pub(crate) fn check_mergeable(
     if source.range_id == target.range_id {
         return refuse(format!("cannot merge {} into itself", source.id()));
     }
+    if source.id().is_system() || target.id().is_system() {
+        return refuse("the system range holds no user keys and is never merged".into());
+    }
     if source.merge.is_some() || target.merge.is_some() {
         return refuse("a range of the pair is already merging".into());
     }

@@ -23,6 +23,7 @@ mod read;
 mod send;
 mod snapshot;
 mod split;
+mod system;
 #[cfg(test)]
 mod tests;
 

@@ -38,7 +38,10 @@ impl Replica {
             );
             return;
         }
-        self.append(token, data, env, out, false);
+        // The system range is proposed to from every node that holds a replica of it (id
+        // leases, the registry): a follower always forwards.
+        let force_forward = self.range.is_system();
+        self.append(token, data, env, out, force_forward);
     }
 
     /// Proposes a batch entry (see `PeerMsg::ProposeBatch`): as [`Replica::propose`], except

@@ -54,6 +54,10 @@ impl Replica {
         let Some(desc) = header.descriptor else {
             return false;
         };
+        // The system range shares no key with any range: nothing to clash with.
+        if desc.id().is_system() {
+            return desc.id() == self.range;
+        }
         let others: Vec<_> = env
             .router
             .overlapping(&desc.start_key, &desc.end_key)
@@ -96,21 +100,41 @@ impl Replica {
         // A snapshot must not overwrite keys of another range this node serves. `accept_snapshot`
         // refused such snapshots before raft saw them; one that still clashes here (a range
         // appeared in between) cannot be un-stepped, so the replica is isolated.
-        let clash = env
-            .router
-            .overlapping(&desc.start_key, &desc.end_key)
-            .into_iter()
-            .any(|d| d.range_id != desc.range_id);
+        // (The system range holds no key: nothing to clash with.)
+        let clash = !desc.id().is_system()
+            && env
+                .router
+                .overlapping(&desc.start_key, &desc.end_key)
+                .into_iter()
+                .any(|d| d.range_id != desc.range_id);
         if clash {
             return Err(Error::BadSnapshot {
                 range: self.range,
                 reason: "its keys overlap another range on this node".into(),
             });
         }
-        let mut import = SnapshotImport::begin(env.engine.batch(), &desc.start_key, &desc.end_key)?;
-        for c in &header.inline_chunks {
-            import.add_chunk(c)?;
+        if desc.id().is_system() != self.range.is_system() {
+            return Err(Error::BadSnapshot {
+                range: self.range,
+                reason: format!("it is a snapshot of {}", desc.id()),
+            });
         }
+        let mut import = if desc.id().is_system() {
+            // Its data is the system records, not user keys: replace them all.
+            let mut batch = env.engine.batch();
+            batch.clear_system_records();
+            for p in header.inline_chunks.iter().flat_map(|c| &c.pairs) {
+                batch.put_system_record(&p.key, &p.value);
+            }
+            SnapshotImport::without_data(batch)
+        } else {
+            let mut import =
+                SnapshotImport::begin(env.engine.batch(), &desc.start_key, &desc.end_key)?;
+            for c in &header.inline_chunks {
+                import.add_chunk(c)?;
+            }
+            import
+        };
         let records: Vec<(u64, Vec<u8>)> = header
             .client_records
             .iter()

@@ -36,6 +36,11 @@ impl Replica {
         out: &mut Output,
     ) {
         let check = || -> Result<RangeDescriptor, Error> {
+            if self.range.is_system() {
+                return Err(Error::AdminRefused(
+                    "the system range holds no user keys and is never split".into(),
+                ));
+            }
             let desc = self.admin_descriptor("split")?;
             if !desc.contains(&split_key) || split_key[..] == desc.start_key[..] {
                 return Err(Error::AdminRefused(format!(

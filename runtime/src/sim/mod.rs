@@ -310,7 +310,7 @@ impl Sim {
             // paced wake queue, the others sleep until it does (or time out).
             let nodes = sim.cfg.nodes;
             let first = move |d: &RangeDescriptor| Some(1 + d.range_id % nodes);
-            crate::fsm::life::bootstrap(&node.shared, descs, &first).expect("bootstrap");
+            crate::fsm::life::bootstrap(&node.shared, descs, &first, None).expect("bootstrap");
         }
         sim
     }

@@ -1,0 +1,236 @@
+//! Nodes that are not in the static config: joining a running cluster (`--join`), and keeping
+//! the transport's peers in step with the node registry of the system range.
+//!
+//! - **Join** ([`join`], before the node starts): a node whose store has no identity asks a
+//!   running node (its client address) for a new node id through the admin `Join` call; a
+//!   node that joined before sends the id its store holds, which only updates its addresses.
+//!   The answer carries the whole registry, so the node knows every peer's raft address
+//!   before its transport starts.
+//! - **Watch** ([`Watcher`], while the node runs): every [`REFRESH`], the node reads the
+//!   registry (from its replica of the system range, or else over the admin API of a node
+//!   that has one), tells its transport every new or moved peer (`set_peer`) and forgets
+//!   removed ones (`remove_peer`: their batches are refused from then on). A node that holds
+//!   a replica of the system range first records its own addresses in it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_proto::admin::admin_client::AdminClient;
+use flotilla_proto::admin::{JoinRequest, JoinResponse, NodesRequest};
+use flotilla_proto::meta::{NodeRecord, NodeState};
+use flotilla_proto::NodeId;
+use flotilla_runtime::{NodeGroup, ReadConsistency};
+use flotilla_store::Engine;
+use flotilla_transport::GrpcTransport;
+
+use super::{ServerConfig, ServerError};
+
+/// How often a running node reads the registry for new, moved or removed peers.
+pub const REFRESH: Duration = Duration::from_secs(1);
+
+/// How long [`join`] keeps retrying a node that answers "unavailable" (its system range is
+/// electing a leader, or it is starting).
+const JOIN_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Resolves the node id and peers of a node configured with `join`: asks the node at the join
+/// address to record this node (a new id for a store without one, the stored id otherwise)
+/// and puts every other node of the registry that is not removed into `config.peers`. Does
+/// nothing without `join`.
+///
+/// # Errors
+///
+/// [`ServerError::Store`] if the data directory cannot be read; [`ServerError::Join`] if the
+/// join address does not answer within 30 s or refuses (this node was removed, the id is
+/// unknown there, the address is not a node holding the system range).
+pub async fn join(config: &mut ServerConfig) -> Result<(), ServerError> {
+    let Some(addr) = config.join.clone() else {
+        return Ok(());
+    };
+    let stored = {
+        let engine = Engine::open(&config.data_dir, config.store.clone())?;
+        engine.store_ident()?.map(|i| i.node_id)
+    };
+    let node_id = match (stored, config.node.node_id) {
+        (Some(id), _) => id,
+        (None, id) => id,
+    };
+    let fail = |reason: String| ServerError::Join {
+        addr: addr.clone(),
+        reason,
+    };
+    let raft_addr = advertised_raft_addr(config);
+    let request = JoinRequest {
+        node_id,
+        raft_addr,
+        client_addr: config.client_addr.to_string(),
+    };
+    let deadline = Instant::now() + JOIN_PATIENCE;
+    let answer: JoinResponse = loop {
+        let attempt = async {
+            let mut client = AdminClient::connect(format!("http://{addr}"))
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            client.join(request.clone()).await
+        };
+        match attempt.await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tracing::info!(%addr, "join: {}; retrying", s.message());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => return Err(fail(s.message().to_string())),
+        }
+    };
+    let me = answer
+        .node
+        .ok_or_else(|| fail("the answer holds no node record".into()))?;
+    config.node.node_id = me.node_id;
+    for n in answer.nodes {
+        if n.node_id != me.node_id && n.state != NodeState::Removed as i32 {
+            config.peers.insert(NodeId(n.node_id), n.raft_addr);
+        }
+    }
+    tracing::info!(node = me.node_id, %addr, peers = config.peers.len(), "joined the cluster");
+    Ok(())
+}
+
+/// The raft address the other nodes should use: this node's entry in `peers` if it has one
+/// (what the bootstrap nodes were told), else the address it binds.
+fn advertised_raft_addr(config: &ServerConfig) -> String {
+    config
+        .peers
+        .get(&config.node_id())
+        .cloned()
+        .unwrap_or_else(|| config.raft_addr.to_string())
+}
+
+/// Keeps the transport's peers in step with the registry (see the module doc). Runs as one
+/// task on the server's runtime, aborted when the server shuts down.
+pub(crate) struct Watcher {
+    node: Arc<NodeGroup>,
+    transport: Arc<GrpcTransport>,
+    me: NodeRecord,
+    /// Client addresses of other nodes to ask for the registry when this node holds no
+    /// replica of the system range: the join address first, then what the registry said.
+    ask: Vec<String>,
+    /// The raft address the transport has for each peer.
+    known: BTreeMap<u64, String>,
+    registered: bool,
+}
+
+impl Watcher {
+    pub(crate) fn new(
+        node: Arc<NodeGroup>,
+        transport: Arc<GrpcTransport>,
+        config: &ServerConfig,
+        client_addr: SocketAddr,
+    ) -> Watcher {
+        let me = NodeRecord {
+            node_id: config.node_id().0,
+            raft_addr: advertised_raft_addr(config),
+            client_addr: client_addr.to_string(),
+            state: NodeState::Up as i32,
+        };
+        Watcher {
+            node,
+            transport,
+            // A joined node recorded its addresses in the join.
+            registered: config.join.is_some(),
+            me,
+            ask: config.join.iter().cloned().collect(),
+            known: config.peers.iter().map(|(n, a)| (n.0, a.clone())).collect(),
+        }
+    }
+
+    /// Runs until the task is aborted.
+    pub(crate) async fn run(mut self) {
+        let mut tick = tokio::time::interval(REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.round().await {
+                tracing::debug!(node = self.me.node_id, "registry not refreshed: {e}");
+            }
+        }
+    }
+
+    async fn round(&mut self) -> Result<(), String> {
+        let local = self.node.has_system_replica();
+        if local && !self.registered {
+            let me = NodeId(self.me.node_id);
+            self.node
+                .register_node(
+                    Some(me),
+                    self.me.raft_addr.clone(),
+                    self.me.client_addr.clone(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            self.registered = true;
+        }
+        let nodes = if local {
+            self.node
+                .nodes(ReadConsistency::Stale)
+                .await
+                .map_err(|e| e.to_string())?
+        } else {
+            self.ask_registry().await?
+        };
+        self.apply(&nodes);
+        Ok(())
+    }
+
+    /// The registry from the first node in `ask` that answers.
+    async fn ask_registry(&mut self) -> Result<Vec<NodeRecord>, String> {
+        let mut last = "no node to ask".to_string();
+        for addr in self.ask.clone() {
+            let attempt = async {
+                let mut c = AdminClient::connect(format!("http://{addr}"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                c.nodes(NodesRequest {})
+                    .await
+                    .map(|r| r.into_inner().nodes)
+                    .map_err(|s| s.message().to_string())
+            };
+            match attempt.await {
+                Ok(nodes) => return Ok(nodes),
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        Err(last)
+    }
+
+    fn apply(&mut self, nodes: &[NodeRecord]) {
+        for n in nodes {
+            if n.node_id == self.me.node_id || n.node_id == 0 {
+                continue;
+            }
+            let id = NodeId(n.node_id);
+            if n.state == NodeState::Removed as i32 {
+                if self.known.remove(&n.node_id).is_some() {
+                    self.transport.remove_peer(id);
+                    tracing::info!(node = self.me.node_id, peer = %id, "peer removed from the registry: refused from now on");
+                }
+                continue;
+            }
+            if !n.client_addr.is_empty() && !self.ask.contains(&n.client_addr) {
+                self.ask.push(n.client_addr.clone());
+            }
+            // A bootstrap node seeded without an address records it when it starts.
+            if !n.raft_addr.is_empty() && self.known.get(&n.node_id) != Some(&n.raft_addr) {
+                match self.transport.set_peer(id, n.raft_addr.clone()) {
+                    Ok(()) => {
+                        tracing::info!(node = self.me.node_id, peer = %id, addr = %n.raft_addr, "peer learned from the registry");
+                        self.known.insert(n.node_id, n.raft_addr.clone());
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = self.me.node_id, peer = %id, "registry address refused: {e}")
+                    }
+                }
+            }
+        }
+    }
+}

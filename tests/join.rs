@@ -1,0 +1,281 @@
+//! A node joins a running cluster with `--join`: three `flotilla-node` processes bootstrap a
+//! layout (and the system range), a fourth starts with only `--join` (no id, no peers), gets
+//! id 4 from the node registry, is listed by `flotilla-ctl nodes`, is reached by the others
+//! (a learner replica of a range added on it catches up and serves the range's data), and
+//! keeps its id when it restarts. Free ports picked at run time; processes killed by pid.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla::proto::kv::kv_client::KvClient;
+use flotilla::proto::kv::{GetRequest, ReadConsistency, StatusRequest};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(30);
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn ctl_binary() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_flotilla-node")).with_file_name("flotilla-ctl");
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace)",
+        path.display()
+    );
+    path
+}
+
+struct Nodes {
+    dir: tempfile::TempDir,
+    raft: Vec<SocketAddr>,
+    client: Vec<SocketAddr>,
+    /// Node processes by position (node i + 1 for the bootstrap ones; the joiner last).
+    children: Vec<Option<Child>>,
+}
+
+impl Nodes {
+    fn spawn(&mut self, i: usize, extra: &[String]) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("p{i}.log")))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_flotilla-node"))
+            .args(["--raft", &self.raft[i].to_string()])
+            .args(["--client", &self.client[i].to_string()])
+            .args(["--data-dir", &data_dir(self.dir.path(), i)])
+            .args(["--tick-ms", "20"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn flotilla-node");
+        self.children[i] = Some(child);
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn endpoints(&self) -> String {
+        self.client
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(ctl_binary())
+            .args(["--endpoints", &self.endpoints(), "--timeout", "5s"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs flotilla-ctl until it succeeds and `ok` accepts its JSON output.
+    fn ctl_until(&self, args: &[&str], what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + T;
+        loop {
+            let out = self.ctl(args);
+            let last = if out.status.success() {
+                let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+                if ok(&v) {
+                    return v;
+                }
+                format!("{v:#}")
+            } else {
+                String::from_utf8_lossy(&out.stderr).into_owned()
+            };
+            assert!(Instant::now() < deadline, "{what}: never; last: {last}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn data_dir(root: &Path, i: usize) -> String {
+    root.join(format!("n{i}")).display().to_string()
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+        if std::thread::panicking() {
+            for i in 0..self.children.len() {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("p{i}.log")))
+                    .unwrap_or_default();
+                eprintln!("--- process {i} ---");
+                for l in log.lines().rev().take(20).collect::<Vec<_>>().iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// Polls `get` on `client` (a stale read of that node's own replica) until it finds `key`.
+fn stale_get(rt: &tokio::runtime::Runtime, client: SocketAddr, key: &[u8]) -> Option<Vec<u8>> {
+    rt.block_on(async {
+        let deadline = Instant::now() + T;
+        loop {
+            if let Ok(mut kv) = KvClient::connect(format!("http://{client}")).await {
+                let req = GetRequest {
+                    key: key.to_vec().into(),
+                    consistency: ReadConsistency::Stale as i32,
+                    ..Default::default()
+                };
+                if let Ok(r) = kv.get(req).await {
+                    let r = r.into_inner();
+                    if r.found {
+                        return Some(r.value.to_vec());
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+fn node_id_at(rt: &tokio::runtime::Runtime, client: SocketAddr) -> u64 {
+    rt.block_on(async {
+        let deadline = Instant::now() + T;
+        loop {
+            if let Ok(mut kv) = KvClient::connect(format!("http://{client}")).await {
+                if let Ok(s) = kv.status(StatusRequest {}).await {
+                    return s.into_inner().node_id;
+                }
+            }
+            assert!(Instant::now() < deadline, "{client} never answered");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+#[test]
+fn a_node_joins_with_join_gets_id_4_is_reached_by_the_others_and_keeps_its_id() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut n = Nodes {
+        dir: tempfile::tempdir().unwrap(),
+        raft: (0..4).map(|_| free_addr()).collect(),
+        client: (0..4).map(|_| free_addr()).collect(),
+        children: (0..4).map(|_| None).collect(),
+    };
+    let peers = (0..3)
+        .map(|i| format!("{}={}", i + 1, n.raft[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    for i in 0..3 {
+        let args = [
+            "--id".to_string(),
+            (i + 1).to_string(),
+            "--peers".to_string(),
+            peers.clone(),
+            "--bootstrap-ranges".to_string(),
+            "2".to_string(),
+        ];
+        n.spawn(i, &args);
+    }
+    // Every range led; then a key written into the first range.
+    let led = |v: &Value| {
+        let l = v.as_array().unwrap();
+        l.len() == 2 && l.iter().all(|r| r["leader_node_id"].as_u64().is_some())
+    };
+    n.ctl_until(&["ranges", "--no-sizes", "-o", "json"], "ranges led", led);
+    let put = n.ctl(&["kv", "put", "a-key", "a-value"]);
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+
+    // The fourth node: no id, no peers, only the join address.
+    let join = ["--join".to_string(), n.client[0].to_string()];
+    n.spawn(3, &join);
+    assert_eq!(node_id_at(&rt, n.client[3]), 4);
+    let raft4 = n.raft[3].to_string();
+    let client4 = n.client[3].to_string();
+    let listed = n.ctl_until(&["nodes", "-o", "json"], "node 4 listed", |v| {
+        let l = v.as_array().unwrap();
+        l.len() == 4
+            && l.iter().all(|x| x["state"] == "up")
+            && l.iter().any(|x| {
+                x["id"] == 4 && x["raft"] == raft4.as_str() && x["client"] == client4.as_str()
+            })
+    });
+    // The bootstrap nodes recorded their own client addresses too.
+    for i in 0..3 {
+        let c = n.client[i].to_string();
+        assert!(
+            n.ctl_until(&["nodes", "-o", "json"], "client addresses recorded", |v| {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x["client"] == c.as_str())
+            })
+            .is_array(),
+            "{listed:#}"
+        );
+    }
+
+    // The others reach it: a learner of the first range on node 4 catches up (snapshot or
+    // log from the leader) and serves the key from its own replica.
+    let ranges = n.ctl_until(&["ranges", "--no-sizes", "-o", "json"], "ranges", led);
+    let first = ranges.as_array().unwrap()[0]["range_id"].as_u64().unwrap();
+    let added = n.ctl_until(
+        &[
+            "members",
+            "add",
+            "--range",
+            &first.to_string(),
+            "--node",
+            "4",
+            "--learner",
+            "-o",
+            "json",
+        ],
+        "learner added",
+        |_| true,
+    );
+    assert!(
+        added[0]["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["node_id"] == 4),
+        "{added:#}"
+    );
+    assert_eq!(
+        stale_get(&rt, n.client[3], b"a-key").as_deref(),
+        Some(&b"a-value"[..])
+    );
+
+    // Restarted (with the same flags), it keeps id 4 and the registry still lists 4 nodes.
+    n.kill(3);
+    n.spawn(3, &join);
+    assert_eq!(node_id_at(&rt, n.client[3]), 4);
+    n.ctl_until(&["nodes", "-o", "json"], "still four nodes", |v| {
+        v.as_array().unwrap().len() == 4
+    });
+    assert_eq!(
+        stale_get(&rt, n.client[3], b"a-key").as_deref(),
+        Some(&b"a-value"[..])
+    );
+}
