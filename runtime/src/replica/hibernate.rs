@@ -150,7 +150,18 @@ impl Replica {
             }
             _ => {
                 let leader = self.raw.raft.leader_id;
-                if leader == 0 || from == Some(leader) {
+                if leader == 0 {
+                    // No leader known (a replica recovered asleep knows none): woken by a
+                    // request, ask the replica it voted for in this term, the likeliest leader,
+                    // to wake; that leader's heartbeats then name it. Otherwise the request
+                    // would wait for an election timeout, and a pre-vote the leader ignores.
+                    let vote = self.raw.raft.vote;
+                    if from.is_none() && vote != 0 && vote != self.id {
+                        self.poke(vote, out);
+                    }
+                    return;
+                }
+                if from == Some(leader) {
                     return;
                 }
                 let Some(node) = self.node_of(leader) else {
@@ -167,8 +178,13 @@ impl Replica {
 
     /// Asks the leader to wake: a coalesced heartbeat response with the hibernate flag.
     fn poke_leader(&mut self, out: &mut Output) {
+        self.poke(self.raw.raft.leader_id, out);
+    }
+
+    /// Asks replica `to` (the leader, or who is presumed to be) to wake.
+    fn poke(&mut self, to: u64, out: &mut Output) {
         let raft = &self.raw.raft;
-        let leader = raft.leader_id;
+        let leader = to;
         let Some(node) = self.node_of(leader) else {
             return;
         };
