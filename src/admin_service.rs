@@ -1,7 +1,8 @@
 //! The admin API of a node over gRPC (`flotilla.admin.Admin`): split a range (at a key or its
 //! middle), merge two adjacent ranges, change a range's replicas, hand its leadership to
 //! another node, list this node's range table (with each range's keys and bytes on request),
-//! and the node's counters. It exists so that an operator (`flotilla-ctl`) or a placement
+//! the node's counters, every node's statistics and status (`Nodes`), and what the
+//! scheduler decided (`Placement`). It exists so that an operator (`flotilla-ctl`) or a placement
 //! process can reshape the key space of a running cluster without linking the runtime;
 //! errors go through the one mapping in [`crate::kv_service::to_status`].
 
@@ -10,7 +11,8 @@ use std::sync::Arc;
 use flotilla_proto::admin::admin_server::{Admin, AdminServer};
 use flotilla_proto::admin::{
     membership_change, split_request, ChangeMembershipRequest, ChangeMembershipResponse,
-    MergeRequest, MergeResponse, NodeStatusRequest, NodeStatusResponse, RangeInfo,
+    MergeRequest, MergeResponse, NodeInfo, NodeStatusRequest, NodeStatusResponse, NodesRequest,
+    NodesResponse, PlacementEvent, PlacementRequest, PlacementResponse, RangeInfo,
     RangeSizesRequest, RangesRequest, RangesResponse, SplitRequest, SplitResponse,
     TransferLeaderRequest, TransferLeaderResponse,
 };
@@ -20,6 +22,7 @@ use flotilla_runtime::{MembershipChange, NodeGroup};
 use tonic::{Request, Response, Status};
 
 use crate::kv_service::to_status;
+use crate::schedule::Placement;
 
 /// Most keys of one range walked to measure it (`RangesRequest.sizes`); past it the size is
 /// RocksDB's estimate.
@@ -35,12 +38,13 @@ const TRANSFER_WAIT_ELECTIONS: u32 = 3;
 #[derive(Debug, Clone)]
 pub struct AdminService {
     node: Arc<NodeGroup>,
+    placement: Arc<Placement>,
 }
 
 impl AdminService {
-    /// A tonic server for `node`.
-    pub fn server(node: Arc<NodeGroup>) -> AdminServer<AdminService> {
-        AdminServer::new(AdminService { node })
+    /// A tonic server for `node`, whose scheduler's view and log are `placement`.
+    pub fn server(node: Arc<NodeGroup>, placement: Arc<Placement>) -> AdminServer<AdminService> {
+        AdminServer::new(AdminService { node, placement })
     }
 
     /// `desc` as the API shows it, with the leader as this node currently believes it.
@@ -270,4 +274,52 @@ impl Admin for AdminService {
             elections_won: s.elections_won,
         }))
     }
+
+    async fn nodes(&self, _req: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {
+        let nodes = self
+            .placement
+            .nodes()
+            .into_iter()
+            .map(|n| NodeInfo {
+                node_id: n.node.0,
+                status: n.state.label().to_string(),
+                status_ms: millis(n.state_for),
+                stats: n.stats,
+                stats_age_ms: n.stats_age.map_or(0, millis),
+            })
+            .collect();
+        Ok(Response::new(NodesResponse {
+            node_id: self.node.node_id().0,
+            nodes,
+        }))
+    }
+
+    async fn placement(
+        &self,
+        _req: Request<PlacementRequest>,
+    ) -> Result<Response<PlacementResponse>, Status> {
+        let events = self
+            .placement
+            .events()
+            .into_iter()
+            .map(|e| PlacementEvent {
+                at_unix_ms: e.at.duration_since(std::time::UNIX_EPOCH).map_or(0, millis),
+                range_id: e.range.0,
+                action: e.action.to_string(),
+                detail: e.detail,
+                ok: e.outcome.is_ok(),
+                error: e.outcome.err().unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(PlacementResponse {
+            node_id: self.node.node_id().0,
+            enabled: self.placement.enabled(),
+            moves_in_flight: self.placement.moves_in_flight() as u64,
+            events,
+        }))
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -72,6 +72,8 @@ impl Cluster {
                     peers,
                     "--bootstrap-ranges".into(),
                     ranges.to_string(),
+                    // The nemesis replaces replicas itself; the scheduler would race it.
+                    "--no-schedule".into(),
                 ];
                 Node {
                     args,

@@ -225,6 +225,7 @@ mod tests {
                 replicas: vec![member(1), member(2)],
             }],
             heartbeats: Vec::new(),
+            stats: None,
         }
     }
 

@@ -14,6 +14,7 @@ use flotilla_transport::GrpcConfig;
 
 use super::ServerError;
 use crate::layout::MAX_RANGES;
+use crate::schedule::ScheduleConfig;
 
 /// How to run one node. Start from [`ServerConfig::new`] (or `Default`, which has no node id
 /// and no data directory and so does not validate) and change what you need.
@@ -55,6 +56,12 @@ pub struct ServerConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// TLS on the client APIs (KV and admin). Default `None`: plaintext.
     pub client_tls: Option<ClientTls>,
+    /// How many nodes of `peers` (the lowest ids) the bootstrapped ranges are replicated on;
+    /// the others start empty and receive replicas from the scheduler. Default 0: every
+    /// node of `peers`.
+    pub bootstrap_replicas: usize,
+    /// The scheduler's settings. Default `ScheduleConfig::default()` (on).
+    pub schedule: ScheduleConfig,
 }
 
 /// TLS on the client address: the node's certificate, and the CA whose certificates clients
@@ -100,6 +107,8 @@ impl Default for ServerConfig {
             bootstrap_ranges: 0,
             metrics_addr: None,
             client_tls: None,
+            bootstrap_replicas: 0,
+            schedule: ScheduleConfig::default(),
         }
     }
 }
@@ -186,6 +195,13 @@ impl ServerConfig {
                 node: self.node_id(),
             });
         }
+        if self.bootstrap_replicas > self.peers.len() {
+            out.push(ServerError::BootstrapReplicas {
+                count: self.bootstrap_replicas,
+                peers: self.peers.len(),
+            });
+        }
+        out.extend(self.schedule.mistakes());
         if let Some(tls) = &self.client_tls {
             let pems = [
                 ("cert", Some(&tls.cert_pem)),

@@ -43,6 +43,9 @@ pub struct ConfigFile {
     /// The RocksDB engine.
     #[serde(default)]
     pub store: StoreSection,
+    /// The scheduler (leader and replica balance, repair of dead nodes' replicas).
+    #[serde(default)]
+    pub schedule: ScheduleSection,
     /// Certificates: mutual TLS between nodes and TLS for clients. Absent: plaintext.
     pub tls: Option<TlsSection>,
 }
@@ -65,6 +68,37 @@ pub struct NodeSection {
     pub redis: Option<SocketAddr>,
     /// Ranges to create on a fresh store (`--bootstrap-ranges`).
     pub bootstrap_ranges: Option<usize>,
+    /// Nodes (the lowest peer ids) the bootstrapped ranges live on; 0 = all
+    /// (`--bootstrap-replicas`).
+    pub bootstrap_replicas: Option<usize>,
+}
+
+/// `[schedule]`: `ScheduleConfig`'s fields.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ScheduleSection {
+    /// `ScheduleConfig::enabled` (`--no-schedule` turns it off).
+    pub enabled: Option<bool>,
+    /// `ScheduleConfig::interval` in ms.
+    pub interval_ms: Option<u64>,
+    /// `ScheduleConfig::replication_factor`.
+    pub replication_factor: Option<usize>,
+    /// `ScheduleConfig::down_time` in ms (`--down-time-ms`).
+    pub down_time_ms: Option<u64>,
+    /// `ScheduleConfig::stable_time` in ms.
+    pub stable_time_ms: Option<u64>,
+    /// `ScheduleConfig::leader_threshold`.
+    pub leader_threshold: Option<f64>,
+    /// `ScheduleConfig::replica_threshold`.
+    pub replica_threshold: Option<f64>,
+    /// `ScheduleConfig::max_moves_per_node`.
+    pub max_moves_per_node: Option<usize>,
+    /// `ScheduleConfig::max_snapshots_per_node`.
+    pub max_snapshots_per_node: Option<usize>,
+    /// `ScheduleConfig::max_transfers_per_pass`.
+    pub max_transfers_per_pass: Option<usize>,
+    /// `ScheduleConfig::log_capacity`.
+    pub log_capacity: Option<usize>,
 }
 
 /// `[raft]`.
@@ -222,6 +256,7 @@ impl ConfigFile {
         c.metrics_addr = n.metrics;
         c.redis_addr = n.redis;
         c.bootstrap_ranges = n.bootstrap_ranges.unwrap_or(0);
+        c.bootstrap_replicas = n.bootstrap_replicas.unwrap_or(0);
         for (key, addr) in &self.peers {
             match key.parse::<u64>() {
                 Ok(node) => {
@@ -252,7 +287,7 @@ impl ConfigFile {
         }
     }
 
-    /// The `[raft]`, `[log]`, `[split]` and `[store]` keys that are set.
+    /// The `[raft]`, `[log]`, `[split]`, `[store]` and `[schedule]` keys that are set.
     fn apply_tunables(&self, c: &mut ServerConfig) {
         let (r, node) = (&self.raft, &mut c.node);
         let ms = Duration::from_millis;
@@ -287,6 +322,24 @@ impl ConfigFile {
         set(&mut store.write_buffer_bytes, st.write_buffer_bytes);
         set(&mut store.background_jobs, st.background_jobs);
         set(&mut store.log_cache_entries, st.log_cache_entries);
+        let (sc, schedule) = (&self.schedule, &mut c.schedule);
+        set(&mut schedule.enabled, sc.enabled);
+        set(&mut schedule.interval, sc.interval_ms.map(ms));
+        set(&mut schedule.replication_factor, sc.replication_factor);
+        set(&mut schedule.down_time, sc.down_time_ms.map(ms));
+        set(&mut schedule.stable_time, sc.stable_time_ms.map(ms));
+        set(&mut schedule.leader_threshold, sc.leader_threshold);
+        set(&mut schedule.replica_threshold, sc.replica_threshold);
+        set(&mut schedule.max_moves_per_node, sc.max_moves_per_node);
+        set(
+            &mut schedule.max_snapshots_per_node,
+            sc.max_snapshots_per_node,
+        );
+        set(
+            &mut schedule.max_transfers_per_pass,
+            sc.max_transfers_per_pass,
+        );
+        set(&mut schedule.log_capacity, sc.log_capacity);
     }
 }
 
@@ -369,6 +422,8 @@ mod tests {
         assert_eq!(c.store.block_cache_bytes, d.store.block_cache_bytes);
         assert_eq!(c.store.write_buffer_bytes, d.store.write_buffer_bytes);
         assert_eq!(c.store.sync, d.store.sync);
+        assert_eq!(c.bootstrap_replicas, d.bootstrap_replicas);
+        assert_eq!(c.schedule, d.schedule);
     }
 
     #[test]

@@ -53,6 +53,7 @@ use crate::admin_service::AdminService;
 use crate::kv_service::KvService;
 use crate::layout::{first_campaigner, range_layout};
 use crate::resp::RespServer;
+use crate::schedule::{Placement, Scheduler};
 
 /// How long a shutdown waits for the client API server to close its socket and connections.
 const SERVER_STOP_WAIT: Duration = Duration::from_secs(5);
@@ -85,6 +86,8 @@ pub struct Server {
     metrics_addr: Option<SocketAddr>,
     /// The Redis protocol listener, if the config asks for one.
     redis: Option<RespServer>,
+    /// This node's statistics and placement decisions.
+    scheduler: Scheduler,
 }
 
 /// The client API server task and the means to stop it and learn that it stopped.
@@ -190,6 +193,12 @@ impl Server {
         &self.transport
     }
 
+    /// The cluster as this node's scheduler sees it (every node's statistics and liveness)
+    /// and the decisions it took.
+    pub fn placement(&self) -> Arc<Placement> {
+        self.scheduler.placement()
+    }
+
     /// The address the raft transport listens on (the real port when bound to port 0).
     pub fn raft_addr(&self) -> SocketAddr {
         self.raft_addr
@@ -212,6 +221,7 @@ impl Server {
 
     /// Stops the node; see the module doc for the order and the wait. Idempotent.
     pub fn shutdown(&self) {
+        self.scheduler.stop();
         if let Some(r) = &self.redis {
             r.stop();
         }
@@ -382,18 +392,36 @@ impl ServerBuilder {
         if fresh && config.bootstrap_ranges > 0 {
             // Ascending node ids (the keys of the map), so that every node computes the same
             // descriptors and the same first campaigners whatever order it was told the peers.
-            let members: Vec<NodeId> = config.peers.keys().copied().collect();
-            let layout = range_layout(config.bootstrap_ranges, &members);
-            // On an error `node` is dropped, which shuts it down.
-            bootstrap(&node, layout, &members)?;
+            // The lowest `bootstrap_replicas` ids host the layout; the other peers start
+            // empty (the scheduler gives them replicas).
+            let mut members: Vec<NodeId> = config.peers.keys().copied().collect();
+            if config.bootstrap_replicas > 0 {
+                members.truncate(config.bootstrap_replicas);
+            }
+            if members.contains(&config.node_id()) {
+                let layout = range_layout(config.bootstrap_ranges, &members);
+                // On an error `node` is dropped, which shuts it down.
+                bootstrap(&node, layout, &members)?;
+            }
         }
+        let scheduler = Scheduler::start(
+            node.clone(),
+            transport.clone(),
+            config.schedule.clone(),
+            &runtime,
+        );
         let observe = match config.metrics_addr {
             Some(addr) => Some(observe::serve(addr, node.clone(), &runtime)?),
             None => None,
         };
         let metrics_addr = observe.as_ref().map(observe::Endpoint::addr);
-        let client_api =
-            serve_client_api(node.clone(), client, config.client_tls.as_ref(), &runtime)?;
+        let client_api = serve_client_api(
+            node.clone(),
+            scheduler.placement(),
+            client,
+            config.client_tls.as_ref(),
+            &runtime,
+        )?;
         let redis = match redis {
             Some(listener) => {
                 let _in_runtime = runtime.enter();
@@ -416,6 +444,7 @@ impl ServerBuilder {
             observe: Mutex::new(observe),
             metrics_addr,
             redis,
+            scheduler,
         })
     }
 }
@@ -486,6 +515,7 @@ fn bind_client(
 /// TLS if `tls` says so.
 fn serve_client_api(
     node: Arc<NodeGroup>,
+    placement: Arc<Placement>,
     listener: tokio::net::TcpListener,
     tls: Option<&ClientTls>,
     runtime: &Handle,
@@ -509,7 +539,7 @@ fn serve_client_api(
     }
     let serve = builder
         .add_service(flotilla_proto::kv::kv_server::KvServer::new(kv))
-        .add_service(AdminService::server(node))
+        .add_service(AdminService::server(node, placement))
         .serve_with_incoming_shutdown(incoming, async move {
             // A dropped sender stops the server as a sent stop does.
             let _ = stop_rx.await;
