@@ -316,13 +316,14 @@ impl<'a> Pass<'a> {
         let source = if dead || voters.len() < self.config.replication_factor {
             None
         } else {
-            // The most loaded node of this range above the threshold, never this node's
-            // replica (the leader is never removed directly; leader balancing moves it).
+            // The most loaded node of this range above the mean, never this node's replica
+            // (the leader is never removed directly; leader balancing moves it). The target
+            // below decides whether the move is worth it.
             voters
                 .iter()
                 .filter(|(_, n)| *n != self.view.me && self.is_up(*n))
                 .filter_map(|(_, n)| self.load(*n).map(|l| (*n, l.replicas)))
-                .filter(|(_, c)| above(*c, mean, self.config.replica_threshold))
+                .filter(|(_, c)| (*c as f64) > mean)
                 .max_by_key(|(n, c)| (*c, std::cmp::Reverse(*n)))
         };
         let why = if dead || voters.len() < self.config.replication_factor {
@@ -340,8 +341,17 @@ impl<'a> Pass<'a> {
             .filter(|v| self.is_target(v.node))
             .filter_map(|v| v.load.map(|l| (v.node, l.replicas)))
             .filter(|(_, c)| match floor {
-                // A balancing move must leave the target below the source (hysteresis).
-                Some(src) => *c + 2 <= src && below(*c, mean, self.config.replica_threshold),
+                // A balancing move must leave the target below the source (hysteresis), and
+                // either the source is above the band or the target below it.
+                Some(src) => {
+                    let t = self.config.replica_threshold;
+                    *c + 2 <= src
+                        && if above(src, mean, t) {
+                            below(*c, mean, t)
+                        } else {
+                            low(*c, mean, t)
+                        }
+                }
                 None => true,
             })
             .min_by_key(|(n, c)| (*c, *n))?;
@@ -389,14 +399,17 @@ impl<'a> Pass<'a> {
         }
         let (_, mean) = self.means();
         let mine = self.load(self.view.me)?.leaders;
-        if !above(mine, mean, self.config.leader_threshold) {
+        let t = self.config.leader_threshold;
+        // Above the band, or above the mean while another node is below the band.
+        if (mine as f64) <= mean {
             return None;
         }
+        let heavy = above(mine, mean, t);
         let (to, node, _) = voters(&r.desc)
             .into_iter()
             .filter(|(v, n)| *v != r.leader && self.is_target(*n) && caught_up(r, *v))
             .filter_map(|(v, n)| self.load(n).map(|l| (v, n, l.leaders)))
-            .filter(|(_, _, c)| *c + 2 <= mine && (*c as f64) < mean)
+            .filter(|(_, _, c)| *c + 2 <= mine && (*c as f64) < mean && (heavy || low(*c, mean, t)))
             .min_by_key(|(_, n, c)| (*c, *n))?;
         self.transfers += 1;
         self.bump(self.view.me, 0, -1);
@@ -413,6 +426,12 @@ impl<'a> Pass<'a> {
 fn above(count: u64, mean: f64, threshold: f64) -> bool {
     let c = count as f64;
     c > mean * (1.0 + threshold) && c - mean >= 1.0
+}
+
+/// Below `mean` by more than `threshold` of it, and by at least one whole replica.
+fn low(count: u64, mean: f64, threshold: f64) -> bool {
+    let c = count as f64;
+    c < mean * (1.0 - threshold) && mean - c >= 1.0
 }
 
 /// Below `mean` by more than `threshold` of it, or by at least one whole replica.
@@ -754,6 +773,27 @@ mod tests {
             }] => assert_ne!(*r, ReplicaId(1)),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_node_below_the_band_gets_a_leadership_from_one_above_the_mean() {
+        // 22 / 22 / 18: nobody is above the mean by 10%, but node 3 is below it by more.
+        let ranges: Vec<RangeView> = (1..=3).map(|i| range(i, &[1, 2, 3], &[])).collect();
+        let v = view(
+            vec![up(1, 62, 22), up(2, 62, 22), up(3, 62, 18)],
+            ranges.clone(),
+        );
+        assert_eq!(
+            decide(&v, &config()),
+            [Action::TransferLeader {
+                range: RangeId(1),
+                to: ReplicaId(3),
+                node: NodeId(3)
+            }]
+        );
+        // 21 / 22 / 19 is within the band: nothing more.
+        let v = view(vec![up(1, 62, 21), up(2, 62, 22), up(3, 62, 19)], ranges);
+        assert_eq!(decide(&v, &config()), Vec::<Action>::new());
     }
 
     #[test]
