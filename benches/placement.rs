@@ -28,7 +28,7 @@ use flotilla::{
 
 const WRITERS: usize = 8;
 const DOWN_TIME: Duration = Duration::from_secs(5);
-const PHASE_LIMIT: Duration = Duration::from_secs(300);
+const PHASE_LIMIT: Duration = Duration::from_secs(180);
 
 fn node_config(id: u64) -> NodeGroupConfig {
     NodeGroupConfig {
@@ -75,7 +75,7 @@ fn leader_of(nodes: &[Arc<Server>], d: &RangeDescriptor) -> Option<Arc<Server>> 
 fn counts(nodes: &[Arc<Server>], size: usize) -> (Vec<usize>, Vec<usize>, bool) {
     let (mut replicas, mut leaders) = (vec![0; size], vec![0; size]);
     let mut all_led = true;
-    for d in nodes[0].node().ranges() {
+    for d in all_ranges(nodes) {
         let Some(l) = leader_of(nodes, &d) else {
             all_led = false;
             continue;
@@ -88,6 +88,17 @@ fn counts(nodes: &[Arc<Server>], size: usize) -> (Vec<usize>, Vec<usize>, bool) 
         }
     }
     (replicas, leaders, all_led)
+}
+
+/// Every range some live node hosts (a node no longer hosts the ranges moved off it).
+fn all_ranges(nodes: &[Arc<Server>]) -> Vec<RangeDescriptor> {
+    let mut all = std::collections::BTreeMap::new();
+    for n in nodes {
+        for d in n.node().ranges() {
+            all.entry(d.range_id).or_insert(d);
+        }
+    }
+    all.into_values().collect()
 }
 
 fn within(counts: &[usize]) -> bool {
@@ -268,7 +279,7 @@ async fn main() -> anyhow::Result<()> {
     drop(killed);
     let repair_secs = loop {
         let all = live(&nodes);
-        let repaired = all[0].node().ranges().iter().all(|d| {
+        let repaired = all_ranges(&all).iter().all(|d| {
             leader_of(&all, d)
                 .and_then(|l| l.node().status(d.id()).ok()?.descriptor)
                 .is_some_and(|d| {
@@ -310,8 +321,11 @@ async fn main() -> anyhow::Result<()> {
             }
             acked += 1;
             let mut got = None;
-            for _ in 0..200 {
-                if let Ok(g) = all[0].node().get(k, ReadConsistency::Linearizable).await {
+            for attempt in 0..200usize {
+                // Through whichever node hosts the key's range now (a range may have moved
+                // off any one node).
+                let n = &all[attempt % all.len()];
+                if let Ok(g) = n.node().get(k, ReadConsistency::Linearizable).await {
                     got = Some(g);
                     break;
                 }
