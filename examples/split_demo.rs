@@ -6,7 +6,9 @@
 //! writers still running, some splits are undone: adjacent pairs (the smallest by key count)
 //! are merged live on the source's leader. Then the writers stop and every acknowledged write
 //! is read back (linearizably, from every node) and checked against its last acknowledged
-//! value.
+//! value. Each node's scheduler hands leaderships over as the splits pile them on one node
+//! (a split's new range is led where its parent was), so the tables end with the leaders
+//! spread; each table says how many ranges each node leads.
 //!
 //! Run: `cargo run --release --example split_demo` (or `bash scripts/run.sh`).
 //! Ends with `verified N acknowledged writes across M ranges: 0 lost` and a `RESULT {json}`
@@ -19,8 +21,10 @@ use std::time::{Duration, Instant};
 
 use flotilla::layout::range_layout;
 use flotilla::proto::meta::RangeDescriptor;
+use flotilla::schedule::ScheduleConfig;
 use flotilla::testing::{
-    bootstrap_ranges_and_system, node_ids, start_local_servers, test_config, wait_until,
+    bootstrap_ranges_and_system, local_server_config, node_ids, start_servers, test_config,
+    wait_until,
 };
 use flotilla::{Error, NodeGroupConfig, RangeId, ReadConsistency, Server, SplitConfig, StateRole};
 
@@ -138,6 +142,35 @@ fn print_table(nodes: &[Server], limit: usize, merged: &[RangeDescriptor]) {
     if hidden > 0 {
         println!("  ... and {hidden} more ranges");
     }
+    let leaders = leader_counts(nodes);
+    println!(
+        "  leaders per node: {}",
+        leaders
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("n{} {c}", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+/// How many of node 1's ranges each node leads.
+fn leader_counts(nodes: &[Server]) -> Vec<usize> {
+    let mut counts = vec![0; nodes.len()];
+    for d in nodes[0].node().ranges() {
+        if let Some(l) = leader_node(nodes, &d) {
+            counts[l] += 1;
+        }
+    }
+    counts
+}
+
+/// Whether every node leads within ±10% of the mean (at least ±1).
+fn leaders_spread(counts: &[usize]) -> bool {
+    let mean = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
+    counts
+        .iter()
+        .all(|&c| (c as f64 - mean).abs() <= (mean * 0.1).max(1.0))
 }
 
 /// The adjacent pair with the fewest keys together whose right range has a known leader and
@@ -278,12 +311,20 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let started = Instant::now();
     let dir = tempfile::tempdir()?;
-    let nodes = Arc::new(start_local_servers(
-        NODES,
-        config,
-        dir.path(),
-        tokio::runtime::Handle::current(),
-    )?);
+    // The scheduler balances leaders as the splits create ranges (their leaders all start
+    // where the parent's leader is); nodes count as stable after a second.
+    let configs = (1..=NODES as u64)
+        .map(|id| {
+            let mut c = local_server_config(config(id), dir.path());
+            c.schedule = ScheduleConfig {
+                interval: Duration::from_millis(500),
+                stable_time: Duration::from_secs(1),
+                ..ScheduleConfig::default()
+            };
+            c
+        })
+        .collect();
+    let nodes = Arc::new(start_servers(configs, tokio::runtime::Handle::current())?);
     println!(
         "started {NODES} nodes over gRPC on {}",
         nodes
@@ -408,6 +449,12 @@ async fn main() -> anyhow::Result<()> {
     for c in clients {
         histories.push(c.await?);
     }
+    // The splits of the last moments made ranges led where their parent was: give the
+    // scheduler (a pass every 500 ms) a moment to spread them.
+    let spread_by = Instant::now() + Duration::from_secs(30);
+    while !leaders_spread(&leader_counts(&nodes)) && Instant::now() < spread_by {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let ranges = nodes[0].node().ranges();
     println!(
         "\nwriters stopped; final range table ({} ranges):",
@@ -500,8 +547,10 @@ async fn main() -> anyhow::Result<()> {
         "verified {acked} acknowledged writes ({keys} keys, last values, on all {NODES} nodes) across {} ranges: {lost} lost",
         ranges.len()
     );
+    let leaders = leader_counts(&nodes);
     println!(
-        "RESULT {{\"demo\":\"range_split\",\"nodes\":{NODES},\"ranges\":{},\"acknowledged_writes\":{acked},\"keys_verified\":{keys},\"lost\":{lost},\"splits_requested\":{},\"merges\":{},\"merges_skipped\":{},\"merges_split_again\":{},\"seconds\":{:.1}}}",
+        "RESULT {{\"demo\":\"range_split\",\"nodes\":{NODES},\"leaders_per_node\":{leaders:?},\"leaders_spread\":{},\"ranges\":{},\"acknowledged_writes\":{acked},\"keys_verified\":{keys},\"lost\":{lost},\"splits_requested\":{},\"merges\":{},\"merges_skipped\":{},\"merges_split_again\":{},\"seconds\":{:.1}}}",
+        leaders_spread(&leaders),
         ranges.len(),
         requested.load(Ordering::Relaxed),
         merges.done.len(),

@@ -1,7 +1,8 @@
 //! The admin API of a node over gRPC (`flotilla.admin.Admin`): split a range (at a key or its
 //! middle), merge two adjacent ranges, change a range's replicas, hand its leadership to
 //! another node, list this node's range table (with each range's keys and bytes on request),
-//! the node's counters, and the node registry (list, join, state). It exists so that an operator (`flotilla-ctl`) or a placement
+//! the node's counters, the node registry (list, join, state), every node's statistics and
+//! status (`Nodes`), and what the scheduler decided (`Placement`). It exists so that an operator (`flotilla-ctl`) or a placement
 //! process can reshape the key space of a running cluster without linking the runtime;
 //! errors go through the one mapping in [`crate::kv_service::to_status`].
 
@@ -10,10 +11,11 @@ use std::sync::Arc;
 use flotilla_proto::admin::admin_server::{Admin, AdminServer};
 use flotilla_proto::admin::{
     membership_change, split_request, ChangeMembershipRequest, ChangeMembershipResponse,
-    JoinRequest, JoinResponse, MergeRequest, MergeResponse, NodeStatusRequest, NodeStatusResponse,
-    NodesRequest, NodesResponse, RangeInfo, RangeSizesRequest, RangesRequest, RangesResponse,
-    SetNodeStateRequest, SetNodeStateResponse, SplitRequest, SplitResponse, TransferLeaderRequest,
-    TransferLeaderResponse,
+    JoinRequest, JoinResponse, MergeRequest, MergeResponse, NodeInfo, NodeStatusRequest,
+    NodeStatusResponse, NodesRequest, NodesResponse, PlacementEvent, PlacementRequest,
+    PlacementResponse, RangeInfo, RangeSizesRequest, RangesRequest, RangesResponse,
+    RegistryRequest, RegistryResponse, SetNodeStateRequest, SetNodeStateResponse, SplitRequest,
+    SplitResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use flotilla_proto::meta::{NodeState, RangeDescriptor};
 use flotilla_proto::{NodeId, RangeId, ReplicaId};
@@ -21,6 +23,7 @@ use flotilla_runtime::{MembershipChange, NodeGroup, ReadConsistency};
 use tonic::{Request, Response, Status};
 
 use crate::kv_service::to_status;
+use crate::schedule::Placement;
 
 /// Most keys of one range walked to measure it (`RangesRequest.sizes`); past it the size is
 /// RocksDB's estimate.
@@ -36,12 +39,13 @@ const TRANSFER_WAIT_ELECTIONS: u32 = 3;
 #[derive(Debug, Clone)]
 pub struct AdminService {
     node: Arc<NodeGroup>,
+    placement: Arc<Placement>,
 }
 
 impl AdminService {
-    /// A tonic server for `node`.
-    pub fn server(node: Arc<NodeGroup>) -> AdminServer<AdminService> {
-        AdminServer::new(AdminService { node })
+    /// A tonic server for `node`, whose scheduler's view and log are `placement`.
+    pub fn server(node: Arc<NodeGroup>, placement: Arc<Placement>) -> AdminServer<AdminService> {
+        AdminServer::new(AdminService { node, placement })
     }
 
     /// `desc` as the API shows it, with the leader as this node currently believes it.
@@ -272,13 +276,16 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn nodes(&self, _req: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {
+    async fn registry(
+        &self,
+        _req: Request<RegistryRequest>,
+    ) -> Result<Response<RegistryResponse>, Status> {
         let nodes = self
             .node
             .nodes(ReadConsistency::Linearizable)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(NodesResponse { nodes }))
+        Ok(Response::new(RegistryResponse { nodes }))
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
@@ -314,6 +321,25 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn nodes(&self, _req: Request<NodesRequest>) -> Result<Response<NodesResponse>, Status> {
+        let nodes = self
+            .placement
+            .nodes()
+            .into_iter()
+            .map(|n| NodeInfo {
+                node_id: n.node.0,
+                status: n.state.label().to_string(),
+                status_ms: millis(n.state_for),
+                stats: n.stats,
+                stats_age_ms: n.stats_age.map_or(0, millis),
+            })
+            .collect();
+        Ok(Response::new(NodesResponse {
+            node_id: self.node.node_id().0,
+            nodes,
+        }))
+    }
+
     async fn set_node_state(
         &self,
         req: Request<SetNodeStateRequest>,
@@ -331,4 +357,33 @@ impl Admin for AdminService {
             .map_err(to_status)?;
         Ok(Response::new(SetNodeStateResponse { node: Some(node) }))
     }
+
+    async fn placement(
+        &self,
+        _req: Request<PlacementRequest>,
+    ) -> Result<Response<PlacementResponse>, Status> {
+        let events = self
+            .placement
+            .events()
+            .into_iter()
+            .map(|e| PlacementEvent {
+                at_unix_ms: e.at.duration_since(std::time::UNIX_EPOCH).map_or(0, millis),
+                range_id: e.range.0,
+                action: e.action.to_string(),
+                detail: e.detail,
+                ok: e.outcome.is_ok(),
+                error: e.outcome.err().unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(PlacementResponse {
+            node_id: self.node.node_id().0,
+            enabled: self.placement.enabled(),
+            moves_in_flight: self.placement.moves_in_flight() as u64,
+            events,
+        }))
+    }
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

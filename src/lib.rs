@@ -13,6 +13,8 @@
 //! - [`layout`]: the initial range layout a new cluster bootstraps;
 //! - [`kv_service`], [`admin_service`]: the client gRPC APIs a server serves;
 //! - [`resp`]: the Redis protocol over the same NodeGroup, on its own port;
+//! - [`schedule`]: node statistics and the scheduler that balances leaders and replicas and
+//!   rebuilds the replicas of dead nodes;
 //! - `testing` (with the `testing` feature only, which tests, benchmarks and examples turn
 //!   on): the in-memory cluster harness and helpers they share. The product never uses it.
 //!
@@ -22,6 +24,7 @@ pub mod admin_service;
 pub mod kv_service;
 pub mod layout;
 pub mod resp;
+pub mod schedule;
 pub mod server;
 #[cfg(feature = "testing")]
 pub mod testing;

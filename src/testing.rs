@@ -280,12 +280,18 @@ where
 
 /// The config of node `node.node_id` of a cluster in this process: raft and client APIs on
 /// free ports of 127.0.0.1, the engine in `dir/node-<id>`, no peers yet (see
-/// [`start_servers`]), the other settings at their defaults.
+/// [`start_servers`]), the scheduler off (a test turns it on when it is what it tests), the
+/// other settings at their defaults.
 pub fn local_server_config(node: NodeGroupConfig, dir: &Path) -> ServerConfig {
     let id = node.node_id;
     ServerConfig {
         node,
         data_dir: dir.join(format!("node-{id}")),
+        // Tests place replicas and leaders themselves unless they turn it on.
+        schedule: crate::schedule::ScheduleConfig {
+            enabled: false,
+            ..Default::default()
+        },
         ..ServerConfig::default()
     }
 }

@@ -536,6 +536,7 @@ fn inject_garbage(c: &Cluster) {
             to_node: 2,
             messages: junk,
             heartbeats: vec![],
+            stats: None,
         },
     );
     let _ = t.send(
@@ -545,6 +546,7 @@ fn inject_garbage(c: &Cluster) {
             to_node: 3,
             messages: vec![],
             heartbeats: vec![],
+            stats: None,
         },
     );
     std::thread::sleep(Duration::from_millis(100));

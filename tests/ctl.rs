@@ -36,9 +36,10 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        // The test changes replicas and leaders itself.
         let layout = Layout::local(3, RANGES)
             .unwrap()
-            .with_args(&["--tick-ms", "20"]);
+            .with_args(&["--tick-ms", "20", "--no-schedule"]);
         let procs =
             NodeProcs::start(Path::new(env!("CARGO_BIN_EXE_flotilla-node")), layout).unwrap();
         Cluster {
@@ -119,6 +120,37 @@ fn flotilla_ctl_operates_a_three_node_cluster() {
         table.starts_with("ENDPOINT") && table.lines().count() == 4,
         "{table}"
     );
+
+    // nodes: every node up with the statistics it published on the node-pair streams (the
+    // 3 × RANGES replicas add up); placement: the scheduler is off here, nothing decided.
+    let deadline = Instant::now() + T;
+    loop {
+        let v: Value = serde_json::from_str(&c.ctl_ok(&["nodes", "-o", "json"])).unwrap();
+        let list = v["nodes"].as_array().unwrap();
+        let replicas: u64 = list.iter().map(|n| n["replicas"].as_u64().unwrap()).sum();
+        if list.len() == 3
+            && list
+                .iter()
+                .all(|n| n["status"] == "up" && n["has_stats"] == true)
+            && replicas == 3 * RANGES as u64
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes never all up with stats: {v:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(c.ctl_ok(&["nodes"]).contains("STATUS"));
+    let placement: Value = serde_json::from_str(&c.ctl_ok(&["placement", "-o", "json"])).unwrap();
+    let summary = placement["nodes"].as_array().unwrap();
+    assert_eq!(summary.len(), 3);
+    assert!(
+        summary.iter().all(|n| n["enabled"] == false),
+        "{placement:#}"
+    );
+    assert_eq!(placement["events"].as_array().unwrap().len(), 0);
 
     // kv put / get, in both formats.
     assert_eq!(

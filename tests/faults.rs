@@ -104,6 +104,7 @@ fn batch(to: u64, messages: Vec<RaftMessage>, heartbeats: Vec<Heartbeat>) -> (u6
             to_node: to,
             messages,
             heartbeats,
+            stats: None,
         },
     )
 }

@@ -212,7 +212,7 @@ fn a_node_joins_with_join_gets_id_4_is_reached_by_the_others_and_keeps_its_id() 
     assert_eq!(node_id_at(&rt, n.client[3]), 4);
     let raft4 = n.raft[3].to_string();
     let client4 = n.client[3].to_string();
-    let listed = n.ctl_until(&["nodes", "-o", "json"], "node 4 listed", |v| {
+    let listed = n.ctl_until(&["registry", "-o", "json"], "node 4 listed", |v| {
         let l = v.as_array().unwrap();
         l.len() == 4
             && l.iter().all(|x| x["state"] == "up")
@@ -224,7 +224,7 @@ fn a_node_joins_with_join_gets_id_4_is_reached_by_the_others_and_keeps_its_id() 
     for i in 0..3 {
         let c = n.client[i].to_string();
         assert!(
-            n.ctl_until(&["nodes", "-o", "json"], "client addresses recorded", |v| {
+            n.ctl_until(&["registry", "-o", "json"], "client addresses recorded", |v| {
                 v.as_array()
                     .unwrap()
                     .iter()
@@ -271,7 +271,7 @@ fn a_node_joins_with_join_gets_id_4_is_reached_by_the_others_and_keeps_its_id() 
     n.kill(3);
     n.spawn(3, &join);
     assert_eq!(node_id_at(&rt, n.client[3]), 4);
-    n.ctl_until(&["nodes", "-o", "json"], "still four nodes", |v| {
+    n.ctl_until(&["registry", "-o", "json"], "still four nodes", |v| {
         v.as_array().unwrap().len() == 4
     });
     assert_eq!(

@@ -100,6 +100,17 @@ pub struct Range {
 }
 
 impl Cluster {
+    /// An admin client for every endpoint that answered, with its node id.
+    pub fn admins(&self) -> Vec<(u64, AdminClient<Channel>)> {
+        self.nodes
+            .iter()
+            .filter_map(|n| {
+                let id = n.status.as_ref().ok()?.node_id;
+                Some((id, AdminClient::new(n.channel.clone())))
+            })
+            .collect()
+    }
+
     /// Connects to every endpoint (each within the timeout) and asks each its node id.
     ///
     /// # Errors

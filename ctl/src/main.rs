@@ -22,7 +22,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use flotilla_proto::admin::{
     membership_change::Change, split_request, ChangeMembershipRequest, MembershipChange,
-    MergeRequest, NodesRequest, RangeInfo, SplitRequest, TransferLeaderRequest,
+    MergeRequest, NodesRequest, PlacementRequest, RangeInfo, RegistryRequest, SplitRequest,
+    TransferLeaderRequest,
 };
 use flotilla_proto::meta::{NodeRecord, NodeState, ReplicaRole};
 use serde_json::{json, Value};
@@ -113,7 +114,12 @@ enum Command {
     Status,
     /// The node registry: every node that joined the cluster, with its addresses and state
     /// (up, draining, removed). Asked of the first endpoint holding the system range.
+    Registry,
+    /// Every node of the cluster as the first reachable endpoint sees it: status (up, suspect,
+    /// down), replicas, leaders, bytes, write and read rates, snapshots in flight.
     Nodes,
+    /// What the scheduler of each reachable node decided and did, oldest first.
+    Placement,
     /// Read and write keys.
     Kv {
         #[command(subcommand)]
@@ -254,19 +260,21 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Kv { command } => kv::run(&cluster, command, out).await,
         Command::Nodes => nodes(&cluster, out).await,
+        Command::Registry => registry(&cluster, out).await,
+        Command::Placement => placement(&cluster, out).await,
         Command::Status => unreachable!("handled above"),
     }
 }
 
 /// The registry from the first reachable node that holds the system range (the others
 /// answer UNAVAILABLE).
-async fn nodes(cluster: &Cluster, out: Output) -> Result<()> {
+async fn registry(cluster: &Cluster, out: Output) -> Result<()> {
     let mut last = None;
     for n in cluster.reachable() {
         let mut admin = n.admin();
-        match admin.nodes(NodesRequest {}).await {
+        match admin.registry(RegistryRequest {}).await {
             Ok(r) => {
-                show_nodes(&r.into_inner().nodes, out);
+                show_registry(&r.into_inner().nodes, out);
                 return Ok(());
             }
             Err(s) => last = Some(format!("{}: {}", n.endpoint, cluster::describe(&s))),
@@ -278,7 +286,7 @@ async fn nodes(cluster: &Cluster, out: Output) -> Result<()> {
     )
 }
 
-fn show_nodes(nodes: &[NodeRecord], out: Output) {
+fn show_registry(nodes: &[NodeRecord], out: Output) {
     let state = |n: &NodeRecord| {
         NodeState::try_from(n.state)
             .map(|s| s.as_str_name().to_ascii_lowercase())
@@ -466,6 +474,163 @@ async fn status(dial: &Dial, out: Output) -> Result<()> {
     }
     if nodes.iter().any(|n| n.status.is_err()) {
         bail!("some endpoints are unreachable");
+    }
+    Ok(())
+}
+
+async fn nodes(cluster: &Cluster, out: Output) -> Result<()> {
+    let mut last_error = None;
+    for (id, mut admin) in cluster.admins() {
+        let answer = tokio::time::timeout(cluster.timeout(), admin.nodes(NodesRequest {})).await;
+        let nodes = match answer {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => {
+                last_error = Some(format!("node {id}: {}", s.message()));
+                continue;
+            }
+            Err(_) => {
+                last_error = Some(format!(
+                    "node {id}: no answer within {:?}",
+                    cluster.timeout()
+                ));
+                continue;
+            }
+        };
+        match out {
+            Output::Json => {
+                let list: Vec<Value> = nodes
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        let s = n.stats.unwrap_or_default();
+                        json!({
+                            "node_id": n.node_id, "status": n.status, "status_ms": n.status_ms,
+                            "has_stats": n.stats.is_some(), "replicas": s.replicas,
+                            "leaders": s.leaders, "bytes": s.bytes, "write_rate": s.write_rate,
+                            "read_rate": s.read_rate,
+                            "snapshots_in_flight": s.snapshots_in_flight,
+                            "stats_age_ms": n.stats_age_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", json!({ "seen_by": nodes.node_id, "nodes": list }));
+            }
+            Output::Table => {
+                let rows: Vec<Vec<String>> = nodes
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        let mut row = vec![n.node_id.to_string(), n.status.clone()];
+                        match &n.stats {
+                            Some(s) => row.extend([
+                                s.replicas.to_string(),
+                                s.leaders.to_string(),
+                                show_size(s.bytes),
+                                format!("{:.0}", s.write_rate),
+                                format!("{:.0}", s.read_rate),
+                                s.snapshots_in_flight.to_string(),
+                                format!("{} ms", n.stats_age_ms),
+                            ]),
+                            None => row.extend(std::iter::repeat_n("-".to_string(), 7)),
+                        }
+                        row
+                    })
+                    .collect();
+                println!("as node {} sees them:", nodes.node_id);
+                table(
+                    &[
+                        "NODE",
+                        "STATUS",
+                        "REPLICAS",
+                        "LEADERS",
+                        "BYTES",
+                        "WRITES/S",
+                        "READS/S",
+                        "SNAPSHOTS",
+                        "STATS AGE",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        return Ok(());
+    }
+    bail!(
+        "no node answered Nodes: {}",
+        last_error.unwrap_or_else(|| "no endpoint reachable".into())
+    )
+}
+
+async fn placement(cluster: &Cluster, out: Output) -> Result<()> {
+    let mut events = Vec::new();
+    let mut summary = Vec::new();
+    for (id, mut admin) in cluster.admins() {
+        let answer =
+            tokio::time::timeout(cluster.timeout(), admin.placement(PlacementRequest {})).await;
+        match answer {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                summary.push((id, r.enabled, r.moves_in_flight));
+                events.extend(r.events.into_iter().map(|e| (id, e)));
+            }
+            Ok(Err(s)) => bail!("node {id}: {}", s.message()),
+            Err(_) => bail!("node {id}: no answer within {:?}", cluster.timeout()),
+        }
+    }
+    events.sort_by_key(|(id, e)| (e.at_unix_ms, *id));
+    match out {
+        Output::Json => {
+            let nodes: Vec<Value> = summary
+                .iter()
+                .map(|(id, on, moves)| json!({ "node_id": id, "enabled": on, "moves_in_flight": moves }))
+                .collect();
+            let list: Vec<Value> = events
+                .iter()
+                .map(|(id, e)| {
+                    json!({
+                        "node_id": id, "at_unix_ms": e.at_unix_ms, "range_id": e.range_id,
+                        "action": e.action, "detail": e.detail, "ok": e.ok, "error": e.error,
+                    })
+                })
+                .collect();
+            println!("{}", json!({ "nodes": nodes, "events": list }));
+        }
+        Output::Table => {
+            for (id, on, moves) in &summary {
+                println!(
+                    "node {id}: scheduler {}, {moves} moves in flight",
+                    if *on { "on" } else { "off" }
+                );
+            }
+            let rows: Vec<Vec<String>> = events
+                .iter()
+                .map(|(id, e)| {
+                    vec![
+                        e.at_unix_ms.to_string(),
+                        id.to_string(),
+                        range_name(e.range_id),
+                        e.action.clone(),
+                        e.detail.clone(),
+                        if e.ok {
+                            "ok".into()
+                        } else {
+                            format!("failed: {}", e.error)
+                        },
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "AT (UNIX MS)",
+                    "NODE",
+                    "RANGE",
+                    "ACTION",
+                    "DETAIL",
+                    "OUTCOME",
+                ],
+                &rows,
+            );
+        }
     }
     Ok(())
 }

@@ -73,4 +73,19 @@ pub struct NodeStatus {
     /// Batches of coalesced heartbeats the ticker sent since the node started (one per node
     /// pair per tick at most; none while every group sleeps).
     pub heartbeat_batches: u64,
+    /// Client writes (commands) proposed through this node since it started.
+    pub writes: u64,
+    /// Client reads (keys) served through this node since it started.
+    pub reads: u64,
+}
+
+/// What this node's failure detector believes of another node (see `node_down_ticks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeLiveness {
+    /// The node.
+    pub node: NodeId,
+    /// False once it was silent for `node_down_ticks` ticks; true again on any news.
+    pub up: bool,
+    /// Ticks of this node's clock since it was last heard from (0 when heard this tick).
+    pub silent_ticks: usize,
 }

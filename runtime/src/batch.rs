@@ -90,6 +90,8 @@ impl NodeGroup {
     /// and answered on its own; the answers come back in the order of `proposals`.
     pub fn kv_batch(&self, proposals: Vec<KvProposal>) -> Vec<Proposed> {
         let s = &self.shared;
+        s.writes
+            .fetch_add(proposals.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut answers: Vec<Option<Proposed>> = (0..proposals.len()).map(|_| None).collect();
         let mut groups: Vec<Group> = Vec::new();
         let limit = s.config.max_proposal_bytes;

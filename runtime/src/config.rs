@@ -387,7 +387,7 @@ impl NodeGroupConfig {
     }
 
     /// Ticks of silence after which a node is declared down (see `node_down_ticks`).
-    pub(crate) fn down_ticks(&self) -> usize {
+    pub fn down_ticks(&self) -> usize {
         match self.node_down_ticks {
             0 => 2 * self.election_tick,
             n => n,

@@ -228,6 +228,7 @@ mod tests {
                 replicas: vec![member(1), member(2)],
             }],
             heartbeats: Vec::new(),
+            stats: None,
         }
     }
 

@@ -35,14 +35,14 @@ mod state_machine;
 mod status;
 mod system;
 
-pub use api::{MembershipChange, NodeStatus, ProposeOptions, ReadConsistency};
+pub use api::{MembershipChange, NodeLiveness, NodeStatus, ProposeOptions, ReadConsistency};
 pub use batch::{KvProposal, Proposed};
 pub use config::{ConfigError, NodeGroupConfig, SplitConfig};
 pub use error::{Error, Result};
 pub use node_group::NodeGroup;
 pub use raft::StateRole;
 pub use read::ScanPage;
-pub use replica::ReplicaStatus;
+pub use replica::{ReplicaProgress, ReplicaStatus};
 pub use router::RangeRouter;
 pub use state_machine::{ApplyContext, ApplyError, KvStateMachine, ReadContext, StateMachine};
 pub use system::{system_descriptor, SystemSeed, ID_LEASE_BLOCK};

@@ -212,6 +212,7 @@ impl NodeGroup {
         }
         let desc = s.router.lookup(key)?;
         s.record_load(desc.range_id, key);
+        s.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(epoch) = opts.epoch {
             if epoch.is_stale(&desc.epoch_or_default()) {
                 return Err(Error::EpochNotMatch {

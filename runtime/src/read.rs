@@ -45,6 +45,9 @@ impl NodeGroup {
     ) -> Result<Vec<u8>> {
         let desc = self.shared.router.lookup(key)?;
         self.shared.record_load(desc.range_id, key);
+        self.shared
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.read_range(&desc, query, consistency).await
     }
 
@@ -106,6 +109,9 @@ impl NodeGroup {
     ) -> Result<Vec<Option<Vec<u8>>>> {
         // Range → (descriptor, indexes of its keys).
         let mut groups: Vec<(RangeDescriptor, Vec<usize>)> = Vec::new();
+        self.shared
+            .reads
+            .fetch_add(keys.len() as u64, std::sync::atomic::Ordering::Relaxed);
         for (i, k) in keys.iter().enumerate() {
             match groups.iter_mut().find(|(d, _)| d.contains(k)) {
                 Some((_, idx)) => idx.push(i),

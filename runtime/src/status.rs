@@ -5,7 +5,7 @@
 use flotilla_proto::meta::RangeDescriptor;
 use flotilla_proto::RangeId;
 
-use crate::api::NodeStatus;
+use crate::api::{NodeLiveness, NodeStatus};
 use crate::error::{Error, Result};
 use crate::node_group::NodeGroup;
 use crate::replica::ReplicaStatus;
@@ -50,10 +50,30 @@ impl NodeGroup {
                 .shared
                 .heartbeat_batches
                 .load(std::sync::atomic::Ordering::Relaxed),
+            writes: self
+                .shared
+                .writes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            reads: self.shared.reads.load(std::sync::atomic::Ordering::Relaxed),
         };
         metrics::gauge!("flotilla_runtime_replicas").set(st.replicas as f64);
         metrics::gauge!("flotilla_runtime_leaders").set(st.leaders as f64);
         st
+    }
+
+    /// What the failure detector believes of every node it tracks (the nodes that host a
+    /// replica of a range hosted here, or that were heard from), in node order.
+    pub fn node_liveness(&self) -> Vec<NodeLiveness> {
+        self.shared.liveness.snapshot()
+    }
+
+    /// Has the failure detector watch `node` from now on (up until proven otherwise), even
+    /// if no range here has a replica on it yet: a node that hosts nothing is still a
+    /// candidate to receive replicas, and placement must know whether it is up.
+    pub fn watch_node(&self, node: flotilla_proto::NodeId) {
+        if node != self.shared.node {
+            self.shared.liveness.watch(node);
+        }
     }
 
     /// The ranges this node serves, in key order.

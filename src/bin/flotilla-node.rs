@@ -6,7 +6,8 @@
 //! flotilla-node --config flotilla.toml
 //! flotilla-node --id 1 --raft 127.0.0.1:7001 --client 127.0.0.1:8001 --data-dir /tmp/n1 \
 //!     --peers 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 [--bootstrap-ranges 1000] \
-//!     [--tick-ms 100] [--no-hibernate] [--metrics 127.0.0.1:9001]
+//!     [--tick-ms 100] [--no-hibernate] [--metrics 127.0.0.1:9001] [--bootstrap-replicas 3] \
+//!     [--no-schedule] [--down-time-ms 30000]
 //! flotilla-node --raft 127.0.0.1:7004 --client 127.0.0.1:8004 --data-dir /tmp/n4 \
 //!     --join 127.0.0.1:8001
 //! ```
@@ -61,6 +62,19 @@ struct Args {
     /// joined before keeps its id. Needs a fixed --raft port (file: node.join).
     #[arg(long, value_name = "ADDR")]
     join: Option<String>,
+    /// Replicate the bootstrapped ranges on the N lowest peer ids only; the other peers start
+    /// empty and the scheduler gives them replicas (file: node.bootstrap-replicas; default 0:
+    /// every peer).
+    #[arg(long, value_name = "N")]
+    bootstrap_replicas: Option<usize>,
+    /// Turn the scheduler off: no leader transfers or replica moves (file:
+    /// schedule.enabled = false).
+    #[arg(long)]
+    no_schedule: bool,
+    /// How long a node must be down before its replicas are rebuilt elsewhere, in ms (file:
+    /// schedule.down-time-ms; default 30000).
+    #[arg(long, value_name = "MS")]
+    down_time_ms: Option<u64>,
     /// Raft tick interval in milliseconds (file: raft.tick-ms; default 100).
     #[arg(long, value_name = "MS")]
     tick_ms: Option<u64>,
@@ -119,6 +133,11 @@ impl Args {
         n.redis = self.redis.or(n.redis);
         n.bootstrap_ranges = self.bootstrap_ranges.or(n.bootstrap_ranges);
         n.join = self.join.or(n.join.take());
+        n.bootstrap_replicas = self.bootstrap_replicas.or(n.bootstrap_replicas);
+        if self.no_schedule {
+            f.schedule.enabled = Some(false);
+        }
+        f.schedule.down_time_ms = self.down_time_ms.or(f.schedule.down_time_ms);
         if let Some(Peers(peers)) = self.peers {
             f.peers = peers
                 .into_iter()

@@ -57,6 +57,24 @@ pub enum ServerError {
         max: usize,
     },
 
+    /// `bootstrap_replicas` names more nodes than `peers` has: lower it or add peers.
+    #[error("bootstrap_replicas ({count}) exceeds the {peers} peers")]
+    BootstrapReplicas {
+        /// The configured count.
+        count: usize,
+        /// The peers known.
+        peers: usize,
+    },
+
+    /// A scheduler setting is wrong: fix `[schedule].<field>` (or its flag).
+    #[error("schedule.{field} {problem}")]
+    Schedule {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+
     /// The client API's TLS material is unusable (not PEM, or refused by the TLS library):
     /// fix the certificate or key files.
     #[error("client TLS: {0}")]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_proto::admin::admin_client::AdminClient;
-use flotilla_proto::admin::{JoinRequest, JoinResponse, NodesRequest};
+use flotilla_proto::admin::{JoinRequest, JoinResponse, RegistryRequest};
 use flotilla_proto::meta::{NodeRecord, NodeState};
 use flotilla_proto::NodeId;
 use flotilla_runtime::{NodeGroup, ReadConsistency};
@@ -190,7 +190,7 @@ impl Watcher {
                 let mut c = AdminClient::connect(format!("http://{addr}"))
                     .await
                     .map_err(|e| e.to_string())?;
-                c.nodes(NodesRequest {})
+                c.registry(RegistryRequest {})
                     .await
                     .map(|r| r.into_inner().nodes)
                     .map_err(|s| s.message().to_string())

@@ -57,6 +57,7 @@ use crate::admin_service::AdminService;
 use crate::kv_service::KvService;
 use crate::layout::{first_campaigner, range_layout};
 use crate::resp::RespServer;
+use crate::schedule::{Placement, Scheduler};
 
 /// How long a shutdown waits for the client API server to close its socket and connections.
 const SERVER_STOP_WAIT: Duration = Duration::from_secs(5);
@@ -92,6 +93,8 @@ pub struct Server {
     /// The task that keeps the transport's peers in step with the node registry
     /// (`join::Watcher`); aborted at shutdown.
     registry: Mutex<Option<JoinHandle<()>>>,
+    /// This node's statistics and placement decisions.
+    scheduler: Scheduler,
 }
 
 /// The client API server task and the means to stop it and learn that it stopped.
@@ -197,6 +200,12 @@ impl Server {
         &self.transport
     }
 
+    /// The cluster as this node's scheduler sees it (every node's statistics and liveness)
+    /// and the decisions it took.
+    pub fn placement(&self) -> Arc<Placement> {
+        self.scheduler.placement()
+    }
+
     /// The address the raft transport listens on (the real port when bound to port 0).
     pub fn raft_addr(&self) -> SocketAddr {
         self.raft_addr
@@ -219,6 +228,7 @@ impl Server {
 
     /// Stops the node; see the module doc for the order and the wait. Idempotent.
     pub fn shutdown(&self) {
+        self.scheduler.stop();
         if let Some(r) = &self.redis {
             r.stop();
         }
@@ -397,21 +407,40 @@ impl ServerBuilder {
         if fresh && config.bootstrap_ranges > 0 {
             // Ascending node ids (the keys of the map), so that every node computes the same
             // descriptors and the same first campaigners whatever order it was told the peers.
-            let members: Vec<NodeId> = config.peers.keys().copied().collect();
-            let layout = range_layout(config.bootstrap_ranges, &members);
-            // On an error `node` is dropped, which shuts it down.
-            let peers = &config.peers;
-            bootstrap(&node, layout, &members, |n| {
-                peers.get(&n).cloned().unwrap_or_default()
-            })?;
+            // The lowest `bootstrap_replicas` ids host the layout and the system range; the
+            // other peers start empty (the scheduler gives them replicas), in the registry too.
+            let all: Vec<NodeId> = config.peers.keys().copied().collect();
+            let mut members = all.clone();
+            if config.bootstrap_replicas > 0 {
+                members.truncate(config.bootstrap_replicas);
+            }
+            if members.contains(&config.node_id()) {
+                let layout = range_layout(config.bootstrap_ranges, &members);
+                // On an error `node` is dropped, which shuts it down.
+                let peers = &config.peers;
+                bootstrap(&node, layout, &members, &all, |n| {
+                    peers.get(&n).cloned().unwrap_or_default()
+                })?;
+            }
         }
+        let scheduler = Scheduler::start(
+            node.clone(),
+            transport.clone(),
+            config.schedule.clone(),
+            &runtime,
+        );
         let observe = match config.metrics_addr {
             Some(addr) => Some(observe::serve(addr, node.clone(), &runtime)?),
             None => None,
         };
         let metrics_addr = observe.as_ref().map(observe::Endpoint::addr);
-        let client_api =
-            serve_client_api(node.clone(), client, config.client_tls.as_ref(), &runtime)?;
+        let client_api = serve_client_api(
+            node.clone(),
+            scheduler.placement(),
+            client,
+            config.client_tls.as_ref(),
+            &runtime,
+        )?;
         let redis = match redis {
             Some(listener) => {
                 let _in_runtime = runtime.enter();
@@ -437,6 +466,7 @@ impl ServerBuilder {
             observe: Mutex::new(observe),
             metrics_addr,
             redis,
+            scheduler,
         })
     }
 }
@@ -479,12 +509,13 @@ pub(crate) fn start_node_group(
 ///
 /// The system range is created with it, on the layout's nodes, seeded
 /// ([`SystemSeed`]) so that range ids continue after the layout's and node ids after the
-/// bootstrap nodes', each bootstrap node registered with its raft address (`raft_addr`; empty
-/// when unknown).
+/// bootstrap nodes', each node of `registered` (the initial cluster) with its raft address
+/// (`raft_addr`; empty when unknown).
 pub(crate) fn bootstrap(
     node: &NodeGroup,
     layout: Vec<RangeDescriptor>,
     members: &[NodeId],
+    registered: &[NodeId],
     raft_addr: impl Fn(NodeId) -> String,
 ) -> Result<(), ServerError> {
     let system_members: Vec<NodeId> = match layout.first() {
@@ -492,7 +523,9 @@ pub(crate) fn bootstrap(
         None => members.to_vec(),
     };
     let system = system_descriptor(&system_members);
-    let seed = SystemSeed::new(&layout, &system_members, raft_addr);
+    // Every node of the initial cluster is in the registry (and its id is never handed out
+    // again), also one that starts without replicas.
+    let seed = SystemSeed::new(&layout, registered, raft_addr);
     node.bootstrap_cluster(layout, system, &seed, |d| {
         let campaigner = first_campaigner(d.id(), members)?;
         d.replica_on(campaigner).map(|r| ReplicaId(r.replica_id))
@@ -519,6 +552,7 @@ fn bind_client(
 /// TLS if `tls` says so.
 fn serve_client_api(
     node: Arc<NodeGroup>,
+    placement: Arc<Placement>,
     listener: tokio::net::TcpListener,
     tls: Option<&ClientTls>,
     runtime: &Handle,
@@ -542,7 +576,7 @@ fn serve_client_api(
     }
     let serve = builder
         .add_service(flotilla_proto::kv::kv_server::KvServer::new(kv))
-        .add_service(AdminService::server(node))
+        .add_service(AdminService::server(node, placement))
         .serve_with_incoming_shutdown(incoming, async move {
             // A dropped sender stops the server as a sent stop does.
             let _ = stop_rx.await;

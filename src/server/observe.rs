@@ -350,6 +350,48 @@ pub const CATALOGUE: &[Metric] = &[
         true,
         "Snapshot transfers refused, by reason.",
     ),
+    (
+        "flotilla_runtime_heartbeats_skipped_total",
+        C,
+        false,
+        "Plain heartbeats a leader did not send: an append in the same round told the follower the commit.",
+    ),
+    (
+        "flotilla_schedule_leader_transfers_total",
+        C,
+        false,
+        "Leader transfers the scheduler of this node did (leaders unbalanced).",
+    ),
+    (
+        "flotilla_schedule_moves_started_total",
+        C,
+        true,
+        "Moves started (a learner added), by why: repair or balance.",
+    ),
+    (
+        "flotilla_schedule_moves_finished_total",
+        C,
+        false,
+        "Moves finished (a caught-up learner promoted, the replaced replica removed).",
+    ),
+    (
+        "flotilla_schedule_removals_total",
+        C,
+        false,
+        "Replicas removed alone (an abandoned learner, a voter above the replication factor).",
+    ),
+    (
+        "flotilla_schedule_failed_actions_total",
+        C,
+        false,
+        "Scheduler actions that failed or gave no outcome in time (retried by a later pass).",
+    ),
+    (
+        "flotilla_schedule_moves_in_flight",
+        G,
+        false,
+        "Moves in flight in the ranges this node leads.",
+    ),
 ];
 
 /// The process's Prometheus recorder, installed once.
@@ -535,7 +577,11 @@ mod tests {
     fn the_catalogue_names_every_metric_the_layers_record() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut found = std::collections::BTreeSet::new();
-        let mut stack = vec![root.join("runtime/src"), root.join("transport/src")];
+        let mut stack = vec![
+            root.join("runtime/src"),
+            root.join("transport/src"),
+            root.join("src/schedule"),
+        ];
         while let Some(dir) = stack.pop() {
             for entry in std::fs::read_dir(&dir).unwrap() {
                 let path = entry.unwrap().path();

@@ -88,7 +88,7 @@ pub use filter::{
     Action, DelayFilter, DropFilter, DuplicateFilter, Filter, FilterId, FilterKind, HoldFilter,
     IsolateFilter, Packet, PartitionFilter, Payload, PredicateFilter, ReorderFilter, Scoped,
 };
-pub use flotilla_proto::transport::{Heartbeat, NodeBatch, RaftMessage};
+pub use flotilla_proto::transport::{Heartbeat, NodeBatch, NodeStats, RaftMessage};
 pub use flotilla_proto::{NodeId, RangeId, ReplicaId};
 pub use grpc::{GrpcConfig, GrpcListener, GrpcStats, GrpcTransport, TlsConfig};
 pub use mem::{MemConfig, MemNetwork, MemTransport, NetStats};

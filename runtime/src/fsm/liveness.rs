@@ -190,6 +190,24 @@ impl Liveness {
         q.extend(later);
     }
 
+    /// Starts tracking `node` (see `NodeGroup::watch_node`).
+    pub(crate) fn watch(&self, node: NodeId) {
+        self.track(node.0);
+    }
+
+    /// Every tracked node: up or not, and its silent ticks.
+    pub(crate) fn snapshot(&self) -> Vec<crate::api::NodeLiveness> {
+        self.peers
+            .lock()
+            .iter()
+            .map(|(n, p)| crate::api::NodeLiveness {
+                node: NodeId(*n),
+                up: p.up,
+                silent_ticks: p.silent,
+            })
+            .collect()
+    }
+
     /// Wakes waiting in the queue, deferred ones included.
     pub(crate) fn queued_wakes(&self) -> usize {
         self.wakes.lock().len() + self.deferred.lock().len()

@@ -71,6 +71,10 @@ pub(crate) struct Shared {
     pub(crate) elections_won: std::sync::atomic::AtomicU64,
     /// Heartbeat batches the ticker sent.
     pub(crate) heartbeat_batches: std::sync::atomic::AtomicU64,
+    /// Client writes (commands) proposed through this node, and client reads (keys) served
+    /// through it, since it started: the node statistics derive rates from them.
+    pub(crate) writes: std::sync::atomic::AtomicU64,
+    pub(crate) reads: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -105,6 +109,8 @@ impl Shared {
             ticker_paused: AtomicBool::new(false),
             elections_won: Default::default(),
             heartbeat_batches: Default::default(),
+            writes: Default::default(),
+            reads: Default::default(),
         }
     }
 

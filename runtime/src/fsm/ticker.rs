@@ -82,6 +82,7 @@ pub(crate) fn send_heartbeats(shared: &Shared) {
             to_node: node.0,
             messages: Vec::new(),
             heartbeats,
+            stats: None,
         };
         // A lost heartbeat is harmless: raft sends the next one.
         if transport.send(node, batch).is_ok() {

@@ -161,6 +161,21 @@ pub struct ReplicaStatus {
     pub descriptor: Option<RangeDescriptor>,
     /// Whether the replica hibernates.
     pub asleep: bool,
+    /// On a leader: each replica's id, the highest log index known to be replicated to it,
+    /// and whether raft heard from it recently (in this or the last check-quorum window).
+    /// Empty on a follower.
+    pub progress: Vec<ReplicaProgress>,
+}
+
+/// What a leader knows of one replica of its group (see [`ReplicaStatus::progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaProgress {
+    /// The replica.
+    pub replica_id: u64,
+    /// Highest log index known to be on it.
+    pub matched: u64,
+    /// Whether raft heard from it recently.
+    pub recent_active: bool,
 }
 
 impl Replica {
@@ -284,6 +299,23 @@ impl Replica {
             leader_node: self.node_of(leader),
             descriptor: self.descriptor().cloned(),
             asleep: self.asleep,
+            progress: if self.is_leader() {
+                let mut p: Vec<ReplicaProgress> = self
+                    .raw
+                    .raft
+                    .prs()
+                    .iter()
+                    .map(|(id, pr)| ReplicaProgress {
+                        replica_id: *id,
+                        matched: pr.matched,
+                        recent_active: pr.recent_active || *id == self.id,
+                    })
+                    .collect();
+                p.sort_by_key(|p| p.replica_id);
+                p
+            } else {
+                Vec::new()
+            },
         }
     }
 

@@ -89,7 +89,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use flotilla_proto::transport::raft_transport_server::RaftTransportServer;
-use flotilla_proto::transport::{NodeBatch, RaftMessage};
+use flotilla_proto::transport::{NodeBatch, NodeStats, RaftMessage};
 use flotilla_proto::NodeId;
 use parking_lot::{Mutex, RwLock};
 use prost::Message;
@@ -126,6 +126,10 @@ pub(crate) struct Inner {
     outbound_snapshots: Arc<Semaphore>,
     inbound_snapshots: Arc<Semaphore>,
     closed: AtomicBool,
+    /// This node's latest statistics, attached to what it sends (see `NodeBatch::stats`).
+    local_stats: Mutex<Option<NodeStats>>,
+    /// The latest statistics each peer sent, with when they arrived.
+    peer_stats: DashMap<NodeId, (NodeStats, Instant)>,
     /// Flips to true once, on shutdown; server and stream tasks watch it.
     shutdown: watch::Sender<bool>,
 }
@@ -147,12 +151,25 @@ impl Inner {
         self.peers.read().get(&node).cloned()
     }
 
-    /// An empty frame: answered with an ack, never delivered.
+    /// An empty frame (but for this node's statistics): answered with an ack, never
+    /// delivered.
     fn ping(&self, to: NodeId) -> NodeBatch {
         NodeBatch {
             from_node: self.node.0,
             to_node: to.0,
+            stats: self.local_stats(),
             ..Default::default()
+        }
+    }
+
+    fn local_stats(&self) -> Option<NodeStats> {
+        *self.local_stats.lock()
+    }
+
+    /// Keeps what a peer said of itself, if the frame carries it.
+    fn note_stats(&self, from: NodeId, stats: Option<&NodeStats>) {
+        if let Some(stats) = stats {
+            self.peer_stats.insert(from, (*stats, Instant::now()));
         }
     }
 
@@ -340,6 +357,8 @@ impl GrpcTransport {
             outbound_snapshots: Arc::new(Semaphore::new(snapshots)),
             inbound_snapshots: Arc::new(Semaphore::new(snapshots)),
             closed: AtomicBool::new(false),
+            local_stats: Mutex::new(None),
+            peer_stats: DashMap::new(),
             shutdown: watch::Sender::new(false),
         });
         Ok(GrpcListener {
@@ -407,6 +426,39 @@ impl GrpcTransport {
     /// Bytes accepted by `send` for `to` and not yet acknowledged by it.
     pub fn queued_bytes(&self, to: NodeId) -> usize {
         self.inner.peer(to).map_or(0, |p| p.queued_bytes())
+    }
+
+    /// Sets this node's statistics: from now on they ride on every ping and, at most once a
+    /// `ping_interval`, on a data frame to each peer (`NodeBatch::stats`).
+    pub fn publish_stats(&self, stats: NodeStats) {
+        *self.inner.local_stats.lock() = Some(stats);
+    }
+
+    /// The latest statistics each peer sent, with the instant they arrived, in node order.
+    /// A peer not heard from since it last published is absent.
+    pub fn peer_stats(&self) -> Vec<(NodeId, NodeStats, Instant)> {
+        let mut all: Vec<_> = self
+            .inner
+            .peer_stats
+            .iter()
+            .map(|e| (*e.key(), e.value().0, e.value().1))
+            .collect();
+        all.sort_by_key(|(n, _, _)| *n);
+        all
+    }
+
+    /// Every peer (node with an address here), in node order.
+    pub fn peers(&self) -> Vec<NodeId> {
+        let mut all: Vec<NodeId> = self.inner.peers.read().keys().copied().collect();
+        all.sort();
+        all
+    }
+
+    /// Snapshot transfers under way now, sending and receiving.
+    pub fn snapshots_in_flight(&self) -> usize {
+        let max = self.inner.config.max_concurrent_snapshots;
+        (max - self.inner.outbound_snapshots.available_permits().min(max))
+            + (max - self.inner.inbound_snapshots.available_permits().min(max))
     }
 
     /// The counters so far.

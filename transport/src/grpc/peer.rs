@@ -329,13 +329,18 @@ async fn write(
     let config = &inner.config;
     let counters = &inner.counters;
     let mut frames: u64 = 1; // the opening ping
+                             // Statistics ride on every ping; on a busy stream (no pings) on a data frame at most once
+                             // a ping interval, so they keep flowing under load without costing every frame.
+    let mut stats_sent = tokio::time::Instant::now();
     loop {
-        let Some(frame) = peer.take_frame(config.batch_max_messages, config.max_frame_bytes) else {
+        let Some(mut frame) = peer.take_frame(config.batch_max_messages, config.max_frame_bytes)
+        else {
             if tokio::time::timeout(config.ping_interval, peer.wake.notified())
                 .await
                 .is_err()
             {
                 frames += 1;
+                stats_sent = tokio::time::Instant::now();
                 if tx.send(inner.ping(peer.node)).await.is_err() {
                     return "stream closed";
                 }
@@ -345,6 +350,10 @@ async fn write(
             continue;
         };
         frames += 1;
+        if stats_sent.elapsed() >= config.ping_interval {
+            stats_sent = tokio::time::Instant::now();
+            frame.batch.stats = inner.local_stats();
+        }
         let (messages, heartbeats) = (frame.batch.messages.len(), frame.batch.heartbeats.len());
         let bytes = frame.batch.encoded_len();
         in_flight.lock().push_back((frames, frame.charge));

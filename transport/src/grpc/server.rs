@@ -286,6 +286,10 @@ fn check(inner: &Inner, batch: NodeBatch, size: usize) -> Option<NodeBatch> {
         return None;
     }
     inner.heard(flotilla_proto::NodeId(batch.from_node));
+    inner.note_stats(
+        flotilla_proto::NodeId(batch.from_node),
+        batch.stats.as_ref(),
+    );
     if batch.messages.is_empty() && batch.heartbeats.is_empty() {
         Counters::add(&counters.pings_received, 1);
         counters.notify();

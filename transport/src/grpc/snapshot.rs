@@ -273,6 +273,7 @@ async fn assemble(
         to_node: start.to_node,
         messages: vec![env],
         heartbeats: Vec::new(),
+        stats: None,
     })
 }
 

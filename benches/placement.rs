@@ -1,0 +1,351 @@
+//! Placement under load (issue 14's measurement): three gRPC nodes in this process with many
+//! small ranges and continuous writers; then
+//! - **add two nodes** (empty; every node's scheduler sees the new peers): the time until
+//!   replica counts and leader counts are each within ±10% of the mean (at least ±1), the
+//!   moves and transfers it took, and the writers' p99 latency before and during;
+//! - **kill one node** (shut down, never back): the time until every range is back at three
+//!   voters, none on the dead node (`down_time` set to 5 s here);
+//! - then the writers stop and every acknowledged write is read back: `lost` must be 0.
+//!
+//! Run: `cargo bench --bench placement` (1,000 ranges; `FLOTILLA_PLACEMENT_RANGES` overrides).
+//! Prints `RESULT {"event":"add_nodes",...}` and `RESULT {"event":"node_down",...}` lines.
+//! Under `cargo test --benches` (no `--bench` argument) a tiny version runs.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla::layout::{first_campaigner, range_layout, range_start_key};
+use flotilla::proto::meta::{RangeDescriptor, ReplicaRole};
+use flotilla::schedule::ScheduleConfig;
+use flotilla::testing::measure::percentile;
+use flotilla::testing::{local_server_config, node_ids, start_servers, test_config};
+use flotilla::{
+    NodeGroupConfig, NodeId, ReadConsistency, ReplicaId, Server, ServerConfig, StateRole,
+};
+
+const WRITERS: usize = 8;
+const DOWN_TIME: Duration = Duration::from_secs(5);
+const PHASE_LIMIT: Duration = Duration::from_secs(180);
+
+fn node_config(id: u64) -> NodeGroupConfig {
+    NodeGroupConfig {
+        tick_interval: Duration::from_millis(20),
+        ..test_config(id)
+    }
+}
+
+fn server_config(id: u64, dir: &std::path::Path) -> ServerConfig {
+    let mut c = local_server_config(node_config(id), dir);
+    c.schedule = ScheduleConfig {
+        interval: Duration::from_millis(500),
+        stable_time: Duration::from_secs(2),
+        down_time: DOWN_TIME,
+        max_moves_per_node: 8,
+        max_snapshots_per_node: 4,
+        max_transfers_per_pass: 16,
+        ..ScheduleConfig::default()
+    };
+    c
+}
+
+type Nodes = Arc<Mutex<Vec<Option<Arc<Server>>>>>;
+
+/// Per key: the last acknowledged value, and values written after it with an unknown outcome.
+type Acked = HashMap<Vec<u8>, (Vec<u8>, Vec<Vec<u8>>)>;
+
+fn live(nodes: &Nodes) -> Vec<Arc<Server>> {
+    nodes.lock().unwrap().iter().flatten().cloned().collect()
+}
+
+fn leader_of(nodes: &[Arc<Server>], d: &RangeDescriptor) -> Option<Arc<Server>> {
+    nodes
+        .iter()
+        .find(|n| {
+            n.node()
+                .status(d.id())
+                .is_ok_and(|s| s.role == StateRole::Leader)
+        })
+        .cloned()
+}
+
+/// Per node (index = id - 1): replicas and leaders, from the leaders' descriptors.
+fn counts(nodes: &[Arc<Server>], size: usize) -> (Vec<usize>, Vec<usize>, bool) {
+    let (mut replicas, mut leaders) = (vec![0; size], vec![0; size]);
+    let mut all_led = true;
+    for d in all_ranges(nodes) {
+        let Some(l) = leader_of(nodes, &d) else {
+            all_led = false;
+            continue;
+        };
+        leaders[l.node_id().0 as usize - 1] += 1;
+        if let Ok(Some(desc)) = l.node().status(d.id()).map(|s| s.descriptor) {
+            for r in &desc.replicas {
+                replicas[r.node_id as usize - 1] += 1;
+            }
+        }
+    }
+    (replicas, leaders, all_led)
+}
+
+/// Every range some live node hosts (a node no longer hosts the ranges moved off it).
+fn all_ranges(nodes: &[Arc<Server>]) -> Vec<RangeDescriptor> {
+    let mut all = std::collections::BTreeMap::new();
+    for n in nodes {
+        for d in n.node().ranges() {
+            all.entry(d.range_id).or_insert(d);
+        }
+    }
+    all.into_values().collect()
+}
+
+fn within(counts: &[usize]) -> bool {
+    let mean = counts.iter().sum::<usize>() as f64 / counts.len() as f64;
+    counts
+        .iter()
+        .all(|&c| (c as f64 - mean).abs() <= (mean * 0.1).max(1.0))
+}
+
+fn scheduler_actions(nodes: &[Arc<Server>], action: &str) -> usize {
+    nodes
+        .iter()
+        .map(|n| {
+            n.placement()
+                .events()
+                .iter()
+                .filter(|e| e.action == action && e.outcome.is_ok())
+                .count()
+        })
+        .sum()
+}
+
+/// Latencies (ms) of acknowledged writes, by phase.
+#[derive(Default)]
+struct Latencies {
+    phase: usize,
+    samples: Vec<Vec<f64>>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() -> anyhow::Result<()> {
+    let full = std::env::args().any(|a| a == "--bench");
+    let ranges: usize = std::env::var("FLOTILLA_PLACEMENT_RANGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if full { 1000 } else { 12 });
+    let dir = tempfile::tempdir()?;
+    let first: Vec<Server> = start_servers(
+        (1..=3).map(|id| server_config(id, dir.path())).collect(),
+        tokio::runtime::Handle::current(),
+    )?;
+    let members = node_ids(3);
+    let layout = range_layout(ranges, &members);
+    for n in &first {
+        n.node().bootstrap_layout(layout.clone(), |d| {
+            let c = first_campaigner(d.id(), &members)?;
+            d.replica_on(c).map(|r| ReplicaId(r.replica_id))
+        })?;
+    }
+    let nodes: Nodes = Arc::new(Mutex::new(
+        first.into_iter().map(|s| Some(Arc::new(s))).collect(),
+    ));
+    let started = Instant::now();
+    while !counts(&live(&nodes), 3).2 {
+        anyhow::ensure!(started.elapsed() < PHASE_LIMIT, "no leader for every range");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "{ranges} ranges on 3 nodes, every one led after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Writers: each its own keys, spread over every range; the last acknowledged value kept.
+    let stop = Arc::new(AtomicBool::new(false));
+    let lat = Arc::new(Mutex::new(Latencies {
+        phase: 0,
+        samples: vec![Vec::new(); 3],
+    }));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (nodes, stop, lat) = (nodes.clone(), stop.clone(), lat.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acked = Acked::new();
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let range = (seq as usize * WRITERS + w) % ranges + 1;
+                let mut key = range_start_key(range as u64);
+                key.extend_from_slice(format!("/w{w}-{}", seq % 4).as_bytes());
+                let value = format!("w{w}:{seq}").into_bytes();
+                seq += 1;
+                let t = Instant::now();
+                let mut ok = false;
+                while t.elapsed() < Duration::from_secs(10) && !stop.load(Ordering::Relaxed) {
+                    let all = live(&nodes);
+                    let target = all[0]
+                        .node()
+                        .range_of(&key)
+                        .ok()
+                        .and_then(|d| leader_of(&all, &d))
+                        .unwrap_or_else(|| all[seq as usize % all.len()].clone());
+                    if target.node().put(&key, &value).await.is_ok() {
+                        ok = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let entry = acked.entry(key).or_default();
+                if ok {
+                    let mut l = lat.lock().unwrap();
+                    let p = l.phase;
+                    l.samples[p].push(t.elapsed().as_secs_f64() * 1000.0);
+                    *entry = (value, Vec::new());
+                } else {
+                    entry.1.push(value);
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(if full { 10 } else { 2 })).await;
+
+    // Add nodes 4 and 5: empty, made peers of every node (and of each other).
+    lat.lock().unwrap().phase = 1;
+    let added_at = Instant::now();
+    let builders: Vec<_> = (4..=5)
+        .map(|id| {
+            Server::bind(
+                server_config(id, dir.path()),
+                tokio::runtime::Handle::current(),
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let mut addrs: Vec<(NodeId, SocketAddr)> = live(&nodes)
+        .iter()
+        .map(|n| (n.node_id(), n.raft_addr()))
+        .collect();
+    addrs.extend(builders.iter().map(|b| (b.node_id(), b.raft_addr())));
+    for b in &builders {
+        for (id, addr) in &addrs {
+            if *id != b.node_id() {
+                b.set_peer(*id, addr.to_string())?;
+            }
+        }
+    }
+    for n in live(&nodes) {
+        for b in &builders {
+            n.transport()
+                .set_peer(b.node_id(), b.raft_addr().to_string())?;
+        }
+    }
+    for b in builders {
+        let s = b.start()?;
+        nodes.lock().unwrap().push(Some(Arc::new(s)));
+    }
+    let balanced_secs = loop {
+        let (r, l, all_led) = counts(&live(&nodes), 5);
+        if all_led && within(&r) && within(&l) {
+            break added_at.elapsed().as_secs_f64();
+        }
+        anyhow::ensure!(
+            added_at.elapsed() < PHASE_LIMIT,
+            "not balanced after {PHASE_LIMIT:?}: replicas {r:?}, leaders {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let all = live(&nodes);
+    let (r, l, _) = counts(&all, 5);
+    let moves = scheduler_actions(&all, "promote");
+    let transfers = scheduler_actions(&all, "transfer-leader");
+    let (p99_before, p99_during) = {
+        let mut l = lat.lock().unwrap();
+        l.phase = 2;
+        let mut before = l.samples[0].clone();
+        let mut during = l.samples[1].clone();
+        before.sort_by(f64::total_cmp);
+        during.sort_by(f64::total_cmp);
+        (percentile(&before, 0.99), percentile(&during, 0.99))
+    };
+    println!("balanced after {balanced_secs:.1}s: replicas {r:?}, leaders {l:?}");
+    println!(
+        "RESULT {{\"event\":\"add_nodes\",\"ranges\":{ranges},\"balanced_secs\":{balanced_secs:.1},\"moves\":{moves},\"transfers\":{transfers},\"p99_ms_before\":{p99_before:.1},\"p99_ms_during\":{p99_during:.1}}}"
+    );
+
+    // Kill node 5 (index 4): never back.
+    let killed = nodes.lock().unwrap()[4].take().expect("node 5 runs");
+    let killed_at = Instant::now();
+    killed.shutdown();
+    drop(killed);
+    let repair_secs = loop {
+        let all = live(&nodes);
+        let repaired = all_ranges(&all).iter().all(|d| {
+            leader_of(&all, d)
+                .and_then(|l| l.node().status(d.id()).ok()?.descriptor)
+                .is_some_and(|d| {
+                    let voters: Vec<u64> = d
+                        .replicas
+                        .iter()
+                        .filter(|r| r.role == ReplicaRole::Voter as i32)
+                        .map(|r| r.node_id)
+                        .collect();
+                    voters.len() == 3 && !voters.contains(&5) && d.replicas.len() == 3
+                })
+        });
+        if repaired {
+            break killed_at.elapsed().as_secs_f64();
+        }
+        anyhow::ensure!(
+            killed_at.elapsed() < PHASE_LIMIT,
+            "not repaired after {PHASE_LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "RESULT {{\"event\":\"node_down\",\"ranges\":{ranges},\"down_time_secs\":{},\"repaired_secs\":{repair_secs:.1},\"after_down_time_secs\":{:.1}}}",
+        DOWN_TIME.as_secs(),
+        repair_secs - DOWN_TIME.as_secs_f64()
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let mut histories = Vec::new();
+    for w in writers {
+        histories.push(w.await?);
+    }
+    let all = live(&nodes);
+    let (mut acked, mut lost) = (0u64, 0u64);
+    for h in &histories {
+        for (k, (v, unknown)) in h {
+            if v.is_empty() {
+                continue;
+            }
+            acked += 1;
+            let mut got = None;
+            for attempt in 0..200usize {
+                // Through whichever node hosts the key's range now (a range may have moved
+                // off any one node).
+                let n = &all[attempt % all.len()];
+                if let Ok(g) = n.node().get(k, ReadConsistency::Linearizable).await {
+                    got = Some(g);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let ok = matches!(&got, Some(Some(g)) if g == v || unknown.contains(g));
+            if !ok {
+                lost += 1;
+                eprintln!(
+                    "LOST {}: expected {:?}, got {got:?}",
+                    String::from_utf8_lossy(k),
+                    String::from_utf8_lossy(v)
+                );
+            }
+        }
+    }
+    println!("RESULT {{\"event\":\"verify\",\"keys\":{acked},\"lost\":{lost}}}");
+    for n in &all {
+        n.shutdown();
+    }
+    anyhow::ensure!(lost == 0, "{lost} acknowledged writes lost");
+    Ok(())
+}

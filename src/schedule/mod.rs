@@ -1,0 +1,459 @@
+//! The scheduler: it keeps leaders balanced across nodes, every range at its replication
+//! factor (a node down for longer than `down_time` has its replicas rebuilt on other nodes),
+//! and replica counts balanced, by leader transfers and moves (learner → caught up →
+//! promoted in a joint change that removes the replica it replaces).
+//!
+//! It runs on every node, on the server's tokio runtime, and each node decides only for the
+//! ranges it leads (as CockroachDB's allocator does, not one placement driver as in TiKV):
+//! ARCHITECTURE.md says why. Each pass (every `interval`):
+//! 1. measures this node (replicas, leaders, bytes, write and read rates, snapshots in
+//!    flight) and publishes it on the node-pair streams (`GrpcTransport::publish_stats`),
+//!    whence every other node keeps it;
+//! 2. joins that with every node's statistics and this node's failure detector into the
+//!    cluster view that `Nodes` shows;
+//! 3. when enabled, asks [`decide`] (pure, in `decide.rs`) what to do with the ranges led
+//!    here, does it, and records each decision and its outcome in a bounded log (`Placement`).
+//!
+//! The statistics and the log live in [`Placement`], shared with the admin service.
+
+mod config;
+mod decide;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use flotilla_proto::transport::NodeStats;
+use flotilla_proto::{NodeId, RangeId};
+use flotilla_runtime::{MembershipChange, NodeGroup, StateRole};
+use flotilla_transport::GrpcTransport;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+pub use self::config::ScheduleConfig;
+pub use self::decide::{decide, Action, Load, NodeState, NodeView, RangeView, View, Why};
+
+/// Keys walked to measure this node's data exactly; past it RocksDB's estimate is used.
+const MEASURE_MAX_KEYS: u64 = 1_000;
+
+/// How long one action may take before the pass gives up waiting on it (it may still
+/// complete; the next pass sees the outcome in the descriptor).
+const ACTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One node as the scheduler of this node sees it: what `flotilla-ctl nodes` shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    /// The node.
+    pub node: NodeId,
+    /// Its liveness, from this node's failure detector.
+    pub state: NodeState,
+    /// How long it has been in that state (since this node started watching, at most).
+    pub state_for: Duration,
+    /// Its latest statistics, if it published any.
+    pub stats: Option<NodeStats>,
+    /// How old they are.
+    pub stats_age: Option<Duration>,
+}
+
+/// One decision of the scheduler and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// When it was decided (wall clock, for operators).
+    pub at: SystemTime,
+    /// The range it concerned.
+    pub range: RangeId,
+    /// `transfer-leader`, `add-learner`, `promote` or `remove`.
+    pub action: &'static str,
+    /// What exactly: the replicas and nodes concerned, and why.
+    pub detail: String,
+    /// `Ok` once done; the error otherwise.
+    pub outcome: Result<(), String>,
+}
+
+/// What the scheduler knows and did, shared with the admin API.
+#[derive(Debug)]
+pub struct Placement {
+    config: ScheduleConfig,
+    nodes: Mutex<Vec<NodeInfo>>,
+    log: Mutex<VecDeque<Event>>,
+    moves_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl Placement {
+    fn new(config: ScheduleConfig) -> Self {
+        Placement {
+            config,
+            nodes: Mutex::new(Vec::new()),
+            log: Mutex::new(VecDeque::new()),
+            moves_in_flight: Default::default(),
+        }
+    }
+
+    /// Whether the scheduler takes decisions (`[schedule].enabled`).
+    pub fn enabled(&self) -> bool {
+        self.config.enabled
+    }
+
+    /// Every node of the cluster as of the last pass, in node order.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The latest decisions, oldest first (at most `log_capacity`).
+    pub fn events(&self) -> Vec<Event> {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter().cloned().collect()
+    }
+
+    /// Moves (learners added, not yet promoted) in the ranges this node leads, at the last
+    /// pass.
+    pub fn moves_in_flight(&self) -> usize {
+        self.moves_in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn record(&self, event: Event) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        while log.len() >= self.config.log_capacity {
+            log.pop_front();
+        }
+        log.push_back(event);
+    }
+}
+
+/// The scheduler task of one node; stopped (aborted) when dropped.
+#[derive(Debug)]
+pub struct Scheduler {
+    placement: Arc<Placement>,
+    task: JoinHandle<()>,
+}
+
+impl Scheduler {
+    /// Starts the passes of `node` on `runtime`. The cluster is this node and the
+    /// transport's peers (looked up at each pass, so peers added later count).
+    pub fn start(
+        node: Arc<NodeGroup>,
+        transport: Arc<GrpcTransport>,
+        config: ScheduleConfig,
+        runtime: &Handle,
+    ) -> Scheduler {
+        let placement = Arc::new(Placement::new(config));
+        let mut state = PassState {
+            node,
+            transport,
+            placement: placement.clone(),
+            since: BTreeMap::new(),
+            last_counts: None,
+        };
+        let task = runtime.spawn(async move {
+            let interval = state.placement.config.interval;
+            loop {
+                tokio::time::sleep(interval).await;
+                state.pass().await;
+            }
+        });
+        Scheduler { placement, task }
+    }
+
+    /// The shared view and log.
+    pub fn placement(&self) -> Arc<Placement> {
+        self.placement.clone()
+    }
+
+    /// Stops the passes (an action under way is abandoned where it stands; the next leader
+    /// of its range finishes or undoes it).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct PassState {
+    node: Arc<NodeGroup>,
+    transport: Arc<GrpcTransport>,
+    placement: Arc<Placement>,
+    /// Per node: its state and since when (this node's clock).
+    since: BTreeMap<NodeId, (NodeState, Instant)>,
+    /// Writes and reads at the previous pass, for the rates.
+    last_counts: Option<(u64, u64, Instant)>,
+}
+
+impl PassState {
+    async fn pass(&mut self) {
+        let node = self.node.clone();
+        let transport = self.transport.clone();
+        let measured = tokio::task::spawn_blocking(move || measure(&node, &transport)).await;
+        let Ok((status, bytes, snapshots, ranges)) = measured else {
+            return;
+        };
+        let now = Instant::now();
+        let (write_rate, read_rate) = match self.last_counts {
+            Some((w, r, at)) => {
+                let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+                (
+                    status.writes.saturating_sub(w) as f64 / secs,
+                    status.reads.saturating_sub(r) as f64 / secs,
+                )
+            }
+            None => (0.0, 0.0),
+        };
+        self.last_counts = Some((status.writes, status.reads, now));
+        let mine = NodeStats {
+            replicas: status.replicas as u64,
+            leaders: status.leaders as u64,
+            bytes,
+            write_rate,
+            read_rate,
+            snapshots_in_flight: snapshots as u64,
+        };
+        self.transport.publish_stats(mine);
+        let infos = self.view_nodes(mine, now);
+        let moves = ranges
+            .iter()
+            .filter(|r| {
+                r.desc
+                    .replicas
+                    .iter()
+                    .any(|d| d.role == flotilla_proto::meta::ReplicaRole::Learner as i32)
+            })
+            .count();
+        self.placement
+            .moves_in_flight
+            .store(moves, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("flotilla_schedule_moves_in_flight").set(moves as f64);
+        let view = View {
+            me: self.node.node_id(),
+            nodes: infos
+                .iter()
+                .map(|i| NodeView {
+                    node: i.node,
+                    state: i.state,
+                    state_for: i.state_for,
+                    load: i.stats.as_ref().map(|s| Load {
+                        replicas: s.replicas,
+                        leaders: s.leaders,
+                        snapshots: s.snapshots_in_flight,
+                    }),
+                })
+                .collect(),
+            ranges,
+        };
+        *self
+            .placement
+            .nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = infos;
+        let actions = decide(&view, &self.placement.config);
+        let mut running = tokio::task::JoinSet::new();
+        for action in actions {
+            let node = self.node.clone();
+            let placement = self.placement.clone();
+            running.spawn(async move {
+                let at = SystemTime::now();
+                let (name, detail) = describe(&action);
+                let outcome = match tokio::time::timeout(ACTION_TIMEOUT, act(&node, &action)).await
+                {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no outcome within {ACTION_TIMEOUT:?}")),
+                };
+                count(&action, outcome.is_ok());
+                match &outcome {
+                    Ok(()) => tracing::info!(node = %node.node_id(), range = %action.range(), action = name, %detail, "placement"),
+                    Err(e) => tracing::info!(node = %node.node_id(), range = %action.range(), action = name, %detail, error = %e, "placement failed"),
+                }
+                placement.record(Event {
+                    at,
+                    range: action.range(),
+                    action: name,
+                    detail,
+                    outcome,
+                });
+            });
+        }
+        while running.join_next().await.is_some() {}
+    }
+
+    /// Every watched node with its state (and how long it has been in it) and statistics.
+    fn view_nodes(&mut self, mine: NodeStats, now: Instant) -> Vec<NodeInfo> {
+        let me = self.node.node_id();
+        let liveness: BTreeMap<NodeId, (bool, usize)> = self
+            .node
+            .node_liveness()
+            .into_iter()
+            .map(|l| (l.node, (l.up, l.silent_ticks)))
+            .collect();
+        let suspect_after = self.node.config().down_ticks() / 2;
+        let stats: BTreeMap<NodeId, (NodeStats, Instant)> = self
+            .transport
+            .peer_stats()
+            .into_iter()
+            .map(|(n, s, at)| (n, (s, at)))
+            .collect();
+        let mut all = self.transport.peers();
+        for &n in &all {
+            // A peer that hosts nothing yet is still a candidate for replicas: have the
+            // failure detector watch it (idempotent).
+            self.node.watch_node(n);
+        }
+        if !all.contains(&me) {
+            all.push(me);
+        }
+        all.sort();
+        all.into_iter()
+            .map(|n| {
+                let state = if n == me {
+                    NodeState::Up
+                } else {
+                    match liveness.get(&n) {
+                        Some((false, _)) => NodeState::Down,
+                        Some((true, silent)) if *silent > suspect_after.max(1) => {
+                            NodeState::Suspect
+                        }
+                        _ => NodeState::Up,
+                    }
+                };
+                let entry = self.since.entry(n).or_insert((state, now));
+                if entry.0 != state {
+                    *entry = (state, now);
+                }
+                let (stats, age) = if n == me {
+                    (Some(mine), Some(Duration::ZERO))
+                } else {
+                    match stats.get(&n) {
+                        Some((s, at)) => (Some(*s), Some(now.saturating_duration_since(*at))),
+                        None => (None, None),
+                    }
+                };
+                NodeInfo {
+                    node: n,
+                    state,
+                    state_for: now.duration_since(entry.1),
+                    stats,
+                    stats_age: age,
+                }
+            })
+            .collect()
+    }
+}
+
+/// This node's counters, data size, snapshots in flight and the ranges it leads (walks every
+/// replica: run off the async threads).
+fn measure(
+    node: &NodeGroup,
+    transport: &GrpcTransport,
+) -> (flotilla_runtime::NodeStatus, u64, usize, Vec<RangeView>) {
+    let status = node.node_status();
+    let bytes = node
+        .engine()
+        .data_size(b"", b"", MEASURE_MAX_KEYS)
+        .map_or(0, |s| s.bytes);
+    let mut ranges = Vec::new();
+    for desc in node.ranges() {
+        let Ok(st) = node.status(desc.id()) else {
+            continue;
+        };
+        if st.role != StateRole::Leader {
+            continue;
+        }
+        let Some(desc) = st.descriptor else {
+            continue;
+        };
+        ranges.push(RangeView {
+            desc,
+            leader: flotilla_proto::ReplicaId(st.replica_id),
+            commit: st.commit,
+            progress: st
+                .progress
+                .iter()
+                .map(|p| {
+                    (
+                        flotilla_proto::ReplicaId(p.replica_id),
+                        p.matched,
+                        p.recent_active,
+                    )
+                })
+                .collect(),
+        });
+    }
+    (status, bytes, transport.snapshots_in_flight(), ranges)
+}
+
+/// Does one action through the NodeGroup's API (this node's replica leads the range).
+async fn act(node: &NodeGroup, action: &Action) -> flotilla_runtime::Result<()> {
+    match *action {
+        Action::TransferLeader { range, to, .. } => node.transfer_leader(range, to).await,
+        Action::AddLearner { range, node: n, .. } => node
+            .change_membership(range, vec![MembershipChange::AddLearner(n)])
+            .await
+            .map(|_| ()),
+        Action::Promote {
+            range,
+            learner,
+            remove,
+        } => {
+            let mut changes = vec![MembershipChange::Promote(learner)];
+            changes.extend(remove.map(MembershipChange::Remove));
+            node.change_membership(range, changes).await.map(|_| ())
+        }
+        Action::Remove { range, replica } => node
+            .change_membership(range, vec![MembershipChange::Remove(replica)])
+            .await
+            .map(|_| ()),
+    }
+}
+
+fn describe(action: &Action) -> (&'static str, String) {
+    match action {
+        Action::TransferLeader { to, node, .. } => (
+            "transfer-leader",
+            format!("to replica {to} on node {node} (leaders unbalanced)"),
+        ),
+        Action::AddLearner { node, why, .. } => (
+            "add-learner",
+            format!(
+                "on node {node} ({})",
+                match why {
+                    Why::Repair => "repair: a replica's node is down past down_time",
+                    Why::Balance => "balance replica counts",
+                }
+            ),
+        ),
+        Action::Promote {
+            learner, remove, ..
+        } => (
+            "promote",
+            match remove {
+                Some(r) => format!("learner {learner}, removing replica {r} (joint change)"),
+                None => format!("learner {learner}"),
+            },
+        ),
+        Action::Remove { replica, .. } => ("remove", format!("replica {replica}")),
+    }
+}
+
+fn count(action: &Action, ok: bool) {
+    if !ok {
+        metrics::counter!("flotilla_schedule_failed_actions_total").increment(1);
+        return;
+    }
+    match action {
+        Action::TransferLeader { .. } => {
+            metrics::counter!("flotilla_schedule_leader_transfers_total").increment(1)
+        }
+        Action::AddLearner { why, .. } => metrics::counter!(
+            "flotilla_schedule_moves_started_total",
+            "why" => match why { Why::Repair => "repair", Why::Balance => "balance" }
+        )
+        .increment(1),
+        Action::Promote { .. } => {
+            metrics::counter!("flotilla_schedule_moves_finished_total").increment(1)
+        }
+        Action::Remove { .. } => metrics::counter!("flotilla_schedule_removals_total").increment(1),
+    }
+}
