@@ -139,8 +139,10 @@ impl Cluster {
         let layout = range_layout(count, &node_ids(self.nodes.len()));
         let running: Vec<NodeId> = self.running().into_iter().map(NodeId).collect();
         for id in &running {
-            bootstrap(self.node(id.0), layout.clone(), &running, |_| String::new())
-                .expect("bootstrap");
+            bootstrap(self.node(id.0), layout.clone(), &running, &running, |_| {
+                String::new()
+            })
+            .expect("bootstrap");
         }
         layout
     }

@@ -37,9 +37,10 @@ struct Cluster {
 impl Cluster {
     fn start() -> Cluster {
         // The test changes replicas and leaders itself.
-        let layout = Layout::local(3, RANGES)
-            .unwrap()
-            .with_args(&["--tick-ms", "20", "--no-schedule"]);
+        let layout =
+            Layout::local(3, RANGES)
+                .unwrap()
+                .with_args(&["--tick-ms", "20", "--no-schedule"]);
         let procs =
             NodeProcs::start(Path::new(env!("CARGO_BIN_EXE_flotilla-node")), layout).unwrap();
         Cluster {

@@ -224,12 +224,16 @@ fn a_node_joins_with_join_gets_id_4_is_reached_by_the_others_and_keeps_its_id() 
     for i in 0..3 {
         let c = n.client[i].to_string();
         assert!(
-            n.ctl_until(&["registry", "-o", "json"], "client addresses recorded", |v| {
-                v.as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|x| x["client"] == c.as_str())
-            })
+            n.ctl_until(
+                &["registry", "-o", "json"],
+                "client addresses recorded",
+                |v| {
+                    v.as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|x| x["client"] == c.as_str())
+                }
+            )
             .is_array(),
             "{listed:#}"
         );
