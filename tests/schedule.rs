@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use flotilla::layout::{first_campaigner, range_layout};
 use flotilla::proto::meta::{RangeDescriptor, ReplicaRole};
 use flotilla::schedule::{NodeState, ScheduleConfig};
-use flotilla::testing::{local_server_config, node_ids, start_servers, test_config, wait_until};
+use flotilla::testing::{
+    bootstrap_ranges_and_system, local_server_config, node_ids, start_servers, test_config,
+    wait_until,
+};
 use flotilla::{MembershipChange, NodeId, RangeId, ReadConsistency, ReplicaId, Server, StateRole};
 
 const T: Duration = Duration::from_secs(60);
@@ -42,12 +45,12 @@ fn bootstrap(nodes: &[Server], count: usize, members: usize) -> Vec<RangeDescrip
     let ids = node_ids(members);
     let layout = range_layout(count, &ids);
     for n in &nodes[..members] {
-        n.node()
-            .bootstrap_layout(layout.clone(), |d| {
-                let c = first_campaigner(d.id(), &ids)?;
-                d.replica_on(c).map(|r| ReplicaId(r.replica_id))
-            })
-            .unwrap();
+        // With the system range: splits lease their new range's id from it.
+        bootstrap_ranges_and_system(n.node(), layout.clone()).unwrap();
+    }
+    for d in &layout {
+        let c = first_campaigner(d.id(), &ids).unwrap();
+        nodes[c.0 as usize - 1].node().campaign(d.id()).unwrap();
     }
     layout
 }
@@ -89,8 +92,13 @@ fn has_learner(d: &RangeDescriptor) -> bool {
 async fn put(nodes: &[Server], live: &[usize], key: &[u8], value: &[u8]) {
     let deadline = Instant::now() + T;
     loop {
-        let range = nodes[live[0]].node().range_of(key).unwrap().id();
-        if let Some(l) = leader(nodes, live, range) {
+        // Any live node that hosts the key's range: balancing may have moved a replica off
+        // the first one.
+        let range = live
+            .iter()
+            .find_map(|&i| nodes[i].node().range_of(key).ok())
+            .map(|d| d.id());
+        if let Some(l) = range.and_then(|range| leader(nodes, live, range)) {
             if nodes[l].node().put(key, value).await.is_ok() {
                 return;
             }
@@ -178,7 +186,19 @@ async fn leaders_spread_over_the_nodes_after_one_leaders_ranges_split() {
 async fn a_dead_nodes_replicas_are_rebuilt_on_the_empty_node_and_no_write_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = start(4, dir.path(), |_| schedule(Duration::from_secs(1)));
-    let layout = bootstrap(&nodes, 4, 3);
+    let layout = {
+        let ids = node_ids(3);
+        let layout = range_layout(4, &ids);
+        for n in &nodes[..3] {
+            n.node()
+                .bootstrap_layout(layout.clone(), |d| {
+                    let c = first_campaigner(d.id(), &ids)?;
+                    d.replica_on(c).map(|r| ReplicaId(r.replica_id))
+                })
+                .unwrap();
+        }
+        layout
+    };
     let all = [0, 1, 2, 3];
     assert!(
         wait_until(T, || layout
@@ -214,6 +234,24 @@ async fn a_dead_nodes_replicas_are_rebuilt_on_the_empty_node_and_no_write_is_los
         })
     })
     .await;
+    if !repaired {
+        for d in &layout {
+            for &i in &live {
+                if let Ok(st) = nodes[i].node().status(d.id()) {
+                    eprintln!(
+                        "{} on n{}: {:?} term {} leader {} asleep {} voters {:?}",
+                        d.id(),
+                        i + 1,
+                        st.role,
+                        st.term,
+                        st.leader,
+                        st.asleep,
+                        st.descriptor.as_ref().map(voters)
+                    );
+                }
+            }
+        }
+    }
     assert!(
         repaired,
         "descriptors: {:?}",

@@ -103,10 +103,12 @@ impl Replica {
             return;
         }
         let from = match msg {
-            // The transport could not deliver to a replica (its node is down, typically): raft
-            // only marks that follower's progress. Waking for it would undo every sleep of a
-            // leader whose last heartbeats went to a dead node, over and over.
-            PeerMsg::Sleep { .. } | PeerMsg::Unreachable { .. } => return,
+            PeerMsg::Sleep { .. } => return,
+            // The transport could not deliver to a replica (its node is down, typically). A
+            // leader only marks that follower's progress: waking it would undo every sleep of
+            // a leader whose last heartbeats went to a dead node, over and over. A follower
+            // that cannot reach its leader wakes, to elect another if the leader stays silent.
+            PeerMsg::Unreachable { .. } if self.raw.raft.state == StateRole::Leader => return,
             PeerMsg::Raft { msg, .. } => {
                 let raft = &self.raw.raft;
                 // The answers to a leader's last heartbeats before it slept.
