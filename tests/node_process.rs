@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use flotilla::proto::kv::kv_client::KvClient;
 use flotilla::proto::kv::{GetRequest, PutRequest};
 use flotilla::testing::key_in_range;
+use flotilla_benchkit::nodes::http_get;
 
 const T: Duration = Duration::from_secs(30);
 const NODE: &str = env!("CARGO_BIN_EXE_flotilla-node");
@@ -80,29 +81,6 @@ impl Drop for Node {
             eprintln!("--- node log ---\n{log}");
         }
     }
-}
-
-/// `GET http://addr/path` over a plain TCP stream: (status code, body).
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
 }
 
 /// Waits for `/health` to answer 200.

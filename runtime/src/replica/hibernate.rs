@@ -186,8 +186,7 @@ impl Replica {
     /// Asks replica `to` (the leader, or who is presumed to be) to wake.
     fn poke(&mut self, to: u64, out: &mut Output) {
         let raft = &self.raw.raft;
-        let leader = to;
-        let Some(node) = self.node_of(leader) else {
+        let Some(node) = self.node_of(to) else {
             return;
         };
         out.push_heartbeat(
@@ -195,7 +194,7 @@ impl Replica {
             Heartbeat {
                 range_id: self.range.0,
                 from_replica: self.id,
-                to_replica: leader,
+                to_replica: to,
                 term: raft.term,
                 commit: raft.raft_log.committed,
                 response: true,
