@@ -212,7 +212,14 @@ impl PassState {
             snapshots_in_flight: snapshots as u64,
         };
         self.transport.publish_stats(mine);
-        let infos = self.view_nodes(mine, now);
+        // Nodes that host replicas of ranges led here are watched even before the transport
+        // has met them (a node that just joined): the failure detector then declares them
+        // up or, if they never answer, down.
+        let hosts: Vec<NodeId> = ranges
+            .iter()
+            .flat_map(|r| r.desc.replicas.iter().map(|d| NodeId(d.node_id)))
+            .collect();
+        let infos = self.view_nodes(mine, &hosts, now);
         let moves = ranges
             .iter()
             .filter(|r| {
@@ -280,7 +287,7 @@ impl PassState {
     }
 
     /// Every watched node with its state (and how long it has been in it) and statistics.
-    fn view_nodes(&mut self, mine: NodeStats, now: Instant) -> Vec<NodeInfo> {
+    fn view_nodes(&mut self, mine: NodeStats, hosts: &[NodeId], now: Instant) -> Vec<NodeInfo> {
         let me = self.node.node_id();
         let liveness: BTreeMap<NodeId, (bool, usize)> = self
             .node
@@ -296,6 +303,9 @@ impl PassState {
             .map(|(n, s, at)| (n, (s, at)))
             .collect();
         let mut all = self.transport.peers();
+        all.extend(hosts.iter().copied().filter(|&n| n != me));
+        all.sort();
+        all.dedup();
         for &n in &all {
             // A peer that hosts nothing yet is still a candidate for replicas: have the
             // failure detector watch it (idempotent).
