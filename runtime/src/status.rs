@@ -21,6 +21,36 @@ impl NodeGroup {
             .ok_or(Error::ReplicaFailed(range))
     }
 
+    /// The statuses of the replicas here that lead their group and whose descriptor `pick`
+    /// accepts (offered in range id order), and how many replicas here lead in all. Walks the
+    /// leader index, not every replica, and builds a status only for the picked ones: a
+    /// placement pass over 100,000 replicas a node must not cost a status each.
+    pub fn leading(
+        &self,
+        mut pick: impl FnMut(&RangeDescriptor) -> bool,
+    ) -> (usize, Vec<ReplicaStatus>) {
+        let mut leaders = 0;
+        let mut picked = Vec::new();
+        for range in self.shared.liveness.led_by(self.shared.node) {
+            let range = RangeId(range);
+            if range.is_system() {
+                continue; // not placed by ranges' rules (and outside the router)
+            }
+            let Some(cell) = self.shared.cell(range) else {
+                continue;
+            };
+            let guard = cell.replica.lock();
+            let Some(r) = guard.as_ref().filter(|r| r.is_leader()) else {
+                continue;
+            };
+            leaders += 1;
+            if r.descriptor().is_some_and(&mut pick) {
+                picked.push(r.status());
+            }
+        }
+        (leaders, picked)
+    }
+
     /// Counters of the whole NodeGroup (walks every replica: not for hot paths).
     pub fn node_status(&self) -> NodeStatus {
         let mut leaders = 0;
