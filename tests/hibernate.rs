@@ -315,6 +315,7 @@ fn leader_index_is_exact(c: &Cluster) {
             .collect();
         walked.sort();
         assert_eq!(count, walked.len(), "node {n}");
+        assert_eq!(node.node_status().leaders, count, "node {n}");
         assert_eq!(indexed, walked, "node {n}");
         assert!(node.leading(|_| false).1.is_empty());
     }

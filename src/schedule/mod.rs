@@ -397,8 +397,8 @@ fn measure(
 }
 
 /// The ranges led here that a pass looks at, and the cursor of the next pass: every one
-/// with something to do (a move in flight, a replica on a node not up, a voter count off
-/// the replication factor) and the next `BALANCE_SAMPLE` of the others after `cursor`
+/// with something to do (a move in flight, a replica on a node not up, more voters than the
+/// replication factor, or fewer while an up node could take one) and the next `BALANCE_SAMPLE` of the others after `cursor`
 /// (in range id order, wrapping), the candidates for balancing. A pass at 100,000 replicas
 /// a node thus builds a few hundred statuses, not one per range led.
 fn led_ranges(
@@ -415,7 +415,10 @@ fn led_ranges(
             .iter()
             .filter(|r| r.role == ReplicaRole::Voter as i32)
             .count();
-        let busy = voters != factor
+        // Below the replication factor counts only if an up node could take a replica:
+        // a one-node cluster's ranges are not all looked at on every pass.
+        let busy = voters > factor
+            || (voters < factor && up.len() > d.replicas.len())
             || d.replicas
                 .iter()
                 .any(|r| r.role == ReplicaRole::Learner as i32 || !up.contains(&NodeId(r.node_id)));
