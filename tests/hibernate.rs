@@ -291,9 +291,33 @@ async fn a_bootstrap_of_many_groups_elects_each_about_once_and_every_group_sleep
             i + 1
         );
     }
+    leader_index_is_exact(&c);
     // Every range serves.
     for i in [0, groups as u64 / 2, groups as u64 - 1] {
         c.put(&key_in_range(i, "b"), b"v", T).await.unwrap();
+    }
+}
+
+/// The leader index names exactly the replicas that lead, on every node (with every group
+/// asleep, so nothing changes meanwhile): the scheduler's passes walk it
+/// (`NodeGroup::leading`) instead of every replica.
+fn leader_index_is_exact(c: &Cluster) {
+    for n in c.running() {
+        let node = c.node(n);
+        let (count, picked) = node.leading(|_| true);
+        let mut indexed: Vec<RangeId> = picked.iter().map(|s| s.range).collect();
+        indexed.sort();
+        let mut walked: Vec<RangeId> = node
+            .ranges()
+            .iter()
+            .map(|d| d.id())
+            .filter(|&r| node.status(r).is_ok_and(|s| s.role == StateRole::Leader))
+            .collect();
+        walked.sort();
+        assert_eq!(count, walked.len(), "node {n}");
+        assert_eq!(node.node_status().leaders, count, "node {n}");
+        assert_eq!(indexed, walked, "node {n}");
+        assert!(node.leading(|_| false).1.is_empty());
     }
 }
 
@@ -322,6 +346,7 @@ async fn a_restart_of_a_node_with_many_sleeping_groups_holds_at_most_one_electio
         won as usize <= groups,
         "{won} elections for {groups} groups"
     );
+    leader_index_is_exact(&c);
     // Every range serves.
     for i in [0, groups as u64 / 2, groups as u64 - 1] {
         c.put(&key_in_range(i, "r"), b"v", T).await.unwrap();

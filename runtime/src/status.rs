@@ -21,18 +21,49 @@ impl NodeGroup {
             .ok_or(Error::ReplicaFailed(range))
     }
 
-    /// Counters of the whole NodeGroup (walks every replica: not for hot paths).
-    pub fn node_status(&self) -> NodeStatus {
+    /// The statuses of the replicas here that lead their group and whose descriptor `pick`
+    /// accepts (offered in range id order), and how many replicas here lead in all. Walks the
+    /// leader index, not every replica, and builds a status only for the picked ones: a
+    /// placement pass over 100,000 replicas a node must not cost a status each.
+    pub fn leading(
+        &self,
+        mut pick: impl FnMut(&RangeDescriptor) -> bool,
+    ) -> (usize, Vec<ReplicaStatus>) {
         let mut leaders = 0;
-        let mut system = None;
-        for c in self.shared.cells() {
-            let leads = c.replica.lock().as_ref().is_some_and(|r| r.is_leader());
-            if c.range.is_system() {
-                system = Some(leads);
-            } else if leads {
-                leaders += 1;
+        let mut picked = Vec::new();
+        for range in self.shared.liveness.led_by(self.shared.node) {
+            let range = RangeId(range);
+            if range.is_system() {
+                continue; // not placed by ranges' rules (and outside the router)
+            }
+            let Some(cell) = self.shared.cell(range) else {
+                continue;
+            };
+            let guard = cell.replica.lock();
+            let Some(r) = guard.as_ref().filter(|r| r.is_leader()) else {
+                continue;
+            };
+            leaders += 1;
+            if r.descriptor().is_some_and(&mut pick) {
+                picked.push(r.status());
             }
         }
+        (leaders, picked)
+    }
+
+    /// Counters of the whole NodeGroup.
+    pub fn node_status(&self) -> NodeStatus {
+        // Leaders from the leader index's count of the groups led here, not a walk of every
+        // replica: the scheduler asks every second, with 100,000 replicas a node.
+        let system = self
+            .shared
+            .cell(RangeId::SYSTEM)
+            .map(|c| c.replica.lock().as_ref().is_some_and(|r| r.is_leader()));
+        let leaders = self
+            .shared
+            .liveness
+            .led_count(self.shared.node)
+            .saturating_sub(usize::from(system == Some(true)));
         let st = NodeStatus {
             node: self.shared.node,
             replicas: self.shared.replica_count() - usize::from(system.is_some()),

@@ -5,7 +5,8 @@
 //! One pass looks at each range this node leads and picks at most one step for it, in order
 //! of priority:
 //! 1. **finish a move in flight** (the range has a learner): abandon it if the learner's node
-//!    is not up; once the learner has caught up, promote it and, in the same joint-consensus
+//!    is declared down (a suspect node, or one not heard from yet, is waited for: a node that
+//!    just joined is not known to every failure detector at once); once the learner has caught up, promote it and, in the same joint-consensus
 //!    change, remove the replica it replaces (on a dead node, else on the most loaded node),
 //!    never the leader, and only if a quorum of healthy voters remains;
 //! 2. **repair**: a voter on a node down for longer than `down_time` gets a learner on the up
@@ -207,6 +208,11 @@ impl<'a> Pass<'a> {
         n == self.view.me || self.node(n).is_some_and(|v| v.state == NodeState::Up)
     }
 
+    /// Declared down by the failure detector (for any time).
+    fn is_down(&self, n: NodeId) -> bool {
+        self.node(n).is_some_and(|v| v.state == NodeState::Down)
+    }
+
     /// Down without interruption for longer than `down_time`.
     fn is_dead(&self, n: NodeId) -> bool {
         self.node(n)
@@ -260,8 +266,12 @@ impl<'a> Pass<'a> {
         let range = r.desc.id();
         if let Some(learner) = r.desc.replicas.iter().find(|d| is_learner(d.role)) {
             let id = ReplicaId(learner.replica_id);
-            if !self.is_up(NodeId(learner.node_id)) {
+            let at = NodeId(learner.node_id);
+            if self.is_down(at) {
                 return Some(Action::Remove { range, replica: id });
+            }
+            if !self.is_up(at) {
+                return None; // suspect, or not heard from yet: it may still come up
             }
             if !caught_up(r, id) {
                 return None; // still catching up (by snapshot, usually)
@@ -707,6 +717,32 @@ mod tests {
                 replica: ReplicaId(4)
             }]
         );
+    }
+
+    #[test]
+    fn a_learner_on_a_suspect_or_unknown_node_is_waited_for() {
+        // Node 4 just joined: suspect here, or not in this node's view at all yet. Removing
+        // its learner would undo every move to a new node on the first pass.
+        for nodes in [
+            vec![
+                up(1, 3, 1),
+                up(2, 3, 1),
+                up(3, 3, 1),
+                node(4, NodeState::Suspect, Duration::from_secs(1), 1, 0),
+            ],
+            vec![up(1, 3, 1), up(2, 3, 1), up(3, 3, 1)],
+        ] {
+            let mut r = range(7, &[1, 2, 3], &[4]);
+            for p in &mut r.progress {
+                if p.0 == ReplicaId(4) {
+                    p.1 = 0; // behind, so not promoted either
+                }
+            }
+            assert_eq!(
+                decide(&view(nodes, vec![r]), &config()),
+                Vec::<Action>::new()
+            );
+        }
     }
 
     #[test]

@@ -19,19 +19,25 @@
 mod config;
 mod decide;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use flotilla_proto::meta::ReplicaRole;
 use flotilla_proto::transport::NodeStats;
 use flotilla_proto::{NodeId, RangeId};
-use flotilla_runtime::{MembershipChange, NodeGroup, StateRole};
+use flotilla_runtime::{MembershipChange, NodeGroup};
 use flotilla_transport::GrpcTransport;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 pub use self::config::ScheduleConfig;
 pub use self::decide::{decide, Action, Load, NodeState, NodeView, RangeView, View, Why};
+
+/// Ranges led here with nothing to do that one pass looks at as candidates for balancing
+/// (the next ones in range id order each pass). Balancing moves a few ranges a pass
+/// (`max_moves_per_node`, `max_transfers_per_pass`), so a few hundred candidates are plenty.
+const BALANCE_SAMPLE: usize = 256;
 
 /// Keys walked to measure this node's data exactly; past it RocksDB's estimate is used.
 const MEASURE_MAX_KEYS: u64 = 1_000;
@@ -143,6 +149,8 @@ impl Scheduler {
             transport,
             placement: placement.clone(),
             since: BTreeMap::new(),
+            hosts: BTreeSet::new(),
+            cursor: 0,
             last_counts: None,
         };
         let task = runtime.spawn(async move {
@@ -179,6 +187,11 @@ struct PassState {
     placement: Arc<Placement>,
     /// Per node: its state and since when (this node's clock).
     since: BTreeMap<NodeId, (NodeState, Instant)>,
+    /// Nodes seen hosting replicas of ranges led here (watched, and in the view, from then
+    /// on, whether or not the transport has met them).
+    hosts: BTreeSet<NodeId>,
+    /// The last range looked at as a balancing candidate (see `led_ranges`).
+    cursor: u64,
     /// Writes and reads at the previous pass, for the rates.
     last_counts: Option<(u64, u64, Instant)>,
 }
@@ -188,7 +201,7 @@ impl PassState {
         let node = self.node.clone();
         let transport = self.transport.clone();
         let measured = tokio::task::spawn_blocking(move || measure(&node, &transport)).await;
-        let Ok((status, bytes, snapshots, ranges)) = measured else {
+        let Ok((status, bytes, snapshots)) = measured else {
             return;
         };
         let now = Instant::now();
@@ -213,13 +226,37 @@ impl PassState {
         };
         self.transport.publish_stats(mine);
         let infos = self.view_nodes(mine, now);
+        let up: BTreeSet<NodeId> = infos
+            .iter()
+            .filter(|i| i.state == NodeState::Up)
+            .map(|i| i.node)
+            .collect();
+        let node = self.node.clone();
+        let (cursor, factor) = (self.cursor, self.placement.config.replication_factor);
+        let Ok((ranges, cursor)) =
+            tokio::task::spawn_blocking(move || led_ranges(&node, &up, factor, cursor)).await
+        else {
+            return;
+        };
+        self.cursor = cursor;
+        // Nodes that host replicas of ranges led here are watched from now on, even before
+        // the transport has met them (a node that just joined): the failure detector then
+        // declares them up or, if they never answer, down.
+        for r in &ranges {
+            for d in &r.desc.replicas {
+                let n = NodeId(d.node_id);
+                if self.hosts.insert(n) {
+                    self.node.watch_node(n);
+                }
+            }
+        }
         let moves = ranges
             .iter()
             .filter(|r| {
                 r.desc
                     .replicas
                     .iter()
-                    .any(|d| d.role == flotilla_proto::meta::ReplicaRole::Learner as i32)
+                    .any(|d| d.role == ReplicaRole::Learner as i32)
             })
             .count();
         self.placement
@@ -296,6 +333,9 @@ impl PassState {
             .map(|(n, s, at)| (n, (s, at)))
             .collect();
         let mut all = self.transport.peers();
+        all.extend(self.hosts.iter().copied().filter(|&n| n != me));
+        all.sort();
+        all.dedup();
         for &n in &all {
             // A peer that hosts nothing yet is still a candidate for replicas: have the
             // failure detector watch it (idempotent).
@@ -342,46 +382,79 @@ impl PassState {
     }
 }
 
-/// This node's counters, data size, snapshots in flight and the ranges it leads (walks every
-/// replica: run off the async threads).
+/// This node's counters, data size and snapshots in flight (walks every replica: run off the
+/// async threads).
 fn measure(
     node: &NodeGroup,
     transport: &GrpcTransport,
-) -> (flotilla_runtime::NodeStatus, u64, usize, Vec<RangeView>) {
+) -> (flotilla_runtime::NodeStatus, u64, usize) {
     let status = node.node_status();
     let bytes = node
         .engine()
         .data_size(b"", b"", MEASURE_MAX_KEYS)
         .map_or(0, |s| s.bytes);
-    let mut ranges = Vec::new();
-    for desc in node.ranges() {
-        let Ok(st) = node.status(desc.id()) else {
-            continue;
-        };
-        if st.role != StateRole::Leader {
-            continue;
-        }
-        let Some(desc) = st.descriptor else {
-            continue;
-        };
-        ranges.push(RangeView {
-            desc,
-            leader: flotilla_proto::ReplicaId(st.replica_id),
-            commit: st.commit,
-            progress: st
-                .progress
+    (status, bytes, transport.snapshots_in_flight())
+}
+
+/// The ranges led here that a pass looks at, and the cursor of the next pass: every one
+/// with something to do (a move in flight, a replica on a node not up, more voters than the
+/// replication factor, or fewer while an up node could take one) and the next `BALANCE_SAMPLE` of the others after `cursor`
+/// (in range id order, wrapping), the candidates for balancing. A pass at 100,000 replicas
+/// a node thus builds a few hundred statuses, not one per range led.
+fn led_ranges(
+    node: &NodeGroup,
+    up: &BTreeSet<NodeId>,
+    factor: usize,
+    cursor: u64,
+) -> (Vec<RangeView>, u64) {
+    let mut sampled = 0;
+    let mut last = cursor;
+    let (_, statuses) = node.leading(|d| {
+        let voters = d
+            .replicas
+            .iter()
+            .filter(|r| r.role == ReplicaRole::Voter as i32)
+            .count();
+        // Below the replication factor counts only if an up node could take a replica:
+        // a one-node cluster's ranges are not all looked at on every pass.
+        let busy = voters > factor
+            || (voters < factor && up.len() > d.replicas.len())
+            || d.replicas
                 .iter()
-                .map(|p| {
-                    (
-                        flotilla_proto::ReplicaId(p.replica_id),
-                        p.matched,
-                        p.recent_active,
-                    )
-                })
-                .collect(),
-        });
-    }
-    (status, bytes, transport.snapshots_in_flight(), ranges)
+                .any(|r| r.role == ReplicaRole::Learner as i32 || !up.contains(&NodeId(r.node_id)));
+        if busy {
+            return true;
+        }
+        if sampled < BALANCE_SAMPLE && d.id().0 > cursor {
+            sampled += 1;
+            last = d.id().0;
+            return true;
+        }
+        false
+    });
+    let next = if sampled < BALANCE_SAMPLE { 0 } else { last };
+    let ranges = statuses
+        .into_iter()
+        .filter_map(|st| {
+            Some(RangeView {
+                desc: st.descriptor?,
+                leader: flotilla_proto::ReplicaId(st.replica_id),
+                commit: st.commit,
+                progress: st
+                    .progress
+                    .iter()
+                    .map(|p| {
+                        (
+                            flotilla_proto::ReplicaId(p.replica_id),
+                            p.matched,
+                            p.recent_active,
+                        )
+                    })
+                    .collect(),
+            })
+        })
+        .collect();
+    (ranges, next)
 }
 
 /// Does one action through the NodeGroup's API (this node's replica leads the range).

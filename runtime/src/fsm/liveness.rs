@@ -162,6 +162,11 @@ impl Liveness {
             .unwrap_or_default()
     }
 
+    /// How many groups' leader, as known here, lives on `node`.
+    pub(crate) fn led_count(&self, node: NodeId) -> usize {
+        self.by_leader.lock().get(&node.0).map_or(0, |s| s.len())
+    }
+
     /// Queues a paced wake of `range`.
     pub(crate) fn queue_wake(&self, range: RangeId, why: Wake) {
         self.wakes.lock().push_back((range.0, why));
