@@ -2,7 +2,8 @@
 //! the peer list in the config, the initial layout bootstrapped on a fresh store, the client
 //! APIs on the client address. A node shut down from outside the runtime lets go of both
 //! ports and restarts on them from its store without bootstrapping again; `run_until` returns
-//! once its signal fires and leaves the client port free.
+//! once its signal fires and leaves the client port free. Nodes bound on port 0 record the
+//! address they bound in the registry, never port 0.
 //!
 //! A plain `#[test]` with its own tokio runtime, so that shutdowns can wait for the servers to
 //! release their ports (they cannot on a runtime thread).
@@ -11,12 +12,16 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use flotilla::layout::range_layout;
 use flotilla::proto::admin::admin_client::AdminClient;
 use flotilla::proto::admin::RangesRequest;
 use flotilla::proto::kv::kv_client::KvClient;
 use flotilla::proto::kv::{GetRequest, StatusRequest};
-use flotilla::testing::{key_in_range, test_config};
-use flotilla::{NodeId, RangeId, Server, ServerConfig};
+use flotilla::testing::{
+    bootstrap_ranges_and_system, key_in_range, node_ids, start_local_servers, test_config,
+    wait_until_async,
+};
+use flotilla::{NodeId, RangeId, ReadConsistency, Server, ServerConfig};
 
 const RANGES: usize = 6;
 const T: Duration = Duration::from_secs(30);
@@ -176,6 +181,50 @@ fn a_server_bootstraps_once_serves_clients_and_restarts_on_its_ports() {
     TcpListener::bind(client[0]).expect("node 1's client port is free");
 
     for n in nodes.iter().flatten() {
+        n.shutdown();
+    }
+}
+
+/// Nodes configured with port 0 (the system picks a free port, as every in-process cluster
+/// of the tests does) record in the registry the raft address they bound. They recorded the
+/// configured `127.0.0.1:0`: every node that then learned it from the registry lost its
+/// link to them while their own sends still went through, a one-way partition in which a
+/// range left with two live voters out of three never elected a leader.
+#[test]
+fn nodes_bound_on_port_zero_record_their_bound_raft_address_in_the_registry() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_local_servers(3, test_config, dir.path(), rt.handle().clone()).unwrap();
+    let layout = range_layout(1, &node_ids(3));
+    for n in &nodes {
+        // Seeds the registry with the three nodes and no address: each records its own.
+        bootstrap_ranges_and_system(n.node(), layout.clone()).unwrap();
+    }
+    let records = rt.block_on(async {
+        let node = nodes[0].node();
+        let recorded = wait_until_async(T, || async {
+            node.nodes(ReadConsistency::Linearizable)
+                .await
+                .is_ok_and(|r| r.len() == 3 && r.iter().all(|n| !n.raft_addr.is_empty()))
+        })
+        .await;
+        assert!(recorded, "the nodes did not record their addresses");
+        node.nodes(ReadConsistency::Linearizable).await.unwrap()
+    });
+    for n in &nodes {
+        let record = records.iter().find(|r| r.node_id == n.node_id().0);
+        assert_eq!(
+            record.map(|r| r.raft_addr.as_str()),
+            Some(n.raft_addr().to_string().as_str()),
+            "{}'s record",
+            n.node_id()
+        );
+    }
+    for n in &nodes {
         n.shutdown();
     }
 }

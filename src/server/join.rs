@@ -12,7 +12,7 @@
 //!   removed ones (`remove_peer`: their batches are refused from then on). A node that holds
 //!   a replica of the system range first records its own addresses in it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,7 +60,9 @@ pub async fn join(config: &mut ServerConfig) -> Result<(), ServerError> {
         addr: addr.clone(),
         reason,
     };
-    let raft_addr = advertised_raft_addr(config);
+    // Before binding: a join configured with port 0 records that port (see the Watcher,
+    // which records the bound address only on a node holding the system range).
+    let raft_addr = advertised_raft_addr(config, config.raft_addr);
     let request = JoinRequest {
         node_id,
         raft_addr,
@@ -97,13 +99,25 @@ pub async fn join(config: &mut ServerConfig) -> Result<(), ServerError> {
 }
 
 /// The raft address the other nodes should use: this node's entry in `peers` if it has one
-/// (what the bootstrap nodes were told), else the address it binds.
-fn advertised_raft_addr(config: &ServerConfig) -> String {
+/// (what the bootstrap nodes were told), else `bound`, the address its raft listener bound.
+/// Not the configured `raft_addr`: with port 0 (the system picks a free port, as in-process
+/// test clusters do) that is an address nobody can dial, and every node that learned it from
+/// the registry would lose its link to this node while this node's own sends still went
+/// through: a one-way partition that left groups without a leader.
+fn advertised_raft_addr(config: &ServerConfig, bound: SocketAddr) -> String {
     config
         .peers
         .get(&config.node_id())
         .cloned()
-        .unwrap_or_else(|| config.raft_addr.to_string())
+        .unwrap_or_else(|| bound.to_string())
+}
+
+/// Whether `addr` is one no node can dial (port 0, or an unspecified IP such as `0.0.0.0`):
+/// such a registry record is ignored rather than replacing a working address. Host names are
+/// taken as they are.
+fn undialable(addr: &str) -> bool {
+    addr.parse::<SocketAddr>()
+        .is_ok_and(|a| a.port() == 0 || a.ip().is_unspecified())
 }
 
 /// Keeps the transport's peers in step with the registry (see the module doc). Runs as one
@@ -117,19 +131,23 @@ pub(crate) struct Watcher {
     ask: Vec<String>,
     /// The raft address the transport has for each peer.
     known: BTreeMap<u64, String>,
+    /// Registry addresses ignored as undialable (warned about once each).
+    undialable: BTreeSet<(u64, String)>,
     registered: bool,
 }
 
 impl Watcher {
+    /// `raft_addr` and `client_addr` are the addresses the node's listeners bound.
     pub(crate) fn new(
         node: Arc<NodeGroup>,
         transport: Arc<GrpcTransport>,
         config: &ServerConfig,
+        raft_addr: SocketAddr,
         client_addr: SocketAddr,
     ) -> Watcher {
         let me = NodeRecord {
             node_id: config.node_id().0,
-            raft_addr: advertised_raft_addr(config),
+            raft_addr: advertised_raft_addr(config, raft_addr),
             client_addr: client_addr.to_string(),
             state: NodeState::Up as i32,
         };
@@ -141,6 +159,7 @@ impl Watcher {
             me,
             ask: config.join.iter().cloned().collect(),
             known: config.peers.iter().map(|(n, a)| (n.0, a.clone())).collect(),
+            undialable: BTreeSet::new(),
         }
     }
 
@@ -220,7 +239,17 @@ impl Watcher {
                 self.ask.push(n.client_addr.clone());
             }
             // A bootstrap node seeded without an address records it when it starts.
-            if !n.raft_addr.is_empty() && self.known.get(&n.node_id) != Some(&n.raft_addr) {
+            if n.raft_addr.is_empty() {
+                continue;
+            }
+            if undialable(&n.raft_addr) {
+                // Once per address, not every refresh.
+                if self.undialable.insert((n.node_id, n.raft_addr.clone())) {
+                    tracing::warn!(node = self.me.node_id, peer = %id, addr = %n.raft_addr, "registry address cannot be dialled; keeping the one known");
+                }
+                continue;
+            }
+            if self.known.get(&n.node_id) != Some(&n.raft_addr) {
                 match self.transport.set_peer(id, n.raft_addr.clone()) {
                     Ok(()) => {
                         tracing::info!(node = self.me.node_id, peer = %id, addr = %n.raft_addr, "peer learned from the registry");
@@ -232,5 +261,36 @@ impl Watcher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{advertised_raft_addr, undialable};
+    use crate::server::ServerConfig;
+    use flotilla_proto::NodeId;
+
+    #[test]
+    fn a_node_advertises_its_peers_entry_else_the_address_it_bound() {
+        let mut config = ServerConfig {
+            raft_addr: "127.0.0.1:0".parse().unwrap(),
+            ..ServerConfig::default()
+        };
+        let bound = "127.0.0.1:40123".parse().unwrap();
+        assert_eq!(advertised_raft_addr(&config, bound), "127.0.0.1:40123");
+        config
+            .peers
+            .insert(config.node_id(), "node1.example:7000".into());
+        config.peers.insert(NodeId(9), "127.0.0.9:7000".into());
+        assert_eq!(advertised_raft_addr(&config, bound), "node1.example:7000");
+    }
+
+    #[test]
+    fn port_zero_and_unspecified_ips_cannot_be_dialled() {
+        assert!(undialable("127.0.0.1:0"));
+        assert!(undialable("0.0.0.0:7000"));
+        assert!(undialable("[::]:7000"));
+        assert!(!undialable("127.0.0.2:7000"));
+        assert!(!undialable("node1.example:7000"));
     }
 }

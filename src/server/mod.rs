@@ -454,8 +454,16 @@ impl ServerBuilder {
             }
             None => None,
         };
-        let registry = runtime
-            .spawn(join::Watcher::new(node.clone(), transport.clone(), &config, client_addr).run());
+        let registry = runtime.spawn(
+            join::Watcher::new(
+                node.clone(),
+                transport.clone(),
+                &config,
+                raft_addr,
+                client_addr,
+            )
+            .run(),
+        );
         Ok(Server {
             registry: Mutex::new(Some(registry)),
             node,
