@@ -107,7 +107,12 @@ async fn converge(c: &Cluster) -> Vec<RangeDescriptor> {
         .iter()
         .map(|&n| format!("node {n}: {}", show(&c.node(n).ranges())))
         .collect();
-    assert!(ok, "nodes did not converge:\n{}", dump.join("\n"));
+    assert!(
+        ok,
+        "nodes did not converge:\n{}\n{}",
+        dump.join("\n"),
+        replica_states(c)
+    );
     let ranges = c.node(c.running()[0]).ranges();
     for n in c.running() {
         for d in &ranges {
@@ -115,6 +120,24 @@ async fn converge(c: &Cluster) -> Vec<RangeDescriptor> {
         }
     }
     ranges
+}
+
+/// What every running node's replicas are doing, for the message of a wait that failed.
+fn replica_states(c: &Cluster) -> String {
+    let mut out = String::new();
+    for n in c.running() {
+        let node = c.node(n);
+        let ranges = node.ranges().iter().map(|d| d.id()).collect::<Vec<_>>();
+        for r in ranges.into_iter().chain([RangeId::SYSTEM]) {
+            if let Ok(s) = node.status(r) {
+                out += &format!(
+                    "node {n} {r}: {:?} term {} leader {} asleep {} commit {} last {}\n",
+                    s.role, s.term, s.leader, s.asleep, s.commit, s.last_index
+                );
+            }
+        }
+    }
+    out
 }
 
 /// Whether `split_key` is the start of a range on every running node.
@@ -524,6 +547,7 @@ async fn follower_behind_a_split_and_a_compacted_log_catches_up_by_snapshot() {
 /// restart all nodes agree on the ranges and every acknowledged write is readable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_stopped_right_after_a_split_was_proposed() {
+    init_log();
     let mut c = Cluster::new(3);
     let d = c.bootstrap(1).remove(0);
     c.wait_leaders(&[d.id()], T).await;
@@ -603,7 +627,12 @@ async fn node_stopped_right_after_a_split_was_proposed() {
         // the stopped leader would only fail after the proposal timeout.
         let survivor = c.running()[0];
         let ids: Vec<RangeId> = c.node(survivor).ranges().iter().map(|d| d.id()).collect();
-        c.wait_leaders(&ids, T).await;
+        let led = wait_until(T, || ids.iter().all(|r| c.leader_of(*r).is_some())).await;
+        assert!(
+            led,
+            "case {i}: the survivors did not elect a leader for every range:\n{}",
+            replica_states(&c)
+        );
         let base = 1000 + 10 * i as u32;
         acked.extend(write_all(&c, base..base + 4).await);
         c.start(v);

@@ -237,13 +237,17 @@ pub(crate) fn recover(shared: &Shared) -> Result<()> {
         // stays awake), its node wakes the groups it leads on seeing this node back up, a
         // request arrives, or liveness declares their leader's node down: the replica they
         // voted for is presumed their leader, in the leader index, until they learn better.
+        // A replica holding entries it does not know committed is woken too: its leader may
+        // have put the group to sleep while this node was down and restarting faster than
+        // liveness noticed, its sleep notice (the commit) lost, and nothing would wake it.
         let mut presumed = None;
         if shared.config.hibernate {
             replica.start_asleep();
             let vote = replica.hard_state().vote;
-            if vote == me {
+            if vote == me || replica.holds_uncommitted() {
                 shared.liveness.defer_wake(range, Wake::Up, 0);
-            } else {
+            }
+            if vote != me {
                 presumed = desc
                     .replicas
                     .iter()
@@ -520,7 +524,16 @@ pub(crate) fn settle(shared: &Shared, cell: &Arc<ReplicaCell>, replica: &Replica
             }
         }
     }
-    let leader = replica.leader_hint().map_or(0, |n| n.0);
+    let leader = match replica.leader_hint() {
+        Some(node) => node.0,
+        // A replica asleep that knows no leader (recovered asleep, see `recover`) stays under
+        // the node it is presumed to be led from: liveness wakes a sleeping replica through
+        // this index only. Every recovered replica runs a round at start that teaches it
+        // nothing; dropping the presumption then left it asleep for good when that node
+        // died, and a group whose survivors had all restarted so never elected again.
+        None if asleep => cell.leader_node.load(std::sync::atomic::Ordering::Acquire),
+        None => 0,
+    };
     let old = cell
         .leader_node
         .swap(leader, std::sync::atomic::Ordering::AcqRel);

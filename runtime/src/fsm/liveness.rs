@@ -35,9 +35,16 @@
 //!
 //! **Restart** (`fsm::life::recover`): recovered replicas start asleep, and only those that
 //! voted for themselves in their last term (only they can have been the leader the others
-//! still wait for) are queued; the others are woken by their leader (which stays awake while
-//! a follower is behind, and wakes its groups when it sees this node back up), a request, or
-//! liveness.
+//! still wait for) or hold log entries they do not know committed (their leader's sleep
+//! notice, which carried the commit, may have been lost while this node was down) are
+//! queued; the others are woken by their leader (which stays awake while a follower is
+//! behind, and wakes its groups when it sees this node back up), a request, or liveness. For
+//! liveness, a replica that knows no leader stands in the leader index under the node of the
+//! replica it voted for, and stays there while it sleeps (a round that teaches it nothing,
+//! such as the one every recovered replica runs at start, does not take it out): a node that
+//! restarts faster than `node_down_ticks` is never seen down, so nothing else would ever
+//! wake such a replica, and if its group's leader then died and every survivor had restarted
+//! so, the group would never elect again.
 //!
 //! **Bootstrap** (`fsm::life::bootstrap`): of a new group, only the replica the layout chose to
 //! lead is queued, to campaign ([`Wake::Campaign`]); the others sleep until its vote request

@@ -43,7 +43,8 @@
 //!
 //! With its heartbeats gone, a sleeping group learns of its leader's death from node liveness
 //! (`fsm::liveness`, on the transport's pings): when a node is declared down, the groups it led
-//! are woken with [`PeerMsg::NodeDown`](super::PeerMsg): their followers forget that leader
+//! (or, for a follower recovered asleep that knows no leader, the replica it voted for lived
+//! there) are woken with [`PeerMsg::NodeDown`](super::PeerMsg): their followers forget that leader
 //! (so that they grant votes at once) and the first live voter by replica id campaigns, so a
 //! group holds about one election. A follower woken for another reason while its leader's node
 //! is down does the same. Declaring a node down takes at least `election_tick` ticks of
@@ -67,6 +68,13 @@ impl Replica {
     /// queue (a restart must not make every group campaign at once).
     pub(crate) fn start_asleep(&mut self) {
         self.asleep = true;
+    }
+
+    /// Whether this replica's log holds entries it does not know to be committed: only its
+    /// leader can tell it their commit, and may never if the group sleeps.
+    pub(crate) fn holds_uncommitted(&self) -> bool {
+        let log = &self.raw.raft.raft_log;
+        log.last_index() > log.committed
     }
 
     /// Gives back what a sleeping replica does not need: the log tail cache (the entries stay
@@ -256,16 +264,25 @@ impl Replica {
         }
     }
 
-    /// The node hosting the leader of this group was declared down: forget that leader, so
-    /// that this replica grants votes at once, and campaign if this replica is the first live
-    /// voter (by replica id) of the group.
+    /// The node hosting the leader of this group (or, for a follower that knows none, the
+    /// replica it voted for) was declared down: forget that leader, so that this replica
+    /// grants votes at once, and campaign if this replica is the first live voter (by replica
+    /// id) of the group.
     pub(super) fn on_node_down(&mut self, node: NodeId, env: &Env<'_>, out: &mut Output) {
+        let knew_leader = self.raw.raft.leader_id != 0;
         self.wake(None, env, out);
         let raft = &self.raw.raft;
-        if raft.state == StateRole::Leader || raft.leader_id == 0 {
+        if raft.state != StateRole::Follower {
             return;
         }
-        if self.node_of(raft.leader_id) != Some(node) {
+        // A follower that knew no leader (recovered asleep) was woken as one led from the node
+        // of the replica it voted for (the leader index presumes so, `fsm::life::recover`).
+        let leader = if knew_leader {
+            raft.leader_id
+        } else {
+            raft.vote
+        };
+        if leader == 0 || leader == self.id || self.node_of(leader) != Some(node) {
             return;
         }
         self.forget_leader(node, true, env);
