@@ -287,8 +287,11 @@ fn an_interrupted_transfer_is_never_delivered() {
     assert!(n2.wait(|s| s.snapshot_chunks_received == 3));
     call.abort();
     assert!(rt.block_on(call).unwrap_err().is_cancelled());
-    assert!(n2.wait(|s| s.snapshots_refused_incomplete == 2));
+    // A dead sender's body goes with it: while `tx` lives, the client's connection may keep
+    // the request stream open after the call was dropped (seen once in a loaded run: the
+    // receiver waited for more chunks past the 20 s wait).
     drop(tx);
+    assert!(n2.wait(|s| s.snapshots_refused_incomplete == 2));
 
     let s = n2.t.stats();
     assert_eq!(s.snapshots_received + s.delivered_batches, 0, "{s:?}");
