@@ -51,6 +51,19 @@ impl NodeGroup {
         (leaders, picked)
     }
 
+    /// The statuses of this node's replicas of `ranges` that lead their group (the others,
+    /// and ranges not hosted here, are left out).
+    pub fn leading_among(&self, ranges: &[RangeId]) -> Vec<ReplicaStatus> {
+        ranges
+            .iter()
+            .filter_map(|&range| {
+                let cell = self.shared.cell(range)?;
+                let guard = cell.replica.lock();
+                guard.as_ref().filter(|r| r.is_leader()).map(|r| r.status())
+            })
+            .collect()
+    }
+
     /// Counters of the whole NodeGroup.
     pub fn node_status(&self) -> NodeStatus {
         // Leaders from the leader index's count of the groups led here, not a walk of every

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use flotilla_proto::meta::ReplicaRole;
+use flotilla_proto::meta::{RangeDescriptor, ReplicaRole};
 use flotilla_proto::transport::NodeStats;
 use flotilla_proto::{NodeId, RangeId};
 use flotilla_runtime::{MembershipChange, NodeGroup};
@@ -38,6 +38,11 @@ pub use self::decide::{decide, Action, Load, NodeState, NodeView, RangeView, Vie
 /// (the next ones in range id order each pass). Balancing moves a few ranges a pass
 /// (`max_moves_per_node`, `max_transfers_per_pass`), so a few hundred candidates are plenty.
 const BALANCE_SAMPLE: usize = 256;
+
+/// Every how many passes the whole leader index is walked (the others look only at the
+/// ranges found busy before): the walk is a lookup and a lock per range led, the bulk of an
+/// idle node's CPU at 100,000 replicas.
+const FULL_WALK_EVERY: u64 = 4;
 
 /// Keys walked to measure this node's data exactly; past it RocksDB's estimate is used.
 const MEASURE_MAX_KEYS: u64 = 1_000;
@@ -151,6 +156,9 @@ impl Scheduler {
             since: BTreeMap::new(),
             hosts: BTreeSet::new(),
             cursor: 0,
+            passes: 0,
+            last_up: BTreeSet::new(),
+            busy: BTreeSet::new(),
             last_counts: None,
         };
         let task = runtime.spawn(async move {
@@ -192,6 +200,12 @@ struct PassState {
     hosts: BTreeSet<NodeId>,
     /// The last range looked at as a balancing candidate (see `led_ranges`).
     cursor: u64,
+    /// Passes so far (every `FULL_WALK_EVERY`th walks the whole leader index).
+    passes: u64,
+    /// The nodes up at the previous pass (a change makes the next pass walk everything).
+    last_up: BTreeSet<NodeId>,
+    /// Ranges led here found busy, or acted on, at the previous pass.
+    busy: BTreeSet<RangeId>,
     /// Writes and reads at the previous pass, for the rates.
     last_counts: Option<(u64, u64, Instant)>,
 }
@@ -232,13 +246,35 @@ impl PassState {
             .map(|i| i.node)
             .collect();
         let node = self.node.clone();
-        let (cursor, factor) = (self.cursor, self.placement.config.replication_factor);
-        let Ok((ranges, cursor)) =
-            tokio::task::spawn_blocking(move || led_ranges(&node, &up, factor, cursor)).await
-        else {
-            return;
+        let factor = self.placement.config.replication_factor;
+        // The whole leader index is walked every `FULL_WALK_EVERY` passes, or when a node's
+        // state changed; the passes between look only at the ranges found busy (or acted on)
+        // before, so that moves in flight still progress every pass.
+        let full = self.passes.is_multiple_of(FULL_WALK_EVERY) || up != self.last_up;
+        self.passes += 1;
+        self.last_up = up.clone();
+        let ranges = if full {
+            let cursor = self.cursor;
+            let Ok((ranges, cursor)) =
+                tokio::task::spawn_blocking(move || led_ranges(&node, &up, factor, cursor)).await
+            else {
+                return;
+            };
+            self.cursor = cursor;
+            ranges
+        } else {
+            let ids: Vec<RangeId> = self.busy.iter().copied().collect();
+            let Ok(statuses) = tokio::task::spawn_blocking(move || node.leading_among(&ids)).await
+            else {
+                return;
+            };
+            statuses.into_iter().filter_map(range_view).collect()
         };
-        self.cursor = cursor;
+        self.busy = ranges
+            .iter()
+            .filter(|r| is_busy(&r.desc, &self.last_up, factor))
+            .map(|r| r.desc.id())
+            .collect();
         // Nodes that host replicas of ranges led here are watched from now on, even before
         // the transport has met them (a node that just joined): the failure detector then
         // declares them up or, if they never answer, down.
@@ -286,6 +322,8 @@ impl PassState {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = infos;
         let actions = decide(&view, &self.placement.config);
+        // A range acted on is looked at again next pass (a learner added is a move to finish).
+        self.busy.extend(actions.iter().map(Action::range));
         let mut running = tokio::task::JoinSet::new();
         for action in actions {
             let node = self.node.clone();
@@ -398,8 +436,9 @@ fn measure(
 
 /// The ranges led here that a pass looks at, and the cursor of the next pass: every one
 /// with something to do (a move in flight, a replica on a node not up, more voters than the
-/// replication factor, or fewer while an up node could take one) and the next `BALANCE_SAMPLE` of the others after `cursor`
-/// (in range id order, wrapping), the candidates for balancing. A pass at 100,000 replicas
+/// replication factor, or fewer while an up node could take one: see `is_busy`) and the next
+/// `BALANCE_SAMPLE` of the others after `cursor` (in range id order, wrapping), the
+/// candidates for balancing. A pass at 100,000 replicas
 /// a node thus builds a few hundred statuses, not one per range led.
 fn led_ranges(
     node: &NodeGroup,
@@ -410,19 +449,7 @@ fn led_ranges(
     let mut sampled = 0;
     let mut last = cursor;
     let (_, statuses) = node.leading(|d| {
-        let voters = d
-            .replicas
-            .iter()
-            .filter(|r| r.role == ReplicaRole::Voter as i32)
-            .count();
-        // Below the replication factor counts only if an up node could take a replica:
-        // a one-node cluster's ranges are not all looked at on every pass.
-        let busy = voters > factor
-            || (voters < factor && up.len() > d.replicas.len())
-            || d.replicas
-                .iter()
-                .any(|r| r.role == ReplicaRole::Learner as i32 || !up.contains(&NodeId(r.node_id)));
-        if busy {
+        if is_busy(d, up, factor) {
             return true;
         }
         if sampled < BALANCE_SAMPLE && d.id().0 > cursor {
@@ -433,28 +460,43 @@ fn led_ranges(
         false
     });
     let next = if sampled < BALANCE_SAMPLE { 0 } else { last };
-    let ranges = statuses
-        .into_iter()
-        .filter_map(|st| {
-            Some(RangeView {
-                desc: st.descriptor?,
-                leader: flotilla_proto::ReplicaId(st.replica_id),
-                commit: st.commit,
-                progress: st
-                    .progress
-                    .iter()
-                    .map(|p| {
-                        (
-                            flotilla_proto::ReplicaId(p.replica_id),
-                            p.matched,
-                            p.recent_active,
-                        )
-                    })
-                    .collect(),
+    (statuses.into_iter().filter_map(range_view).collect(), next)
+}
+
+/// Whether a range led here has something to do: a move in flight, a replica on a node not
+/// up, more voters than the replication factor, or fewer while an up node could take one
+/// (only then: a one-node cluster's ranges are not all looked at on every pass).
+fn is_busy(d: &RangeDescriptor, up: &BTreeSet<NodeId>, factor: usize) -> bool {
+    let voters = d
+        .replicas
+        .iter()
+        .filter(|r| r.role == ReplicaRole::Voter as i32)
+        .count();
+    voters > factor
+        || (voters < factor && up.len() > d.replicas.len())
+        || d.replicas
+            .iter()
+            .any(|r| r.role == ReplicaRole::Learner as i32 || !up.contains(&NodeId(r.node_id)))
+}
+
+/// What `decide` sees of a range led here (none without a descriptor).
+fn range_view(st: flotilla_runtime::ReplicaStatus) -> Option<RangeView> {
+    Some(RangeView {
+        desc: st.descriptor?,
+        leader: flotilla_proto::ReplicaId(st.replica_id),
+        commit: st.commit,
+        progress: st
+            .progress
+            .iter()
+            .map(|p| {
+                (
+                    flotilla_proto::ReplicaId(p.replica_id),
+                    p.matched,
+                    p.recent_active,
+                )
             })
-        })
-        .collect();
-    (ranges, next)
+            .collect(),
+    })
 }
 
 /// Does one action through the NodeGroup's API (this node's replica leads the range).
