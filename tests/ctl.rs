@@ -18,13 +18,7 @@ const T: Duration = Duration::from_secs(30);
 const RANGES: usize = 4;
 
 fn ctl_binary() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_flotilla-node")).with_file_name("flotilla-ctl");
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace first (cargo build --release --workspace)",
-        path.display()
-    );
-    path
+    flotilla_benchkit::nodes::ctl_beside(Path::new(env!("CARGO_BIN_EXE_flotilla-node"))).unwrap()
 }
 
 /// The three node processes (killed on drop, their logs printed if the test failed) and the

@@ -4,7 +4,7 @@
 //! (a learner replica of a range added on it catches up and serves the range's data), and
 //! keeps its id when it restarts. Free ports picked at run time; processes killed by pid.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -16,20 +16,11 @@ use serde_json::Value;
 const T: Duration = Duration::from_secs(30);
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    flotilla_benchkit::free_addr("127.0.0.1").unwrap()
 }
 
 fn ctl_binary() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_flotilla-node")).with_file_name("flotilla-ctl");
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace first (cargo build --release --workspace)",
-        path.display()
-    );
-    path
+    flotilla_benchkit::nodes::ctl_beside(Path::new(env!("CARGO_BIN_EXE_flotilla-node"))).unwrap()
 }
 
 struct Nodes {

@@ -4,7 +4,7 @@
 //! transport's metrics are there, none labelled by range) and `/health`; SIGTERM stops it
 //! with exit status 0, and after a restart every acknowledged write is there.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,10 +18,7 @@ const T: Duration = Duration::from_secs(30);
 const NODE: &str = env!("CARGO_BIN_EXE_flotilla-node");
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    flotilla_benchkit::free_addr("127.0.0.1").unwrap()
 }
 
 /// Kills the node on drop if the test did not stop it, and prints its log on a failure.

@@ -27,10 +27,7 @@ const RANGES: usize = 6;
 const T: Duration = Duration::from_secs(30);
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    flotilla_benchkit::free_addr("127.0.0.1").unwrap()
 }
 
 /// Node `i + 1` of three, as `flotilla-node --bootstrap-ranges 6` would be configured.

@@ -11,7 +11,7 @@
 //!
 //! Plain `#[test]`s with their own runtime, so that the servers' shutdowns can wait.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -75,10 +75,7 @@ impl Ca {
 }
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    flotilla_benchkit::free_addr("127.0.0.1").unwrap()
 }
 
 /// A KV client of `addr` over TLS trusting `ca`, presenting `cert` if given.
@@ -243,13 +240,7 @@ fn counter(page: &str, name: &str) -> f64 {
 }
 
 fn ctl_binary() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_flotilla-node")).with_file_name("flotilla-ctl");
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace first (cargo build --release --workspace)",
-        path.display()
-    );
-    path
+    flotilla_benchkit::nodes::ctl_beside(Path::new(env!("CARGO_BIN_EXE_flotilla-node"))).unwrap()
 }
 
 #[test]

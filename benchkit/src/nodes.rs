@@ -377,6 +377,22 @@ impl Drop for NodeProcs {
     }
 }
 
+/// `flotilla-ctl`, built beside the node binary `bin` (by `cargo build --workspace`: a test
+/// target alone does not build it).
+///
+/// # Errors
+///
+/// If it is missing.
+pub fn ctl_beside(bin: &Path) -> anyhow::Result<PathBuf> {
+    let path = bin.with_file_name("flotilla-ctl");
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace)",
+        path.display()
+    );
+    Ok(path)
+}
+
 /// `GET path` on a node's metrics address (`/health`, `/metrics`): the status code and the
 /// body. A plain HTTP/1.1 exchange, enough for the node's two endpoints.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {

@@ -22,14 +22,10 @@ impl NodeGroup {
     }
 
     /// The statuses of the replicas here that lead their group and whose descriptor `pick`
-    /// accepts (offered in range id order), and how many replicas here lead in all. Walks the
-    /// leader index, not every replica, and builds a status only for the picked ones: a
-    /// placement pass over 100,000 replicas a node must not cost a status each.
-    pub fn leading(
-        &self,
-        mut pick: impl FnMut(&RangeDescriptor) -> bool,
-    ) -> (usize, Vec<ReplicaStatus>) {
-        let mut leaders = 0;
+    /// accepts (offered in range id order). Walks the leader index, not every replica, and
+    /// builds a status only for the picked ones: a placement pass over 100,000 replicas a
+    /// node must not cost a status each.
+    pub fn leading(&self, mut pick: impl FnMut(&RangeDescriptor) -> bool) -> Vec<ReplicaStatus> {
         let mut picked = Vec::new();
         for range in self.shared.liveness.led_by(self.shared.node) {
             let range = RangeId(range);
@@ -40,15 +36,13 @@ impl NodeGroup {
                 continue;
             };
             let guard = cell.replica.lock();
-            let Some(r) = guard.as_ref().filter(|r| r.is_leader()) else {
-                continue;
-            };
-            leaders += 1;
-            if r.descriptor().is_some_and(&mut pick) {
-                picked.push(r.status());
+            if let Some(r) = guard.as_ref().filter(|r| r.is_leader()) {
+                if r.descriptor().is_some_and(&mut pick) {
+                    picked.push(r.status());
+                }
             }
         }
-        (leaders, picked)
+        picked
     }
 
     /// The statuses of this node's replicas of `ranges` that lead their group (the others,

@@ -448,7 +448,7 @@ fn led_ranges(
 ) -> (Vec<RangeView>, u64) {
     let mut sampled = 0;
     let mut last = cursor;
-    let (_, statuses) = node.leading(|d| {
+    let statuses = node.leading(|d| {
         if is_busy(d, up, factor) {
             return true;
         }

@@ -256,6 +256,24 @@ impl Sim {
     }
 }
 
+/// Whether node `n`'s replica of range 1 sleeps.
+fn asleep(s: &Sim, n: u64) -> bool {
+    s.replica_status(n, 1).is_some_and(|st| st.asleep)
+}
+
+/// A simulation of `seed` run until range 1 has elected a leader and every replica of it
+/// sleeps; with that leader's node.
+fn elected_and_asleep(seed: u64) -> (Sim, u64) {
+    let mut sim = Sim::new(seed, SimConfig::default());
+    assert!(
+        sim.run_until(20_000, |s| s.leader_of(1).is_some()
+            && (1..=3).all(|n| asleep(s, n))),
+        "range 1 never elected and slept"
+    );
+    let leader = sim.leader_of(1).expect("led");
+    (sim, leader)
+}
+
 /// The flaky `split_races` case (a leader stopped right after both followers had restarted):
 /// a replica recovered asleep knows no leader, and node liveness wakes a sleeping replica only
 /// through the leader index, where a recovered replica stands under the node of the replica
@@ -264,14 +282,7 @@ impl Sim {
 /// group woke: no election, ever, without a request.
 #[test]
 fn survivors_restarted_asleep_elect_when_their_leader_dies() {
-    let mut sim = Sim::new(1, SimConfig::default());
-    let asleep = |s: &Sim, n: u64| s.replica_status(n, 1).is_some_and(|st| st.asleep);
-    assert!(
-        sim.run_until(20_000, |s| s.leader_of(1).is_some()
-            && (1..=3).all(|n| asleep(s, n))),
-        "range 1 never elected and slept"
-    );
-    let leader = sim.leader_of(1).expect("led");
+    let (mut sim, leader) = elected_and_asleep(1);
     let followers: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
     // Each follower restarts faster than liveness notices (no tick between crash and start),
     // so the leader has no reason to wake the group: the restarted replicas sleep, knowing no
@@ -304,14 +315,7 @@ fn survivors_restarted_asleep_elect_when_their_leader_dies() {
 /// learned was committed, and nothing woke it: its range table lagged the others' for good.
 #[test]
 fn a_follower_restarted_with_an_uncommitted_tail_learns_the_commit() {
-    let mut sim = Sim::new(2, SimConfig::default());
-    let asleep = |s: &Sim, n: u64| s.replica_status(n, 1).is_some_and(|st| st.asleep);
-    assert!(
-        sim.run_until(20_000, |s| s.leader_of(1).is_some()
-            && (1..=3).all(|n| asleep(s, n))),
-        "range 1 never elected and slept"
-    );
-    let leader = sim.leader_of(1).expect("led");
+    let (mut sim, leader) = elected_and_asleep(2);
     let follower = 1 + leader % 3;
     // A write to range 1 ("k0"); the follower appends it, acknowledges, and stops.
     sim.invoke(0, leader, 0, Some(b"v".to_vec()));
