@@ -23,7 +23,7 @@ use flotilla_runtime::{MembershipChange, NodeGroup, ReadConsistency};
 use tonic::{Request, Response, Status};
 
 use crate::kv_service::to_status;
-use crate::schedule::Placement;
+use crate::schedule::{Placement, Standing};
 
 /// Most keys of one range walked to measure it (`RangesRequest.sizes`); past it the size is
 /// RocksDB's estimate.
@@ -328,7 +328,13 @@ impl Admin for AdminService {
             .into_iter()
             .map(|n| NodeInfo {
                 node_id: n.node.0,
-                status: n.state.label().to_string(),
+                status: match n.standing {
+                    Standing::Member => n.state.label(),
+                    Standing::Draining => "draining",
+                    Standing::Removed => "removed",
+                }
+                .to_string(),
+                liveness: n.state.label().to_string(),
                 status_ms: millis(n.state_for),
                 stats: n.stats,
                 stats_age_ms: n.stats_age.map_or(0, millis),
@@ -378,6 +384,7 @@ impl Admin for AdminService {
         Ok(Response::new(PlacementResponse {
             node_id: self.node.node_id().0,
             enabled: self.placement.enabled(),
+            replication_factor: self.placement.replication_factor() as u64,
             moves_in_flight: self.placement.moves_in_flight() as u64,
             events,
         }))

@@ -2,7 +2,10 @@
 //! layout (and the system range), a fourth starts with only `--join` (no id, no peers), gets
 //! id 4 from the node registry, is listed by `flotilla-ctl nodes`, is reached by the others
 //! (a learner replica of a range added on it catches up and serves the range's data), and
-//! keeps its id when it restarts. Free ports picked at run time; processes killed by pid.
+//! keeps its id when it restarts. A node is decommissioned (`flotilla-ctl node decommission`):
+//! refused while the others are too few for the replication factor, then drained of every
+//! replica (the system range's too) and leadership, and removed, with no write lost. Free
+//! ports picked at run time; processes killed by pid.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -273,4 +276,123 @@ fn a_node_joins_with_join_gets_id_4_is_reached_by_the_others_and_keeps_its_id() 
         stale_get(&rt, n.client[3], b"a-key").as_deref(),
         Some(&b"a-value"[..])
     );
+}
+
+/// A scheduler that acts within a second, for the process tests.
+const FAST_SCHEDULE: &str = "[schedule]\ninterval-ms = 100\nstable-time-ms = 500\n";
+
+#[test]
+fn a_decommissioned_node_is_drained_then_removed_and_no_write_is_lost() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut n = Nodes {
+        dir: tempfile::tempdir().unwrap(),
+        raft: (0..4).map(|_| free_addr()).collect(),
+        client: (0..4).map(|_| free_addr()).collect(),
+        children: (0..4).map(|_| None).collect(),
+    };
+    let config = n.dir.path().join("fast.toml");
+    std::fs::write(&config, FAST_SCHEDULE).unwrap();
+    let config = config.display().to_string();
+    let peers = (0..3)
+        .map(|i| format!("{}={}", i + 1, n.raft[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    for i in 0..3 {
+        let args = [
+            "--config".to_string(),
+            config.clone(),
+            "--id".to_string(),
+            (i + 1).to_string(),
+            "--peers".to_string(),
+            peers.clone(),
+            "--bootstrap-ranges".to_string(),
+            "6".to_string(),
+        ];
+        n.spawn(i, &args);
+    }
+    let led = |v: &Value| {
+        let l = v.as_array().unwrap();
+        l.len() == 6 && l.iter().all(|r| r["leader_node_id"].as_u64().is_some())
+    };
+    n.ctl_until(&["ranges", "--no-sizes", "-o", "json"], "ranges led", led);
+    // Keys over every range (the layout spreads them by their first byte).
+    let keys: Vec<String> = (0..24u8)
+        .map(|i| format!("{}-key-{i}", (b'a' + i) as char))
+        .collect();
+    for k in &keys {
+        n.ctl_until(
+            &["kv", "put", k, &format!("v-{k}"), "-o", "json"],
+            "put",
+            |_| true,
+        );
+    }
+
+    // Three nodes for a factor of three: node 2 cannot be decommissioned yet.
+    n.ctl_until(&["registry", "-o", "json"], "three nodes registered", |v| {
+        v.as_array().unwrap().len() == 3
+    });
+    let refused = n.ctl(&["node", "decommission", "2"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("add a node first"), "{err}");
+
+    // Node 4 joins; then node 2 is decommissioned: drained of every replica and leadership
+    // (moved to node 4 or handed to the others), then removed.
+    n.spawn(
+        3,
+        &[
+            "--config".to_string(),
+            config,
+            "--join".to_string(),
+            n.client[0].to_string(),
+        ],
+    );
+    assert_eq!(node_id_at(&rt, n.client[3]), 4);
+    n.ctl_until(&["nodes", "-o", "json"], "node 4 up", |v| {
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["node_id"] == 4 && x["status"] == "up")
+    });
+    let out = n.ctl(&["node", "decommission", "2", "--wait", "60s", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["state"], "removed", "{done:#}");
+
+    // Node 2 holds nothing; every range (the system range too) has three voters elsewhere.
+    n.ctl_until(&["registry", "-o", "json"], "node 2 removed", |v| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["id"] == 2 && x["state"] == "removed")
+    });
+    let ranges = n.ctl_until(&["ranges", "--no-sizes", "-o", "json"], "ranges led", led);
+    for r in ranges.as_array().unwrap() {
+        let replicas = r["replicas"].as_array().unwrap();
+        assert!(replicas.iter().all(|x| x["node_id"] != 2), "{r:#}");
+        assert_eq!(replicas.len(), 3, "{r:#}");
+        assert_ne!(r["leader_node_id"], 2, "{r:#}");
+    }
+    // Node 2 gone, node 3 killed: every range, the system range (the registry) included, has
+    // its other two voters on nodes 1 and 4, so the registry still answers (linearizable)
+    // and every write acknowledged before is read back.
+    n.kill(1);
+    n.kill(2);
+    n.ctl_until(
+        &["registry", "-o", "json"],
+        "the registry without nodes 2 and 3",
+        |v| v.as_array().unwrap().len() == 4,
+    );
+    for k in &keys {
+        let got = n.ctl_until(&["kv", "get", k, "-o", "json"], "read back", |_| true);
+        assert_eq!(got["value"], format!("v-{k}"), "{got:#}");
+    }
 }

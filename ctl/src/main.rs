@@ -12,6 +12,7 @@
 
 mod cluster;
 mod kv;
+mod node;
 mod output;
 
 use std::path::PathBuf;
@@ -116,10 +117,15 @@ enum Command {
     /// (up, draining, removed). Asked of the first endpoint holding the system range.
     Registry,
     /// Every node of the cluster as the first reachable endpoint sees it: status (up, suspect,
-    /// down), replicas, leaders, bytes, write and read rates, snapshots in flight.
+    /// down; draining or removed once decommissioned), replicas, leaders, bytes, write and read rates, snapshots in flight.
     Nodes,
     /// What the scheduler of each reachable node decided and did, oldest first.
     Placement,
+    /// Add, decommission (drain, then remove) or remove a node.
+    Node {
+        #[command(subcommand)]
+        command: node::NodeCommand,
+    },
     /// Read and write keys.
     Kv {
         #[command(subcommand)]
@@ -262,6 +268,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Nodes => nodes(&cluster, out).await,
         Command::Registry => registry(&cluster, out).await,
         Command::Placement => placement(&cluster, out).await,
+        Command::Node { command } => node::run(&cluster, command, out).await,
         Command::Status => unreachable!("handled above"),
     }
 }
@@ -504,7 +511,8 @@ async fn nodes(cluster: &Cluster, out: Output) -> Result<()> {
                     .map(|n| {
                         let s = n.stats.unwrap_or_default();
                         json!({
-                            "node_id": n.node_id, "status": n.status, "status_ms": n.status_ms,
+                            "node_id": n.node_id, "status": n.status, "liveness": n.liveness,
+                            "status_ms": n.status_ms,
                             "has_stats": n.stats.is_some(), "replicas": s.replicas,
                             "leaders": s.leaders, "bytes": s.bytes, "write_rate": s.write_rate,
                             "read_rate": s.read_rate,

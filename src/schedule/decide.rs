@@ -9,13 +9,19 @@
 //!    just joined is not known to every failure detector at once); once the learner has caught up, promote it and, in the same joint-consensus
 //!    change, remove the replica it replaces (on a dead node, else on the most loaded node),
 //!    never the leader, and only if a quorum of healthy voters remains;
-//! 2. **repair**: a voter on a node down for longer than `down_time` gets a learner on the up
-//!    node with the fewest replicas (step 1 then completes the move);
+//! 2. **repair and drain**: a voter on a node down for longer than `down_time` (or removed
+//!    from the registry), or on a node being drained, gets a learner on the up node with the
+//!    fewest replicas (step 1 then completes the move, removing the dead or draining replica);
+//!    a draining node's own replica, when it leads, waits for step 5 to hand the leadership
+//!    away first;
 //! 3. **trim** a range above its replication factor (a voter on a down node first);
 //! 4. **balance replicas**: a voter on a node above the mean by more than the threshold moves
 //!    (learner first) to a node below it;
 //! 5. **balance leaders**: this node, if it leads more than the mean by more than the
-//!    threshold, hands some of its leaderships to up-to-date voters on nodes below it.
+//!    threshold, hands some of its leaderships to up-to-date voters on nodes below it; a
+//!    draining node hands all of them away, to the least loaded up-to-date voters.
+//!
+//! A draining or removed node is never a target, and it does not count in the means.
 //!
 //! A move is never kept in memory between passes: a learner in the descriptor *is* the move
 //! in flight, so a new leader (after a leader change, or a restart) finishes it with the same
@@ -53,6 +59,18 @@ impl NodeState {
     }
 }
 
+/// Where a node stands in the node registry (an operator's decision, not liveness).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Standing {
+    /// A member: may hold replicas and receive new ones (also a node not in the registry yet).
+    #[default]
+    Member,
+    /// Being decommissioned: its replicas and leaderships move away, nothing new comes.
+    Draining,
+    /// Gone for good: its replicas are rebuilt elsewhere at once, without `down_time`.
+    Removed,
+}
+
 /// What the scheduler knows of one node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeView {
@@ -60,6 +78,8 @@ pub struct NodeView {
     pub node: NodeId,
     /// Its liveness now.
     pub state: NodeState,
+    /// Its standing in the registry.
+    pub standing: Standing,
     /// How long it has been in `state` without interruption.
     pub state_for: Duration,
     /// Replicas it hosts, leaderships it holds and snapshot transfers under way, from its
@@ -135,6 +155,8 @@ pub enum Why {
     Repair,
     /// Replica counts are unbalanced.
     Balance,
+    /// A replica's node is being drained (decommissioned).
+    Drain,
 }
 
 /// What a pass sees: every node of the cluster (this one included) and the ranges led here.
@@ -205,7 +227,18 @@ impl<'a> Pass<'a> {
     }
 
     fn is_up(&self, n: NodeId) -> bool {
-        n == self.view.me || self.node(n).is_some_and(|v| v.state == NodeState::Up)
+        n == self.view.me
+            || self
+                .node(n)
+                .is_some_and(|v| v.state == NodeState::Up && v.standing != Standing::Removed)
+    }
+
+    fn standing(&self, n: NodeId) -> Standing {
+        self.node(n).map_or(Standing::Member, |v| v.standing)
+    }
+
+    fn is_draining(&self, n: NodeId) -> bool {
+        self.standing(n) == Standing::Draining
     }
 
     /// Declared down by the failure detector (for any time).
@@ -213,18 +246,21 @@ impl<'a> Pass<'a> {
         self.node(n).is_some_and(|v| v.state == NodeState::Down)
     }
 
-    /// Down without interruption for longer than `down_time`.
+    /// Down without interruption for longer than `down_time`, or removed from the registry.
     fn is_dead(&self, n: NodeId) -> bool {
-        self.node(n)
-            .is_some_and(|v| v.state == NodeState::Down && v.state_for >= self.config.down_time)
+        self.node(n).is_some_and(|v| {
+            v.standing == Standing::Removed
+                || (v.state == NodeState::Down && v.state_for >= self.config.down_time)
+        })
     }
 
     /// Up for `stable_time`, with statistics, not swamped by snapshots: may receive a
     /// replica or a leadership.
     fn is_target(&self, n: NodeId) -> bool {
         self.node(n).is_some_and(|v| {
-            (n == self.view.me
-                || (v.state == NodeState::Up && v.state_for >= self.config.stable_time))
+            v.standing == Standing::Member
+                && (n == self.view.me
+                    || (v.state == NodeState::Up && v.state_for >= self.config.stable_time))
                 && v.load
                     .is_some_and(|l| l.snapshots < self.config.max_snapshots_per_node as u64)
         })
@@ -244,12 +280,12 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// Mean replicas and leaders over the nodes that count (up, with statistics).
+    /// Mean replicas and leaders over the nodes that count (up members, with statistics).
     fn means(&self) -> (f64, f64) {
         let loads: Vec<Load> = self
             .nodes
             .values()
-            .filter(|v| self.is_up(v.node))
+            .filter(|v| self.is_up(v.node) && v.standing == Standing::Member)
             .filter_map(|v| v.load)
             .collect();
         if loads.is_empty() {
@@ -305,7 +341,13 @@ impl<'a> Pass<'a> {
         }
         let voters = voters(&r.desc);
         let dead = voters.iter().any(|(_, n)| self.is_dead(*n));
-        if voters.len() > self.config.replication_factor {
+        // A draining node's replica moves, unless it leads: its leadership goes first.
+        let drain = voters
+            .iter()
+            .any(|(v, n)| *v != r.leader && self.is_draining(*n));
+        // (The system range keeps every voter it was given: more copies of the registry only
+        // help.)
+        if voters.len() > self.config.replication_factor && !range.is_system() {
             let victim = self.victim(r, &voters, None)?;
             let healthy = voters
                 .iter()
@@ -322,8 +364,18 @@ impl<'a> Pass<'a> {
         if self.moves >= self.config.max_moves_per_node {
             return None;
         }
+        if self.standing(self.view.me) != Standing::Member {
+            // A draining leader starts no move: its leaderships go first (a range with a
+            // learner keeps its leader until the move ends), and the new leaders move.
+            return None;
+        }
         let (mean, _) = self.means();
-        let source = if dead || voters.len() < self.config.replication_factor {
+        if !(dead || drain || voters.len() < self.config.replication_factor) && range.is_system() {
+            // The system range is repaired and drained, never balanced: the replica counts
+            // that balancing evens out are those of the range table's ranges.
+            return None;
+        }
+        let source = if dead || drain || voters.len() < self.config.replication_factor {
             None
         } else {
             // The most loaded node of this range above the mean, never this node's replica
@@ -338,6 +390,8 @@ impl<'a> Pass<'a> {
         };
         let why = if dead || voters.len() < self.config.replication_factor {
             Why::Repair
+        } else if drain {
+            Why::Drain
         } else if source.is_some() {
             Why::Balance
         } else {
@@ -396,6 +450,9 @@ impl<'a> Pass<'a> {
         if let Some((v, _)) = candidates.iter().find(|(_, n)| !self.is_up(*n)) {
             return Some(*v);
         }
+        if let Some((v, _)) = candidates.iter().find(|(_, n)| self.is_draining(*n)) {
+            return Some(*v);
+        }
         candidates
             .iter()
             .filter_map(|(v, n)| self.load(*n).map(|l| (*v, *n, l.replicas)))
@@ -406,6 +463,12 @@ impl<'a> Pass<'a> {
     fn leader_step(&mut self, r: &RangeView) -> Option<Action> {
         if self.transfers >= self.config.max_transfers_per_pass {
             return None;
+        }
+        if self.standing(self.view.me) != Standing::Member {
+            return self.hand_away(r);
+        }
+        if r.desc.id().is_system() {
+            return None; // its leadership is not counted in the leader counts balanced
         }
         let (_, mean) = self.means();
         let mine = self.load(self.view.me)?.leaders;
@@ -420,6 +483,24 @@ impl<'a> Pass<'a> {
             .filter(|(v, n)| *v != r.leader && self.is_target(*n) && caught_up(r, *v))
             .filter_map(|(v, n)| self.load(n).map(|l| (v, n, l.leaders)))
             .filter(|(_, _, c)| *c + 2 <= mine && (*c as f64) < mean && (heavy || low(*c, mean, t)))
+            .min_by_key(|(_, n, c)| (*c, *n))?;
+        self.transfers += 1;
+        self.bump(self.view.me, 0, -1);
+        self.bump(node, 0, 1);
+        Some(Action::TransferLeader {
+            range: r.desc.id(),
+            to,
+            node,
+        })
+    }
+
+    /// A draining node's leadership of `r` goes to the up-to-date voter on the target node
+    /// leading fewest, whatever the means say.
+    fn hand_away(&mut self, r: &RangeView) -> Option<Action> {
+        let (to, node, _) = voters(&r.desc)
+            .into_iter()
+            .filter(|(v, n)| *v != r.leader && self.is_target(*n) && caught_up(r, *v))
+            .filter_map(|(v, n)| self.load(n).map(|l| (v, n, l.leaders)))
             .min_by_key(|(_, n, c)| (*c, *n))?;
         self.transfers += 1;
         self.bump(self.view.me, 0, -1);
@@ -504,6 +585,7 @@ mod tests {
         NodeView {
             node: NodeId(id),
             state,
+            standing: Standing::Member,
             state_for,
             load: Some(Load {
                 replicas,
@@ -840,6 +922,111 @@ mod tests {
             vec![range(1, &[1, 2, 3], &[])],
         );
         assert_eq!(decide(&v, &config()), Vec::<Action>::new());
+    }
+
+    fn standing(mut n: NodeView, standing: Standing) -> NodeView {
+        n.standing = standing;
+        n
+    }
+
+    #[test]
+    fn a_draining_nodes_replica_moves_to_a_member_and_is_the_one_removed() {
+        // Node 3 drains; node 4 drains too, so only node 5 may receive the replica.
+        let nodes = vec![
+            up(1, 3, 1),
+            up(2, 3, 1),
+            standing(up(3, 3, 1), Standing::Draining),
+            standing(up(4, 0, 0), Standing::Draining),
+            up(5, 2, 0),
+        ];
+        let v = view(nodes.clone(), vec![range(7, &[1, 2, 3], &[])]);
+        assert_eq!(
+            decide(&v, &config()),
+            [Action::AddLearner {
+                range: RangeId(7),
+                node: NodeId(5),
+                why: Why::Drain
+            }]
+        );
+        // Caught up, the learner replaces the draining replica (not the more loaded node 2's).
+        let mut nodes = nodes;
+        nodes[1] = up(2, 9, 1);
+        let v = view(nodes, vec![range(7, &[1, 2, 3], &[5])]);
+        assert_eq!(
+            decide(&v, &config()),
+            [Action::Promote {
+                range: RangeId(7),
+                learner: ReplicaId(5),
+                remove: Some(ReplicaId(3)),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_draining_leader_hands_every_leadership_away_before_its_replica_moves() {
+        // Node 1 (this node) drains while leading less than the mean: its leaderships still
+        // go, to the up-to-date voter on the node leading fewest; no move starts on ranges it
+        // leads (its own replica would be the one to go).
+        let nodes = vec![
+            standing(up(1, 3, 1), Standing::Draining),
+            up(2, 3, 5),
+            up(3, 3, 4),
+            up(4, 0, 0),
+        ];
+        let v = view(nodes, vec![range(7, &[1, 2, 3], &[])]);
+        assert_eq!(
+            decide(&v, &config()),
+            [Action::TransferLeader {
+                range: RangeId(7),
+                to: ReplicaId(3),
+                node: NodeId(3)
+            }]
+        );
+    }
+
+    #[test]
+    fn a_draining_node_receives_no_leadership_and_no_replica() {
+        let ranges: Vec<RangeView> = (1..=6).map(|i| range(i, &[1, 2, 3], &[])).collect();
+        let v = view(
+            vec![
+                up(1, 6, 6),
+                standing(up(2, 6, 0), Standing::Draining),
+                up(3, 6, 0),
+                standing(up(4, 0, 0), Standing::Draining),
+            ],
+            ranges,
+        );
+        for a in decide(&v, &config()) {
+            match a {
+                Action::TransferLeader { node, .. } => assert_eq!(node, NodeId(3)),
+                Action::AddLearner { node, .. } => panic!("a replica placed on node {node}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_removed_nodes_replica_is_rebuilt_without_waiting_for_down_time() {
+        let v = view(
+            vec![
+                up(1, 3, 1),
+                up(2, 3, 1),
+                standing(
+                    node(3, NodeState::Down, Duration::from_secs(1), 3, 1),
+                    Standing::Removed,
+                ),
+                up(4, 0, 0),
+            ],
+            vec![range(7, &[1, 2, 3], &[])],
+        );
+        assert_eq!(
+            decide(&v, &config()),
+            [Action::AddLearner {
+                range: RangeId(7),
+                node: NodeId(4),
+                why: Why::Repair
+            }]
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 pub use self::config::ScheduleConfig;
-pub use self::decide::{decide, Action, Load, NodeState, NodeView, RangeView, View, Why};
+pub use self::decide::{decide, Action, Load, NodeState, NodeView, RangeView, Standing, View, Why};
 
 /// Ranges led here with nothing to do that one pass looks at as candidates for balancing
 /// (the next ones in range id order each pass). Balancing moves a few ranges a pass
@@ -58,6 +58,8 @@ pub struct NodeInfo {
     pub node: NodeId,
     /// Its liveness, from this node's failure detector.
     pub state: NodeState,
+    /// Its standing in the node registry (draining, removed), as last read.
+    pub standing: Standing,
     /// How long it has been in that state (since this node started watching, at most).
     pub state_for: Duration,
     /// Its latest statistics, if it published any.
@@ -86,6 +88,8 @@ pub struct Event {
 pub struct Placement {
     config: ScheduleConfig,
     nodes: Mutex<Vec<NodeInfo>>,
+    /// Each node's standing as the registry said at its last reading (see `note_registry`).
+    registry: Mutex<BTreeMap<NodeId, Standing>>,
     log: Mutex<VecDeque<Event>>,
     moves_in_flight: std::sync::atomic::AtomicUsize,
 }
@@ -95,6 +99,7 @@ impl Placement {
         Placement {
             config,
             nodes: Mutex::new(Vec::new()),
+            registry: Mutex::new(BTreeMap::new()),
             log: Mutex::new(VecDeque::new()),
             moves_in_flight: Default::default(),
         }
@@ -103,6 +108,11 @@ impl Placement {
     /// Whether the scheduler takes decisions (`[schedule].enabled`).
     pub fn enabled(&self) -> bool {
         self.config.enabled
+    }
+
+    /// The replication factor the scheduler keeps (`[schedule].replication_factor`).
+    pub fn replication_factor(&self) -> usize {
+        self.config.replication_factor
     }
 
     /// Every node of the cluster as of the last pass, in node order.
@@ -121,6 +131,27 @@ impl Placement {
     pub fn moves_in_flight(&self) -> usize {
         self.moves_in_flight
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What the node registry says of each node, as read by the node's registry watcher
+    /// (every second): the passes after it drain the draining nodes and rebuild the removed
+    /// nodes' replicas.
+    pub fn note_registry(&self, records: &[flotilla_proto::meta::NodeRecord]) {
+        use flotilla_proto::meta::NodeState as Registry;
+        let standings = records.iter().map(|r| {
+            let standing = match Registry::try_from(r.state) {
+                Ok(Registry::Draining) => Standing::Draining,
+                Ok(Registry::Removed) => Standing::Removed,
+                _ => Standing::Member,
+            };
+            (NodeId(r.node_id), standing)
+        });
+        *self.registry.lock().unwrap_or_else(|e| e.into_inner()) = standings.collect();
+    }
+
+    fn standing(&self, node: NodeId) -> Standing {
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        registry.get(&node).copied().unwrap_or_default()
     }
 
     fn record(&self, event: Event) {
@@ -237,12 +268,14 @@ impl PassState {
             write_rate,
             read_rate,
             snapshots_in_flight: snapshots as u64,
+            system_replica: status.system.is_some(),
         };
         self.transport.publish_stats(mine);
         let infos = self.view_nodes(mine, now);
+        // The nodes that may hold replicas: up, and neither draining nor removed.
         let up: BTreeSet<NodeId> = infos
             .iter()
-            .filter(|i| i.state == NodeState::Up)
+            .filter(|i| i.state == NodeState::Up && i.standing == Standing::Member)
             .map(|i| i.node)
             .collect();
         let node = self.node.clone();
@@ -306,6 +339,7 @@ impl PassState {
                 .map(|i| NodeView {
                     node: i.node,
                     state: i.state,
+                    standing: i.standing,
                     state_for: i.state_for,
                     load: i.stats.as_ref().map(|s| Load {
                         replicas: s.replicas,
@@ -411,6 +445,7 @@ impl PassState {
                 NodeInfo {
                     node: n,
                     state,
+                    standing: self.placement.standing(n),
                     state_for: now.duration_since(entry.1),
                     stats,
                     stats_age: age,
@@ -460,11 +495,28 @@ fn led_ranges(
         false
     });
     let next = if sampled < BALANCE_SAMPLE { 0 } else { last };
-    (statuses.into_iter().filter_map(range_view).collect(), next)
+    // The system range (not in the leader index's walk of ranges) when it has something to
+    // do: its replicas are repaired and drained like any range's, never balanced.
+    let system = node
+        .leading_among(&[RangeId::SYSTEM])
+        .into_iter()
+        .filter(|st| {
+            st.descriptor
+                .as_ref()
+                .is_some_and(|d| is_busy(d, up, factor))
+        });
+    (
+        statuses
+            .into_iter()
+            .chain(system)
+            .filter_map(range_view)
+            .collect(),
+        next,
+    )
 }
 
 /// Whether a range led here has something to do: a move in flight, a replica on a node not
-/// up, more voters than the replication factor, or fewer while an up node could take one
+/// `up` (which holds only nodes that may hold replicas: not draining ones), more voters than the replication factor, or fewer while an up node could take one
 /// (only then: a one-node cluster's ranges are not all looked at on every pass).
 fn is_busy(d: &RangeDescriptor, up: &BTreeSet<NodeId>, factor: usize) -> bool {
     let voters = d
@@ -536,6 +588,7 @@ fn describe(action: &Action) -> (&'static str, String) {
                 match why {
                     Why::Repair => "repair: a replica's node is down past down_time",
                     Why::Balance => "balance replica counts",
+                    Why::Drain => "drain: a replica's node is being decommissioned",
                 }
             ),
         ),
@@ -563,7 +616,7 @@ fn count(action: &Action, ok: bool) {
         }
         Action::AddLearner { why, .. } => metrics::counter!(
             "flotilla_schedule_moves_started_total",
-            "why" => match why { Why::Repair => "repair", Why::Balance => "balance" }
+            "why" => match why { Why::Repair => "repair", Why::Balance => "balance", Why::Drain => "drain" }
         )
         .increment(1),
         Action::Promote { .. } => {

@@ -26,6 +26,7 @@ use flotilla_store::Engine;
 use flotilla_transport::GrpcTransport;
 
 use super::{ServerConfig, ServerError};
+use crate::schedule::Placement;
 
 /// How often a running node reads the registry for new, moved or removed peers.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -125,6 +126,8 @@ fn undialable(addr: &str) -> bool {
 pub(crate) struct Watcher {
     node: Arc<NodeGroup>,
     transport: Arc<GrpcTransport>,
+    /// Told each node's standing (draining, removed) at every reading.
+    placement: Arc<Placement>,
     me: NodeRecord,
     /// Client addresses of other nodes to ask for the registry when this node holds no
     /// replica of the system range: the join address first, then what the registry said.
@@ -141,6 +144,7 @@ impl Watcher {
     pub(crate) fn new(
         node: Arc<NodeGroup>,
         transport: Arc<GrpcTransport>,
+        placement: Arc<Placement>,
         config: &ServerConfig,
         raft_addr: SocketAddr,
         client_addr: SocketAddr,
@@ -154,6 +158,7 @@ impl Watcher {
         Watcher {
             node,
             transport,
+            placement,
             // A joined node recorded its addresses in the join.
             registered: config.join.is_some(),
             me,
@@ -198,6 +203,7 @@ impl Watcher {
             self.ask_registry().await?
         };
         self.apply(&nodes);
+        self.placement.note_registry(&nodes);
         Ok(())
     }
 

@@ -458,6 +458,7 @@ impl ServerBuilder {
             join::Watcher::new(
                 node.clone(),
                 transport.clone(),
+                scheduler.placement(),
                 &config,
                 raft_addr,
                 client_addr,
