@@ -3,28 +3,31 @@
 //! - **add two nodes** (empty; every node's scheduler sees the new peers): the time until
 //!   replica counts and leader counts are each within ±10% of the mean (at least ±1), the
 //!   moves and transfers it took, and the writers' p99 latency before and during;
+//! - **decommission node 3** (marked draining in the node registry, as `flotilla-ctl node
+//!   decommission` does): the time until it holds no replica (the system range's included)
+//!   and no leadership; then it is marked removed and stopped;
 //! - **kill one node** (shut down, never back): the time until every range is back at three
 //!   voters, none on the dead node (`down_time` set to 5 s here);
 //! - then the writers stop and every acknowledged write is read back: `lost` must be 0.
 //!
 //! Run: `cargo bench --bench placement` (1,000 ranges; `FLOTILLA_PLACEMENT_RANGES` overrides).
-//! Prints `RESULT {"event":"add_nodes",...}` and `RESULT {"event":"node_down",...}` lines.
+//! Prints `RESULT {"event":"add_nodes",...}`, `RESULT {"event":"decommission",...}`,
+//! `RESULT {"event":"node_down",...}` and `RESULT {"event":"verify",...}` lines.
 //! Under `cargo test --benches` (no `--bench` argument) a tiny version runs.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla::layout::{first_campaigner, range_layout, range_start_key};
-use flotilla::proto::meta::{RangeDescriptor, ReplicaRole};
+use flotilla::proto::meta::{NodeState, RangeDescriptor, ReplicaRole};
 use flotilla::schedule::ScheduleConfig;
 use flotilla::testing::measure::percentile;
-use flotilla::testing::{local_server_config, node_ids, start_servers, test_config};
-use flotilla::{
-    NodeGroupConfig, NodeId, ReadConsistency, ReplicaId, Server, ServerConfig, StateRole,
+use flotilla::testing::{
+    bootstrap_ranges_and_system, local_server_config, node_ids, start_servers, test_config,
 };
+use flotilla::{NodeGroupConfig, NodeId, ReadConsistency, Server, ServerConfig, StateRole};
 
 const WRITERS: usize = 8;
 const DOWN_TIME: Duration = Duration::from_secs(5);
@@ -142,11 +145,14 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let members = node_ids(3);
     let layout = range_layout(ranges, &members);
+    // With the system range (the node registry): decommissioning goes through it.
     for n in &first {
-        n.node().bootstrap_layout(layout.clone(), |d| {
-            let c = first_campaigner(d.id(), &members)?;
-            d.replica_on(c).map(|r| ReplicaId(r.replica_id))
-        })?;
+        bootstrap_ranges_and_system(n.node(), layout.clone())?;
+    }
+    for d in &layout {
+        if let Some(c) = first_campaigner(d.id(), &members) {
+            first[c.0 as usize - 1].node().campaign(d.id())?;
+        }
     }
     let nodes: Nodes = Arc::new(Mutex::new(
         first.into_iter().map(|s| Some(Arc::new(s))).collect(),
@@ -210,37 +216,24 @@ async fn main() -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(if full { 10 } else { 2 })).await;
 
-    // Add nodes 4 and 5: empty, made peers of every node (and of each other).
+    // Add nodes 4 and 5: empty, each joining through node 1 (`--join`: the registry gives it
+    // its id and the others' addresses, and the others learn its address from the registry).
     lat.lock().unwrap().phase = 1;
     let added_at = Instant::now();
-    let builders: Vec<_> = (4..=5)
-        .map(|id| {
-            Server::bind(
-                server_config(id, dir.path()),
-                tokio::runtime::Handle::current(),
-            )
-        })
-        .collect::<Result<_, _>>()?;
-    let mut addrs: Vec<(NodeId, SocketAddr)> = live(&nodes)
-        .iter()
-        .map(|n| (n.node_id(), n.raft_addr()))
-        .collect();
-    addrs.extend(builders.iter().map(|b| (b.node_id(), b.raft_addr())));
-    for b in &builders {
-        for (id, addr) in &addrs {
-            if *id != b.node_id() {
-                b.set_peer(*id, addr.to_string())?;
-            }
-        }
-    }
-    for n in live(&nodes) {
-        for b in &builders {
-            n.transport()
-                .set_peer(b.node_id(), b.raft_addr().to_string())?;
-        }
-    }
-    for b in builders {
-        let s = b.start()?;
+    let join_at = live(&nodes)[0].client_addr().to_string();
+    for expected in 4..=5 {
+        let mut config = server_config(0, dir.path());
+        config.data_dir = dir.path().join(format!("joined-{expected}"));
+        config.join = Some(join_at.clone());
+        // A joining node records its raft address before binding: a fixed free port.
+        config.raft_addr = flotilla_benchkit::free_addr("127.0.0.1")?;
+        flotilla::server::join(&mut config).await?;
+        anyhow::ensure!(
+            config.node.node_id == expected,
+            "joined as {}, not {expected}",
+            config.node.node_id
+        );
+        let s = Server::bind(config, tokio::runtime::Handle::current())?.start()?;
         nodes.lock().unwrap().push(Some(Arc::new(s)));
     }
     let balanced_secs = loop {
@@ -272,11 +265,55 @@ async fn main() -> anyhow::Result<()> {
         "RESULT {{\"event\":\"add_nodes\",\"ranges\":{ranges},\"balanced_secs\":{balanced_secs:.1},\"moves\":{moves},\"transfers\":{transfers},\"p99_ms_before\":{p99_before:.1},\"p99_ms_during\":{p99_during:.1}}}"
     );
 
+    // Decommission node 3 (index 2): draining in the registry (through any node's replica of
+    // the system range), then until it holds nothing; then removed and stopped.
+    let moves_before = scheduler_actions(&live(&nodes), "promote");
+    let drain_at = Instant::now();
+    loop {
+        let any = live(&nodes)[0].clone();
+        match any
+            .node()
+            .set_node_state(NodeId(3), NodeState::Draining)
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => anyhow::ensure!(
+                drain_at.elapsed() < PHASE_LIMIT,
+                "node 3 not marked draining: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drained_secs = loop {
+        let three = nodes.lock().unwrap()[2].clone().expect("node 3 runs");
+        let st = three.node().node_status();
+        if st.replicas == 0 && st.leaders == 0 && st.system.is_none() {
+            break drain_at.elapsed().as_secs_f64();
+        }
+        anyhow::ensure!(
+            drain_at.elapsed() < PHASE_LIMIT,
+            "node 3 not drained after {PHASE_LIMIT:?}: {} replicas, {} leaders, system {:?}",
+            st.replicas,
+            st.leaders,
+            st.system
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    live(&nodes)[0]
+        .node()
+        .set_node_state(NodeId(3), NodeState::Removed)
+        .await?;
+    let drain_moves = scheduler_actions(&live(&nodes), "promote").saturating_sub(moves_before);
+    let drained = nodes.lock().unwrap()[2].take().expect("node 3 runs");
+    println!(
+        "RESULT {{\"event\":\"decommission\",\"ranges\":{ranges},\"drained_secs\":{drained_secs:.1},\"moves\":{drain_moves}}}"
+    );
+    drained.shutdown();
+
     // Kill node 5 (index 4): never back.
     let killed = nodes.lock().unwrap()[4].take().expect("node 5 runs");
     let killed_at = Instant::now();
     killed.shutdown();
-    drop(killed);
     let repair_secs = loop {
         let all = live(&nodes);
         let repaired = all_ranges(&all).iter().all(|d| {
@@ -295,10 +332,63 @@ async fn main() -> anyhow::Result<()> {
         if repaired {
             break killed_at.elapsed().as_secs_f64();
         }
-        anyhow::ensure!(
-            killed_at.elapsed() < PHASE_LIMIT,
-            "not repaired after {PHASE_LIMIT:?}"
-        );
+        if killed_at.elapsed() >= PHASE_LIMIT {
+            let left: Vec<String> = all_ranges(&all)
+                .iter()
+                .filter_map(|d| {
+                    let l = leader_of(&all, d);
+                    let desc = l
+                        .as_ref()
+                        .and_then(|l| l.node().status(d.id()).ok()?.descriptor);
+                    let ok = desc.as_ref().is_some_and(|d| {
+                        d.replicas.len() == 3 && d.replicas.iter().all(|r| r.node_id != 5)
+                    });
+                    (!ok).then(|| {
+                        // Each live replica's view: node, role, term, leader, asleep, voters.
+                        let views: Vec<String> = all
+                            .iter()
+                            .filter_map(|n| {
+                                let st = n.node().status(d.id()).ok()?;
+                                Some(format!(
+                                    "n{} {:?} t{} leader {:?} asleep {} on {:?}",
+                                    n.node_id(),
+                                    st.role,
+                                    st.term,
+                                    st.leader_node,
+                                    st.asleep,
+                                    st.descriptor.map(|d| d
+                                        .replicas
+                                        .iter()
+                                        .map(|r| r.node_id)
+                                        .collect::<Vec<_>>())
+                                ))
+                            })
+                            .collect();
+                        let events: Vec<String> = all
+                            .iter()
+                            .chain([&drained, &killed])
+                            .flat_map(|n| {
+                                let id = n.node_id();
+                                n.placement()
+                                    .events()
+                                    .into_iter()
+                                    .filter(|e| e.range == d.id())
+                                    .map(move |e| {
+                                        format!("n{id} {} {} {:?}", e.action, e.detail, e.outcome)
+                                    })
+                            })
+                            .collect();
+                        format!(
+                            "{} led by {:?}: {views:?} events {events:#?}",
+                            d.id(),
+                            l.map(|l| l.node_id())
+                        )
+                    })
+                })
+                .take(5)
+                .collect();
+            anyhow::bail!("not repaired after {PHASE_LIMIT:?}: {left:#?}");
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     println!(

@@ -183,16 +183,7 @@ impl Watcher {
     async fn round(&mut self) -> Result<(), String> {
         let local = self.node.has_system_replica();
         if local && !self.registered {
-            let me = NodeId(self.me.node_id);
-            self.node
-                .register_node(
-                    Some(me),
-                    self.me.raft_addr.clone(),
-                    self.me.client_addr.clone(),
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            self.registered = true;
+            self.record_here().await?;
         }
         let nodes = if local {
             self.node
@@ -202,9 +193,67 @@ impl Watcher {
         } else {
             self.ask_registry().await?
         };
+        // This node's record as the registry has it: a join sends the configured raft address
+        // before the listener is bound (port 0 then), and a record made elsewhere may lag a
+        // move. Re-recorded with the addresses bound, here or through a node that can.
+        let stale = nodes.iter().any(|n| {
+            n.node_id == self.me.node_id
+                && n.state != NodeState::Removed as i32
+                && (n.raft_addr != self.me.raft_addr || n.client_addr != self.me.client_addr)
+        });
+        if stale {
+            if local {
+                self.record_here().await?;
+            } else {
+                self.record_remotely().await?;
+            }
+        }
         self.apply(&nodes);
         self.placement.note_registry(&nodes);
         Ok(())
+    }
+
+    /// Records this node's addresses through its own replica of the system range.
+    async fn record_here(&mut self) -> Result<(), String> {
+        self.node
+            .register_node(
+                Some(NodeId(self.me.node_id)),
+                self.me.raft_addr.clone(),
+                self.me.client_addr.clone(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        self.registered = true;
+        Ok(())
+    }
+
+    /// Records this node's addresses through the first node in `ask` that takes a `Join`
+    /// with this node's id (which only updates its addresses).
+    async fn record_remotely(&mut self) -> Result<(), String> {
+        let request = JoinRequest {
+            node_id: self.me.node_id,
+            raft_addr: self.me.raft_addr.clone(),
+            client_addr: self.me.client_addr.clone(),
+        };
+        let mut last = "no node to ask".to_string();
+        for addr in self.ask.clone() {
+            let attempt = async {
+                let mut c = AdminClient::connect(format!("http://{addr}"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                c.join(request.clone())
+                    .await
+                    .map_err(|s| s.message().to_string())
+            };
+            match attempt.await {
+                Ok(_) => {
+                    tracing::info!(node = self.me.node_id, addr = %self.me.raft_addr, "addresses recorded in the registry");
+                    return Ok(());
+                }
+                Err(e) => last = format!("{addr}: {e}"),
+            }
+        }
+        Err(last)
     }
 
     /// The registry from the first node in `ask` that answers.
