@@ -121,7 +121,7 @@ impl NodeGroup {
                 Some(d) if d.state != RangeState::Normal as i32 => Err(Error::RangeNotFound(range)),
                 Some(d) if d.epoch_or_default().version != version => Err(reshaped(d)),
                 Some(d) if d.merge.is_some() => Err(Error::Busy("the range is a merge's source")),
-                Some(d) => Ok((d.clone(), view.apply_state().clone())),
+                Some(d) => Ok((d.clone(), *view.apply_state())),
                 None => Err(Error::RangeNotFound(range)),
             };
             let ok = start.is_ok();

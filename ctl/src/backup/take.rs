@@ -225,7 +225,6 @@ async fn export(
         chunk_bytes,
     };
     let frames = on_leader(cluster, r.leader, cluster.timeout(), |admin| {
-        let req = req.clone();
         let mut admin = admin.max_decoding_message_size(MAX_FRAME_BYTES);
         async move { admin.backup_range(req).await }
     })
