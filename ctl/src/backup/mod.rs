@@ -62,7 +62,7 @@ pub struct RestoreArgs {
     pub batch_keys: u32,
     /// Most bytes of keys and values in one multi-put (a node refuses proposals over
     /// `max_proposal_bytes`, 512 KiB by default).
-    #[arg(long, default_value_t = 128 << 10)]
+    #[arg(long, default_value_t = 128 << 10, value_parser = clap::value_parser!(u64).range(1..=(1 << 20)))]
     pub batch_bytes: u64,
 }
 
@@ -74,16 +74,13 @@ pub async fn backup(dial: &Dial, cluster: &Cluster, args: BackupArgs, out: Outpu
     };
     let started = Instant::now();
     let m = take::take(cluster, &dial.endpoints, &args.dir, &opts).await?;
-    let secs = started.elapsed().as_secs_f64();
-    report(
-        "backup",
-        &args.dir,
-        m.ranges.len(),
-        m.keys,
-        m.bytes,
-        secs,
-        out,
-    );
+    let summary = Summary {
+        ranges: m.ranges.len(),
+        keys: m.keys,
+        bytes: m.bytes,
+        secs: started.elapsed().as_secs_f64(),
+    };
+    summary.print("backup", &args.dir, json!({}), out);
     Ok(())
 }
 
@@ -91,6 +88,7 @@ pub async fn backup(dial: &Dial, cluster: &Cluster, args: BackupArgs, out: Outpu
 pub async fn restore(dial: &Dial, args: RestoreArgs, out: Output) -> Result<()> {
     let started = Instant::now();
     let manifest = format::verify(&args.dir)?;
+    let verify_secs = started.elapsed().as_secs_f64();
     if args.check {
         match out {
             Output::Json => println!(
@@ -116,44 +114,55 @@ pub async fn restore(dial: &Dial, args: RestoreArgs, out: Output) -> Result<()> 
         batch_keys: args.batch_keys as usize,
         batch_bytes: args.batch_bytes as usize,
     };
-    restore::restore(dial, &cluster, &args.dir, &manifest, &opts).await?;
-    let secs = started.elapsed().as_secs_f64();
-    report(
-        "restore",
-        &args.dir,
-        manifest.ranges.len(),
-        manifest.keys,
-        manifest.bytes,
-        secs,
-        out,
-    );
+    let phases = restore::restore(dial, &cluster, &args.dir, &manifest, &opts).await?;
+    let summary = Summary {
+        ranges: manifest.ranges.len(),
+        keys: manifest.keys,
+        bytes: manifest.bytes,
+        secs: started.elapsed().as_secs_f64(),
+    };
+    let phases = json!({ "verify_secs": verify_secs, "shape_secs": phases.shape_secs,
+                         "load_secs": phases.load_secs });
+    summary.print("restore", &args.dir, phases, out);
     Ok(())
 }
 
-/// The summary line of a backup or restore.
-fn report(
-    event: &str,
-    dir: &std::path::Path,
+/// What a backup or restore moved, and in how long.
+#[derive(Debug, Clone, Copy)]
+struct Summary {
     ranges: usize,
     keys: u64,
     bytes: u64,
     secs: f64,
-    out: Output,
-) {
-    let secs = secs.max(1e-6);
-    let (keys_per_sec, mb_per_sec) = (keys as f64 / secs, bytes as f64 / secs / 1e6);
-    match out {
-        Output::Json => println!(
-            "{}",
-            json!({ "event": event, "dir": dir, "ranges": ranges, "keys": keys, "bytes": bytes,
-                    "secs": secs, "keys_per_sec": keys_per_sec, "mb_per_sec": mb_per_sec })
-        ),
-        Output::Table => println!(
-            "{event} of {ranges} ranges, {keys} keys, {} ({}): {secs:.2} s, {keys_per_sec:.0} keys/s, \
-             {mb_per_sec:.1} MB/s",
-            show_size(bytes),
-            dir.display()
-        ),
+}
+
+impl Summary {
+    /// Prints the summary line (JSON: one object, `extra`'s fields added).
+    fn print(&self, event: &str, dir: &std::path::Path, extra: serde_json::Value, out: Output) {
+        let Summary {
+            ranges,
+            keys,
+            bytes,
+            secs,
+        } = *self;
+        let (keys_per_sec, mb_per_sec) = (rate(keys as f64, secs), rate(bytes as f64, secs) / 1e6);
+        match out {
+            Output::Json => {
+                let mut v = json!({ "event": event, "dir": dir, "ranges": ranges, "keys": keys,
+                                    "bytes": bytes, "secs": secs, "keys_per_sec": keys_per_sec,
+                                    "mb_per_sec": mb_per_sec });
+                if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+                    v.extend(extra);
+                }
+                println!("{v}");
+            }
+            Output::Table => println!(
+                "{event} of {ranges} ranges, {keys} keys, {} ({}): {secs:.2} s, \
+                 {keys_per_sec:.0} keys/s, {mb_per_sec:.1} MB/s",
+                show_size(bytes),
+                dir.display()
+            ),
+        }
     }
 }
 

@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use flotilla_client::{Bytes, Client, ClientConfig};
@@ -38,6 +38,9 @@ const PATIENCE: Duration = Duration::from_secs(30);
 const SHAPE_ROUNDS: usize = 10;
 /// A multi-put's deadline, retries included.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most bytes of multi-puts in one frame of the client's stream to a node (which decodes
+/// frames of up to 4 MiB): the client's `max_batch` is this over `--batch-bytes`.
+const FRAME_BYTES: usize = 2 << 20;
 
 /// `flotilla-ctl restore`'s settings.
 #[derive(Debug, Clone)]
@@ -80,11 +83,11 @@ pub async fn restore(
     dir: &Path,
     manifest: &Manifest,
     opts: &Options,
-) -> Result<()> {
+) -> Result<Phases> {
     let client = Client::connect(ClientConfig {
         timeout: WRITE_TIMEOUT,
         tls: dial.tls.clone(),
-        max_batch: 64,
+        max_batch: (FRAME_BYTES / opts.batch_bytes.max(1)).max(1),
         ..ClientConfig::new(dial.endpoints.iter().cloned())
     })
     .await
@@ -103,12 +106,18 @@ pub async fn restore(
         .map(|r| r.start_key.clone())
         .filter(|k| !k.is_empty())
         .collect();
+    let started = Instant::now();
     shape(cluster, &wanted, opts.parallel.min(16)).await?;
+    let shaped = Instant::now();
     client
         .load_ranges()
         .await
         .context("reading the range table")?;
     load(&client, dir, manifest, opts).await?;
+    let phases = Phases {
+        shape_secs: (shaped - started).as_secs_f64(),
+        load_secs: shaped.elapsed().as_secs_f64(),
+    };
     let now = starts(&settled_table(cluster).await?);
     if now != wanted {
         let extra = now.difference(&wanted).count();
@@ -118,7 +127,16 @@ pub async fn restore(
              {missing} fewer than the backup's: its split checker or scheduler at work)"
         );
     }
-    Ok(())
+    Ok(phases)
+}
+
+/// How long the restore's phases on the cluster took.
+#[derive(Debug, Clone, Copy)]
+pub struct Phases {
+    /// Cutting the target's ranges at the backup's boundaries.
+    pub shape_secs: f64,
+    /// Loading the pairs.
+    pub load_secs: f64,
 }
 
 /// The first key of the target, if it holds any.
