@@ -127,17 +127,21 @@ enum Command {
         #[command(subcommand)]
         command: kv::KvCommand,
     },
-    /// Back up the cluster's data into DIR (new or empty): every range at one point, taken
-    /// on its leader after a linearizable read barrier (so it holds every write acknowledged
-    /// before the backup started), one file per range and a manifest (descriptors, applied
-    /// indexes, counts, checksums), written last. Ranges that split or merge meanwhile are
-    /// taken again until the files cover the key space exactly once.
+    /// Back up the cluster's data into DIR (new or empty), every range at one point.
+    ///
+    /// Each range is taken on its leader after a linearizable read barrier, so the backup
+    /// holds every write acknowledged before it started. DIR gets one file per range and a
+    /// manifest.json (each range's id, key interval, epoch, applied index, node, keys,
+    /// bytes, CRC-32), written last. Ranges that split or merge meanwhile are taken again
+    /// until the files cover the key space exactly once.
     Backup(backup::BackupArgs),
-    /// Start a new cluster from a backup: verify DIR (manifest, checksums, ranges disjoint and
-    /// covering), refuse a cluster that holds data (unless --force), split (and merge) the
-    /// target's ranges at the backup's boundaries, then load the pairs with batched,
-    /// retried multi-puts. Give the target's endpoints; start its nodes with
-    /// --bootstrap-ranges 1 (any layout works, but its boundaries must be merged away).
+    /// Start a new cluster from a backup in DIR (give the new cluster's endpoints).
+    ///
+    /// Verifies DIR first (manifest, checksums, ranges disjoint and covering), refuses a
+    /// cluster that holds data (unless --force), cuts the cluster's ranges at the backup's
+    /// boundaries (start its nodes with --bootstrap-ranges 1; other boundaries are merged
+    /// away), then loads the pairs with batched multi-puts, each retried with its request
+    /// id, printing its progress on stderr.
     Restore(backup::RestoreArgs),
 }
 
