@@ -268,31 +268,16 @@ async fn receive(
     let fatal = |e: BackupError| Failed::Fatal(e.into());
     let mut writer =
         DataWriter::create(dir, &file, &desc.start_key, &desc.end_key).map_err(fatal)?;
+    // An early return drops the writer, which removes its temporary file.
     let end = loop {
-        let frame = match next(&mut frames, wait).await {
-            Ok(f) => f,
-            Err(why) => {
-                writer.abandon();
-                return Err(retry(why));
-            }
-        };
-        match frame {
-            Frame::Chunk(c) => {
-                if let Err(e) = writer.write_chunk(&c) {
-                    writer.abandon();
-                    return Err(fatal(e));
-                }
-            }
+        match next(&mut frames, wait).await.map_err(retry)? {
+            Frame::Chunk(c) => writer.write_chunk(&c).map_err(fatal)?,
             Frame::End(end) => break end,
-            Frame::Start(_) => {
-                writer.abandon();
-                return Err(retry("a second start frame".into()));
-            }
+            Frame::Start(_) => return Err(retry("a second start frame".into())),
         }
     };
     if (end.keys, end.bytes) != writer.counts() {
         let (keys, bytes) = writer.counts();
-        writer.abandon();
         return Err(retry(format!(
             "the end frame counts {} keys, {} bytes; the chunks held {keys}, {bytes}",
             end.keys, end.bytes
