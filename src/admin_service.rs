@@ -2,20 +2,22 @@
 //! middle), merge two adjacent ranges, change a range's replicas, hand its leadership to
 //! another node, list this node's range table (with each range's keys and bytes on request),
 //! the node's counters, the node registry (list, join, state), every node's statistics and
-//! status (`Nodes`), and what the scheduler decided (`Placement`). It exists so that an operator (`flotilla-ctl`) or a placement
-//! process can reshape the key space of a running cluster without linking the runtime;
-//! errors go through the one mapping in [`crate::kv_service::to_status`].
+//! status (`Nodes`), what the scheduler decided (`Placement`), and one range's data at one
+//! point for a backup (`BackupRange`, in [`crate::backup_service`]). It exists so that an
+//! operator (`flotilla-ctl`) or a placement process can reshape the key space of a running
+//! cluster without linking the runtime; errors go through the one mapping in
+//! [`crate::kv_service::to_status`].
 
 use std::sync::Arc;
 
 use flotilla_proto::admin::admin_server::{Admin, AdminServer};
 use flotilla_proto::admin::{
-    membership_change, split_request, ChangeMembershipRequest, ChangeMembershipResponse,
-    JoinRequest, JoinResponse, MergeRequest, MergeResponse, NodeInfo, NodeStatusRequest,
-    NodeStatusResponse, NodesRequest, NodesResponse, PlacementEvent, PlacementRequest,
-    PlacementResponse, RangeInfo, RangeSizesRequest, RangesRequest, RangesResponse,
-    RegistryRequest, RegistryResponse, SetNodeStateRequest, SetNodeStateResponse, SplitRequest,
-    SplitResponse, TransferLeaderRequest, TransferLeaderResponse,
+    membership_change, split_request, BackupRangeRequest, ChangeMembershipRequest,
+    ChangeMembershipResponse, JoinRequest, JoinResponse, MergeRequest, MergeResponse, NodeInfo,
+    NodeStatusRequest, NodeStatusResponse, NodesRequest, NodesResponse, PlacementEvent,
+    PlacementRequest, PlacementResponse, RangeInfo, RangeSizesRequest, RangesRequest,
+    RangesResponse, RegistryRequest, RegistryResponse, SetNodeStateRequest, SetNodeStateResponse,
+    SplitRequest, SplitResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use flotilla_proto::meta::{NodeState, RangeDescriptor};
 use flotilla_proto::{NodeId, RangeId, ReplicaId};
@@ -362,6 +364,17 @@ impl Admin for AdminService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(SetNodeStateResponse { node: Some(node) }))
+    }
+
+    type BackupRangeStream = crate::backup_service::BackupFrames;
+
+    async fn backup_range(
+        &self,
+        req: Request<BackupRangeRequest>,
+    ) -> Result<Response<Self::BackupRangeStream>, Status> {
+        crate::backup_service::backup_range(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn placement(

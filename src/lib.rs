@@ -11,7 +11,8 @@
 //! - [`server`]: the wiring of one node ([`Server`], [`ServerConfig`], [`ServerError`]),
 //!   shared by the `flotilla-node` binary, the tests, the benchmarks and the examples;
 //! - [`layout`]: the initial range layout a new cluster bootstraps;
-//! - [`kv_service`], [`admin_service`]: the client gRPC APIs a server serves;
+//! - [`kv_service`], [`admin_service`] (with [`backup_service`], its backup stream): the
+//!   client gRPC APIs a server serves;
 //! - [`resp`]: the Redis protocol over the same NodeGroup, on its own port;
 //! - [`schedule`]: node statistics and the scheduler that balances leaders and replicas and
 //!   rebuilds the replicas of dead nodes;
@@ -21,6 +22,7 @@
 //! See ARCHITECTURE.md for the map.
 
 pub mod admin_service;
+pub mod backup_service;
 pub mod kv_service;
 pub mod layout;
 pub mod resp;

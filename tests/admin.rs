@@ -3,14 +3,19 @@
 //! key, and at its middle key by naming a key of the range), lists the range table, merges the
 //! halves back, and gets the documented status codes for bad requests: unknown range
 //! NOT_FOUND, non-adjacent merge FAILED_PRECONDITION, a node that does not lead the range
-//! UNAVAILABLE naming the leader.
+//! UNAVAILABLE naming the leader. `BackupRange` streams a range at one point (start, chunks in
+//! key order, end with the counts), from the leader or a follower, and refuses a version the
+//! range no longer has.
 
 use std::time::{Duration, Instant};
 
 use flotilla::kv_service::leader_hint;
 use flotilla::layout::range_layout;
 use flotilla::proto::admin::admin_client::AdminClient;
-use flotilla::proto::admin::{split_request, MergeRequest, RangeInfo, RangesRequest, SplitRequest};
+use flotilla::proto::admin::backup_range_frame::Frame;
+use flotilla::proto::admin::{
+    split_request, BackupRangeRequest, MergeRequest, RangeInfo, RangesRequest, SplitRequest,
+};
 use flotilla::proto::kv::kv_client::KvClient;
 use flotilla::proto::kv::GetRequest;
 use flotilla::testing::{bootstrap_ranges_and_system, node_ids, start_local_servers, test_config};
@@ -286,5 +291,88 @@ async fn split_list_merge_and_error_codes_over_grpc() {
             .into_inner();
         assert!(got.found && &got.value[..] == b"v", "key {i}");
     }
+    h.shutdown();
+}
+
+/// Reads a whole `BackupRange` answer: the start frame's range and applied index, the pairs'
+/// keys, and the end frame's key count.
+async fn backup(
+    admin: &mut AdminClient<Channel>,
+    range: u64,
+    version: u64,
+) -> Result<(RangeInfo, u64, Vec<Vec<u8>>, u64), tonic::Status> {
+    let req = BackupRangeRequest {
+        range_id: range,
+        version,
+        chunk_bytes: 256,
+    };
+    let mut frames = admin.backup_range(req).await?.into_inner();
+    let Some(Frame::Start(start)) = frames.message().await?.and_then(|f| f.frame) else {
+        panic!("no start frame first");
+    };
+    let d = start.descriptor.unwrap();
+    let info = RangeInfo {
+        range_id: d.range_id,
+        start_key: d.start_key,
+        end_key: d.end_key,
+        epoch: d.epoch,
+        ..Default::default()
+    };
+    let (mut keys, mut chunks) = (Vec::new(), 0);
+    loop {
+        match frames.message().await?.and_then(|f| f.frame) {
+            Some(Frame::Chunk(c)) => {
+                chunks += 1;
+                keys.extend(c.pairs.iter().map(|p| p.key.to_vec()));
+            }
+            Some(Frame::End(end)) => {
+                assert!(chunks > 1, "256-byte chunks: several of them");
+                assert!(frames.message().await?.is_none(), "nothing after the end");
+                return Ok((info, start.applied_index, keys, end.keys));
+            }
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_range_streams_one_point_and_refuses_a_stale_version() {
+    let mut h = Harness::start().await;
+    let l = h.leader(1).await;
+    for i in 0..KEYS {
+        h.nodes[l].node().put(&key(i), b"v").await.unwrap();
+    }
+    // From the leader: every key acknowledged before the call, in key order.
+    let (info, applied, keys, counted) = backup(&mut h.admins[l], 1, 1).await.unwrap();
+    assert_eq!((info.range_id, info.epoch.unwrap().version), (1, 1));
+    assert!(applied >= KEYS as u64, "applied index {applied}");
+    assert_eq!(keys, (0..KEYS).map(key).collect::<Vec<_>>());
+    assert_eq!(counted, KEYS as u64);
+
+    // After a split, version 1 is refused (ABORTED: read the table again); version 2 is the
+    // left half, served by a follower too (its ReadIndex makes it hold every write).
+    h.admins[l].split(split_by_id(1, &key(100))).await.unwrap();
+    let e = backup(&mut h.admins[l], 1, 1).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    let follower = (l + 1) % 3;
+    let deadline = Instant::now() + T;
+    let (info, _, keys, _) = loop {
+        match backup(&mut h.admins[follower], 1, 2).await {
+            Ok(answer) => break answer,
+            // The follower may not have applied the split yet.
+            Err(e) if Instant::now() < deadline && e.code() == Code::Aborted => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("backup on a follower: {e:?}"),
+        }
+    };
+    assert_eq!(&info.end_key[..], &key(100)[..]);
+    assert_eq!(keys, (0..100).map(key).collect::<Vec<_>>());
+
+    // Unknown range: NOT_FOUND; none named: INVALID_ARGUMENT.
+    let e = backup(&mut h.admins[l], 999, 1).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = backup(&mut h.admins[l], 0, 1).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     h.shutdown();
 }

@@ -103,6 +103,9 @@ pub struct ClientConfig {
     pub down_for: Duration,
     /// Most requests in one frame of a `Batch` stream. Default 256.
     pub max_batch: usize,
+    /// TLS to the nodes' client API (the CA that signed their certificates, this client's
+    /// certificate for nodes that require one); `None`, the default: plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for ClientConfig {
@@ -117,6 +120,7 @@ impl Default for ClientConfig {
             backoff_max: Duration::from_millis(200),
             down_for: Duration::from_secs(1),
             max_batch: 256,
+            tls: None,
         }
     }
 }
@@ -1183,10 +1187,16 @@ impl Client {
         let asks = endpoints.into_iter().map(|endpoint| async move {
             let uri = if endpoint.contains("://") {
                 endpoint.clone()
+            } else if cfg.tls.is_some() {
+                format!("https://{endpoint}")
             } else {
                 format!("http://{endpoint}")
             };
-            let channel = match Endpoint::from_shared(uri) {
+            let endpoint_with_tls = Endpoint::from_shared(uri).and_then(|e| match &cfg.tls {
+                Some(tls) => e.tls_config(tls.clone()),
+                None => Ok(e),
+            });
+            let channel = match endpoint_with_tls {
                 Ok(e) => e
                     .connect_timeout(cfg.connect_timeout)
                     .tcp_nodelay(true)

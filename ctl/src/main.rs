@@ -4,12 +4,14 @@
 //! it must run there).
 //!
 //! Layout: `cluster.rs` (connections, node ids, the merged range table, leader routing),
-//! `kv.rs` (the KV subcommands: get, put, del, scan, cas), `output.rs` (tables, JSON, how bytes are shown); this file
+//! `kv.rs` (the KV subcommands: get, put, del, scan, cas), `output.rs` (tables, JSON, how bytes are shown),
+//! `backup/` (backup and restore, and the backup directory's format); this file
 //! holds the flags and the admin subcommands.
 //!
 //! Exit status: 0 on success, 1 on any error (printed on stderr as one `error:` line), 2 for
 //! flags clap refuses.
 
+mod backup;
 mod cluster;
 mod kv;
 mod node;
@@ -131,6 +133,22 @@ enum Command {
         #[command(subcommand)]
         command: kv::KvCommand,
     },
+    /// Back up the cluster's data into DIR (new or empty), every range at one point.
+    ///
+    /// Each range is taken on its leader after a linearizable read barrier, so the backup
+    /// holds every write acknowledged before it started. DIR gets one file per range and a
+    /// manifest.json (each range's id, key interval, epoch, applied index, node, keys,
+    /// bytes, CRC-32), written last. Ranges that split or merge meanwhile are taken again
+    /// until the files cover the key space exactly once.
+    Backup(backup::BackupArgs),
+    /// Start a new cluster from a backup in DIR (give the new cluster's endpoints).
+    ///
+    /// Verifies DIR first (manifest, checksums, ranges disjoint and covering), refuses a
+    /// cluster that holds data (unless --force), cuts the cluster's ranges at the backup's
+    /// boundaries (start its nodes with --bootstrap-ranges 1; other boundaries are merged
+    /// away), then loads the pairs with batched multi-puts, each retried with its request
+    /// id, printing its progress on stderr.
+    Restore(backup::RestoreArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -226,11 +244,14 @@ async fn run(cli: Cli) -> Result<()> {
         tls,
     };
     let out = cli.output;
-    if let Command::Status = cli.command {
-        return status(&dial, out).await;
-    }
+    let command = match cli.command {
+        Command::Status => return status(&dial, out).await,
+        // It verifies the backup before connecting (or only that, with --check).
+        Command::Restore(args) => return backup::restore(&dial, args, out).await,
+        other => other,
+    };
     let cluster = Cluster::connect(&dial).await?;
-    match cli.command {
+    match command {
         Command::Ranges { no_sizes } => ranges(&cluster, !no_sizes, out).await,
         Command::Split {
             range,
@@ -269,7 +290,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Registry => registry(&cluster, out).await,
         Command::Placement => placement(&cluster, out).await,
         Command::Node { command } => node::run(&cluster, command, out).await,
-        Command::Status => unreachable!("handled above"),
+        Command::Backup(args) => backup::backup(&dial, &cluster, args, out).await,
+        Command::Status | Command::Restore(_) => unreachable!("handled above"),
     }
 }
 

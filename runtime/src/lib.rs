@@ -11,6 +11,7 @@
 //! 3. `fsm/`: the shell — the shared registry, the replica lifecycle (`life`), mailboxes and
 //!    scheduling, the worker round (group commit), the ticker, the split checker.
 //! 4. [`NodeGroup`] (`node_group`): the public API; `read` (reads through the state machine),
+//!    `export` (a range's data at one point, for backups),
 //!    `registry` (the node registry and id counters in the system range),
 //!    `inbound` (what the transport delivers), `status` (status queries).
 //!
@@ -20,6 +21,7 @@ mod api;
 mod batch;
 mod config;
 mod error;
+mod export;
 mod fsm;
 mod inbound;
 mod logger;
@@ -39,6 +41,7 @@ pub use api::{MembershipChange, NodeLiveness, NodeStatus, ProposeOptions, ReadCo
 pub use batch::{KvProposal, Proposed};
 pub use config::{ConfigError, NodeGroupConfig, SplitConfig};
 pub use error::{Error, Result};
+pub use export::RangeExport;
 pub use node_group::NodeGroup;
 pub use raft::StateRole;
 pub use read::ScanPage;

@@ -6,7 +6,8 @@
 //! - [`GroupStorage`] is one group's `raft::Storage`: raft state in memory, a short cache of the
 //!   log tail, reads from RocksDB for the rest.
 //! - [`snapshot`] exports a range's data in chunks and imports it atomically with the
-//!   descriptor and apply state.
+//!   descriptor and apply state; a [`RangeView`] is one range at one point (descriptor,
+//!   apply state and data from one RocksDB snapshot), what a backup exports.
 //!
 //! This crate knows nothing of threads, tokio or the network: the runtime decides when to
 //! write and when to sync.
@@ -19,5 +20,5 @@ mod storage;
 
 pub use engine::{DataSize, Engine, RecoveredGroup, StoreConfig, WriteBatch};
 pub use error::{Result, StoreError};
-pub use snapshot::SnapshotImport;
+pub use snapshot::{RangeView, SnapshotImport};
 pub use storage::{GroupStorage, SPLIT_INIT_INDEX, SPLIT_INIT_TERM};

@@ -1,5 +1,6 @@
-//! Range snapshots, the data side: `export_range` streams `[start, end)` in chunks and
-//! `SnapshotImport` replaces the receiver's copy of the range atomically with the raft state
+//! Range snapshots, the data side: `export_range` streams `[start, end)` in chunks (a
+//! `RangeView`, one range at one point, the same way) and `SnapshotImport` replaces the
+//! receiver's copy of the range atomically with the raft state
 //! (`GroupStorage::apply_snapshot_state`), on real RocksDB engines. The raft side of snapshots
 //! (`Storage::snapshot`, applying one to a log) is in `storage_contract.rs`.
 
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use flotilla_proto::meta::{KvPair, RangeDescriptor, SnapshotChunk};
 use flotilla_proto::RangeId;
 use flotilla_store::snapshot::export_range;
-use flotilla_store::{Engine, GroupStorage, SnapshotImport, StoreConfig, StoreError};
+use flotilla_store::{Engine, GroupStorage, RangeView, SnapshotImport, StoreConfig, StoreError};
 use raft::prelude::{ConfState, SnapshotMetadata};
 use raft::Storage;
 use tempfile::TempDir;
@@ -256,4 +257,59 @@ fn export_sink_error_stops_the_export() {
     });
     assert!(matches!(res, Err(StoreError::InvalidConfig(_))));
     assert_eq!(calls, 3, "no chunk after the sink failed");
+}
+
+/// A view is one point: the descriptor, apply state and data it was taken with, whatever is
+/// written after it (here a later apply that moves the range's end and its data).
+#[test]
+fn a_range_view_keeps_its_point_while_the_range_moves_on() {
+    let dir = TempDir::new().unwrap();
+    let engine = open(dir.path());
+    let want = fill_source(&engine);
+    let mut batch = engine.batch();
+    let mut s = GroupStorage::initialize(
+        engine.clone(),
+        range_desc(7, b"m", b"t"),
+        voters(&[1]),
+        5,
+        5,
+        &mut batch,
+    );
+    engine.write(batch, true).unwrap();
+
+    let view = RangeView::take(&engine, RangeId(7)).unwrap();
+    // After the view: one more entry applied, which writes a key and narrows the range.
+    let mut batch = engine.batch();
+    batch.put_data(b"m/new", b"later");
+    s.set_descriptor(range_desc(7, b"m", b"n"), &mut batch);
+    s.set_applied(6, 5, &mut batch);
+    engine.write(batch, true).unwrap();
+
+    assert_eq!(view.apply_state().applied_index, 5);
+    assert_eq!(&view.descriptor().unwrap().end_key[..], b"t");
+    let mut chunks = Vec::new();
+    view.export(1 << 10, |c| {
+        chunks.push(c);
+        Ok::<(), StoreError>(())
+    })
+    .unwrap();
+    assert_eq!(pairs_of(&chunks), want, "the data as of applied index 5");
+
+    let now = RangeView::take(&engine, RangeId(7)).unwrap();
+    assert_eq!(now.apply_state().applied_index, 6);
+    assert_eq!(&now.descriptor().unwrap().end_key[..], b"n");
+    let mut keys = 0;
+    now.export(1 << 10, |c| {
+        keys += c.pairs.len();
+        Ok::<(), StoreError>(())
+    })
+    .unwrap();
+    assert_eq!(keys, want.len() + 1);
+    // A range this engine never had: no descriptor, nothing to export.
+    let none = RangeView::take(&engine, RangeId(8)).unwrap();
+    assert!(none.descriptor().is_none());
+    none.export(1 << 10, |_| -> Result<(), StoreError> {
+        panic!("no chunk")
+    })
+    .unwrap();
 }
