@@ -4,8 +4,9 @@
 //! it must run there).
 //!
 //! Layout: `cluster.rs` (connections, node ids, the merged range table, leader routing),
-//! `kv.rs` (the KV subcommands: get, put, del, scan, cas), `output.rs` (tables, JSON, how bytes are shown); this file
-//! holds the flags and the admin subcommands.
+//! `kv.rs` (the KV subcommands: get, put, del, scan, cas), `recover.rs` (`recover`: unsafe
+//! recovery of ranges that lost their quorum for good), `output.rs` (tables, JSON, how bytes
+//! are shown); this file holds the flags and the admin subcommands.
 //!
 //! Exit status: 0 on success, 1 on any error (printed on stderr as one `error:` line), 2 for
 //! flags clap refuses.
@@ -13,6 +14,7 @@
 mod cluster;
 mod kv;
 mod output;
+mod recover;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -120,6 +122,11 @@ enum Command {
     Nodes,
     /// What the scheduler of each reachable node decided and did, oldest first.
     Placement,
+    /// Unsafe recovery after losing nodes for good: every range that lost a majority of its
+    /// voters to them continues from its best surviving replica alone (writes only the lost
+    /// nodes held are gone), the lost nodes are marked removed, and the scheduler rebuilds the
+    /// replicas. Give every surviving node in --endpoints; try --dry-run first.
+    Recover(recover::RecoverArgs),
     /// Read and write keys.
     Kv {
         #[command(subcommand)]
@@ -262,6 +269,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Nodes => nodes(&cluster, out).await,
         Command::Registry => registry(&cluster, out).await,
         Command::Placement => placement(&cluster, out).await,
+        Command::Recover(args) => recover::run(&cluster, args, out).await,
         Command::Status => unreachable!("handled above"),
     }
 }

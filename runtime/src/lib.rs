@@ -11,7 +11,8 @@
 //! 3. `fsm/`: the shell — the shared registry, the replica lifecycle (`life`), mailboxes and
 //!    scheduling, the worker round (group commit), the ticker, the split checker.
 //! 4. [`NodeGroup`] (`node_group`): the public API; `read` (reads through the state machine),
-//!    `registry` (the node registry and id counters in the system range),
+//!    `registry` (the node registry and id counters in the system range), `recover` (unsafe
+//!    recovery of ranges that lost their quorum for good),
 //!    `inbound` (what the transport delivers), `status` (status queries).
 //!
 //! ARCHITECTURE.md at the repository root states the rule and the reasons.
@@ -26,6 +27,7 @@ mod logger;
 mod node_group;
 mod pending;
 mod read;
+mod recover;
 mod registry;
 mod replica;
 mod router;
@@ -35,10 +37,13 @@ mod state_machine;
 mod status;
 mod system;
 
-pub use api::{MembershipChange, NodeLiveness, NodeStatus, ProposeOptions, ReadConsistency};
+pub use api::{
+    ForcedRange, MembershipChange, NodeLiveness, NodeStatus, ProposeOptions, ReadConsistency,
+    RecoveryReplica,
+};
 pub use batch::{KvProposal, Proposed};
 pub use config::{ConfigError, NodeGroupConfig, SplitConfig};
-pub use error::{Error, Result};
+pub use error::{Error, RecoveryRefusal, Result};
 pub use node_group::NodeGroup;
 pub use raft::StateRole;
 pub use read::ScanPage;

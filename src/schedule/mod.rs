@@ -60,6 +60,9 @@ pub struct NodeInfo {
     pub state: NodeState,
     /// How long it has been in that state (since this node started watching, at most).
     pub state_for: Duration,
+    /// Removed from the node registry (`NodeLiveness::removed`): down for good, and dead at
+    /// once for placement (its replicas are rebuilt without waiting for `down_time`).
+    pub removed: bool,
     /// Its latest statistics, if it published any.
     pub stats: Option<NodeStats>,
     /// How old they are.
@@ -306,7 +309,12 @@ impl PassState {
                 .map(|i| NodeView {
                     node: i.node,
                     state: i.state,
-                    state_for: i.state_for,
+                    // A removed node never comes back: dead at once.
+                    state_for: if i.removed {
+                        i.state_for.max(self.placement.config.down_time)
+                    } else {
+                        i.state_for
+                    },
                     load: i.stats.as_ref().map(|s| Load {
                         replicas: s.replicas,
                         leaders: s.leaders,
@@ -357,11 +365,15 @@ impl PassState {
     /// Every watched node with its state (and how long it has been in it) and statistics.
     fn view_nodes(&mut self, mine: NodeStats, now: Instant) -> Vec<NodeInfo> {
         let me = self.node.node_id();
-        let liveness: BTreeMap<NodeId, (bool, usize)> = self
-            .node
-            .node_liveness()
-            .into_iter()
-            .map(|l| (l.node, (l.up, l.silent_ticks)))
+        let tracked = self.node.node_liveness();
+        let liveness: BTreeMap<NodeId, (bool, usize)> = tracked
+            .iter()
+            .map(|l| (l.node, (l.up && !l.removed, l.silent_ticks)))
+            .collect();
+        let removed: BTreeSet<NodeId> = tracked
+            .iter()
+            .filter(|l| l.removed)
+            .map(|l| l.node)
             .collect();
         let suspect_after = self.node.config().down_ticks() / 2;
         let stats: BTreeMap<NodeId, (NodeStats, Instant)> = self
@@ -412,6 +424,7 @@ impl PassState {
                     node: n,
                     state,
                     state_for: now.duration_since(entry.1),
+                    removed: removed.contains(&n),
                     stats,
                     stats_age: age,
                 }

@@ -74,6 +74,8 @@ struct Peer {
     /// Ticks since that answer changed.
     silent: usize,
     up: bool,
+    /// Removed from the node registry: down for good, whatever the transport says.
+    removed: bool,
 }
 
 /// Liveness of the other nodes, the leader index and the wake queue of one NodeGroup.
@@ -132,6 +134,7 @@ impl Liveness {
                 last: None,
                 silent: 0,
                 up: true,
+                removed: false,
             }
         });
     }
@@ -202,6 +205,33 @@ impl Liveness {
         q.extend(later);
     }
 
+    /// Declares `node` removed for good (see `NodeGroup::declare_removed`): down at once and
+    /// never up again; the groups it led are woken as for a node declared down. Returns
+    /// whether it was news.
+    pub(crate) fn remove(&self, node: NodeId) -> bool {
+        let was_up = {
+            let mut peers = self.peers.lock();
+            let p = peers.entry(node.0).or_insert(Peer {
+                last: None,
+                silent: 0,
+                up: true,
+                removed: false,
+            });
+            if p.removed {
+                return false;
+            }
+            p.removed = true;
+            std::mem::replace(&mut p.up, false)
+        };
+        self.view.insert(node.0, false);
+        if was_up {
+            let groups = self.led_by(node);
+            tracing::info!(%node, groups = groups.len(), "node removed from the registry: down for good; waking the groups it led");
+            self.defer_wakes(groups, Wake::LeaderDown(node));
+        }
+        true
+    }
+
     /// Starts tracking `node` (see `NodeGroup::watch_node`).
     pub(crate) fn watch(&self, node: NodeId) {
         self.track(node.0);
@@ -216,6 +246,7 @@ impl Liveness {
                 node: NodeId(*n),
                 up: p.up,
                 silent_ticks: p.silent,
+                removed: p.removed,
             })
             .collect()
     }
@@ -258,7 +289,7 @@ pub(crate) fn check(shared: &Shared) -> Transitions {
     let live = &shared.liveness;
     {
         let mut peers = live.peers.lock();
-        for (&node, p) in peers.iter_mut() {
+        for (&node, p) in peers.iter_mut().filter(|(_, p)| !p.removed) {
             let Some(heard) = transport.last_heard_from(NodeId(node)) else {
                 continue;
             };
