@@ -4,13 +4,20 @@
 //! commits its uncommitted tail, a membership change in that tail (one that would re-add a
 //! lost node) is dropped, the rewrite survives a restart, and the typed refusals. With five
 //! replicas and two survivors, the one left behind is retired and a new replica placed on its
-//! node catches up from the forced leader.
+//! node catches up from the forced leader. On gRPC nodes in one process, a node marked
+//! removed in the registry counts as dead at once: the scheduler rebuilds its replicas
+//! without waiting for `down_time`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use flotilla::proto::meta::{RangeDescriptor, ReplicaRole};
-use flotilla::testing::{key_in_range, wait_until, Cluster};
+use flotilla::layout::{first_campaigner, range_layout};
+use flotilla::proto::meta::{NodeState, RangeDescriptor, ReplicaRole};
+use flotilla::schedule::ScheduleConfig;
+use flotilla::testing::{
+    bootstrap_ranges_and_system, key_in_range, local_server_config, node_ids, start_servers,
+    test_config, wait_until, Cluster,
+};
 use flotilla::transport::IsolateFilter;
 use flotilla::{
     Error, MembershipChange, NodeId, RangeId, ReadConsistency, RecoveryRefusal, ReplicaId,
@@ -331,4 +338,84 @@ async fn of_two_survivors_one_continues_and_the_other_is_retired_and_replaced() 
             .as_deref(),
         Some(&b"v"[..])
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_removed_from_the_registry_has_its_replicas_rebuilt_without_waiting_for_down_time() {
+    let dir = tempfile::tempdir().unwrap();
+    // Down for an hour before a silent node counts as dead, and no balancing (the thresholds
+    // at their widest): only the removal can make the scheduler move anything.
+    let configs = (1..=4)
+        .map(|id| {
+            let mut c = local_server_config(test_config(id), dir.path());
+            c.schedule = ScheduleConfig {
+                interval: Duration::from_millis(100),
+                stable_time: Duration::from_millis(300),
+                down_time: Duration::from_secs(3600),
+                replica_threshold: 1.0,
+                leader_threshold: 1.0,
+                ..ScheduleConfig::default()
+            };
+            c
+        })
+        .collect();
+    let nodes = start_servers(configs, tokio::runtime::Handle::current()).unwrap();
+    let members = node_ids(3);
+    let layout = range_layout(2, &members);
+    for n in &nodes[..3] {
+        bootstrap_ranges_and_system(n.node(), layout.clone()).unwrap();
+    }
+    for d in &layout {
+        let first = first_campaigner(d.id(), &members).unwrap();
+        nodes[first.0 as usize - 1].node().campaign(d.id()).unwrap();
+    }
+    // The voters' nodes and the replica count of `range` on its leader among `live`.
+    let leader_voters = |live: &[usize], range: RangeId| {
+        live.iter().find_map(|&i| {
+            let st = nodes[i].node().status(range).ok()?;
+            let d = st.descriptor.filter(|_| st.role == StateRole::Leader)?;
+            let mut v: Vec<u64> = d
+                .replicas
+                .iter()
+                .filter(|r| r.role == ReplicaRole::Voter as i32)
+                .map(|r| r.node_id)
+                .collect();
+            v.sort();
+            Some((v, d.replicas.len()))
+        })
+    };
+    assert!(
+        wait_until(T, || layout.iter().all(|d| leader_voters(
+            &[0, 1, 2],
+            d.id()
+        )
+        .is_some_and(|(v, _)| v == [1, 2, 3])))
+        .await
+    );
+    nodes[2].shutdown();
+    nodes[0]
+        .node()
+        .set_node_state(NodeId(3), NodeState::Removed)
+        .await
+        .unwrap();
+    let live = [0, 1, 3];
+    let rebuilt = wait_until(T, || {
+        layout
+            .iter()
+            .all(|d| leader_voters(&live, d.id()) == Some((vec![1, 2, 4], 3)))
+    })
+    .await;
+    assert!(
+        rebuilt,
+        "{:?}",
+        layout
+            .iter()
+            .map(|d| leader_voters(&live, d.id()))
+            .collect::<Vec<_>>()
+    );
+    let view = nodes[0].placement().nodes();
+    assert!(view.iter().any(|n| n.node == NodeId(3) && n.removed));
+    for n in &nodes {
+        n.shutdown();
+    }
 }
