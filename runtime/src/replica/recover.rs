@@ -9,7 +9,8 @@
 //!    last (term, index), as an election would.
 //! 2. **Check and plan** ([`Replica::plan_alone`]): refused unless the lost nodes hold a
 //!    majority of the voters (of either half of a joint configuration), the replica holds
-//!    data, no merge froze the range, and its membership is the one the tool saw.
+//!    data, no merge froze the range or waits in its log, and its membership is the one the
+//!    tool saw.
 //! 3. **Rewrite** ([`Alone::write`]), in one synced batch: the descriptor lists this replica
 //!    alone, as a voter, with a conf_ver above every replica's of the old membership; raft's
 //!    conf state says the same; and every membership-change entry after the applied index is
@@ -17,9 +18,12 @@
 //!    entry would move the new membership back towards the lost nodes (an entry adding one of
 //!    them would leave the range two voters with one dead: no quorum again), and raft-rs
 //!    refuses to campaign while committed changes wait to be applied. The forced membership
-//!    replaces every change the old one made or meant to make; no other replica holds these
-//!    entries any more (the lost ones are gone, the other survivors are retired, and new
-//!    replicas start from a snapshot).
+//!    replaces every change the old one made or meant to make. A split after the applied
+//!    index is rebased on the new membership (its header's conf_ver is the new one), or its
+//!    epoch check would refuse it here while the lost nodes may have applied it: its keys
+//!    would then stay in this range while another survivor serves its right half. No other
+//!    replica holds these entries any more (the lost ones are gone, the other survivors are
+//!    retired, and new replicas start from a snapshot).
 //! 4. **Restart** (the shell): a new `RawNode` over the rewritten storage, so that raft-rs's
 //!    progress, its pending-conf index and everything it derived from the old membership
 //!    start afresh; term, vote and commit are kept (commit ≤ last index always holds).
@@ -30,8 +34,9 @@
 
 use std::collections::BTreeSet;
 
+use flotilla_proto::command::{admin_command, raft_command, AdminCommand, RaftCommand};
 use flotilla_proto::meta::{RangeDescriptor, ReplicaDescriptor, ReplicaRole};
-use flotilla_proto::NodeId;
+use flotilla_proto::{Message as _, NodeId};
 use flotilla_store::{GroupStorage, WriteBatch};
 use raft::prelude::{ConfState, Entry, EntryType};
 
@@ -42,8 +47,8 @@ use crate::error::{Error, RecoveryRefusal};
 /// The rewrite [`Replica::plan_alone`] computed, written by [`Alone::write`].
 #[derive(Debug)]
 pub(crate) struct Alone {
-    /// The log from the first membership-change entry after the applied index to the last
-    /// entry, with those entries emptied (nothing when there is none).
+    /// The log from the first entry after the applied index that changes to the last entry:
+    /// membership changes emptied, splits rebased (nothing when none changes).
     rewritten: Vec<Entry>,
     conf_state: ConfState,
     /// What the caller reports.
@@ -153,23 +158,42 @@ impl Replica {
         let store = self.raw.store();
         let applied = store.apply_state().applied_index;
         let last_index = store.last_index_value();
-        let conf_changes = self.conf_change_indexes()?;
-        let rewritten = match conf_changes.first() {
-            None => Vec::new(),
-            Some(first) => store
-                .log_entries(first.index, last_index + 1)?
-                .into_iter()
-                .map(|mut e| {
-                    if e.get_entry_type() != EntryType::EntryNormal {
-                        e.set_entry_type(EntryType::EntryNormal);
-                        e.data = Default::default();
-                        e.context = Default::default();
-                    }
-                    e
-                })
-                .collect(),
-        };
         let descriptor = alone_descriptor(&desc, self.id, self.node, min_conf_ver);
+        let new_conf_ver = descriptor.epoch_or_default().conf_ver;
+        let tail = if last_index > applied {
+            store.log_entries(applied + 1, last_index + 1)?
+        } else {
+            Vec::new()
+        };
+        let mut neutralized = Vec::new();
+        let mut first_changed = None;
+        let mut rewritten = Vec::with_capacity(tail.len());
+        for mut e in tail {
+            let changed = if e.get_entry_type() != EntryType::EntryNormal {
+                e.set_entry_type(EntryType::EntryNormal);
+                e.data = Default::default();
+                e.context = Default::default();
+                neutralized.push(e.index);
+                true
+            } else {
+                match rebase(&e.data, new_conf_ver) {
+                    Rebased::Unchanged => false,
+                    Rebased::Split(data) => {
+                        e.data = data;
+                        true
+                    }
+                    Rebased::Merge => return Err(refuse(RecoveryRefusal::Merging)),
+                }
+            };
+            if changed && first_changed.is_none() {
+                first_changed = Some(rewritten.len());
+            }
+            rewritten.push(e);
+        }
+        let rewritten = match first_changed {
+            Some(i) => rewritten.split_off(i),
+            None => Vec::new(),
+        };
         Ok(Alone {
             rewritten,
             conf_state: ConfState {
@@ -183,7 +207,7 @@ impl Replica {
                 applied,
                 last_index,
                 last_term: store.term_of(last_index)?,
-                neutralized: conf_changes.iter().map(|e| e.index).collect(),
+                neutralized,
                 descriptor,
             },
         })
@@ -216,6 +240,39 @@ impl Alone {
         storage.append(&self.rewritten, batch)?;
         storage.set_conf_state(self.conf_state.clone(), batch);
         Ok(storage.set_descriptor(self.forced.descriptor.clone(), batch))
+    }
+}
+
+/// What forcing a replica alone does to one normal entry after its applied index.
+enum Rebased {
+    /// Kept as it is.
+    Unchanged,
+    /// A split: re-encoded with its header's conf_ver set to the forced membership's, so
+    /// that it applies (or not) as its version says, as it would have in the old membership.
+    Split(Vec<u8>),
+    /// A merge step: forcing one side of a merge alone is refused.
+    Merge,
+}
+
+fn rebase(data: &[u8], conf_ver: u64) -> Rebased {
+    if data.is_empty() {
+        return Rebased::Unchanged;
+    }
+    // Undecodable entries are skipped at apply on every replica alike: nothing to rebase.
+    let Ok(mut cmd) = RaftCommand::decode(data) else {
+        return Rebased::Unchanged;
+    };
+    let Some(raft_command::Body::Admin(AdminCommand { cmd: Some(admin) })) = &cmd.body else {
+        return Rebased::Unchanged;
+    };
+    match admin {
+        admin_command::Cmd::Split(_) => {
+            if let Some(epoch) = cmd.header.as_mut().and_then(|h| h.epoch.as_mut()) {
+                epoch.conf_ver = conf_ver;
+            }
+            Rebased::Split(cmd.encode_to_vec())
+        }
+        _ => Rebased::Merge,
     }
 }
 
@@ -286,5 +343,48 @@ mod tests {
         assert_eq!(alone.next_replica_id, 7, "ids are never reused");
         let above = alone_descriptor(&desc, 1, NodeId(1), 9);
         assert_eq!(above.epoch.unwrap().conf_ver, 9);
+    }
+
+    #[test]
+    fn a_split_in_the_tail_is_rebased_on_the_new_membership_and_a_merge_refused() {
+        use flotilla_proto::command::{PrepareMerge, RequestHeader, Split};
+        let cmd = |body| RaftCommand {
+            header: Some(RequestHeader {
+                range_id: 7,
+                epoch: Some(RangeEpoch {
+                    conf_ver: 3,
+                    version: 2,
+                }),
+                ..Default::default()
+            }),
+            body: Some(body),
+        };
+        let admin = |c| raft_command::Body::Admin(AdminCommand { cmd: Some(c) });
+        let split = cmd(admin(admin_command::Cmd::Split(Split {
+            split_key: b"m".to_vec().into(),
+            new_range_id: 9,
+            ..Default::default()
+        })));
+        let Rebased::Split(data) = rebase(&split.encode_to_vec(), 8) else {
+            panic!("a split is rebased");
+        };
+        let rebased = RaftCommand::decode(&data[..]).unwrap();
+        let epoch = rebased.header.as_ref().unwrap().epoch.unwrap();
+        assert_eq!(
+            (epoch.conf_ver, epoch.version),
+            (8, 2),
+            "only conf_ver moves"
+        );
+        assert_eq!(rebased.body, split.body);
+        let write = cmd(raft_command::Body::App(b"put".to_vec().into()));
+        assert!(matches!(
+            rebase(&write.encode_to_vec(), 8),
+            Rebased::Unchanged
+        ));
+        assert!(matches!(rebase(&[], 8), Rebased::Unchanged));
+        let merge = cmd(admin(admin_command::Cmd::PrepareMerge(
+            PrepareMerge::default(),
+        )));
+        assert!(matches!(rebase(&merge.encode_to_vec(), 8), Rebased::Merge));
     }
 }
