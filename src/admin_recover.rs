@@ -23,6 +23,8 @@ use crate::kv_service::to_status;
 /// How many election timeouts `ForceAlone` waits for the forced replica to lead before it
 /// answers (it answers either way, saying whether it leads).
 const LEAD_WAIT_ELECTIONS: u32 = 3;
+/// And at least this long.
+const LEAD_WAIT_MIN: Duration = Duration::from_secs(2);
 
 /// `RecoveryReport`: this node's replicas of ranges that lost a quorum to the lost nodes (or
 /// of the ranges asked), and its stale view of the registry.
@@ -170,9 +172,11 @@ fn refusal(e: &Error) -> Option<RecoveryRefusal> {
 /// whether it does, and its term.
 async fn wait_leading(node: &NodeGroup, range: RangeId) -> (bool, u64) {
     let config = node.config();
-    let wait = config.tick_interval
+    // Alone, it wins its first campaign: the floor only covers a loaded machine's rounds.
+    let wait = (config.tick_interval
         * u32::try_from(config.election_tick).unwrap_or(u32::MAX)
-        * LEAD_WAIT_ELECTIONS;
+        * LEAD_WAIT_ELECTIONS)
+        .max(LEAD_WAIT_MIN);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let status = node.status(range).ok();

@@ -411,3 +411,26 @@ fn wake(shared: &Shared, range: u64, why: Wake) -> bool {
     let _ = cell.send(msg, usize::MAX, &shared.ready_tx);
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_node_is_down_at_once_and_for_good() {
+        let live = Liveness::default();
+        live.watch(NodeId(2));
+        live.move_leader(RangeId(7), 0, 2, NodeId(1));
+        assert!(live.remove(NodeId(2)));
+        assert!(!live.remove(NodeId(2)), "idempotent");
+        let seen = live.snapshot();
+        assert_eq!(seen.len(), 1);
+        assert!(seen[0].removed && !seen[0].up, "{seen:?}");
+        assert_eq!(live.view.get(&2).map(|v| *v), Some(false));
+        // The groups it led are queued to wake and elect elsewhere.
+        assert_eq!(live.queued_wakes(), 1);
+        // A node never seen before can be removed too (it was down all along).
+        assert!(live.remove(NodeId(3)));
+        assert_eq!(live.queued_wakes(), 1);
+    }
+}
