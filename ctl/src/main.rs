@@ -4,7 +4,7 @@
 //! it must run there).
 //!
 //! Layout: `cluster.rs` (connections, node ids, the merged range table, leader routing),
-//! `kv.rs` (the KV subcommands: get, put, del, scan, cas), `recover.rs` (`recover`: unsafe
+//! `kv.rs` (the KV subcommands: get, put, del, scan, cas), `recover/` (`recover`: unsafe
 //! recovery of ranges that lost their quorum for good), `output.rs` (tables, JSON, how bytes
 //! are shown); this file holds the flags and the admin subcommands.
 //!

@@ -19,6 +19,9 @@
 //! the others elected, and catches up the replicas of a restarted node, without waiting for a
 //! group to wake by itself.
 //!
+//! A node **removed** from the registry (`NodeGroup::declare_removed`) is declared down at
+//! once and never up again, whatever the transport hears: it is gone for good.
+//!
 //! **Wake-storm control**: two queues, drained by the ticker with at most
 //! `max_wakes_per_tick` wakes a tick in all. The first holds single wakes that must not wait
 //! (a bootstrapped replica whose group has no leader node to wait for), drained first. The
@@ -429,7 +432,7 @@ mod tests {
         assert_eq!(live.view.get(&2).map(|v| *v), Some(false));
         // The groups it led are queued to wake and elect elsewhere.
         assert_eq!(live.queued_wakes(), 1);
-        // A node never seen before can be removed too (it was down all along).
+        // A node never tracked can be removed too (it led nothing here: nothing to wake).
         assert!(live.remove(NodeId(3)));
         assert_eq!(live.queued_wakes(), 1);
     }
