@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::plan::Plan;
-use super::{intervals, range_name, refusal_name, Outcome};
+use super::{intervals, range_name, refusal_name, Outcome, SYSTEM};
 use crate::output::{show_bytes, table, Output};
 
 /// What is printed: the plan and, once acted, each step's outcome.
@@ -255,6 +255,13 @@ impl<'a> Report<'a> {
                 println!(
                     "the scheduler now adds replicas to each recovered range until it is back \
                      at its replication factor (flotilla-ctl ranges, flotilla-ctl placement)"
+                );
+            }
+            if let Some(sys) = self.plan.ranges.iter().find(|r| r.range_id == SYSTEM) {
+                println!(
+                    "note: the system range (node registry, id counters) now lives on node {} \
+                     alone; the scheduler does not re-replicate it",
+                    sys.survivor
                 );
             }
             for f in &self.failures {
