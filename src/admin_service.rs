@@ -2,11 +2,12 @@
 //! middle), merge two adjacent ranges, change a range's replicas, hand its leadership to
 //! another node, list this node's range table (with each range's keys and bytes on request),
 //! the node's counters, the node registry (list, join, state), every node's statistics and
-//! status (`Nodes`), what the scheduler decided (`Placement`), and one range's data at one
-//! point for a backup (`BackupRange`, in [`crate::backup_service`]). It exists so that an
-//! operator (`flotilla-ctl`) or a placement process can reshape the key space of a running
-//! cluster without linking the runtime; errors go through the one mapping in
-//! [`crate::kv_service::to_status`].
+//! status (`Nodes`), what the scheduler decided (`Placement`), one range's data at one
+//! point for a backup (`BackupRange`, in [`crate::backup_service`]), and unsafe recovery of
+//! ranges that lost their quorum for good (`RecoveryReport`, `ForceAlone`, `RetireReplica`:
+//! in `admin_recover`). It exists so that an operator (`flotilla-ctl`) or a placement
+//! process can reshape the key space of a running cluster without linking the runtime;
+//! errors go through the one mapping in [`crate::kv_service::to_status`].
 
 use std::sync::Arc;
 
@@ -18,6 +19,10 @@ use flotilla_proto::admin::{
     PlacementRequest, PlacementResponse, RangeInfo, RangeSizesRequest, RangesRequest,
     RangesResponse, RegistryRequest, RegistryResponse, SetNodeStateRequest, SetNodeStateResponse,
     SplitRequest, SplitResponse, TransferLeaderRequest, TransferLeaderResponse,
+};
+use flotilla_proto::admin::{
+    ForceAloneRequest, ForceAloneResponse, RecoveryReportRequest, RecoveryReportResponse,
+    RetireReplicaRequest, RetireReplicaResponse,
 };
 use flotilla_proto::meta::{NodeState, RangeDescriptor};
 use flotilla_proto::{NodeId, RangeId, ReplicaId};
@@ -401,6 +406,33 @@ impl Admin for AdminService {
             moves_in_flight: self.placement.moves_in_flight() as u64,
             events,
         }))
+    }
+
+    async fn recovery_report(
+        &self,
+        req: Request<RecoveryReportRequest>,
+    ) -> Result<Response<RecoveryReportResponse>, Status> {
+        crate::admin_recover::report(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn force_alone(
+        &self,
+        req: Request<ForceAloneRequest>,
+    ) -> Result<Response<ForceAloneResponse>, Status> {
+        crate::admin_recover::force_alone(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn retire_replica(
+        &self,
+        req: Request<RetireReplicaRequest>,
+    ) -> Result<Response<RetireReplicaResponse>, Status> {
+        crate::admin_recover::retire(&self.node, req.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 

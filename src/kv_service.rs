@@ -71,6 +71,10 @@ pub fn kv_error(e: &Error) -> KvError {
         Error::Stopped => Kind::Stopped,
         Error::ProposalTooLarge { .. } | Error::InvalidCommand(_) => Kind::InvalidArgument,
         Error::AdminRefused(_) => Kind::Refused,
+        Error::RecoveryRefused { range, .. } => {
+            out.range_id = range.0;
+            Kind::Refused
+        }
         Error::ReplicaFailed(range) => {
             out.range_id = range.0;
             out.message = e.with_sources();

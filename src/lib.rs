@@ -12,7 +12,8 @@
 //!   shared by the `flotilla-node` binary, the tests, the benchmarks and the examples;
 //! - [`layout`]: the initial range layout a new cluster bootstraps;
 //! - [`kv_service`], [`admin_service`] (with [`backup_service`], its backup stream): the
-//!   client gRPC APIs a server serves;
+//!   client gRPC APIs a server serves (the admin API's unsafe-recovery calls live in
+//!   `admin_recover`);
 //! - [`resp`]: the Redis protocol over the same NodeGroup, on its own port;
 //! - [`schedule`]: node statistics and the scheduler that balances leaders and replicas and
 //!   rebuilds the replicas of dead nodes;
@@ -21,6 +22,7 @@
 //!
 //! See ARCHITECTURE.md for the map.
 
+mod admin_recover;
 pub mod admin_service;
 pub mod backup_service;
 pub mod kv_service;
@@ -34,10 +36,10 @@ pub mod testing;
 pub use flotilla_proto as proto;
 pub use flotilla_proto::{NodeId, RangeId, ReplicaId};
 pub use flotilla_runtime::{
-    ApplyContext, ApplyError, ConfigError, Error, KvProposal, KvStateMachine, MembershipChange,
-    NodeGroup, NodeGroupConfig, NodeStatus, ProposeOptions, RangeRouter, ReadConsistency,
-    ReadContext, ReplicaStatus, Result, ScanPage, SplitConfig, StateMachine, StateRole, SystemSeed,
-    ID_LEASE_BLOCK,
+    ApplyContext, ApplyError, ConfigError, Error, ForcedRange, KvProposal, KvStateMachine,
+    MembershipChange, NodeGroup, NodeGroupConfig, NodeStatus, ProposeOptions, RangeRouter,
+    ReadConsistency, ReadContext, RecoveryRefusal, RecoveryReplica, ReplicaStatus, Result,
+    ScanPage, SplitConfig, StateMachine, StateRole, SystemSeed, ID_LEASE_BLOCK,
 };
 pub use flotilla_store::{Engine, StoreConfig, StoreError};
 pub use flotilla_transport as transport;

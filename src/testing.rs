@@ -114,6 +114,16 @@ impl Cluster {
         }
     }
 
+    /// Stops node `id` and deletes its data directory: the node is gone for good (what an
+    /// unsafe recovery recovers from).
+    pub fn destroy(&mut self, id: u64) {
+        self.stop(id);
+        let path = self.path(id);
+        if path.exists() {
+            std::fs::remove_dir_all(&path).expect("delete the node's data");
+        }
+    }
+
     /// Node `id`; panics if it is stopped.
     pub fn node(&self, id: u64) -> &NodeGroup {
         self.nodes[id as usize - 1]

@@ -339,6 +339,35 @@ impl NodeProcs {
         Ok(())
     }
 
+    /// Adds node `i = len()` started with `args` alone (its own flags: `--join ADDR`,
+    /// `--config FILE`, ...; give it `--data-dir` under [`NodeProcs::dir`]), serving clients at
+    /// `client`, and starts it; returns `i`.
+    ///
+    /// # Errors
+    ///
+    /// As [`NodeProcs::spawn`].
+    pub fn add(&mut self, args: Vec<String>, client: SocketAddr) -> anyhow::Result<usize> {
+        self.nodes.push(Node {
+            args,
+            child: None,
+            paused: false,
+        });
+        self.client.push(client);
+        let i = self.nodes.len() - 1;
+        self.spawn(i)?;
+        Ok(i)
+    }
+
+    /// The temporary directory holding the nodes' data directories and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Node `i`'s data directory (as [`NodeProcs::start`] lays them out).
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("n{}", i + 1))
+    }
+
     /// Where node `i` writes its log (its stderr).
     pub fn log_path(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("node-{}.log", i + 1))

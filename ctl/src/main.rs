@@ -5,8 +5,9 @@
 //!
 //! Layout: `cluster.rs` (connections, node ids, the merged range table, leader routing),
 //! `kv.rs` (the KV subcommands: get, put, del, scan, cas), `output.rs` (tables, JSON, how bytes are shown),
-//! `backup/` (backup and restore, and the backup directory's format); this file
-//! holds the flags and the admin subcommands.
+//! `node.rs` (node add, decommission, remove), `backup/` (backup and restore, and the backup
+//! directory's format), `recover/` (`recover`: unsafe recovery of ranges that lost their
+//! quorum for good); this file holds the flags and the admin subcommands.
 //!
 //! Exit status: 0 on success, 1 on any error (printed on stderr as one `error:` line), 2 for
 //! flags clap refuses.
@@ -16,6 +17,7 @@ mod cluster;
 mod kv;
 mod node;
 mod output;
+mod recover;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -128,6 +130,11 @@ enum Command {
         #[command(subcommand)]
         command: node::NodeCommand,
     },
+    /// Unsafe recovery after losing nodes for good: every range that lost a majority of its
+    /// voters to them continues from its best surviving replica alone (writes only the lost
+    /// nodes held are gone), the lost nodes are marked removed, and the scheduler rebuilds the
+    /// replicas. Give every surviving node in --endpoints; try --dry-run first.
+    Recover(recover::RecoverArgs),
     /// Read and write keys.
     Kv {
         #[command(subcommand)]
@@ -291,6 +298,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Placement => placement(&cluster, out).await,
         Command::Node { command } => node::run(&cluster, command, out).await,
         Command::Backup(args) => backup::backup(&dial, &cluster, args, out).await,
+        Command::Recover(args) => recover::run(&cluster, args, out).await,
         Command::Status | Command::Restore(_) => unreachable!("handled above"),
     }
 }

@@ -2,8 +2,8 @@
 //! in the runtime (the replica reads `MembershipChange`), so they have their own module rather
 //! than living beside the NodeGroup.
 
-use flotilla_proto::meta::RangeEpoch;
-use flotilla_proto::{NodeId, ReplicaId};
+use flotilla_proto::meta::{RangeDescriptor, RangeEpoch};
+use flotilla_proto::{NodeId, RangeId, ReplicaId};
 
 /// A change to a range's membership.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,4 +88,66 @@ pub struct NodeLiveness {
     pub up: bool,
     /// Ticks of this node's clock since it was last heard from (0 when heard this tick).
     pub silent_ticks: usize,
+    /// Removed from the node registry (`NodeGroup::declare_removed`): down for good.
+    pub removed: bool,
+}
+
+/// One replica of this node as an unsafe recovery needs to see it (see
+/// `NodeGroup::recovery_report`): its membership, its raft state and its log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecoveryReplica {
+    /// The range.
+    pub range: RangeId,
+    /// This replica's id.
+    pub replica_id: u64,
+    /// Its descriptor; `None` for a replica created by a message that never got its data.
+    pub descriptor: Option<RangeDescriptor>,
+    /// raft's voters as of the applied index (replica ids).
+    pub voters: Vec<u64>,
+    /// The outgoing voters of a joint configuration (empty otherwise).
+    pub voters_outgoing: Vec<u64>,
+    /// raft's learners.
+    pub learners: Vec<u64>,
+    /// Hard state: term, vote and commit index.
+    pub term: u64,
+    /// See `term`.
+    pub vote: u64,
+    /// See `term`.
+    pub commit: u64,
+    /// Highest index applied.
+    pub applied: u64,
+    /// Last index and its term in the log written to disk.
+    pub last_index: u64,
+    /// See `last_index`.
+    pub last_term: u64,
+    /// Whether it leads its group now.
+    pub leader: bool,
+    /// Indexes of the membership-change entries after the applied index (forcing the replica
+    /// alone turns them into no-ops).
+    pub conf_change_indexes: Vec<u64>,
+    /// Whether the lost nodes hold a majority of the voters (of either half of a joint
+    /// configuration), as this replica's membership says.
+    pub quorum_lost: bool,
+}
+
+/// What `NodeGroup::force_alone` did to this node's replica of a range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForcedRange {
+    /// The range.
+    pub range: RangeId,
+    /// The replica that continues alone.
+    pub replica_id: u64,
+    /// Its commit index when forced: the entries after it, up to `last_index`, were not known
+    /// committed; the new membership commits them.
+    pub commit: u64,
+    /// Its applied index when forced.
+    pub applied: u64,
+    /// Its last log index and term when forced.
+    pub last_index: u64,
+    /// See `last_index`.
+    pub last_term: u64,
+    /// Membership-change entries after the applied index, turned into no-ops.
+    pub neutralized: Vec<u64>,
+    /// The new descriptor: this replica the only voter, conf_ver moved on.
+    pub descriptor: RangeDescriptor,
 }

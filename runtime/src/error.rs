@@ -112,9 +112,64 @@ pub enum Error {
     /// rather than use an id that might repeat. Retry once the system range has a leader.
     #[error("system range unavailable: {0}")]
     SystemUnavailable(String),
+    /// An unsafe recovery step was refused for this node's replica of `range` (see
+    /// [`RecoveryRefusal`]): nothing was changed; the refusal says what to do instead.
+    #[error("recovery of range {range} refused: {why}")]
+    RecoveryRefused {
+        /// The range.
+        range: RangeId,
+        /// Why.
+        why: RecoveryRefusal,
+    },
     /// The NodeGroup is shutting down.
     #[error("node group stopped")]
     Stopped,
+}
+
+/// Why this node refused an unsafe recovery step (`NodeGroup::force_alone`,
+/// `NodeGroup::retire_replica`). Every refusal leaves the replica as it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecoveryRefusal {
+    /// The nodes declared lost include this node: ask a surviving node, or correct the list.
+    #[error("the lost nodes include this node ({0})")]
+    LostIncludesSelf(NodeId),
+    /// The range still has a quorum without the lost nodes: it needs no recovery (its leader
+    /// and the scheduler replace the lost replicas the safe way).
+    #[error("its voters keep a quorum without the lost nodes ({alive} of {voters} alive)")]
+    QuorumAlive {
+        /// Voters on nodes not declared lost (of the half of a joint configuration that
+        /// still has the fewest).
+        alive: usize,
+        /// Voters in that half.
+        voters: usize,
+    },
+    /// The replica never got its data (created by a message, waiting for a snapshot): it
+    /// cannot continue the range; force another replica.
+    #[error("the replica here holds no data (never initialized)")]
+    Uninitialized,
+    /// The range is frozen by a merge in progress: forcing one half of a merge alone is not
+    /// supported.
+    #[error("the range is frozen by a merge in progress")]
+    Merging,
+    /// The replica's membership changed since the report the plan was made from: report and
+    /// plan again.
+    #[error(
+        "its membership changed since the plan was made (conf_ver {found}, expected {expected})"
+    )]
+    Changed {
+        /// The conf_ver the plan saw.
+        expected: u64,
+        /// The conf_ver now.
+        found: u64,
+    },
+    /// Retiring: the replica is not older than the membership it should make way for.
+    #[error("the replica here is not older than conf_ver {newer} (it has conf_ver {conf_ver})")]
+    NotStale {
+        /// The replica's conf_ver.
+        conf_ver: u64,
+        /// The conf_ver it was to make way for.
+        newer: u64,
+    },
 }
 
 impl Error {

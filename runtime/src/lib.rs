@@ -12,7 +12,8 @@
 //!    scheduling, the worker round (group commit), the ticker, the split checker.
 //! 4. [`NodeGroup`] (`node_group`): the public API; `read` (reads through the state machine),
 //!    `export` (a range's data at one point, for backups),
-//!    `registry` (the node registry and id counters in the system range),
+//!    `registry` (the node registry and id counters in the system range), `recover` (unsafe
+//!    recovery of ranges that lost their quorum for good),
 //!    `inbound` (what the transport delivers), `status` (status queries).
 //!
 //! ARCHITECTURE.md at the repository root states the rule and the reasons.
@@ -28,6 +29,7 @@ mod logger;
 mod node_group;
 mod pending;
 mod read;
+mod recover;
 mod registry;
 mod replica;
 mod router;
@@ -37,10 +39,13 @@ mod state_machine;
 mod status;
 mod system;
 
-pub use api::{MembershipChange, NodeLiveness, NodeStatus, ProposeOptions, ReadConsistency};
+pub use api::{
+    ForcedRange, MembershipChange, NodeLiveness, NodeStatus, ProposeOptions, ReadConsistency,
+    RecoveryReplica,
+};
 pub use batch::{KvProposal, Proposed};
 pub use config::{ConfigError, NodeGroupConfig, SplitConfig};
-pub use error::{Error, Result};
+pub use error::{Error, RecoveryRefusal, Result};
 pub use export::RangeExport;
 pub use node_group::NodeGroup;
 pub use raft::StateRole;

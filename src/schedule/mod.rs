@@ -58,7 +58,9 @@ pub struct NodeInfo {
     pub node: NodeId,
     /// Its liveness, from this node's failure detector.
     pub state: NodeState,
-    /// Its standing in the node registry (draining, removed), as last read.
+    /// Its standing in the node registry (draining, removed), as last read; removed also as
+    /// soon as the failure detector was told (`NodeLiveness::removed`): its replicas are then
+    /// rebuilt without waiting for `down_time`.
     pub standing: Standing,
     /// How long it has been in that state (since this node started watching, at most).
     pub state_for: Duration,
@@ -391,11 +393,15 @@ impl PassState {
     /// Every watched node with its state (and how long it has been in it) and statistics.
     fn view_nodes(&mut self, mine: NodeStats, now: Instant) -> Vec<NodeInfo> {
         let me = self.node.node_id();
-        let liveness: BTreeMap<NodeId, (bool, usize)> = self
-            .node
-            .node_liveness()
-            .into_iter()
-            .map(|l| (l.node, (l.up, l.silent_ticks)))
+        let tracked = self.node.node_liveness();
+        let liveness: BTreeMap<NodeId, (bool, usize)> = tracked
+            .iter()
+            .map(|l| (l.node, (l.up && !l.removed, l.silent_ticks)))
+            .collect();
+        let removed: BTreeSet<NodeId> = tracked
+            .iter()
+            .filter(|l| l.removed)
+            .map(|l| l.node)
             .collect();
         let suspect_after = self.node.config().down_ticks() / 2;
         let stats: BTreeMap<NodeId, (NodeStats, Instant)> = self
@@ -445,7 +451,11 @@ impl PassState {
                 NodeInfo {
                     node: n,
                     state,
-                    standing: self.placement.standing(n),
+                    standing: if removed.contains(&n) {
+                        Standing::Removed
+                    } else {
+                        self.placement.standing(n)
+                    },
                     state_for: now.duration_since(entry.1),
                     stats,
                     stats_age: age,

@@ -9,8 +9,9 @@
 //! - **Watch** ([`Watcher`], while the node runs): every [`REFRESH`], the node reads the
 //!   registry (from its replica of the system range, or else over the admin API of a node
 //!   that has one), tells its transport every new or moved peer (`set_peer`) and forgets
-//!   removed ones (`remove_peer`: their batches are refused from then on). A node that holds
-//!   a replica of the system range first records its own addresses in it.
+//!   removed ones (`remove_peer`: their batches are refused from then on; and
+//!   `NodeGroup::declare_removed`: down for good at once, for liveness and the scheduler).
+//!   A node that holds a replica of the system range first records its own addresses in it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -284,6 +285,9 @@ impl Watcher {
             }
             let id = NodeId(n.node_id);
             if n.state == NodeState::Removed as i32 {
+                // Down for good at once: the groups it led elect elsewhere now, and the
+                // scheduler rebuilds its replicas without waiting for `down_time`.
+                self.node.declare_removed(id);
                 if self.known.remove(&n.node_id).is_some() {
                     self.transport.remove_peer(id);
                     tracing::info!(node = self.me.node_id, peer = %id, "peer removed from the registry: refused from now on");

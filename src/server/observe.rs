@@ -103,6 +103,12 @@ pub const CATALOGUE: &[Metric] = &[
         "Stale merge sources retired by a snapshot.",
     ),
     (
+        "flotilla_runtime_forced_recoveries_total",
+        C,
+        false,
+        "Replicas forced to continue alone by an unsafe recovery (flotilla-ctl recover).",
+    ),
+    (
         "flotilla_runtime_worker_rounds_total",
         C,
         false,

@@ -199,6 +199,15 @@ impl GroupStorage {
         self.log_bytes
     }
 
+    /// Log entries `[low, high)`, from the cache or the disk (all of them: no size limit).
+    ///
+    /// # Errors
+    ///
+    /// `Compacted` below the first index, `Unavailable` past the last, a store failure.
+    pub fn log_entries(&self, low: u64, high: u64) -> Result<Vec<Entry>> {
+        self.entries_inner(low, high, None)
+    }
+
     /// Entries currently held in the tail cache.
     pub fn cached_entries(&self) -> usize {
         self.cache.len()

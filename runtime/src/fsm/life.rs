@@ -9,8 +9,12 @@
 //! Departure: [`isolate`] (a fault in this replica), [`destroy_removed`] (a membership change
 //! removed it), [`hand_over`] (a merge source reached its prepare entry), [`merged_away`] (the
 //! target absorbed that source), [`retire`] (a snapshot of a range that absorbed it in a merge
-//! this node missed), and [`seal_uninitialized`] (an uninitialized replica replaced by a
-//! bootstrap or a split).
+//! this node missed), [`seal_uninitialized`] (an uninitialized replica replaced by a
+//! bootstrap or a split), and [`retire_stale`] (another replica was forced to continue its
+//! range without this one: unsafe recovery).
+//!
+//! Replacement in place: [`force_alone`] (unsafe recovery: the replica continues as the only
+//! voter of a new membership; see `replica::recover`).
 //!
 //! Invariants kept here:
 //! - A tombstone is written with the removal, in the same batch as the removal's other
@@ -23,6 +27,7 @@
 //!   what was queued for it, unregister it, drop it from the router.
 //! - Creation by message does no I/O: its placeholder joins the replica's first round's batch.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use flotilla_proto::meta::{RangeDescriptor, RangeEpoch, RangeState, ReplicaRole};
@@ -31,7 +36,8 @@ use flotilla_store::{GroupStorage, WriteBatch, SPLIT_INIT_INDEX, SPLIT_INIT_TERM
 use parking_lot::MutexGuard;
 use raft::prelude::{ConfState, HardState};
 
-use crate::error::{Error, Result};
+use crate::api::ForcedRange;
+use crate::error::{Error, RecoveryRefusal, Result};
 use crate::fsm::liveness::Wake;
 use crate::fsm::mailbox::ReplicaCell;
 use crate::fsm::shared::Shared;
@@ -488,6 +494,146 @@ pub(crate) fn retire(shared: &Shared, desc: &RangeDescriptor, out: &mut Output) 
     metrics::counter!("flotilla_runtime_replicas_retired_total").increment(1);
     tracing::info!(range = %id, "replica retired: a snapshot of the range that absorbed it arrived");
     true
+}
+
+// ---- unsafe recovery ----
+
+/// Forces this node's replica of `range` to continue as the only voter of a new membership
+/// because the `lost` nodes, gone for good, hold a majority of its voters (see
+/// `replica::recover` for the checks and the rewrite). The replica is taken out of its cell,
+/// its storage rewritten with one synced write, and a new replica opened over that storage is
+/// put back into the same cell: registration, mailbox and router entry stay, so no request or
+/// message finds the range missing meanwhile. The new replica is awake (never left asleep)
+/// and told to campaign; what the old one waited on is answered `ProposalDropped` (its
+/// proposals may still commit: the new membership commits the whole log).
+///
+/// Blocks while a round holds the replica: call it off the workers.
+///
+/// # Errors
+///
+/// `RangeNotFound`, `ReplicaFailed` (isolated before), `RecoveryRefused` (nothing changed),
+/// or a store failure: then the replica is isolated (its disk state is the old one if the
+/// write failed; a restart serves it again).
+pub(crate) fn force_alone(
+    shared: &Shared,
+    range: RangeId,
+    lost: &BTreeSet<NodeId>,
+    expect_conf_ver: Option<u64>,
+    min_conf_ver: u64,
+) -> Result<ForcedRange> {
+    let cell = shared.cell(range).ok_or(Error::RangeNotFound(range))?;
+    let mut guard = cell.replica.lock();
+    let alone = guard
+        .as_ref()
+        .ok_or(Error::ReplicaFailed(range))?
+        .plan_alone(lost, expect_conf_ver, min_conf_ver)?;
+    let me = alone.forced.replica_id;
+    let mut out = Output::default();
+    let mut old = guard.take().expect("checked above");
+    old.abort_pending(&mut out, Error::ProposalDropped);
+    let mut storage = old.into_storage();
+    let mut batch = shared.engine.batch();
+    let reopened = alone
+        .write(&mut storage, &mut batch)
+        .and_then(|desc| Ok((desc, shared.engine.write(batch, true)?)))
+        .and_then(|(desc, ())| {
+            Replica::open(storage, me, shared.node, &shared.config, &shared.logger)
+                .map(|r| (desc, r))
+        });
+    let (desc, replica) = match reopened {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::error!(%range, "forcing the replica alone failed; it is isolated: {}", e.with_sources());
+            metrics::counter!("flotilla_runtime_replica_failures_total").increment(1);
+            take_out(shared, &cell, &mut out, Error::ReplicaFailed(range));
+            drop(guard);
+            complete(shared, out);
+            return Err(e);
+        }
+    };
+    let replica = guard.insert(replica);
+    shared.router.upsert(desc);
+    // Awake (the old one may have slept), and out of the leader index under a lost node.
+    settle(shared, &cell, replica);
+    drop(guard);
+    complete(shared, out);
+    let _ = shared.post(range, PeerMsg::Campaign);
+    let f = &alone.forced;
+    tracing::warn!(
+        %range, replica = me, commit = f.commit, last_index = f.last_index,
+        neutralized = ?f.neutralized, lost = ?lost,
+        "unsafe recovery: replica forced to continue as the only voter; writes the lost nodes \
+         acknowledged beyond its log are gone"
+    );
+    metrics::counter!("flotilla_runtime_forced_recoveries_total").increment(1);
+    Ok(alone.forced)
+}
+
+/// Destroys this node's replica of `range` because another replica was forced to continue
+/// the range without it (unsafe recovery): its membership, older than `newer_conf_ver`, is
+/// gone. Raft state and (for an initialized replica) the range's data are deleted and a
+/// tombstone at `newer_conf_ver` written, synced: no message of the old membership recreates
+/// it, while a replica the new membership adds here later (a higher conf_ver) is created as
+/// usual. An isolated replica can be retired too.
+///
+/// Blocks while a round holds the replica: call it off the workers.
+///
+/// # Errors
+///
+/// `RangeNotFound`, `RecoveryRefused` (`NotStale`: nothing changed), a store failure.
+pub(crate) fn retire_stale(shared: &Shared, range: RangeId, newer_conf_ver: u64) -> Result<()> {
+    let cell = shared.cell(range).ok_or(Error::RangeNotFound(range))?;
+    let mut guard = cell.replica.lock();
+    let desc = match guard.as_ref() {
+        Some(r) => r.descriptor().cloned(),
+        None => shared.engine.descriptor(range)?,
+    };
+    let conf_ver = desc.as_ref().map_or(0, |d| d.epoch_or_default().conf_ver);
+    if conf_ver >= newer_conf_ver {
+        return Err(Error::RecoveryRefused {
+            range,
+            why: RecoveryRefusal::NotStale {
+                conf_ver,
+                newer: newer_conf_ver,
+            },
+        });
+    }
+    let mut desc = desc.unwrap_or_else(|| RangeDescriptor {
+        range_id: range.0,
+        ..Default::default()
+    });
+    let mut batch = shared.engine.batch();
+    batch.destroy_group_state(range);
+    // Only an initialized replica has data, and the system range's records are not user keys
+    // (a later replica of it here installs a snapshot over them).
+    if desc.state == RangeState::Normal as i32 && !range.is_system() {
+        batch.clear_data_range(&desc.start_key, &desc.end_key)?;
+    }
+    desc.epoch = Some(RangeEpoch {
+        conf_ver: newer_conf_ver,
+        ..desc.epoch_or_default()
+    });
+    desc.state = RangeState::Tombstone as i32;
+    batch.put_descriptor(&desc);
+    shared.engine.write(batch, true)?;
+    shared.tombstones.insert(range.0, newer_conf_ver);
+    let mut out = Output::default();
+    if let Some(mut r) = guard.take() {
+        r.abort_pending(&mut out, Error::RangeNotFound(range));
+    }
+    drop(guard);
+    shared.handovers.remove(&range.0);
+    take_out(shared, &cell, &mut out, Error::RangeNotFound(range));
+    complete(shared, out);
+    tracing::warn!(%range, conf_ver, newer_conf_ver, "unsafe recovery: stale replica retired");
+    Ok(())
+}
+
+/// Answers the requests an `Output` filled outside a round.
+fn complete(shared: &Shared, out: Output) {
+    for (token, answer) in out.completions {
+        shared.pending.complete(token, answer);
+    }
 }
 
 /// The replicas' questions about their neighbours, answered from the registry.

@@ -19,6 +19,9 @@
 //! the others elected, and catches up the replicas of a restarted node, without waiting for a
 //! group to wake by itself.
 //!
+//! A node **removed** from the registry (`NodeGroup::declare_removed`) is declared down at
+//! once and never up again, whatever the transport hears: it is gone for good.
+//!
 //! **Wake-storm control**: two queues, drained by the ticker with at most
 //! `max_wakes_per_tick` wakes a tick in all. The first holds single wakes that must not wait
 //! (a bootstrapped replica whose group has no leader node to wait for), drained first. The
@@ -74,6 +77,8 @@ struct Peer {
     /// Ticks since that answer changed.
     silent: usize,
     up: bool,
+    /// Removed from the node registry: down for good, whatever the transport says.
+    removed: bool,
 }
 
 /// Liveness of the other nodes, the leader index and the wake queue of one NodeGroup.
@@ -132,6 +137,7 @@ impl Liveness {
                 last: None,
                 silent: 0,
                 up: true,
+                removed: false,
             }
         });
     }
@@ -202,6 +208,33 @@ impl Liveness {
         q.extend(later);
     }
 
+    /// Declares `node` removed for good (see `NodeGroup::declare_removed`): down at once and
+    /// never up again; the groups it led are woken as for a node declared down. Returns
+    /// whether it was news.
+    pub(crate) fn remove(&self, node: NodeId) -> bool {
+        let was_up = {
+            let mut peers = self.peers.lock();
+            let p = peers.entry(node.0).or_insert(Peer {
+                last: None,
+                silent: 0,
+                up: true,
+                removed: false,
+            });
+            if p.removed {
+                return false;
+            }
+            p.removed = true;
+            std::mem::replace(&mut p.up, false)
+        };
+        self.view.insert(node.0, false);
+        if was_up {
+            let groups = self.led_by(node);
+            tracing::info!(%node, groups = groups.len(), "node removed from the registry: down for good; waking the groups it led");
+            self.defer_wakes(groups, Wake::LeaderDown(node));
+        }
+        true
+    }
+
     /// Starts tracking `node` (see `NodeGroup::watch_node`).
     pub(crate) fn watch(&self, node: NodeId) {
         self.track(node.0);
@@ -216,6 +249,7 @@ impl Liveness {
                 node: NodeId(*n),
                 up: p.up,
                 silent_ticks: p.silent,
+                removed: p.removed,
             })
             .collect()
     }
@@ -258,7 +292,7 @@ pub(crate) fn check(shared: &Shared) -> Transitions {
     let live = &shared.liveness;
     {
         let mut peers = live.peers.lock();
-        for (&node, p) in peers.iter_mut() {
+        for (&node, p) in peers.iter_mut().filter(|(_, p)| !p.removed) {
             let Some(heard) = transport.last_heard_from(NodeId(node)) else {
                 continue;
             };
@@ -379,4 +413,27 @@ fn wake(shared: &Shared, range: u64, why: Wake) -> bool {
     };
     let _ = cell.send(msg, usize::MAX, &shared.ready_tx);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_node_is_down_at_once_and_for_good() {
+        let live = Liveness::default();
+        live.watch(NodeId(2));
+        live.move_leader(RangeId(7), 0, 2, NodeId(1));
+        assert!(live.remove(NodeId(2)));
+        assert!(!live.remove(NodeId(2)), "idempotent");
+        let seen = live.snapshot();
+        assert_eq!(seen.len(), 1);
+        assert!(seen[0].removed && !seen[0].up, "{seen:?}");
+        assert_eq!(live.view.get(&2).map(|v| *v), Some(false));
+        // The groups it led are queued to wake and elect elsewhere.
+        assert_eq!(live.queued_wakes(), 1);
+        // A node never tracked can be removed too (it led nothing here: nothing to wake).
+        assert!(live.remove(NodeId(3)));
+        assert_eq!(live.queued_wakes(), 1);
+    }
 }

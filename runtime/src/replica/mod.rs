@@ -9,7 +9,8 @@
 //! Each feature has its own file: the inputs (`msg`), the seam (`context`), proposals
 //! (`propose`), reads (`read`), membership (`conf_change`), applying entries (`apply`),
 //! snapshots and log compaction (`snapshot`), range splits (`split`) and merges (`merge`),
-//! leader placement (`placement`), messages to other nodes (`send`).
+//! leader placement (`placement`), messages to other nodes (`send`), unsafe recovery of a
+//! range that lost its quorum (`recover`).
 
 mod apply;
 mod conf_change;
@@ -20,6 +21,7 @@ mod msg;
 mod placement;
 mod propose;
 mod read;
+mod recover;
 mod send;
 mod snapshot;
 mod split;
