@@ -414,7 +414,9 @@ async fn a_node_removed_from_the_registry_has_its_replicas_rebuilt_without_waiti
             .collect::<Vec<_>>()
     );
     let view = nodes[0].placement().nodes();
-    assert!(view.iter().any(|n| n.node == NodeId(3) && n.standing == Standing::Removed));
+    assert!(view
+        .iter()
+        .any(|n| n.node == NodeId(3) && n.standing == Standing::Removed));
     for n in &nodes {
         n.shutdown();
     }
