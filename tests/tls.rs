@@ -283,7 +283,7 @@ fn node_processes_take_tls_from_their_config_files_and_refuse_foreign_certificat
             vec!["--config".to_string(), file]
         })
         .collect();
-    let procs = NodeProcs::start_args(
+    let mut procs = NodeProcs::start_args(
         Path::new(env!("CARGO_BIN_EXE_flotilla-node")),
         args,
         client.clone(),
@@ -417,5 +417,49 @@ fn node_processes_take_tls_from_their_config_files_and_refuse_foreign_certificat
             .all(|r| r["leader_node_id"].is_null()),
         "{list:#}"
     );
+
+    // A fourth node joins over TLS (`join` in its config file, the cluster's certificates): it
+    // asks node 1's client API for an id over TLS, gets 4, and is listed by the registry with
+    // the addresses it bound.
+    let (raft4, client4) = (free_addr(), free_addr());
+    let cert4 = ca.issue("node 4");
+    let config4 = format!(
+        "[node]\ndata-dir = \"{data}\"\nraft = \"{raft4}\"\nclient = \"{client4}\"\n\
+         join = \"{join}\"\n[raft]\ntick-ms = 20\n\
+         [tls]\nca-file = \"{ca_file}\"\ncert-file = \"{cert}\"\nkey-file = \"{key}\"\n",
+        data = d.join("n4").display(),
+        join = client[0],
+        cert = write(d, "n4.pem", &cert4.cert),
+        key = write(d, "n4-key.pem", &cert4.key),
+    );
+    procs
+        .add(
+            vec!["--config".to_string(), write(d, "n4.toml", &config4)],
+            client4,
+        )
+        .unwrap();
+    let deadline = Instant::now() + T;
+    loop {
+        let out = ctl(&healthy, &operator_tls, &["registry", "-o", "json"]);
+        let listed = out.status.success() && {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v.as_array().unwrap().iter().any(|x| {
+                x["id"] == 4
+                    && x["raft"] == raft4.to_string().as_str()
+                    && x["client"] == client4.to_string().as_str()
+            })
+        };
+        if listed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 4 never joined over TLS: {} {}; its log: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            procs.log_tail(3, 20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     drop(procs);
 }

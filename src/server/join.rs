@@ -25,9 +25,66 @@ use flotilla_proto::NodeId;
 use flotilla_runtime::{NodeGroup, ReadConsistency};
 use flotilla_store::Engine;
 use flotilla_transport::GrpcTransport;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::{ServerConfig, ServerError};
 use crate::schedule::Placement;
+
+/// How a node reaches the client API (admin service) of other nodes, to join and to read the
+/// registry: over TLS when its own client API is served over TLS (the nodes of a cluster
+/// share one TLS set-up), checking their certificates against the cluster CA (and
+/// `[tls] server-name`, if set) and presenting its own node certificate as the client's.
+#[derive(Clone, Default)]
+pub(crate) struct AdminDial {
+    tls: Option<ClientTlsConfig>,
+}
+
+impl AdminDial {
+    pub(crate) fn new(config: &ServerConfig) -> AdminDial {
+        let tls = match (&config.client_tls, &config.grpc.tls) {
+            (Some(_), Some(tls)) => {
+                let mut c = ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem))
+                    .identity(tonic::transport::Identity::from_pem(
+                        &tls.cert_pem,
+                        &tls.key_pem,
+                    ));
+                if let Some(name) = &tls.server_name {
+                    c = c.domain_name(name.clone());
+                }
+                Some(c)
+            }
+            _ => None,
+        };
+        AdminDial { tls }
+    }
+
+    pub(crate) async fn connect(&self, addr: &str) -> Result<AdminClient<Channel>, String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| e.to_string())?;
+        }
+        let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
+        Ok(AdminClient::new(channel))
+    }
+}
+
+/// An error with its sources (a TLS refusal is only in the source chain).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
 
 /// How often a running node reads the registry for new, moved or removed peers.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -71,11 +128,13 @@ pub async fn join(config: &mut ServerConfig) -> Result<(), ServerError> {
         client_addr: config.client_addr.to_string(),
     };
     let deadline = Instant::now() + JOIN_PATIENCE;
+    let dial = AdminDial::new(config);
     let answer: JoinResponse = loop {
         let attempt = async {
-            let mut client = AdminClient::connect(format!("http://{addr}"))
+            let mut client = dial
+                .connect(&addr)
                 .await
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                .map_err(tonic::Status::unavailable)?;
             client.join(request.clone()).await
         };
         match attempt.await {
@@ -129,6 +188,7 @@ pub(crate) struct Watcher {
     transport: Arc<GrpcTransport>,
     /// Told each node's standing (draining, removed) at every reading.
     placement: Arc<Placement>,
+    dial: AdminDial,
     me: NodeRecord,
     /// Client addresses of other nodes to ask for the registry when this node holds no
     /// replica of the system range: the join address first, then what the registry said.
@@ -160,6 +220,7 @@ impl Watcher {
             node,
             transport,
             placement,
+            dial: AdminDial::new(config),
             // A joined node recorded its addresses in the join.
             registered: config.join.is_some(),
             me,
@@ -239,9 +300,7 @@ impl Watcher {
         let mut last = "no node to ask".to_string();
         for addr in self.ask.clone() {
             let attempt = async {
-                let mut c = AdminClient::connect(format!("http://{addr}"))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let mut c = self.dial.connect(&addr).await?;
                 c.join(request.clone())
                     .await
                     .map_err(|s| s.message().to_string())
@@ -262,9 +321,7 @@ impl Watcher {
         let mut last = "no node to ask".to_string();
         for addr in self.ask.clone() {
             let attempt = async {
-                let mut c = AdminClient::connect(format!("http://{addr}"))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let mut c = self.dial.connect(&addr).await?;
                 c.registry(RegistryRequest {})
                     .await
                     .map(|r| r.into_inner().nodes)
