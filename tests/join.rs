@@ -35,6 +35,40 @@ struct Nodes {
 }
 
 impl Nodes {
+    /// Room for four nodes on free ports, none started.
+    fn new() -> Nodes {
+        Nodes {
+            dir: tempfile::tempdir().unwrap(),
+            raft: (0..4).map(|_| free_addr()).collect(),
+            client: (0..4).map(|_| free_addr()).collect(),
+            children: (0..4).map(|_| None).collect(),
+        }
+    }
+
+    /// Starts nodes 1 to 3 (positions 0 to 2), each with `extra` flags, bootstrapping
+    /// `ranges` ranges (and the system range) over them; returns when every range is led.
+    fn bootstrap_three(&mut self, extra: &[String], ranges: usize) {
+        let peers = (0..3)
+            .map(|i| format!("{}={}", i + 1, self.raft[i]))
+            .collect::<Vec<_>>()
+            .join(",");
+        for i in 0..3 {
+            let mut args = extra.to_vec();
+            args.extend([
+                "--id".to_string(),
+                (i + 1).to_string(),
+                "--peers".to_string(),
+                peers.clone(),
+                "--bootstrap-ranges".to_string(),
+                ranges.to_string(),
+            ]);
+            self.spawn(i, &args);
+        }
+        self.ctl_until(&["ranges", "--no-sizes", "-o", "json"], "ranges led", |v| {
+            every_range_led(v, ranges)
+        });
+    }
+
     fn spawn(&mut self, i: usize, extra: &[String]) {
         let log = std::fs::File::options()
             .create(true)
@@ -95,6 +129,12 @@ impl Nodes {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Whether `flotilla-ctl ranges -o json` lists `count` ranges, each with a leader.
+fn every_range_led(v: &Value, count: usize) -> bool {
+    let l = v.as_array().unwrap();
+    l.len() == count && l.iter().all(|r| r["leader_node_id"].as_u64().is_some())
 }
 
 fn data_dir(root: &Path, i: usize) -> String {
@@ -166,33 +206,10 @@ fn a_node_joins_with_join_gets_id_4_is_reached_by_the_others_and_keeps_its_id() 
         .enable_all()
         .build()
         .unwrap();
-    let mut n = Nodes {
-        dir: tempfile::tempdir().unwrap(),
-        raft: (0..4).map(|_| free_addr()).collect(),
-        client: (0..4).map(|_| free_addr()).collect(),
-        children: (0..4).map(|_| None).collect(),
-    };
-    let peers = (0..3)
-        .map(|i| format!("{}={}", i + 1, n.raft[i]))
-        .collect::<Vec<_>>()
-        .join(",");
-    for i in 0..3 {
-        let args = [
-            "--id".to_string(),
-            (i + 1).to_string(),
-            "--peers".to_string(),
-            peers.clone(),
-            "--bootstrap-ranges".to_string(),
-            "2".to_string(),
-        ];
-        n.spawn(i, &args);
-    }
+    let mut n = Nodes::new();
     // Every range led; then a key written into the first range.
-    let led = |v: &Value| {
-        let l = v.as_array().unwrap();
-        l.len() == 2 && l.iter().all(|r| r["leader_node_id"].as_u64().is_some())
-    };
-    n.ctl_until(&["ranges", "--no-sizes", "-o", "json"], "ranges led", led);
+    n.bootstrap_three(&[], 2);
+    let led = |v: &Value| every_range_led(v, 2);
     let put = n.ctl(&["kv", "put", "a-key", "a-value"]);
     assert!(
         put.status.success(),
@@ -287,37 +304,12 @@ fn a_decommissioned_node_is_drained_then_removed_and_no_write_is_lost() {
         .enable_all()
         .build()
         .unwrap();
-    let mut n = Nodes {
-        dir: tempfile::tempdir().unwrap(),
-        raft: (0..4).map(|_| free_addr()).collect(),
-        client: (0..4).map(|_| free_addr()).collect(),
-        children: (0..4).map(|_| None).collect(),
-    };
+    let mut n = Nodes::new();
     let config = n.dir.path().join("fast.toml");
     std::fs::write(&config, FAST_SCHEDULE).unwrap();
     let config = config.display().to_string();
-    let peers = (0..3)
-        .map(|i| format!("{}={}", i + 1, n.raft[i]))
-        .collect::<Vec<_>>()
-        .join(",");
-    for i in 0..3 {
-        let args = [
-            "--config".to_string(),
-            config.clone(),
-            "--id".to_string(),
-            (i + 1).to_string(),
-            "--peers".to_string(),
-            peers.clone(),
-            "--bootstrap-ranges".to_string(),
-            "6".to_string(),
-        ];
-        n.spawn(i, &args);
-    }
-    let led = |v: &Value| {
-        let l = v.as_array().unwrap();
-        l.len() == 6 && l.iter().all(|r| r["leader_node_id"].as_u64().is_some())
-    };
-    n.ctl_until(&["ranges", "--no-sizes", "-o", "json"], "ranges led", led);
+    n.bootstrap_three(&["--config".to_string(), config.clone()], 6);
+    let led = |v: &Value| every_range_led(v, 6);
     // Keys over every range (the layout spreads them by their first byte).
     let keys: Vec<String> = (0..24u8)
         .map(|i| format!("{}-key-{i}", (b'a' + i) as char))

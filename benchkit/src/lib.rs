@@ -83,12 +83,46 @@ pub fn clock_ticks_per_second() -> f64 {
 
 /// A free TCP port on `ip` (bound and released: another process may take it meanwhile).
 ///
+/// Chosen at random below Linux's ephemeral range (32768 and up), where the kernel does not
+/// hand ports out by itself, and never twice in one process: with the kernel's own choice
+/// (`bind` to port 0), two calls in one test could return the same port, and tests running
+/// side by side often did (one then failed with "address in use").
+///
 /// # Errors
 ///
 /// If nothing can be bound on `ip`.
 pub fn free_addr(ip: &str) -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind((ip, 0)).with_context(|| format!("bind {ip}:0"))?;
-    Ok(l.local_addr()?)
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..200 {
+        // A random number from the standard library: a fresh random hasher state per call.
+        let mut h = RandomState::new().build_hasher();
+        h.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if let Ok(l) = TcpListener::bind((ip, port)) {
+            given.push(port);
+            return Ok(l.local_addr()?);
+        }
+    }
+    // Every try taken: fall back to the kernel's choice, still never twice.
+    for _ in 0..100 {
+        let l = TcpListener::bind((ip, 0)).with_context(|| format!("bind {ip}:0"))?;
+        let addr = l.local_addr()?;
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return Ok(addr);
+        }
+    }
+    bail!("no free port on {ip}")
 }
 
 /// Processes that are killed (SIGKILL) when this is dropped.

@@ -5,7 +5,7 @@
 //! - `decommission` retires a node without losing a write: it is marked draining (the
 //!   schedulers then move its replicas and hand its leaderships to the other nodes, and
 //!   place nothing new on it), this command waits until the node's own statistics say it
-//!   holds nothing, then marks it removed (final: its id is never reused and every node's
+//!   holds nothing and no range of the range table lists it, then marks it removed (final: its id is never reused and every node's
 //!   transport refuses it). Interrupted, it can be run again: it goes on from where the
 //!   registry stands.
 //! - `remove` marks a node that is gone for good removed at once, without draining: its
@@ -141,7 +141,9 @@ async fn decommission(
         // Its own statistics, published after draining began: what it still holds.
         let held = held_by(cluster, node, started.elapsed()).await;
         if let Some((replicas, leaders)) = held {
-            if replicas == 0 && leaders == 0 {
+            // And no range's newest descriptor lists a replica there (a replica the node
+            // lost track of, one failed and isolated, is in no count but still a member).
+            if replicas == 0 && leaders == 0 && listed_in(cluster, node).await? == 0 {
                 break;
             }
             if out == Output::Table && last_shown != Some((replicas, leaders)) {
@@ -192,6 +194,15 @@ async fn held_by(cluster: &Cluster, node: u64, fresh: Duration) -> Option<(u64, 
         }
     }
     None
+}
+
+/// How many ranges of the merged range table list a replica on `node`.
+async fn listed_in(cluster: &Cluster, node: u64) -> Result<usize> {
+    let ranges = cluster.ranges(false).await?;
+    Ok(ranges
+        .iter()
+        .filter(|r| r.info.replicas.iter().any(|d| d.node_id == node))
+        .count())
 }
 
 /// The replication factor the schedulers keep (the largest any reachable node reports).

@@ -671,8 +671,10 @@ impl WriteBatch {
     /// The descriptor is kept (the caller rewrites it as a tombstone) and user data is not
     /// touched (it belongs to whichever range now owns those keys).
     pub fn destroy_group_state(&mut self, group: RangeId) {
-        let next = RangeId(group.0.wrapping_add(1));
-        self.delete_range(Cf::Raft, &keys::log_key(group, 0), &keys::log_key(next, 0));
+        // `log_bounds`, not `group + 1`: the system range's id is `u64::MAX`, and a wrapped
+        // end before the start fails the whole batch (with every write of its round).
+        let (lo, hi) = keys::log_bounds(group);
+        self.delete_range(Cf::Raft, &lo, &hi);
         for kind in [StateKind::Hard, StateKind::Conf, StateKind::Apply] {
             self.delete(Cf::Raft, &keys::state_key(group, kind));
         }

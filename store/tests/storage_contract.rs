@@ -788,6 +788,25 @@ fn groups_do_not_interfere() {
 }
 
 #[test]
+fn the_system_ranges_state_is_destroyed_like_any_groups() {
+    // Its id is u64::MAX: the end of its log's key range must not wrap around to group 0
+    // (RocksDB refuses a delete range that ends before it starts, and with it the whole
+    // batch: every write of that round).
+    let dir = TempDir::new().unwrap();
+    let engine = open(dir.path(), 2);
+    let system = new_group(&engine, u64::MAX, 5, 5, &[ent(6, 5), ent(7, 5)]);
+    let other = new_group(&engine, 9, 5, 5, &[ent(6, 5)]);
+    drop((system, other));
+    let mut batch = engine.batch();
+    batch.destroy_group_state(RangeId(u64::MAX));
+    engine.write(batch, true).unwrap();
+    let engine = reopen(engine);
+    let ids: Vec<RangeId> = engine.recover().unwrap().iter().map(|g| g.group).collect();
+    assert_eq!(ids, [RangeId(9)]);
+    assert_eq!(recover_group(&engine, 9).last_index(), Ok(6));
+}
+
+#[test]
 fn reads_past_the_log_are_errors_not_panics() {
     let dir = TempDir::new().unwrap();
     let engine = open(dir.path(), 2);
