@@ -411,8 +411,31 @@ impl ServerCluster {
         let cluster = ServerCluster { servers, _dir: dir };
         for d in &layout {
             cluster.leader(d.range_id).await;
+            cluster.leader_known(d.range_id).await;
         }
         cluster
+    }
+
+    /// Waits until every server's replica of `range` knows its leader: a request sent to a
+    /// follower right after the election would otherwise find no leader to forward to.
+    ///
+    /// # Panics
+    ///
+    /// If some replica does not learn it within 20 s.
+    pub async fn leader_known(&self, range: u64) {
+        let deadline = Instant::now() + Self::LEADER_WAIT;
+        while !self.servers.iter().all(|s| {
+            // (A server without a replica of the range has nothing to learn.)
+            s.node()
+                .status(RangeId(range))
+                .map_or(true, |st| st.leader_node.is_some())
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "a replica of r{range} never learned its leader"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Index of the server leading `range`, once there is one.
