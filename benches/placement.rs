@@ -1,6 +1,6 @@
 //! Placement under load (issue 14's measurement): three gRPC nodes in this process with many
 //! small ranges and continuous writers; then
-//! - **add two nodes** (empty; every node's scheduler sees the new peers): the time until
+//! - **add two nodes** (empty, joining through the node registry as `--join` does): the time until
 //!   replica counts and leader counts are each within ±10% of the mean (at least ±1), the
 //!   moves and transfers it took, and the writers' p99 latency before and during;
 //! - **decommission node 3** (marked draining in the node registry, as `flotilla-ctl node
