@@ -465,7 +465,8 @@ impl<'a> Pass<'a> {
             return None;
         }
         if self.standing(self.view.me) != Standing::Member {
-            return self.hand_away(r);
+            // A draining node hands every leadership away, whatever the means say.
+            return self.transfer(r, |_| true);
         }
         if r.desc.id().is_system() {
             return None; // its leadership is not counted in the leader counts balanced
@@ -478,29 +479,19 @@ impl<'a> Pass<'a> {
             return None;
         }
         let heavy = above(mine, mean, t);
-        let (to, node, _) = voters(&r.desc)
-            .into_iter()
-            .filter(|(v, n)| *v != r.leader && self.is_target(*n) && caught_up(r, *v))
-            .filter_map(|(v, n)| self.load(n).map(|l| (v, n, l.leaders)))
-            .filter(|(_, _, c)| *c + 2 <= mine && (*c as f64) < mean && (heavy || low(*c, mean, t)))
-            .min_by_key(|(_, n, c)| (*c, *n))?;
-        self.transfers += 1;
-        self.bump(self.view.me, 0, -1);
-        self.bump(node, 0, 1);
-        Some(Action::TransferLeader {
-            range: r.desc.id(),
-            to,
-            node,
+        self.transfer(r, |c| {
+            c + 2 <= mine && (c as f64) < mean && (heavy || low(c, mean, t))
         })
     }
 
-    /// A draining node's leadership of `r` goes to the up-to-date voter on the target node
-    /// leading fewest, whatever the means say.
-    fn hand_away(&mut self, r: &RangeView) -> Option<Action> {
+    /// Hands `r`'s leadership to the up-to-date voter on a target node leading fewest among
+    /// those whose leader count `accept` takes.
+    fn transfer(&mut self, r: &RangeView, accept: impl Fn(u64) -> bool) -> Option<Action> {
         let (to, node, _) = voters(&r.desc)
             .into_iter()
             .filter(|(v, n)| *v != r.leader && self.is_target(*n) && caught_up(r, *v))
             .filter_map(|(v, n)| self.load(n).map(|l| (v, n, l.leaders)))
+            .filter(|(_, _, c)| accept(*c))
             .min_by_key(|(_, n, c)| (*c, *n))?;
         self.transfers += 1;
         self.bump(self.view.me, 0, -1);

@@ -297,38 +297,36 @@ impl Watcher {
             raft_addr: self.me.raft_addr.clone(),
             client_addr: self.me.client_addr.clone(),
         };
-        let mut last = "no node to ask".to_string();
-        for addr in self.ask.clone() {
-            let attempt = async {
-                let mut c = self.dial.connect(&addr).await?;
-                c.join(request.clone())
-                    .await
-                    .map_err(|s| s.message().to_string())
-            };
-            match attempt.await {
-                Ok(_) => {
-                    tracing::info!(node = self.me.node_id, addr = %self.me.raft_addr, "addresses recorded in the registry");
-                    return Ok(());
-                }
-                Err(e) => last = format!("{addr}: {e}"),
-            }
-        }
-        Err(last)
+        self.on_first(|mut c| {
+            let request = request.clone();
+            async move { c.join(request).await }
+        })
+        .await?;
+        tracing::info!(node = self.me.node_id, addr = %self.me.raft_addr, "addresses recorded in the registry");
+        Ok(())
     }
 
     /// The registry from the first node in `ask` that answers.
     async fn ask_registry(&mut self) -> Result<Vec<NodeRecord>, String> {
+        self.on_first(|mut c| async move { c.registry(RegistryRequest {}).await })
+            .await
+            .map(|r| r.nodes)
+    }
+
+    /// `call`'s answer from the first node in `ask` that gives one; else the last error.
+    async fn on_first<T, F, Fut>(&self, mut call: F) -> Result<T, String>
+    where
+        F: FnMut(AdminClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let mut last = "no node to ask".to_string();
-        for addr in self.ask.clone() {
-            let attempt = async {
-                let mut c = self.dial.connect(&addr).await?;
-                c.registry(RegistryRequest {})
-                    .await
-                    .map(|r| r.into_inner().nodes)
-                    .map_err(|s| s.message().to_string())
+        for addr in &self.ask {
+            let answer = match self.dial.connect(addr).await {
+                Ok(c) => call(c).await.map_err(|s| s.message().to_string()),
+                Err(e) => Err(e),
             };
-            match attempt.await {
-                Ok(nodes) => return Ok(nodes),
+            match answer {
+                Ok(r) => return Ok(r.into_inner()),
                 Err(e) => last = format!("{addr}: {e}"),
             }
         }
