@@ -36,10 +36,10 @@ pub mod testing;
 pub use flotilla_proto as proto;
 pub use flotilla_proto::{NodeId, RangeId, ReplicaId};
 pub use flotilla_runtime::{
-    ApplyContext, ApplyError, ConfigError, Error, ForcedRange, KvProposal, KvStateMachine,
-    MembershipChange, NodeGroup, NodeGroupConfig, NodeStatus, ProposeOptions, RangeRouter,
-    ReadConsistency, ReadContext, RecoveryRefusal, RecoveryReplica, ReplicaStatus, Result,
-    ScanPage, SplitConfig, StateMachine, StateRole, SystemSeed, ID_LEASE_BLOCK,
+    system_descriptor, ApplyContext, ApplyError, ConfigError, Error, ForcedRange, KvProposal,
+    KvStateMachine, MembershipChange, NodeGroup, NodeGroupConfig, NodeStatus, ProposeOptions,
+    RangeRouter, ReadConsistency, ReadContext, RecoveryRefusal, RecoveryReplica, ReplicaStatus,
+    Result, ScanPage, SplitConfig, StateMachine, StateRole, SystemSeed, ID_LEASE_BLOCK,
 };
 pub use flotilla_store::{Engine, StoreConfig, StoreError};
 pub use flotilla_transport as transport;

@@ -1,8 +1,10 @@
 //! The scheduler on in-process gRPC clusters: leaders spread after the ranges of one leader
 //! split; a dead node's replicas are rebuilt on a node that hosted nothing, with every
 //! acknowledged write still readable; a move interrupted by a leader change is finished by
-//! the new leader without the range ever dropping below a quorum of live voters. Node
-//! statistics travel on the node-pair streams and show in every node's view.
+//! the new leader without the range ever dropping below a quorum of live voters; two small
+//! neighbours on different nodes are moved onto the same nodes and merged, whichever of their
+//! leaders sees both, with every write kept. Node statistics travel on the node-pair streams
+//! and show in every node's view.
 
 use std::time::{Duration, Instant};
 
@@ -10,10 +12,13 @@ use flotilla::layout::{first_campaigner, range_layout};
 use flotilla::proto::meta::{RangeDescriptor, ReplicaRole};
 use flotilla::schedule::{NodeState, ScheduleConfig};
 use flotilla::testing::{
-    bootstrap_ranges_and_system, local_server_config, node_ids, start_servers, test_config,
-    wait_until,
+    bootstrap_ranges_and_system, key_in_range, local_server_config, node_ids, start_servers,
+    test_config, wait_until,
 };
-use flotilla::{MembershipChange, NodeId, RangeId, ReadConsistency, ReplicaId, Server, StateRole};
+use flotilla::{
+    system_descriptor, MembershipChange, NodeId, RangeId, ReadConsistency, ReplicaId, Server,
+    StateRole, SystemSeed,
+};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -332,4 +337,160 @@ async fn a_move_interrupted_by_a_leader_change_is_finished_by_the_new_leader() {
             .any(|e| e.action == "promote" && e.outcome.is_ok()),
         "{by_1:?}"
     );
+}
+
+/// Two ranges of four nodes, range 1 on nodes 1, 2, 3 and range 2 on nodes 1, 2, 4, both
+/// small, range 1 led on node `leader_of_1` and range 2 on node 2. The schedulers move one
+/// range onto the other's nodes and merge range 1 into range 2; every write acknowledged
+/// before or during the moves is read afterwards. Returns the range whose replica moved.
+async fn small_neighbours_on_different_nodes_merge(leader_of_1: u64) -> RangeId {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start(4, dir.path(), |_| ScheduleConfig {
+        merge_below_bytes: 1 << 20,
+        merge_delay: Duration::from_millis(300),
+        ..schedule(Duration::from_secs(60))
+    });
+    let members = node_ids(3);
+    let mut layout = range_layout(2, &members);
+    let r2 = &mut layout[1];
+    r2.replicas[2].replica_id = 4;
+    r2.replicas[2].node_id = 4;
+    r2.next_replica_id = 5;
+    let seed = SystemSeed::new(&layout, &members, |_| String::new());
+    for (i, n) in nodes.iter().enumerate() {
+        let id = i as u64 + 1;
+        let here: Vec<RangeDescriptor> = layout
+            .iter()
+            .filter(|d| d.replicas.iter().any(|r| r.node_id == id))
+            .cloned()
+            .collect();
+        if id <= 3 {
+            let system = system_descriptor(&members);
+            n.node()
+                .bootstrap_cluster(here, system, &seed, |_| None)
+                .unwrap();
+        } else {
+            n.node().bootstrap_ranges(here).unwrap();
+        }
+    }
+    let all = [0, 1, 2, 3];
+    let (a, b) = (RangeId(1), RangeId(2));
+    nodes[leader_of_1 as usize - 1].node().campaign(a).unwrap();
+    nodes[1].node().campaign(b).unwrap();
+    assert!(
+        wait_until(T, || leader(&nodes, &all, a).is_some()
+            && leader(&nodes, &all, b).is_some())
+        .await
+    );
+    // Writes before the ranges are found small for merge_delay, and while they move.
+    let mut keys = Vec::new();
+    let merged = |nodes: &[Server]| {
+        let events = nodes.iter().flat_map(|n| n.placement().events());
+        leader_desc(nodes, &all, b).is_some_and(|d| d.start_key.is_empty() && d.end_key.is_empty())
+            && events
+                .filter(|e| e.action == "merge" && e.outcome.is_ok())
+                .count()
+                == 1
+    };
+    let deadline = Instant::now() + T;
+    let mut i = 0;
+    while !merged(&nodes) {
+        assert!(
+            Instant::now() < deadline,
+            "not merged: range 1 {:?}, range 2 {:?}; events {:?}",
+            leader_desc(&nodes, &all, a),
+            leader_desc(&nodes, &all, b),
+            nodes
+                .iter()
+                .flat_map(|n| n.placement().events())
+                .collect::<Vec<_>>()
+        );
+        let key = key_in_range(1 + i % 2, &format!("{i}"));
+        put(&nodes, &all, &key, b"v").await;
+        keys.push(key);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Read through the merged range's leader (balancing may move it on meanwhile).
+    for k in &keys {
+        let l = leader(&nodes, &all, b).unwrap_or(0);
+        assert_eq!(get(&nodes, l, k).await.as_deref(), Some(&b"v"[..]), "{k:?}");
+    }
+    let events: Vec<_> = nodes.iter().flat_map(|n| n.placement().events()).collect();
+    let moved: Vec<RangeId> = events
+        .iter()
+        .filter(|e| e.action == "add-learner" && e.detail.contains("merge") && e.outcome.is_ok())
+        .map(|e| e.range)
+        .collect();
+    // One move: a replica of one range onto the node of the other's that it lacked.
+    assert_eq!(moved.len(), 1, "{events:?}");
+    moved[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_small_range_moves_onto_its_right_neighbours_nodes_and_merges_into_it() {
+    // Range 1's leader (node 1) hosts range 2: range 1 moves from node 3 to node 4.
+    assert_eq!(
+        small_neighbours_on_different_nodes_merge(1).await,
+        RangeId(1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_range_moves_onto_its_left_neighbours_nodes_when_that_leader_cannot_see_it() {
+    // Range 1's leader (node 3) hosts no replica of range 2, so it cannot merge: range 2's
+    // leader moves range 2 from node 4 to node 3, then node 3 merges range 1 into it.
+    assert_eq!(
+        small_neighbours_on_different_nodes_merge(3).await,
+        RangeId(2)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_of_small_ranges_merges_into_one_with_every_write_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start(3, dir.path(), |_| ScheduleConfig {
+        merge_below_bytes: 1 << 20,
+        merge_delay: Duration::from_millis(300),
+        ..schedule(Duration::from_secs(60))
+    });
+    let layout = bootstrap(&nodes, 16, 3);
+    let all = [0, 1, 2];
+    assert!(
+        wait_until(T, || layout
+            .iter()
+            .all(|d| leader(&nodes, &all, d.id()).is_some()))
+        .await
+    );
+    let keys: Vec<Vec<u8>> = (1..=16u64)
+        .flat_map(|r| (0..5).map(move |i| key_in_range(r, &format!("{i}"))))
+        .collect();
+    for k in &keys {
+        put(&nodes, &all, k, b"v").await;
+    }
+    // One range, and the 15 merges on record (each recorded once its source's leader saw
+    // the target cover it).
+    let merges = |nodes: &[Server]| {
+        let events = nodes.iter().flat_map(|n| n.placement().events());
+        events
+            .filter(|e| e.action == "merge" && e.outcome.is_ok())
+            .count()
+    };
+    let one = wait_until(T, || {
+        let ranges = nodes[0].node().ranges();
+        ranges.len() == 1 && leader(&nodes, &all, ranges[0].id()).is_some() && merges(&nodes) >= 15
+    })
+    .await;
+    let events: Vec<_> = nodes.iter().flat_map(|n| n.placement().events()).collect();
+    assert!(
+        one,
+        "ranges {:?}; events {events:?}",
+        nodes[0].node().ranges()
+    );
+    assert_eq!(merges(&nodes), 15, "{events:?}");
+    for k in &keys {
+        for i in all {
+            assert_eq!(get(&nodes, i, k).await.as_deref(), Some(&b"v"[..]), "{k:?}");
+        }
+    }
 }

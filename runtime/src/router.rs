@@ -169,6 +169,30 @@ impl RangeRouter {
             .collect()
     }
 
+    /// The ranges hosted here right before and right after `desc` in key order, each only
+    /// if adjacent to it (its end is `desc`'s start, its start is `desc`'s end).
+    pub fn neighbours(
+        &self,
+        desc: &RangeDescriptor,
+    ) -> (Option<RangeDescriptor>, Option<RangeDescriptor>) {
+        let inner = self.inner.read();
+        let left = inner
+            .by_start
+            .range::<[u8], _>((Bound::Unbounded, Bound::Excluded(&desc.start_key[..])))
+            .next_back()
+            .filter(|ByStart(d)| !desc.start_key.is_empty() && d.end_key == desc.start_key)
+            .map(|ByStart(d)| RangeDescriptor::clone(d));
+        let right = if desc.end_key.is_empty() {
+            None
+        } else {
+            inner
+                .by_start
+                .get(&desc.end_key[..])
+                .map(|ByStart(d)| RangeDescriptor::clone(d))
+        };
+        (left, right)
+    }
+
     /// All ranges, in key order.
     pub fn all(&self) -> Vec<RangeDescriptor> {
         let inner = self.inner.read();
@@ -240,6 +264,21 @@ mod tests {
         assert!(matches!(r.lookup(b"o"), Err(Error::KeyNotInRange { .. })));
         assert_eq!(r.lookup(b"p").unwrap().id(), RangeId(2));
         assert_eq!(r.lookup(b"\xff\xff").unwrap().id(), RangeId(2));
+    }
+
+    #[test]
+    fn neighbours_are_the_adjacent_ranges_hosted_here() {
+        let r = RangeRouter::new();
+        r.upsert(desc(1, b"", b"c"));
+        r.upsert(desc(2, b"c", b"f"));
+        r.upsert(desc(3, b"g", b""));
+        let ids = |(l, r): (Option<RangeDescriptor>, Option<RangeDescriptor>)| {
+            (l.map(|d| d.range_id), r.map(|d| d.range_id))
+        };
+        assert_eq!(ids(r.neighbours(&desc(1, b"", b"c"))), (None, Some(2)));
+        // [f, g) is not hosted here: range 2 has no right neighbour, range 3 no left one.
+        assert_eq!(ids(r.neighbours(&desc(2, b"c", b"f"))), (Some(1), None));
+        assert_eq!(ids(r.neighbours(&desc(3, b"g", b""))), (None, None));
     }
 
     #[test]

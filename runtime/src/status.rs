@@ -124,6 +124,15 @@ impl NodeGroup {
         self.shared.router.lookup(key)
     }
 
+    /// The ranges hosted here adjacent to `range` on its left and on its right (`None` where
+    /// the neighbour has no replica here, or `range` is not hosted here).
+    pub fn neighbours(&self, range: RangeId) -> (Option<RangeDescriptor>, Option<RangeDescriptor>) {
+        match self.shared.router.get(range) {
+            Some(d) => self.shared.router.neighbours(&d),
+            None => (None, None),
+        }
+    }
+
     /// The ids of every replica hosted here (initialized or not).
     pub fn replica_ranges(&self) -> Vec<RangeId> {
         self.shared.cells().iter().map(|c| c.range).collect()

@@ -38,6 +38,15 @@ pub struct ScheduleConfig {
     /// Decisions kept in the in-memory log that `Placement` shows (oldest dropped first).
     /// Default 256.
     pub log_capacity: usize,
+    /// Adjacent ranges holding fewer bytes than this together (keys and values) are merged:
+    /// the left one's replicas move onto the right one's nodes, then it merges into it. 0
+    /// turns automatic merges off. Must stay below the split size
+    /// (`split.max_range_bytes`), or a merged range would split again. Default 16 MiB.
+    pub merge_below_bytes: u64,
+    /// How long a range must have stayed below `merge_below_bytes` without splitting or
+    /// merging before it merges (seen by the same leader): a range split a moment ago, by
+    /// load or on request, is not merged back at once. Default 10 minutes.
+    pub merge_delay: Duration,
 }
 
 impl Default for ScheduleConfig {
@@ -54,6 +63,8 @@ impl Default for ScheduleConfig {
             max_snapshots_per_node: 2,
             max_transfers_per_pass: 4,
             log_capacity: 256,
+            merge_below_bytes: 16 << 20,
+            merge_delay: Duration::from_secs(600),
         }
     }
 }

@@ -15,9 +15,13 @@
 //!    a draining node's own replica, when it leads, waits for step 5 to hand the leadership
 //!    away first;
 //! 3. **trim** a range above its replication factor (a voter on a down node first);
-//! 4. **balance replicas**: a voter on a node above the mean by more than the threshold moves
+//! 4. **merge small neighbours**: a range the pass found small beside a small neighbour (see
+//!    [`MergeGoal`]) first moves its replicas onto the neighbour's nodes (its leadership
+//!    first, if its node is not one of them; then one move at a time, each removing a
+//!    replica on a node the neighbour does not use), then merges into it;
+//! 5. **balance replicas**: a voter on a node above the mean by more than the threshold moves
 //!    (learner first) to a node below it;
-//! 5. **balance leaders**: this node, if it leads more than the mean by more than the
+//! 6. **balance leaders**: this node, if it leads more than the mean by more than the
 //!    threshold, hands some of its leaderships to up-to-date voters on nodes below it; a
 //!    draining node hands all of them away, to the least loaded up-to-date voters.
 //!
@@ -98,6 +102,20 @@ pub struct Load {
     pub snapshots: u64,
 }
 
+/// A merge a range led here takes part in, found by the pass (both ranges below
+/// `merge_below_bytes` together, the range small and unchanged for `merge_delay`): its
+/// replicas move onto `nodes`, the neighbour's, and then, with `into`, it merges into it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeGoal {
+    /// The nodes the range's replicas must be on (the neighbour's).
+    pub nodes: Vec<NodeId>,
+    /// The right neighbour to merge into once aligned, as this node's replica of it knows
+    /// it. `None` when the merge is the left neighbour's (merged into this range by its
+    /// leader): its leader's node hosts no replica of this range, so this range moves onto
+    /// the neighbour's nodes, and that leader then sees both.
+    pub into: Option<RangeDescriptor>,
+}
+
 /// A range this node leads.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RangeView {
@@ -109,6 +127,8 @@ pub struct RangeView {
     pub commit: u64,
     /// Per replica: (id, matched index, recently active), from the leader's progress.
     pub progress: Vec<(ReplicaId, u64, bool)>,
+    /// The merge it takes part in, if the pass found one.
+    pub merge: Option<MergeGoal>,
 }
 
 /// One step the scheduler takes.
@@ -134,6 +154,8 @@ pub enum Action {
     },
     /// Remove a replica (an abandoned learner, or a voter above the replication factor).
     Remove { range: RangeId, replica: ReplicaId },
+    /// Merge `range` (led here) into its right neighbour `target`, on the same nodes.
+    Merge { range: RangeId, target: RangeId },
 }
 
 impl Action {
@@ -143,7 +165,8 @@ impl Action {
             Action::TransferLeader { range, .. }
             | Action::AddLearner { range, .. }
             | Action::Promote { range, .. }
-            | Action::Remove { range, .. } => *range,
+            | Action::Remove { range, .. }
+            | Action::Merge { range, .. } => *range,
         }
     }
 }
@@ -157,6 +180,8 @@ pub enum Why {
     Balance,
     /// A replica's node is being drained (decommissioned).
     Drain,
+    /// The range moves onto its small neighbour's nodes, to merge with it.
+    Merge,
 }
 
 /// What a pass sees: every node of the cluster (this one included) and the ranges led here.
@@ -189,7 +214,8 @@ pub fn decide(view: &View, config: &ScheduleConfig) -> Vec<Action> {
     }
     let busy: Vec<RangeId> = actions.iter().map(Action::range).collect();
     for r in &view.ranges {
-        if busy.contains(&r.desc.id()) || has_learner(&r.desc) {
+        // A range moving onto its neighbour's nodes keeps its leader where the move put it.
+        if busy.contains(&r.desc.id()) || has_learner(&r.desc) || aligning(r) {
             continue;
         }
         if let Some(a) = p.leader_step(r) {
@@ -369,6 +395,11 @@ impl<'a> Pass<'a> {
             // learner keeps its leader until the move ends), and the new leaders move.
             return None;
         }
+        if !(dead || drain || voters.len() < self.config.replication_factor) {
+            if let Some(goal) = &r.merge {
+                return self.merge_step(r, goal);
+            }
+        }
         let (mean, _) = self.means();
         if !(dead || drain || voters.len() < self.config.replication_factor) && range.is_system() {
             // The system range is repaired and drained, never balanced: the replica counts
@@ -453,11 +484,71 @@ impl<'a> Pass<'a> {
         if let Some((v, _)) = candidates.iter().find(|(_, n)| self.is_draining(*n)) {
             return Some(*v);
         }
+        // A move onto a merge neighbour's nodes removes a replica on a node it does not use.
+        if let Some(goal) = &r.merge {
+            if let Some((v, _)) = candidates.iter().find(|(_, n)| !goal.nodes.contains(n)) {
+                return Some(*v);
+            }
+        }
         candidates
             .iter()
             .filter_map(|(v, n)| self.load(*n).map(|l| (*v, *n, l.replicas)))
             .max_by_key(|(_, n, c)| (*c, std::cmp::Reverse(*n)))
             .map(|(v, _, _)| v)
+    }
+
+    /// Step 4 for a range with a merge goal (every voter on a live node, none draining): its
+    /// leadership to a node of the goal first (the leader is never removed directly), then
+    /// one move onto a node of the goal, and, once its nodes are the goal's, the merge.
+    fn merge_step(&mut self, r: &RangeView, goal: &MergeGoal) -> Option<Action> {
+        let range = r.desc.id();
+        let mine: Vec<NodeId> = voters(&r.desc).iter().map(|(_, n)| *n).collect();
+        let missing: Vec<NodeId> = goal
+            .nodes
+            .iter()
+            .copied()
+            .filter(|n| !mine.contains(n))
+            .collect();
+        if missing.is_empty() {
+            let target = goal.into.as_ref()?;
+            // The neighbour as this node knows it: every replica a voter on a live node (its
+            // own moves and repairs come first), no merge of its own under way.
+            let ready = target.merge.is_none()
+                && !has_learner(target)
+                && target
+                    .replicas
+                    .iter()
+                    .all(|d| self.is_up(NodeId(d.node_id)))
+                && mine.len() == goal.nodes.len();
+            if !ready || self.moves >= self.config.max_moves_per_node {
+                return None;
+            }
+            self.moves += 1;
+            return Some(Action::Merge {
+                range,
+                target: target.id(),
+            });
+        }
+        if !goal.nodes.contains(&self.view.me) {
+            if self.transfers >= self.config.max_transfers_per_pass {
+                return None;
+            }
+            return self.transfer(r, |n, _| goal.nodes.contains(&n));
+        }
+        if self.moves >= self.config.max_moves_per_node {
+            return None;
+        }
+        let target = missing
+            .into_iter()
+            .filter(|n| self.is_target(*n))
+            .min_by_key(|n| (self.load(*n).map_or(u64::MAX, |l| l.replicas), *n))?;
+        self.moves += 1;
+        self.bump(target, 1, 0);
+        Some(Action::AddLearner {
+            range,
+            node: target,
+            why: Why::Merge,
+        })
     }
 
     fn leader_step(&mut self, r: &RangeView) -> Option<Action> {
@@ -466,7 +557,7 @@ impl<'a> Pass<'a> {
         }
         if self.standing(self.view.me) != Standing::Member {
             // A draining node hands every leadership away, whatever the means say.
-            return self.transfer(r, |_| true);
+            return self.transfer(r, |_, _| true);
         }
         if r.desc.id().is_system() {
             return None; // its leadership is not counted in the leader counts balanced
@@ -479,19 +570,19 @@ impl<'a> Pass<'a> {
             return None;
         }
         let heavy = above(mine, mean, t);
-        self.transfer(r, |c| {
+        self.transfer(r, |_, c| {
             c + 2 <= mine && (c as f64) < mean && (heavy || low(c, mean, t))
         })
     }
 
     /// Hands `r`'s leadership to the up-to-date voter on a target node leading fewest among
-    /// those whose leader count `accept` takes.
-    fn transfer(&mut self, r: &RangeView, accept: impl Fn(u64) -> bool) -> Option<Action> {
+    /// those that `accept` takes (given the node and its leader count).
+    fn transfer(&mut self, r: &RangeView, accept: impl Fn(NodeId, u64) -> bool) -> Option<Action> {
         let (to, node, _) = voters(&r.desc)
             .into_iter()
             .filter(|(v, n)| *v != r.leader && self.is_target(*n) && caught_up(r, *v))
             .filter_map(|(v, n)| self.load(n).map(|l| (v, n, l.leaders)))
-            .filter(|(_, _, c)| accept(*c))
+            .filter(|(_, n, c)| accept(*n, *c))
             .min_by_key(|(_, n, c)| (*c, *n))?;
         self.transfers += 1;
         self.bump(self.view.me, 0, -1);
@@ -528,6 +619,14 @@ fn quorum(voters: usize) -> usize {
 
 fn is_learner(role: i32) -> bool {
     role == ReplicaRole::Learner as i32
+}
+
+/// Whether `r` is moving onto a merge neighbour's nodes (its voters are not there yet).
+fn aligning(r: &RangeView) -> bool {
+    r.merge.as_ref().is_some_and(|g| {
+        let mine = voters(&r.desc);
+        mine.len() != g.nodes.len() || mine.iter().any(|(_, n)| !g.nodes.contains(n))
+    })
 }
 
 fn has_learner(desc: &RangeDescriptor) -> bool {
@@ -624,6 +723,7 @@ mod tests {
             leader: ReplicaId(1),
             commit: 100,
             progress,
+            merge: None,
         }
     }
 
@@ -1037,5 +1137,92 @@ mod tests {
             ..config()
         };
         assert_eq!(decide(&v, &off), Vec::<Action>::new());
+    }
+
+    /// Range 1 (led by node 1) with a merge goal: range 2's nodes, merging into it when
+    /// `into`.
+    fn merging(voters: &[u64], learners: &[u64], goal: &[u64], into: bool) -> RangeView {
+        let mut r = range(1, voters, learners);
+        r.merge = Some(MergeGoal {
+            nodes: goal.iter().map(|n| NodeId(*n)).collect(),
+            into: into.then(|| range(2, goal, &[]).desc),
+        });
+        r
+    }
+
+    #[test]
+    fn a_small_range_moves_onto_its_neighbours_nodes_then_merges_into_it() {
+        // Node 2 holds the most replicas: a balancing move would remove its replica. The
+        // merge goal keeps it (range 2 is on nodes 1, 2, 4) and removes node 3's instead.
+        let nodes = || {
+            vec![
+                up(1, 5, 1),
+                up(2, 9, 1),
+                up(3, 5, 1),
+                up(4, 5, 1),
+                up(5, 0, 0),
+            ]
+        };
+        let step = |r: RangeView| decide(&view(nodes(), vec![r]), &config());
+        assert_eq!(
+            step(merging(&[1, 2, 3], &[], &[1, 2, 4], true)),
+            [Action::AddLearner {
+                range: RangeId(1),
+                node: NodeId(4),
+                why: Why::Merge
+            }],
+            "the move goes to the neighbour's node, not the emptiest (node 5)"
+        );
+        assert_eq!(
+            step(merging(&[1, 2, 3], &[4], &[1, 2, 4], true)),
+            [Action::Promote {
+                range: RangeId(1),
+                learner: ReplicaId(4),
+                remove: Some(ReplicaId(3))
+            }]
+        );
+        assert_eq!(
+            step(merging(&[1, 2, 4], &[], &[1, 2, 4], true)),
+            [Action::Merge {
+                range: RangeId(1),
+                target: RangeId(2)
+            }]
+        );
+        // Aligned for the left neighbour's leader to merge: nothing more to do here.
+        assert_eq!(step(merging(&[1, 2, 4], &[], &[1, 2, 4], false)), []);
+    }
+
+    #[test]
+    fn a_leader_off_the_neighbours_nodes_hands_its_leadership_over_first() {
+        let v = view(
+            vec![up(1, 3, 1), up(2, 3, 1), up(3, 3, 1), up(4, 2, 0)],
+            vec![merging(&[1, 2, 3], &[], &[2, 3, 4], true)],
+        );
+        assert_eq!(
+            decide(&v, &config()),
+            [Action::TransferLeader {
+                range: RangeId(1),
+                to: ReplicaId(2),
+                node: NodeId(2)
+            }]
+        );
+    }
+
+    #[test]
+    fn a_merge_waits_while_the_neighbour_moves_or_a_node_is_down() {
+        let nodes = vec![up(1, 3, 1), up(2, 3, 1), up(3, 3, 1), up(4, 1, 0)];
+        let mut r = merging(&[1, 2, 3], &[], &[1, 2, 3], true);
+        let target = r.merge.as_mut().unwrap().into.as_mut().unwrap();
+        target.replicas.push(ReplicaDescriptor {
+            replica_id: 4,
+            node_id: 4,
+            role: ReplicaRole::Learner as i32,
+        });
+        assert_eq!(decide(&view(nodes.clone(), vec![r]), &config()), []);
+        // A replica's node is down (not yet past down_time): no merge, no move.
+        let mut nodes = nodes;
+        nodes[2] = node(3, NodeState::Down, Duration::from_secs(1), 3, 1);
+        let r = merging(&[1, 2, 3], &[], &[1, 2, 3], true);
+        assert_eq!(decide(&view(nodes, vec![r]), &config()), []);
     }
 }

@@ -11,19 +11,21 @@
 //!    whence every other node keeps it;
 //! 2. joins that with every node's statistics and this node's failure detector into the
 //!    cluster view that `Nodes` shows;
-//! 3. when enabled, asks [`decide`] (pure, in `decide.rs`) what to do with the ranges led
-//!    here, does it, and records each decision and its outcome in a bounded log (`Placement`).
+//! 3. when enabled, finds the small ranges led here that should merge with a small neighbour
+//!    (`merge_goal`: sizes measured here, a neighbour this node hosts a replica of), asks
+//!    [`decide`] (pure, in `decide.rs`) what to do with the ranges led here, does it, and
+//!    records each decision and its outcome in a bounded log (`Placement`).
 //!
 //! The statistics and the log live in [`Placement`], shared with the admin service.
 
 mod config;
 mod decide;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use flotilla_proto::meta::{RangeDescriptor, ReplicaRole};
+use flotilla_proto::meta::{RangeDescriptor, ReplicaDescriptor, ReplicaRole};
 use flotilla_proto::transport::NodeStats;
 use flotilla_proto::{NodeId, RangeId};
 use flotilla_runtime::{MembershipChange, NodeGroup};
@@ -32,7 +34,9 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 pub use self::config::ScheduleConfig;
-pub use self::decide::{decide, Action, Load, NodeState, NodeView, RangeView, Standing, View, Why};
+pub use self::decide::{
+    decide, Action, Load, MergeGoal, NodeState, NodeView, RangeView, Standing, View, Why,
+};
 
 /// Ranges led here with nothing to do that one pass looks at as candidates for balancing
 /// (the next ones in range id order each pass). Balancing moves a few ranges a pass
@@ -46,6 +50,10 @@ const FULL_WALK_EVERY: u64 = 4;
 
 /// Keys walked to measure this node's data exactly; past it RocksDB's estimate is used.
 const MEASURE_MAX_KEYS: u64 = 1_000;
+
+/// A small range not looked at for this long is forgotten (it is no longer led here, or
+/// merged away): the balancing sample visits every range led here far more often.
+const FORGET_SMALL_AFTER: Duration = Duration::from_secs(3600);
 
 /// How long one action may take before the pass gives up waiting on it (it may still
 /// complete; the next pass sees the outcome in the descriptor).
@@ -77,7 +85,7 @@ pub struct Event {
     pub at: SystemTime,
     /// The range it concerned.
     pub range: RangeId,
-    /// `transfer-leader`, `add-learner`, `promote` or `remove`.
+    /// `transfer-leader`, `add-learner`, `promote`, `remove` or `merge`.
     pub action: &'static str,
     /// What exactly: the replicas and nodes concerned, and why.
     pub detail: String,
@@ -193,6 +201,7 @@ impl Scheduler {
             last_up: BTreeSet::new(),
             busy: BTreeSet::new(),
             last_counts: None,
+            small: HashMap::new(),
         };
         let task = runtime.spawn(async move {
             let interval = state.placement.config.interval;
@@ -241,6 +250,16 @@ struct PassState {
     busy: BTreeSet<RangeId>,
     /// Writes and reads at the previous pass, for the rates.
     last_counts: Option<(u64, u64, Instant)>,
+    /// Ranges led here seen below `merge_below_bytes`, and since when (see `merge_goal`).
+    small: HashMap<RangeId, Small>,
+}
+
+/// Since when a range led here has been small, at which version of its descriptor.
+#[derive(Debug, Clone, Copy)]
+struct Small {
+    version: u64,
+    since: Instant,
+    seen: Instant,
 }
 
 impl PassState {
@@ -305,9 +324,33 @@ impl PassState {
             };
             statuses.into_iter().filter_map(range_view).collect()
         };
+        let config = &self.placement.config;
+        let ranges = if config.enabled && config.merge_below_bytes > 0 {
+            let (node, up, config) = (self.node.clone(), self.last_up.clone(), config.clone());
+            let mut small = std::mem::take(&mut self.small);
+            if full {
+                small.retain(|_, s| now.duration_since(s.seen) < FORGET_SMALL_AFTER);
+            }
+            let found = tokio::task::spawn_blocking(move || {
+                let mut ranges = ranges;
+                for r in &mut ranges {
+                    r.merge = merge_goal(&node, &r.desc, &up, &config, &mut small, now);
+                }
+                (ranges, small)
+            })
+            .await;
+            let Ok((ranges, small)) = found else {
+                return;
+            };
+            self.small = small;
+            ranges
+        } else {
+            ranges
+        };
+        // Ranges with something to do, or on their way to a merge, are looked at every pass.
         self.busy = ranges
             .iter()
-            .filter(|r| is_busy(&r.desc, &self.last_up, factor))
+            .filter(|r| r.merge.is_some() || is_busy(&r.desc, &self.last_up, factor))
             .map(|r| r.desc.id())
             .collect();
         // Nodes that host replicas of ranges led here are watched from now on, even before
@@ -541,6 +584,139 @@ fn is_busy(d: &RangeDescriptor, up: &BTreeSet<NodeId>, factor: usize) -> bool {
             .any(|r| r.role == ReplicaRole::Learner as i32 || !up.contains(&NodeId(r.node_id)))
 }
 
+/// The merge the range `desc` (led here) takes part in, if any (see [`MergeGoal`]). It must
+/// have stayed below `merge_below_bytes` at one descriptor version for `merge_delay`, every
+/// replica a voter on an up node.
+///
+/// Merges go left into right, one per *edge* between two adjacent ranges that are small
+/// together (below `merge_below_bytes`). Of two edges that share a range only one may merge
+/// at a time (a range merging into its neighbour while another merges into it would have one
+/// merge roll back, its source frozen meanwhile), so an edge merges only if it is the first of
+/// its adjacent edges in a fixed pseudo-random order of their left ranges' ids: disjoint pairs
+/// along a run of small ranges merge at once, and in every run some edge goes. This node
+/// judges the edges it can see (the neighbours it hosts a replica of, measured here); an
+/// edge it cannot see does not hold the others back.
+/// - The edge to the right neighbour is first: this range moves onto the neighbour's nodes
+///   and merges into it.
+/// - The edge to the left neighbour is first: that neighbour's leader merges it into this
+///   range, and this range holds still meanwhile (its goal is its own nodes); if that
+///   leader's node hosts no replica of this range (it cannot see the edge), this range moves
+///   onto the left neighbour's nodes so that it can.
+///
+/// A pair whose two leaders each host no replica of the other range is not merged.
+fn merge_goal(
+    node: &NodeGroup,
+    desc: &RangeDescriptor,
+    up: &BTreeSet<NodeId>,
+    config: &ScheduleConfig,
+    small: &mut HashMap<RangeId, Small>,
+    now: Instant,
+) -> Option<MergeGoal> {
+    let id = desc.id();
+    // A range that can take part: not merging, every replica on an up node, no more voters
+    // than the factor (a joint change lists both halves' voters), and, for a neighbour, no
+    // learner (its own move comes first; this range's learner is its move onto the goal).
+    let voter = |r: &&ReplicaDescriptor| r.role == ReplicaRole::Voter as i32;
+    let settled = |d: &RangeDescriptor, learners: bool| {
+        d.merge.is_none()
+            && d.replicas.iter().filter(voter).count() <= config.replication_factor
+            && d.replicas
+                .iter()
+                .all(|r| (learners || voter(&r)) && up.contains(&NodeId(r.node_id)))
+    };
+    if id.is_system() || !settled(desc, true) {
+        return None;
+    }
+    let limit = config.merge_below_bytes;
+    let size = |d: &RangeDescriptor| {
+        node.engine()
+            .data_size(&d.start_key, &d.end_key, MEASURE_MAX_KEYS)
+            .ok()
+            .map(|s| s.bytes)
+    };
+    let Some(bytes) = size(desc).filter(|b| *b < limit) else {
+        small.remove(&id);
+        return None;
+    };
+    let version = desc.epoch.as_ref().map_or(0, |e| e.version);
+    let entry = small.entry(id).or_insert(Small {
+        version,
+        since: now,
+        seen: now,
+    });
+    if entry.version != version {
+        *entry = Small {
+            version,
+            since: now,
+            seen: now,
+        };
+    }
+    entry.seen = now;
+    if now.duration_since(entry.since) < config.merge_delay {
+        return None;
+    }
+    // A neighbour hosted here that can take part, with its size.
+    let sized = |d: Option<RangeDescriptor>| {
+        let d = d.filter(|d| settled(d, false))?;
+        let b = size(&d)?;
+        Some((d, b))
+    };
+    let (left, right) = node.neighbours(id);
+    let (left, right) = (sized(left), sized(right));
+    let joins = |a: u64, b: u64| a.saturating_add(b) < limit;
+    // An edge seen here that comes before the edge whose left range is `than`.
+    let before = |edge: Option<(&RangeDescriptor, u64, u64)>, than: &RangeDescriptor| {
+        edge.is_some_and(|(l, lb, rb)| joins(lb, rb) && edge_order(l) < edge_order(than))
+    };
+    let nodes = |d: &RangeDescriptor| d.replicas.iter().map(|r| NodeId(r.node_id)).collect();
+    if let Some((r, rb)) = right.as_ref().filter(|(_, rb)| joins(bytes, *rb)) {
+        let beyond = sized(node.neighbours(r.id()).1);
+        let left_edge = left.as_ref().map(|(l, lb)| (l, *lb, bytes));
+        let right_edge = beyond.as_ref().map(|(_, cb)| (r, *rb, *cb));
+        if !before(left_edge, desc) && !before(right_edge, desc) {
+            return Some(MergeGoal {
+                nodes: nodes(r),
+                into: Some(r.clone()),
+            });
+        }
+    }
+    let (l, lb) = left.as_ref().filter(|(_, lb)| joins(*lb, bytes))?;
+    let outer = sized(node.neighbours(l.id()).0);
+    let outer_edge = outer.as_ref().map(|(w, wb)| (w, *wb, *lb));
+    let inner_edge = right.as_ref().map(|(_, rb)| (desc, bytes, *rb));
+    if before(outer_edge, l) || before(inner_edge, l) {
+        return None;
+    }
+    let leader = node.status(l.id()).ok()?.leader_node?;
+    // A learner there is this range's move onto that node, not finished: the goal holds
+    // until it is promoted (the promotion then removes the replica off the goal).
+    let hosts_this = desc
+        .replicas
+        .iter()
+        .any(|r| r.node_id == leader.0 && voter(&r));
+    let goal = if leader == node.node_id() || hosts_this {
+        nodes(desc) // that leader merges the left neighbour in: hold still
+    } else {
+        nodes(l)
+    };
+    Some(MergeGoal {
+        nodes: goal,
+        into: None,
+    })
+}
+
+/// The place of the edge whose left range is `d` in the order in which adjacent edges merge:
+/// a fixed mix of the range id (the same on every node), so that neighbouring edges are
+/// ordered at random and not by id (ids grow along the key space after a bootstrap, and
+/// ordering by them would merge a run one range at a time).
+fn edge_order(d: &RangeDescriptor) -> u64 {
+    // SplitMix64's finalizer.
+    let mut z = d.range_id.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// What `decide` sees of a range led here (none without a descriptor).
 fn range_view(st: flotilla_runtime::ReplicaStatus) -> Option<RangeView> {
     Some(RangeView {
@@ -558,6 +734,7 @@ fn range_view(st: flotilla_runtime::ReplicaStatus) -> Option<RangeView> {
                 )
             })
             .collect(),
+        merge: None,
     })
 }
 
@@ -582,6 +759,7 @@ async fn act(node: &NodeGroup, action: &Action) -> flotilla_runtime::Result<()> 
             .change_membership(range, vec![MembershipChange::Remove(replica)])
             .await
             .map(|_| ()),
+        Action::Merge { range, target } => node.merge(range, target).await.map(|_| ()),
     }
 }
 
@@ -599,6 +777,7 @@ fn describe(action: &Action) -> (&'static str, String) {
                     Why::Repair => "repair: a replica's node is down past down_time",
                     Why::Balance => "balance replica counts",
                     Why::Drain => "drain: a replica's node is being decommissioned",
+                    Why::Merge => "merge: onto the nodes of a small neighbour",
                 }
             ),
         ),
@@ -612,6 +791,10 @@ fn describe(action: &Action) -> (&'static str, String) {
             },
         ),
         Action::Remove { replica, .. } => ("remove", format!("replica {replica}")),
+        Action::Merge { target, .. } => (
+            "merge",
+            format!("into range {target} (small neighbours on the same nodes)"),
+        ),
     }
 }
 
@@ -626,12 +809,13 @@ fn count(action: &Action, ok: bool) {
         }
         Action::AddLearner { why, .. } => metrics::counter!(
             "flotilla_schedule_moves_started_total",
-            "why" => match why { Why::Repair => "repair", Why::Balance => "balance", Why::Drain => "drain" }
+            "why" => match why { Why::Repair => "repair", Why::Balance => "balance", Why::Drain => "drain", Why::Merge => "merge" }
         )
         .increment(1),
         Action::Promote { .. } => {
             metrics::counter!("flotilla_schedule_moves_finished_total").increment(1)
         }
         Action::Remove { .. } => metrics::counter!("flotilla_schedule_removals_total").increment(1),
+        Action::Merge { .. } => metrics::counter!("flotilla_schedule_merges_total").increment(1),
     }
 }

@@ -228,6 +228,16 @@ impl ServerConfig {
             });
         }
         out.extend(self.schedule.mistakes());
+        let split = self.node.split.max_range_bytes;
+        if self.schedule.merge_below_bytes > 0
+            && split > 0
+            && self.schedule.merge_below_bytes >= split
+        {
+            out.push(ServerError::Schedule {
+                field: "merge_below_bytes",
+                problem: "must be below split.max_range_bytes (a merged range would split again)",
+            });
+        }
         if let Some(tls) = &self.client_tls {
             let pems = [
                 ("cert", Some(&tls.cert_pem)),
@@ -375,6 +385,29 @@ mod tests {
             },
             |e| matches!(e, ServerError::JoinWithoutRaftPort(_)),
         );
+    }
+
+    #[test]
+    fn automatic_merges_must_stay_below_the_split_size() {
+        let mut c = base();
+        c.schedule.merge_below_bytes = c.node.split.max_range_bytes;
+        let e = c.validate().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ServerError::Schedule {
+                    field: "merge_below_bytes",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Either off: nothing to check.
+        c.node.split.max_range_bytes = 0;
+        c.validate().unwrap();
+        c.node.split.max_range_bytes = 1 << 20;
+        c.schedule.merge_below_bytes = 0;
+        c.validate().unwrap();
     }
 
     #[test]

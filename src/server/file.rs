@@ -101,6 +101,10 @@ pub struct ScheduleSection {
     pub max_transfers_per_pass: Option<usize>,
     /// `ScheduleConfig::log_capacity`.
     pub log_capacity: Option<usize>,
+    /// `ScheduleConfig::merge_below_bytes`.
+    pub merge_below_bytes: Option<u64>,
+    /// `ScheduleConfig::merge_delay` in ms.
+    pub merge_delay_ms: Option<u64>,
 }
 
 /// `[raft]`.
@@ -346,6 +350,8 @@ impl ConfigFile {
             sc.max_transfers_per_pass,
         );
         set(&mut schedule.log_capacity, sc.log_capacity);
+        set(&mut schedule.merge_below_bytes, sc.merge_below_bytes);
+        set(&mut schedule.merge_delay, sc.merge_delay_ms.map(ms));
     }
 }
 

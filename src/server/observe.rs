@@ -372,7 +372,13 @@ pub const CATALOGUE: &[Metric] = &[
         "flotilla_schedule_moves_started_total",
         C,
         true,
-        "Moves started (a learner added), by why: repair or balance.",
+        "Moves started (a learner added), by why: repair, balance, drain or merge.",
+    ),
+    (
+        "flotilla_schedule_merges_total",
+        C,
+        false,
+        "Small neighbours merged by the scheduler of this node (the left range into the right one).",
     ),
     (
         "flotilla_schedule_moves_finished_total",
