@@ -13,6 +13,14 @@
 //! Run: `cargo bench --bench placement` (1,000 ranges; `FLOTILLA_PLACEMENT_RANGES` overrides).
 //! Prints `RESULT {"event":"add_nodes",...}`, `RESULT {"event":"decommission",...}`,
 //! `RESULT {"event":"node_down",...}` and `RESULT {"event":"verify",...}` lines.
+//!
+//! `cargo bench --bench placement -- merge` measures automatic merges instead: five nodes, the
+//! ranges' replicas laid out round the ring (range i on nodes i, i+1, i+2 modulo 5, so that
+//! every two neighbours differ by a node), writers as above (their data, under a MiB, fits in
+//! one range), `merge_below_bytes` 4 MiB and `merge_delay` 15 s. It prints
+//! `RESULT {"event":"merge","ranges_before":N,"ranges_after":1,"merge_secs":X,"merges":N,
+//! "moves":N,"p99_ms_before":X,"p99_ms_during":X}` (`merge_secs`: from the first merge until
+//! one range is left, on three nodes) and the `verify` line.
 //! Under `cargo test --benches` (no `--bench` argument) a tiny version runs.
 
 use std::collections::HashMap;
@@ -27,7 +35,10 @@ use flotilla::testing::measure::percentile;
 use flotilla::testing::{
     bootstrap_ranges_and_system, local_server_config, node_ids, start_servers, test_config,
 };
-use flotilla::{NodeGroupConfig, NodeId, ReadConsistency, Server, ServerConfig, StateRole};
+use flotilla::{
+    system_descriptor, NodeGroupConfig, NodeId, ReadConsistency, ReplicaId, Server, ServerConfig,
+    StateRole, SystemSeed,
+};
 
 const WRITERS: usize = 8;
 const DOWN_TIME: Duration = Duration::from_secs(5);
@@ -133,48 +144,14 @@ struct Latencies {
     samples: Vec<Vec<f64>>,
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
-async fn main() -> anyhow::Result<()> {
-    let full = std::env::args().any(|a| a == "--bench");
-    let ranges: usize = std::env::var("FLOTILLA_PLACEMENT_RANGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if full { 1000 } else { 12 });
-    let dir = tempfile::tempdir()?;
-    let first: Vec<Server> = start_servers(
-        (1..=3).map(|id| server_config(id, dir.path())).collect(),
-        tokio::runtime::Handle::current(),
-    )?;
-    let members = node_ids(3);
-    let layout = range_layout(ranges, &members);
-    // With the system range (the node registry): decommissioning goes through it.
-    for n in &first {
-        bootstrap_ranges_and_system(n.node(), layout.clone())?;
-    }
-    for d in &layout {
-        if let Some(c) = first_campaigner(d.id(), &members) {
-            first[c.0 as usize - 1].node().campaign(d.id())?;
-        }
-    }
-    let nodes: Nodes = Arc::new(Mutex::new(
-        first.into_iter().map(|s| Some(Arc::new(s))).collect(),
-    ));
-    let started = Instant::now();
-    while !counts(&live(&nodes), 3).2 {
-        anyhow::ensure!(started.elapsed() < PHASE_LIMIT, "no leader for every range");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!(
-        "{ranges} ranges on 3 nodes, every one led after {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-
-    // Writers: each its own keys, spread over every range; the last acknowledged value kept.
-    let stop = Arc::new(AtomicBool::new(false));
-    let lat = Arc::new(Mutex::new(Latencies {
-        phase: 0,
-        samples: vec![Vec::new(); 3],
-    }));
+/// `WRITERS` writers, each on its own keys spread over the `ranges` ranges of the layout,
+/// until `stop`; each returns its history (latencies go to `lat`'s current phase).
+fn spawn_writers(
+    nodes: &Nodes,
+    ranges: usize,
+    lat: &Arc<Mutex<Latencies>>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Acked>> {
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let (nodes, stop, lat) = (nodes.clone(), stop.clone(), lat.clone());
@@ -216,6 +193,221 @@ async fn main() -> anyhow::Result<()> {
             acked
         }));
     }
+    writers
+}
+
+/// Waits for the writers (stopped) and reads back every acknowledged write through whichever
+/// live node hosts its range now: (acknowledged, lost).
+async fn verify(
+    nodes: &Nodes,
+    writers: Vec<tokio::task::JoinHandle<Acked>>,
+) -> anyhow::Result<(u64, u64)> {
+    let mut histories = Vec::new();
+    for w in writers {
+        histories.push(w.await?);
+    }
+    let all = live(nodes);
+    let (mut acked, mut lost) = (0u64, 0u64);
+    for h in &histories {
+        for (k, (v, unknown)) in h {
+            if v.is_empty() {
+                continue;
+            }
+            acked += 1;
+            let mut got = None;
+            for attempt in 0..200usize {
+                // Through whichever node hosts the key's range now (a range may have moved
+                // off any one node).
+                let n = &all[attempt % all.len()];
+                if let Ok(g) = n.node().get(k, ReadConsistency::Linearizable).await {
+                    got = Some(g);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let ok = matches!(&got, Some(Some(g)) if g == v || unknown.contains(g));
+            if !ok {
+                lost += 1;
+                eprintln!(
+                    "LOST {}: expected {:?}, got {got:?}",
+                    String::from_utf8_lossy(k),
+                    String::from_utf8_lossy(v)
+                );
+            }
+        }
+    }
+    Ok((acked, lost))
+}
+
+/// The `merge` run (see the module doc).
+async fn merge_run(full: bool, ranges: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let delay = Duration::from_secs(if full { 15 } else { 2 });
+    let configs = (1..=5)
+        .map(|id| {
+            let mut c = server_config(id, dir.path());
+            c.schedule.merge_below_bytes = 4 << 20;
+            c.schedule.merge_delay = delay;
+            c
+        })
+        .collect();
+    let servers = start_servers(configs, tokio::runtime::Handle::current())?;
+    let members = node_ids(3);
+    let mut layout = range_layout(ranges, &members);
+    for d in &mut layout {
+        for (k, r) in d.replicas.iter_mut().enumerate() {
+            let n = (d.range_id - 1 + k as u64) % 5 + 1;
+            (r.replica_id, r.node_id) = (n, n);
+        }
+        d.next_replica_id = 6;
+    }
+    let seed = SystemSeed::new(&layout, &members, |_| String::new());
+    for (i, n) in servers.iter().enumerate() {
+        let id = i as u64 + 1;
+        let here: Vec<RangeDescriptor> = layout
+            .iter()
+            .filter(|d| d.replicas.iter().any(|r| r.node_id == id))
+            .cloned()
+            .collect();
+        let first = |d: &RangeDescriptor| d.replicas.first().map(|r| ReplicaId(r.replica_id));
+        if id <= 3 {
+            let system = system_descriptor(&members);
+            n.node().bootstrap_cluster(here, system, &seed, first)?;
+        } else {
+            n.node().bootstrap_layout(here, first)?;
+        }
+    }
+    let nodes: Nodes = Arc::new(Mutex::new(
+        servers.into_iter().map(|s| Some(Arc::new(s))).collect(),
+    ));
+    let started = Instant::now();
+    while !counts(&live(&nodes), 5).2 {
+        anyhow::ensure!(started.elapsed() < PHASE_LIMIT, "no leader for every range");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "{ranges} ranges on 5 nodes (each pair of neighbours one node apart), every one led after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let lat = Arc::new(Mutex::new(Latencies {
+        phase: 0,
+        samples: vec![Vec::new(); 2],
+    }));
+    let writers = spawn_writers(&nodes, ranges, &lat, &stop);
+    // Until the first merge (after merge_delay): the latencies before.
+    let merges = |all: &[Arc<Server>]| scheduler_actions(all, "merge");
+    while merges(&live(&nodes)) == 0 {
+        anyhow::ensure!(started.elapsed() < PHASE_LIMIT, "no merge");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lat.lock().unwrap().phase = 1;
+    let first_merge = Instant::now();
+    // The writers' data (under a MiB in all) fits in one range: until every range merged.
+    let show = |all: &[Arc<Server>]| {
+        all_ranges(all)
+            .iter()
+            .map(|d| {
+                let on: Vec<u64> = d.replicas.iter().map(|r| r.node_id).collect();
+                let led = leader_of(all, d).map(|l| l.node_id().0);
+                format!("{} on {on:?} led on {led:?}", d.id())
+            })
+            .collect::<Vec<_>>()
+    };
+    loop {
+        let all = live(&nodes);
+        let left = all_ranges(&all);
+        if left.len() == 1 && left[0].replicas.len() == 3 {
+            break;
+        }
+        anyhow::ensure!(
+            first_merge.elapsed() < 3 * PHASE_LIMIT,
+            "still {} ranges after {:?}: {:#?}",
+            left.len(),
+            3 * PHASE_LIMIT,
+            show(&all)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let merge_secs = first_merge.elapsed().as_secs_f64();
+    let count = 1;
+    let all = live(&nodes);
+    let (done, moves) = (merges(&all), scheduler_actions(&all, "promote"));
+    let (p99_before, p99_during) = {
+        let l = lat.lock().unwrap();
+        let mut before = l.samples[0].clone();
+        let mut during = l.samples[1].clone();
+        before.sort_by(f64::total_cmp);
+        during.sort_by(f64::total_cmp);
+        (percentile(&before, 0.99), percentile(&during, 0.99))
+    };
+    let failed = all
+        .iter()
+        .flat_map(|n| n.placement().events())
+        .filter(|e| e.action == "merge" && e.outcome.is_err())
+        .count();
+    println!(
+        "merged down to {count} ranges in {merge_secs:.1}s ({failed} merges failed and retried)"
+    );
+    println!(
+        "RESULT {{\"event\":\"merge\",\"ranges_before\":{ranges},\"ranges_after\":{count},\"merge_secs\":{merge_secs:.1},\"merges\":{done},\"moves\":{moves},\"p99_ms_before\":{p99_before:.1},\"p99_ms_during\":{p99_during:.1}}}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (acked, lost) = verify(&nodes, writers).await?;
+    println!("RESULT {{\"event\":\"verify\",\"keys\":{acked},\"lost\":{lost}}}");
+    for n in &all {
+        n.shutdown();
+    }
+    anyhow::ensure!(lost == 0, "{lost} acknowledged writes lost");
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() -> anyhow::Result<()> {
+    let full = std::env::args().any(|a| a == "--bench");
+    let ranges: usize = std::env::var("FLOTILLA_PLACEMENT_RANGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if full { 1000 } else { 12 });
+    if std::env::args().any(|a| a == "merge") {
+        return merge_run(full, ranges).await;
+    }
+    let dir = tempfile::tempdir()?;
+    let first: Vec<Server> = start_servers(
+        (1..=3).map(|id| server_config(id, dir.path())).collect(),
+        tokio::runtime::Handle::current(),
+    )?;
+    let members = node_ids(3);
+    let layout = range_layout(ranges, &members);
+    // With the system range (the node registry): decommissioning goes through it.
+    for n in &first {
+        bootstrap_ranges_and_system(n.node(), layout.clone())?;
+    }
+    for d in &layout {
+        if let Some(c) = first_campaigner(d.id(), &members) {
+            first[c.0 as usize - 1].node().campaign(d.id())?;
+        }
+    }
+    let nodes: Nodes = Arc::new(Mutex::new(
+        first.into_iter().map(|s| Some(Arc::new(s))).collect(),
+    ));
+    let started = Instant::now();
+    while !counts(&live(&nodes), 3).2 {
+        anyhow::ensure!(started.elapsed() < PHASE_LIMIT, "no leader for every range");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "{ranges} ranges on 3 nodes, every one led after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Writers: each its own keys, spread over every range; the last acknowledged value kept.
+    let stop = Arc::new(AtomicBool::new(false));
+    let lat = Arc::new(Mutex::new(Latencies {
+        phase: 0,
+        samples: vec![Vec::new(); 3],
+    }));
+    let writers = spawn_writers(&nodes, ranges, &lat, &stop);
     tokio::time::sleep(Duration::from_secs(if full { 10 } else { 2 })).await;
 
     // Add nodes 4 and 5: empty, each joining through node 1 (`--join`: the registry gives it
@@ -400,40 +592,8 @@ async fn main() -> anyhow::Result<()> {
     );
 
     stop.store(true, Ordering::Relaxed);
-    let mut histories = Vec::new();
-    for w in writers {
-        histories.push(w.await?);
-    }
+    let (acked, lost) = verify(&nodes, writers).await?;
     let all = live(&nodes);
-    let (mut acked, mut lost) = (0u64, 0u64);
-    for h in &histories {
-        for (k, (v, unknown)) in h {
-            if v.is_empty() {
-                continue;
-            }
-            acked += 1;
-            let mut got = None;
-            for attempt in 0..200usize {
-                // Through whichever node hosts the key's range now (a range may have moved
-                // off any one node).
-                let n = &all[attempt % all.len()];
-                if let Ok(g) = n.node().get(k, ReadConsistency::Linearizable).await {
-                    got = Some(g);
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let ok = matches!(&got, Some(Some(g)) if g == v || unknown.contains(g));
-            if !ok {
-                lost += 1;
-                eprintln!(
-                    "LOST {}: expected {:?}, got {got:?}",
-                    String::from_utf8_lossy(k),
-                    String::from_utf8_lossy(v)
-                );
-            }
-        }
-    }
     println!("RESULT {{\"event\":\"verify\",\"keys\":{acked},\"lost\":{lost}}}");
     for n in &all {
         n.shutdown();

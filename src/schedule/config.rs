@@ -43,9 +43,10 @@ pub struct ScheduleConfig {
     /// turns automatic merges off. Must stay below the split size
     /// (`split.max_range_bytes`), or a merged range would split again. Default 16 MiB.
     pub merge_below_bytes: u64,
-    /// How long a range must have stayed below `merge_below_bytes` without splitting or
-    /// merging before it merges (seen by the same leader): a range split a moment ago, by
-    /// load or on request, is not merged back at once. Default 10 minutes.
+    /// How long a range must have stayed below `merge_below_bytes` without splitting before
+    /// it merges (seen by the same leader): a range split a moment ago, by load or on request,
+    /// is not merged back at once. A merge does not start it over, so a run of small ranges
+    /// merges on in rounds. Default 10 minutes.
     pub merge_delay: Duration,
 }
 

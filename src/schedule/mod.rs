@@ -254,12 +254,31 @@ struct PassState {
     small: HashMap<RangeId, Small>,
 }
 
-/// Since when a range led here has been small, at which version of its descriptor.
-#[derive(Debug, Clone, Copy)]
+/// Since when a range led here has been small, and its key interval then.
+#[derive(Debug, Clone)]
 struct Small {
-    version: u64,
+    start: bytes::Bytes,
+    end: bytes::Bytes,
     since: Instant,
     seen: Instant,
+}
+
+impl Small {
+    fn new(d: &RangeDescriptor, now: Instant) -> Small {
+        Small {
+            start: d.start_key.clone(),
+            end: d.end_key.clone(),
+            since: now,
+            seen: now,
+        }
+    }
+
+    /// Whether `d` covers at least the interval seen before: the range merged (it absorbed
+    /// a neighbour) or did not change, but did not split.
+    fn covered_by(&self, d: &RangeDescriptor) -> bool {
+        d.start_key <= self.start
+            && (d.end_key.is_empty() || (!self.end.is_empty() && d.end_key >= self.end))
+    }
 }
 
 impl PassState {
@@ -585,8 +604,8 @@ fn is_busy(d: &RangeDescriptor, up: &BTreeSet<NodeId>, factor: usize) -> bool {
 }
 
 /// The merge the range `desc` (led here) takes part in, if any (see [`MergeGoal`]). It must
-/// have stayed below `merge_below_bytes` at one descriptor version for `merge_delay`, every
-/// replica a voter on an up node.
+/// have stayed below `merge_below_bytes` for `merge_delay` without splitting, every replica
+/// on an up node.
 ///
 /// Merges go left into right, one per *edge* between two adjacent ranges that are small
 /// together (below `merge_below_bytes`). Of two edges that share a range only one may merge
@@ -638,19 +657,13 @@ fn merge_goal(
         small.remove(&id);
         return None;
     };
-    let version = desc.epoch.as_ref().map_or(0, |e| e.version);
-    let entry = small.entry(id).or_insert(Small {
-        version,
-        since: now,
-        seen: now,
-    });
-    if entry.version != version {
-        *entry = Small {
-            version,
-            since: now,
-            seen: now,
-        };
+    // A split starts the delay over (a range just split is not merged back at once); a merge
+    // does not (the merged range may merge on: a run of small ranges merges in a few rounds).
+    let entry = small.entry(id).or_insert_with(|| Small::new(desc, now));
+    if !entry.covered_by(desc) {
+        *entry = Small::new(desc, now);
     }
+    (entry.start, entry.end) = (desc.start_key.clone(), desc.end_key.clone());
     entry.seen = now;
     if now.duration_since(entry.since) < config.merge_delay {
         return None;
