@@ -10,6 +10,9 @@
 //!   voters, none on the dead node (`down_time` set to 5 s here);
 //! - then the writers stop and every acknowledged write is read back: `lost` must be 0.
 //!
+//! Throughout, every 100 ms, the range table the live nodes hold together must tile the key
+//! space (`table_error`): `RESULT {"event":"range_table","checks":N,"violations":0}`.
+//!
 //! Run: `cargo bench --bench placement` (1,000 ranges; `FLOTILLA_PLACEMENT_RANGES` overrides).
 //! Prints `RESULT {"event":"add_nodes",...}`, `RESULT {"event":"decommission",...}`,
 //! `RESULT {"event":"node_down",...}` and `RESULT {"event":"verify",...}` lines.
@@ -196,6 +199,92 @@ fn spawn_writers(
     writers
 }
 
+/// The range table the live nodes hold together must tile the key space: for each range id
+/// the newest descriptor any node holds (highest version, then conf_ver), a merge source
+/// dropped once a range covering it exists (its target took it over), sorted by start key:
+/// the first starts at the beginning, each ends where the next starts, the last at the end.
+fn table_error(nodes: &[Arc<Server>]) -> Option<String> {
+    let mut newest = std::collections::BTreeMap::<u64, RangeDescriptor>::new();
+    let epoch = |d: &RangeDescriptor| d.epoch.as_ref().map(|e| (e.version, e.conf_ver));
+    for n in nodes {
+        for d in n.node().ranges() {
+            match newest.get(&d.range_id) {
+                Some(old) if epoch(old) >= epoch(&d) => {}
+                _ => {
+                    newest.insert(d.range_id, d);
+                }
+            }
+        }
+    }
+    let covers = |a: &RangeDescriptor, b: &RangeDescriptor| {
+        a.range_id != b.range_id
+            && a.start_key <= b.start_key
+            && (a.end_key.is_empty() || (!b.end_key.is_empty() && a.end_key >= b.end_key))
+    };
+    let all: Vec<&RangeDescriptor> = newest.values().collect();
+    let mut table: Vec<&RangeDescriptor> = all
+        .iter()
+        .copied()
+        .filter(|d| d.merge.is_none() || !all.iter().any(|o| covers(o, d)))
+        .collect();
+    table.sort_by(|a, b| a.start_key.cmp(&b.start_key));
+    let show = |d: &RangeDescriptor| {
+        format!(
+            "{} [{}, {})",
+            d.id(),
+            String::from_utf8_lossy(&d.start_key),
+            String::from_utf8_lossy(&d.end_key)
+        )
+    };
+    let first = table.first()?;
+    if !first.start_key.is_empty() {
+        return Some(format!("nothing before {}", show(first)));
+    }
+    for w in table.windows(2) {
+        if w[0].end_key.is_empty() || w[0].end_key != w[1].start_key {
+            return Some(format!("{} then {}", show(w[0]), show(w[1])));
+        }
+    }
+    let last = table.last()?;
+    (!last.end_key.is_empty()).then(|| format!("nothing after {}", show(last)))
+}
+
+/// Checks `table_error` every 100 ms until `stop`: (checks, violations), the first few
+/// violations printed.
+fn spawn_table_checker(
+    nodes: &Nodes,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, u64)> {
+    let (nodes, stop) = (nodes.clone(), stop.clone());
+    tokio::spawn(async move {
+        let (mut checks, mut violations) = (0u64, 0u64);
+        while !stop.load(Ordering::Relaxed) {
+            let all = live(&nodes);
+            let found = tokio::task::spawn_blocking(move || table_error(&all))
+                .await
+                .unwrap_or(None);
+            checks += 1;
+            if let Some(e) = found {
+                violations += 1;
+                if violations <= 5 {
+                    eprintln!("RANGE TABLE: {e}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (checks, violations)
+    })
+}
+
+/// Prints the range table checker's RESULT line.
+async fn table_result(checker: tokio::task::JoinHandle<(u64, u64)>) -> anyhow::Result<u64> {
+    let (checks, violations) = checker.await?;
+    println!(
+        "RESULT {{\"event\":\"range_table\",\"checks\":{checks},\"violations\":{violations}}}"
+    );
+    Ok(violations)
+}
+
 /// Waits for the writers (stopped) and reads back every acknowledged write through whichever
 /// live node hosts its range now: (acknowledged, lost).
 async fn verify(
@@ -295,6 +384,7 @@ async fn merge_run(full: bool, ranges: usize) -> anyhow::Result<()> {
         samples: vec![Vec::new(); 2],
     }));
     let writers = spawn_writers(&nodes, ranges, &lat, &stop);
+    let checker = spawn_table_checker(&nodes, &stop);
     // Until the first merge (after merge_delay): the latencies before.
     let merges = |all: &[Arc<Server>]| scheduler_actions(all, "merge");
     while merges(&live(&nodes)) == 0 {
@@ -353,12 +443,14 @@ async fn merge_run(full: bool, ranges: usize) -> anyhow::Result<()> {
         "RESULT {{\"event\":\"merge\",\"ranges_before\":{ranges},\"ranges_after\":{count},\"merge_secs\":{merge_secs:.1},\"merges\":{done},\"moves\":{moves},\"p99_ms_before\":{p99_before:.1},\"p99_ms_during\":{p99_during:.1}}}"
     );
     stop.store(true, Ordering::Relaxed);
+    let broken = table_result(checker).await?;
     let (acked, lost) = verify(&nodes, writers).await?;
     println!("RESULT {{\"event\":\"verify\",\"keys\":{acked},\"lost\":{lost}}}");
     for n in &all {
         n.shutdown();
     }
     anyhow::ensure!(lost == 0, "{lost} acknowledged writes lost");
+    anyhow::ensure!(broken == 0, "the range table broke {broken} times");
     Ok(())
 }
 
@@ -408,6 +500,7 @@ async fn main() -> anyhow::Result<()> {
         samples: vec![Vec::new(); 3],
     }));
     let writers = spawn_writers(&nodes, ranges, &lat, &stop);
+    let checker = spawn_table_checker(&nodes, &stop);
     tokio::time::sleep(Duration::from_secs(if full { 10 } else { 2 })).await;
 
     // Add nodes 4 and 5: empty, each joining through node 1 (`--join`: the registry gives it
@@ -592,6 +685,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     stop.store(true, Ordering::Relaxed);
+    let broken = table_result(checker).await?;
     let (acked, lost) = verify(&nodes, writers).await?;
     let all = live(&nodes);
     println!("RESULT {{\"event\":\"verify\",\"keys\":{acked},\"lost\":{lost}}}");
@@ -599,5 +693,6 @@ async fn main() -> anyhow::Result<()> {
         n.shutdown();
     }
     anyhow::ensure!(lost == 0, "{lost} acknowledged writes lost");
+    anyhow::ensure!(broken == 0, "the range table broke {broken} times");
     Ok(())
 }

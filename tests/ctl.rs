@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use flotilla_benchkit::nodes::{Layout, NodeProcs};
+use flotilla_benchkit::nodes::{Ctl, Layout, NodeProcs};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
@@ -45,11 +45,15 @@ impl Cluster {
 
     /// Runs `flotilla-ctl --endpoints <all> args...`.
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(ctl_binary())
-            .args(["--endpoints", &self.endpoints, "--timeout", "5s"])
-            .args(args)
-            .output()
-            .unwrap()
+        self.runner().run(args).unwrap()
+    }
+
+    fn runner(&self) -> Ctl {
+        Ctl::beside(
+            Path::new(env!("CARGO_BIN_EXE_flotilla-node")),
+            &*self.endpoints,
+        )
+        .unwrap()
     }
 
     /// Runs it until it succeeds (the cluster may still be electing), returning stdout.
@@ -71,25 +75,12 @@ impl Cluster {
 
     /// The range table as JSON, once `ok` accepts it.
     fn ranges_until(&self, what: &str, ok: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        let deadline = Instant::now() + T;
-        loop {
-            let out = self.ctl(&["ranges", "-o", "json"]);
-            if out.status.success() {
-                let v: Value = serde_json::from_slice(&out.stdout).expect("ranges JSON parses");
-                let list = v.as_array().unwrap().clone();
-                if ok(&list) {
-                    return list;
-                }
-                assert!(Instant::now() < deadline, "ranges never {what}: {list:#?}");
-            } else {
-                assert!(
-                    Instant::now() < deadline,
-                    "ranges failing: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let list = self
+            .runner()
+            .until(&["ranges", "-o", "json"], what, T, |v| {
+                v.as_array().is_some_and(|l| ok(l))
+            });
+        list.unwrap().as_array().unwrap().clone()
     }
 }
 

@@ -4,26 +4,24 @@
 //! (a learner replica of a range added on it catches up and serves the range's data), and
 //! keeps its id when it restarts. A node is decommissioned (`flotilla-ctl node decommission`):
 //! refused while the others are too few for the replication factor, then drained of every
-//! replica (the system range's too) and leadership, and removed, with no write lost. Free
-//! ports picked at run time; processes killed by pid.
+//! replica (the system range's too) and leadership, and removed, with no write lost. A node
+//! killed for good has its replicas rebuilt on the others after `down-time-ms`, with no write
+//! lost. Free ports picked at run time; processes killed by pid.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla::proto::kv::kv_client::KvClient;
 use flotilla::proto::kv::{GetRequest, ReadConsistency, StatusRequest};
+use flotilla_benchkit::nodes::Ctl;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
 
 fn free_addr() -> SocketAddr {
     flotilla_benchkit::free_addr("127.0.0.1").unwrap()
-}
-
-fn ctl_binary() -> PathBuf {
-    flotilla_benchkit::nodes::ctl_beside(Path::new(env!("CARGO_BIN_EXE_flotilla-node"))).unwrap()
 }
 
 struct Nodes {
@@ -104,30 +102,20 @@ impl Nodes {
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(ctl_binary())
-            .args(["--endpoints", &self.endpoints(), "--timeout", "5s"])
-            .args(args)
-            .output()
-            .unwrap()
+        self.ctl_runner().run(args).unwrap()
     }
 
     /// Runs flotilla-ctl until it succeeds and `ok` accepts its JSON output.
     fn ctl_until(&self, args: &[&str], what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + T;
-        loop {
-            let out = self.ctl(args);
-            let last = if out.status.success() {
-                let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
-                if ok(&v) {
-                    return v;
-                }
-                format!("{v:#}")
-            } else {
-                String::from_utf8_lossy(&out.stderr).into_owned()
-            };
-            assert!(Instant::now() < deadline, "{what}: never; last: {last}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.ctl_runner().until(args, what, T, ok).unwrap()
+    }
+
+    fn ctl_runner(&self) -> Ctl {
+        Ctl::beside(
+            Path::new(env!("CARGO_BIN_EXE_flotilla-node")),
+            self.endpoints(),
+        )
+        .unwrap()
     }
 }
 
@@ -382,6 +370,82 @@ fn a_decommissioned_node_is_drained_then_removed_and_no_write_is_lost() {
         &["registry", "-o", "json"],
         "the registry without nodes 2 and 3",
         |v| v.as_array().unwrap().len() == 4,
+    );
+    for k in &keys {
+        let got = n.ctl_until(&["kv", "get", k, "-o", "json"], "read back", |_| true);
+        assert_eq!(got["value"], format!("v-{k}"), "{got:#}");
+    }
+}
+
+#[test]
+fn a_killed_nodes_replicas_are_rebuilt_on_the_others_and_no_write_is_lost() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut n = Nodes::new();
+    let config = n.dir.path().join("fast.toml");
+    std::fs::write(&config, format!("{FAST_SCHEDULE}down-time-ms = 2000\n")).unwrap();
+    let config = config.display().to_string();
+    n.bootstrap_three(&["--config".to_string(), config.clone()], 6);
+    let keys: Vec<String> = (0..24u8)
+        .map(|i| format!("{}-key-{i}", (b'a' + i) as char))
+        .collect();
+    for k in &keys {
+        n.ctl_until(
+            &["kv", "put", k, &format!("v-{k}"), "-o", "json"],
+            "put",
+            |_| true,
+        );
+    }
+    // A fourth node joins (the balancing may give it replicas); then node 3 is killed for
+    // good. Two seconds after it is declared down its replicas are rebuilt on the others.
+    n.spawn(
+        3,
+        &[
+            "--config".to_string(),
+            config,
+            "--join".to_string(),
+            n.client[0].to_string(),
+        ],
+    );
+    assert_eq!(node_id_at(&rt, n.client[3]), 4);
+    n.ctl_until(&["nodes", "-o", "json"], "node 4 up", |v| {
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["node_id"] == 4 && x["status"] == "up")
+    });
+    n.kill(2);
+    n.ctl_until(&["nodes", "-o", "json"], "node 3 down", |v| {
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["node_id"] == 3 && x["status"] == "down")
+    });
+    let repaired = n.ctl_until(
+        &["ranges", "--no-sizes", "-o", "json"],
+        "every range at three replicas, none on node 3",
+        |v| {
+            every_range_led(v, 6)
+                && v.as_array().unwrap().iter().all(|r| {
+                    let replicas = r["replicas"].as_array().unwrap();
+                    replicas.len() == 3
+                        && replicas
+                            .iter()
+                            .all(|x| x["node_id"] != 3 && x["learner"] == false)
+                })
+        },
+    );
+    assert!(
+        repaired.as_array().unwrap().iter().all(|r| r["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["node_id"] == 4)),
+        "node 3's replicas went to node 4 (the only node without them): {repaired:#}"
     );
     for k in &keys {
         let got = n.ctl_until(&["kv", "get", k, "-o", "json"], "read back", |_| true);

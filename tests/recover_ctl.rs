@@ -7,28 +7,24 @@
 //! then join with `--join`, the scheduler brings every range back to three replicas on them,
 //! and with the survivor killed too the two new nodes still serve every write.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use flotilla::testing::key_in_range;
-use flotilla_benchkit::nodes::{Layout, NodeProcs};
+use flotilla_benchkit::nodes::{Ctl, Layout, NodeProcs};
 use flotilla_client::{Client, ClientConfig};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(30);
 const RANGES: u64 = 4;
 
-fn ctl_binary() -> PathBuf {
-    flotilla_benchkit::nodes::ctl_beside(Path::new(env!("CARGO_BIN_EXE_flotilla-node"))).unwrap()
+fn ctl_runner(endpoints: &str) -> Ctl {
+    Ctl::beside(Path::new(env!("CARGO_BIN_EXE_flotilla-node")), endpoints).unwrap()
 }
 
 fn ctl(endpoints: &str, args: &[&str]) -> Output {
-    Command::new(ctl_binary())
-        .args(["--endpoints", endpoints, "--timeout", "5s"])
-        .args(args)
-        .output()
-        .unwrap()
+    ctl_runner(endpoints).run(args).unwrap()
 }
 
 fn stdout(o: &Output) -> String {
@@ -41,21 +37,7 @@ fn stderr(o: &Output) -> String {
 
 /// Runs flotilla-ctl (JSON output) until it succeeds and `ok` accepts the answer.
 fn ctl_until(endpoints: &str, args: &[&str], what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + T;
-    loop {
-        let out = ctl(endpoints, args);
-        let last = if out.status.success() {
-            let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
-            if ok(&v) {
-                return v;
-            }
-            format!("{v:#}")
-        } else {
-            stderr(&out)
-        };
-        assert!(Instant::now() < deadline, "{what}: never; last: {last}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    ctl_runner(endpoints).until(args, what, T, ok).unwrap()
 }
 
 /// The voters' nodes of a range of `flotilla-ctl ranges -o json`, and whether it has a

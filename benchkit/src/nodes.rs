@@ -422,6 +422,75 @@ pub fn ctl_beside(bin: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// `flotilla-ctl` against one cluster, as the process tests run and poll it.
+#[derive(Debug, Clone)]
+pub struct Ctl {
+    bin: PathBuf,
+    endpoints: String,
+}
+
+impl Ctl {
+    /// The `flotilla-ctl` beside `node_bin` ([`ctl_beside`]), talking to `endpoints`
+    /// (client addresses, comma-separated).
+    ///
+    /// # Errors
+    ///
+    /// If the binary is missing.
+    pub fn beside(node_bin: &Path, endpoints: impl Into<String>) -> anyhow::Result<Ctl> {
+        Ok(Ctl {
+            bin: ctl_beside(node_bin)?,
+            endpoints: endpoints.into(),
+        })
+    }
+
+    /// Runs it once: `flotilla-ctl --endpoints <endpoints> --timeout 5s args...`.
+    ///
+    /// # Errors
+    ///
+    /// If it cannot be started.
+    pub fn run(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        Command::new(&self.bin)
+            .args(["--endpoints", &self.endpoints, "--timeout", "5s"])
+            .args(args)
+            .output()
+    }
+
+    /// Runs it (with `-o json` among `args`) every 100 ms until it succeeds and `ok` accepts
+    /// its output, for at most `timeout`: the cluster may still be electing, moving or
+    /// merging.
+    ///
+    /// # Errors
+    ///
+    /// Past `timeout`: names `what` and shows the last output or error.
+    pub fn until(
+        &self,
+        args: &[&str],
+        what: &str,
+        timeout: std::time::Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let out = self.run(args)?;
+            let last = if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                    .with_context(|| format!("flotilla-ctl {args:?} printed no JSON"))?;
+                if ok(&v) {
+                    return Ok(v);
+                }
+                format!("{v:#}")
+            } else {
+                String::from_utf8_lossy(&out.stderr).into_owned()
+            };
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{what}: never within {timeout:?}; last: {last}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
 /// `GET path` on a node's metrics address (`/health`, `/metrics`): the status code and the
 /// body. A plain HTTP/1.1 exchange, enough for the node's two endpoints.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {

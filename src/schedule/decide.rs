@@ -498,8 +498,9 @@ impl<'a> Pass<'a> {
     }
 
     /// Step 4 for a range with a merge goal (every voter on a live node, none draining): its
-    /// leadership to a node of the goal first (the leader is never removed directly), then
-    /// one move onto a node of the goal, and, once its nodes are the goal's, the merge.
+    /// leadership to a node of the goal first (the leader is never removed directly; a goal
+    /// of one other voter's node is only that hand-over), then one move onto a node of the
+    /// goal, and, once its nodes are the goal's, the merge.
     fn merge_step(&mut self, r: &RangeView, goal: &MergeGoal) -> Option<Action> {
         let range = r.desc.id();
         let mine: Vec<NodeId> = voters(&r.desc).iter().map(|(_, n)| *n).collect();
@@ -509,6 +510,12 @@ impl<'a> Pass<'a> {
             .copied()
             .filter(|n| !mine.contains(n))
             .collect();
+        if !goal.nodes.contains(&self.view.me) {
+            if self.transfers >= self.config.max_transfers_per_pass {
+                return None;
+            }
+            return self.transfer(r, |n, _| goal.nodes.contains(&n));
+        }
         if missing.is_empty() {
             let target = goal.into.as_ref()?;
             // The neighbour as this node knows it: every replica a voter on a live node (its
@@ -528,12 +535,6 @@ impl<'a> Pass<'a> {
                 range,
                 target: target.id(),
             });
-        }
-        if !goal.nodes.contains(&self.view.me) {
-            if self.transfers >= self.config.max_transfers_per_pass {
-                return None;
-            }
-            return self.transfer(r, |n, _| goal.nodes.contains(&n));
         }
         if self.moves >= self.config.max_moves_per_node {
             return None;

@@ -51,6 +51,10 @@ const FULL_WALK_EVERY: u64 = 4;
 /// Keys walked to measure this node's data exactly; past it RocksDB's estimate is used.
 const MEASURE_MAX_KEYS: u64 = 1_000;
 
+/// Passes a small range waits on a neighbouring edge before it goes ahead (see
+/// `merge_goal`).
+const MERGE_PATIENCE: u32 = 30;
+
 /// A small range not looked at for this long is forgotten (it is no longer led here, or
 /// merged away): the balancing sample visits every range led here far more often.
 const FORGET_SMALL_AFTER: Duration = Duration::from_secs(3600);
@@ -261,6 +265,8 @@ struct Small {
     end: bytes::Bytes,
     since: Instant,
     seen: Instant,
+    /// Since when the range has waited on a neighbouring edge (see `merge_goal`).
+    waiting: Option<Instant>,
 }
 
 impl Small {
@@ -270,6 +276,7 @@ impl Small {
             end: d.end_key.clone(),
             since: now,
             seen: now,
+            waiting: None,
         }
     }
 
@@ -668,13 +675,58 @@ fn merge_goal(
     if now.duration_since(entry.since) < config.merge_delay {
         return None;
     }
+    // What this node sees of the neighbouring edges may differ from what their leaders see
+    // (sizes measured elsewhere, neighbours not hosted there): a range that waited on one
+    // for `MERGE_PATIENCE` passes goes ahead (at worst one merge rolls back) rather than
+    // wait forever.
+    let impatient = entry
+        .waiting
+        .is_some_and(|w| now.duration_since(w) >= config.interval * MERGE_PATIENCE);
+    let (goal, waits) = merge_role(node, desc, bytes, config, up, impatient);
+    let entry = small.get_mut(&id)?;
+    entry.waiting = if waits {
+        entry.waiting.or(Some(now))
+    } else {
+        None
+    };
+    goal
+}
+
+/// The part of [`merge_goal`] past the range's own size and delay: its goal, and whether it
+/// waits on a neighbouring edge (held back by one that comes first, or holding still while
+/// its left neighbour merges into it). `impatient`: it waited long enough, and goes ahead.
+fn merge_role(
+    node: &NodeGroup,
+    desc: &RangeDescriptor,
+    bytes: u64,
+    config: &ScheduleConfig,
+    up: &BTreeSet<NodeId>,
+    impatient: bool,
+) -> (Option<MergeGoal>, bool) {
+    let id = desc.id();
+    let limit = config.merge_below_bytes;
+    let voter = |r: &&ReplicaDescriptor| r.role == ReplicaRole::Voter as i32;
+    let size = |d: &RangeDescriptor| {
+        node.engine()
+            .data_size(&d.start_key, &d.end_key, MEASURE_MAX_KEYS)
+            .ok()
+            .map(|s| s.bytes)
+    };
+    let settled = |d: &RangeDescriptor| {
+        d.merge.is_none()
+            && d.replicas.len() <= config.replication_factor
+            && d.replicas
+                .iter()
+                .all(|r| voter(&r) && up.contains(&NodeId(r.node_id)))
+    };
     // A neighbour hosted here that can take part, with its size.
     let sized = |d: Option<RangeDescriptor>| {
-        let d = d.filter(|d| settled(d, false))?;
+        let d = d.filter(|d| settled(d))?;
         let b = size(&d)?;
         Some((d, b))
     };
     let (left, right) = node.neighbours(id);
+    let unseen_right = !desc.end_key.is_empty() && right.is_none();
     let (left, right) = (sized(left), sized(right));
     let joins = |a: u64, b: u64| a.saturating_add(b) < limit;
     // An edge seen here that comes before the edge whose left range is `than`.
@@ -682,40 +734,66 @@ fn merge_goal(
         edge.is_some_and(|(l, lb, rb)| joins(lb, rb) && edge_order(l) < edge_order(than))
     };
     let nodes = |d: &RangeDescriptor| d.replicas.iter().map(|r| NodeId(r.node_id)).collect();
+    let mut held_back = false;
     if let Some((r, rb)) = right.as_ref().filter(|(_, rb)| joins(bytes, *rb)) {
         let beyond = sized(node.neighbours(r.id()).1);
         let left_edge = left.as_ref().map(|(l, lb)| (l, *lb, bytes));
         let right_edge = beyond.as_ref().map(|(_, cb)| (r, *rb, *cb));
-        if !before(left_edge, desc) && !before(right_edge, desc) {
-            return Some(MergeGoal {
+        held_back = before(left_edge, desc) || before(right_edge, desc);
+        if !held_back || impatient {
+            let goal = MergeGoal {
                 nodes: nodes(r),
                 into: Some(r.clone()),
-            });
+            };
+            return (Some(goal), false);
         }
     }
-    let (l, lb) = left.as_ref().filter(|(_, lb)| joins(*lb, bytes))?;
-    let outer = sized(node.neighbours(l.id()).0);
-    let outer_edge = outer.as_ref().map(|(w, wb)| (w, *wb, *lb));
-    let inner_edge = right.as_ref().map(|(_, rb)| (desc, bytes, *rb));
-    if before(outer_edge, l) || before(inner_edge, l) {
-        return None;
-    }
-    let leader = node.status(l.id()).ok()?.leader_node?;
-    // A learner there is this range's move onto that node, not finished: the goal holds
-    // until it is promoted (the promotion then removes the replica off the goal).
-    let hosts_this = desc
-        .replicas
-        .iter()
-        .any(|r| r.node_id == leader.0 && voter(&r));
-    let goal = if leader == node.node_id() || hosts_this {
-        nodes(desc) // that leader merges the left neighbour in: hold still
-    } else {
-        nodes(l)
+    let target_of_left = || {
+        let (l, lb) = left.as_ref().filter(|(_, lb)| joins(*lb, bytes))?;
+        let outer = sized(node.neighbours(l.id()).0);
+        let outer_edge = outer.as_ref().map(|(w, wb)| (w, *wb, *lb));
+        let inner_edge = right.as_ref().map(|(_, rb)| (desc, bytes, *rb));
+        if before(outer_edge, l) || before(inner_edge, l) {
+            return None;
+        }
+        let leader = node.status(l.id()).ok()?.leader_node?;
+        // A learner there is this range's move onto that node, not finished: the goal
+        // holds until it is promoted (the promotion then removes the replica off the goal).
+        let hosts_this = desc
+            .replicas
+            .iter()
+            .any(|r| r.node_id == leader.0 && voter(&r));
+        let goal = if leader == node.node_id() || hosts_this {
+            nodes(desc) // that leader merges the left neighbour in: hold still
+        } else {
+            nodes(l)
+        };
+        Some(MergeGoal {
+            nodes: goal,
+            into: None,
+        })
     };
-    Some(MergeGoal {
-        nodes: goal,
-        into: None,
-    })
+    match target_of_left() {
+        Some(goal) if !impatient => (Some(goal), true),
+        None if unseen_right && impatient => {
+            // This node hosts no replica of the right neighbour, so neither its size nor its
+            // nodes are known here: the next voter (in node order) takes the leadership and
+            // looks. Any two sets of three voters on up to five nodes share a node, so one of
+            // them sees it; past that, the hand-over repeats at most once per `merge_delay`
+            // and patience on each node.
+            let mut voters: Vec<NodeId> = desc.replicas.iter().map(|r| NodeId(r.node_id)).collect();
+            voters.sort();
+            let me = node.node_id();
+            let next = voters.iter().find(|n| **n > me).or(voters.first()).copied();
+            let goal = next.filter(|n| *n != me).map(|n| MergeGoal {
+                nodes: vec![n],
+                into: None,
+            });
+            (goal, false)
+        }
+        None if unseen_right => (None, true),
+        _ => (None, held_back),
+    }
 }
 
 /// The place of the edge whose left range is `d` in the order in which adjacent edges merge:
