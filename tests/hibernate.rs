@@ -416,8 +416,8 @@ async fn partition_client(
 async fn a_node_partitioned_while_its_groups_sleep_leaves_a_linearizable_history() {
     let (c, ranges) = sleeping_cluster(6).await;
     let c = Arc::new(c);
-    // The keys: two in each range node 1 leads (the layout's first campaigner of ranges 0 and
-    // 3), one in a range another node leads.
+    // The victim: the node leading range 0 (with six ranges over three nodes, it leads about
+    // two). The keys: two in each range it leads, one in a range another node leads.
     let victim = c.leader_of(ranges[0]).expect("a leader");
     let led = led_by(&c, &ranges, victim);
     let other = ranges
