@@ -258,6 +258,26 @@ pub fn key_in_range(i: u64, suffix: &str) -> Vec<u8> {
     k
 }
 
+/// What a write's answer (a put, a proposal through the NodeGroup) says about its effect, for
+/// a history judged by `flotilla_check`: the runtime's promise about each error
+/// ([`Error`]'s variants). Refused up front (`NotLeader`, `Busy`, `KeyNotInRange`,
+/// `RangeNotFound`): the command never entered a log, so it failed. `ProposalDropped`
+/// ("outcome unknown"), a timeout, `ReplicaFailed`, `Stopped` and the rest: it may still
+/// apply, even later.
+pub fn write_outcome<T>(answer: &Result<T, Error>) -> flotilla_check::Outcome {
+    use flotilla_check::Outcome;
+    match answer {
+        Ok(_) => Outcome::Ok,
+        Err(
+            Error::NotLeader { .. }
+            | Error::Busy(_)
+            | Error::KeyNotInRange { .. }
+            | Error::RangeNotFound(_),
+        ) => Outcome::Fail,
+        Err(_) => Outcome::Unknown,
+    }
+}
+
 /// Polls `cond` every 10ms until it holds or `timeout` passes; returns whether it held.
 pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

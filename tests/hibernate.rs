@@ -1,11 +1,15 @@
 //! Hibernation on the in-memory network: idle groups sleep on every node, wake on demand, and
-//! node liveness (not per-group heartbeats) notices a dead or partitioned leader.
+//! node liveness (not per-group heartbeats) notices a dead or partitioned leader; a partition
+//! of a node whose groups sleep, under concurrent clients, leaves a linearizable history.
 
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla::testing::{key_in_range, test_config, wait_until, Cluster};
+use flotilla::testing::{key_in_range, test_config, wait_until, write_outcome, Cluster};
 use flotilla::transport::IsolateFilter;
 use flotilla::{Error, NodeGroupConfig, NodeId, RangeId, ReadConsistency, StateRole, StoreConfig};
+use flotilla_check::{Kind, Op, Outcome, Recorder};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -248,6 +252,329 @@ async fn a_partitioned_sleeping_leader_serves_no_stale_read_and_steps_down_on_he
     }
     let v = c.node(new_leader).get(&key, ReadConsistency::Lease).await;
     assert!(matches!(&v, Ok(Some(x)) if x == b"new") || matches!(v, Err(Error::NotLeader { .. })));
+}
+
+/// What the clients of the partition test do now.
+struct Clients {
+    /// `RUN`, `HOLD` (finish the operation in hand, start none) or `STOP`.
+    phase: AtomicU8,
+    /// Operations started and not yet recorded.
+    in_flight: AtomicUsize,
+    /// A node the clients must not use (0: none).
+    avoid: AtomicU64,
+    /// Acknowledged writes so far.
+    acked: AtomicUsize,
+    /// Operations answered by node `watch` (successful or not) so far.
+    watched: AtomicUsize,
+    watch: AtomicU64,
+}
+
+const RUN: u8 = 0;
+const HOLD: u8 = 1;
+const STOP: u8 = 2;
+
+impl Clients {
+    fn new() -> Arc<Clients> {
+        Arc::new(Clients {
+            phase: AtomicU8::new(RUN),
+            in_flight: AtomicUsize::new(0),
+            avoid: AtomicU64::new(0),
+            acked: AtomicUsize::new(0),
+            watched: AtomicUsize::new(0),
+            watch: AtomicU64::new(0),
+        })
+    }
+
+    /// Lets the clients run until `more` further writes are acknowledged (bounded).
+    async fn run_for_acks(&self, more: usize) {
+        let target = self.acked.load(Ordering::Acquire) + more;
+        assert!(
+            wait_until(T, || self.acked.load(Ordering::Acquire) >= target).await,
+            "the clients stalled at {} acknowledged writes",
+            self.acked.load(Ordering::Acquire)
+        );
+    }
+
+    /// Holds the clients once their operations in hand are recorded.
+    async fn hold(&self) {
+        self.phase.store(HOLD, Ordering::Release);
+        assert!(
+            wait_until(T, || self.in_flight.load(Ordering::Acquire) == 0).await,
+            "an operation never completed"
+        );
+    }
+}
+
+/// One client of the partition test: puts of values no other write uses, linearizable reads
+/// and lease reads, each on a random key of `keys` through a random node (any node,
+/// followers included), one at a time, each recorded with its outcome. A put that takes
+/// longer than a second is recorded as unknown (it may still apply).
+async fn partition_client(
+    c: Arc<Cluster>,
+    id: u64,
+    keys: Arc<Vec<Vec<u8>>>,
+    ctl: Arc<Clients>,
+    rec: Arc<Recorder>,
+) {
+    // xorshift, seeded per client: reproducible choices.
+    let mut state = 0x9e37_79b9_7f4a_7c15 ^ (id + 1).wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let nodes = c.size() as u64;
+    let mut seq = 0u64;
+    loop {
+        // Counted in flight before the phase is read, so that `hold` sees every operation
+        // started under `RUN`.
+        ctl.in_flight.fetch_add(1, Ordering::AcqRel);
+        match ctl.phase.load(Ordering::Acquire) {
+            RUN => {}
+            STOP => {
+                ctl.in_flight.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+            _ => {
+                ctl.in_flight.fetch_sub(1, Ordering::AcqRel);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+        }
+        let key = keys[(next() % keys.len() as u64) as usize].clone();
+        let avoid = ctl.avoid.load(Ordering::Acquire);
+        let via = loop {
+            let n = next() % nodes + 1;
+            if n != avoid {
+                break n;
+            }
+        };
+        let node = c.node(via);
+        let limit = Duration::from_secs(1);
+        let invoke = rec.now();
+        let (kind, outcome) = match next() % 3 {
+            0 => {
+                seq += 1;
+                let value = format!("c{id}-{seq}").into_bytes();
+                let answer = tokio::time::timeout(limit, node.put(&key, &value))
+                    .await
+                    .unwrap_or(Err(Error::ProposalDropped));
+                let outcome = write_outcome(&answer);
+                if outcome == Outcome::Ok {
+                    ctl.acked.fetch_add(1, Ordering::AcqRel);
+                }
+                (Kind::Write(value), outcome)
+            }
+            op => {
+                let consistency = if op == 1 {
+                    ReadConsistency::Linearizable
+                } else {
+                    ReadConsistency::Lease
+                };
+                match tokio::time::timeout(limit, node.get(&key, consistency)).await {
+                    Ok(Ok(seen)) => (Kind::Read(seen), Outcome::Ok),
+                    // A read that failed or timed out observed nothing: the checker ignores it.
+                    Ok(Err(_)) => (Kind::Read(None), Outcome::Fail),
+                    Err(_) => (Kind::Read(None), Outcome::Unknown),
+                }
+            }
+        };
+        let complete = rec.now();
+        rec.record(
+            Op {
+                client: id,
+                key,
+                kind,
+                outcome,
+                invoke_ns: invoke,
+                complete_ns: (outcome != Outcome::Unknown).then_some(complete),
+            },
+            via,
+        );
+        if via == ctl.watch.load(Ordering::Acquire) {
+            ctl.watched.fetch_add(1, Ordering::AcqRel);
+        }
+        ctl.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if outcome != Outcome::Ok {
+            // No leader here right now: do not spin.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// The issue's "a node partitioned while its groups sleep, then healed: no stale leader serves
+/// a linearizable read", judged by the history checker. Concurrent clients put, read
+/// linearizably and read under the lease on a few keys through every node; they pause until
+/// every group sleeps; the node leading the keys' groups is cut off; the others declare it
+/// down and elect while the clients write through them; then the clients go back to every
+/// node, the cut-off one included, which still believes it leads its sleeping groups until a
+/// request wakes them (a lease read there must not be served from its stale state); then the
+/// partition heals. Every operation's invocation and answer is recorded, and the whole
+/// history must be linearizable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_partitioned_while_its_groups_sleep_leaves_a_linearizable_history() {
+    let (c, ranges) = sleeping_cluster(6).await;
+    let c = Arc::new(c);
+    // The victim: the node leading range 0 (with six ranges over three nodes, it leads about
+    // two). The keys: two in each range it leads, one in a range another node leads.
+    let victim = c.leader_of(ranges[0]).expect("a leader");
+    let led = led_by(&c, &ranges, victim);
+    let other = ranges
+        .iter()
+        .position(|r| c.leader_of(*r).is_some_and(|l| l != victim))
+        .expect("a range led elsewhere") as u64;
+    let mut keys = vec![key_in_range(other, "k")];
+    for r in &led {
+        let i = ranges.iter().position(|x| x == r).unwrap() as u64;
+        keys.push(key_in_range(i, "a"));
+        keys.push(key_in_range(i, "b"));
+    }
+    let keys = Arc::new(keys);
+    let rec = Arc::new(Recorder::new());
+    let ctl = Clients::new();
+    let clients: Vec<_> = (0..6u64)
+        .map(|id| {
+            tokio::spawn(partition_client(
+                c.clone(),
+                id,
+                keys.clone(),
+                ctl.clone(),
+                rec.clone(),
+            ))
+        })
+        .collect();
+
+    // 1. Everyone up: the keys get values, the leaders leases.
+    ctl.run_for_acks(30).await;
+    // 2. Quiet until every group sleeps, then cut the victim off while its groups sleep.
+    ctl.hold().await;
+    assert!(
+        wait_until(T, || asleep_everywhere(&c, &ranges)).await,
+        "the groups did not fall asleep"
+    );
+    let terms: Vec<u64> = led
+        .iter()
+        .map(|r| c.node(victim).status(*r).unwrap().term)
+        .collect();
+    let cut = c
+        .net
+        .add_filter(Box::new(IsolateFilter::new(NodeId(victim))));
+    let partitioned = rec.now();
+    // 3. The clients write and read through the others only until each of the victim's
+    //    groups has a new leader there that took writes.
+    ctl.avoid.store(victim, Ordering::Release);
+    ctl.phase.store(RUN, Ordering::Release);
+    let others: Vec<u64> = c.running().into_iter().filter(|n| *n != victim).collect();
+    let elected = wait_until(T, || {
+        led.iter().zip(&terms).all(|(r, term)| {
+            others.iter().any(|n| {
+                c.node(*n)
+                    .status(*r)
+                    .is_ok_and(|s| s.role == StateRole::Leader && s.term > *term)
+            })
+        })
+    })
+    .await;
+    assert!(elected, "the others never elected new leaders");
+    ctl.run_for_acks(30).await;
+    // 4. Every node again: the victim's sleeping groups are woken by the clients' requests
+    //    while it still believes it leads them.
+    assert!(
+        c.node(victim).status(led[0]).unwrap().role == StateRole::Leader,
+        "the cut-off node stepped down before it was asked (it should be asleep)"
+    );
+    ctl.watch.store(victim, Ordering::Release);
+    ctl.avoid.store(0, Ordering::Release);
+    let asked = ctl.watched.load(Ordering::Acquire);
+    assert!(
+        wait_until(T, || ctl.watched.load(Ordering::Acquire) >= asked + 30).await,
+        "the clients never got answers from the cut-off node"
+    );
+    ctl.run_for_acks(10).await;
+    // 5. Heal: the victim's stale leaderships end; everyone serves again.
+    c.net.remove_filter(cut);
+    let healed = rec.now();
+    assert!(
+        wait_until(T, || led.iter().all(|r| c
+            .node(victim)
+            .status(*r)
+            .is_ok_and(|s| s.role != StateRole::Leader)))
+        .await,
+        "the cut-off node kept leading after healing"
+    );
+    ctl.run_for_acks(30).await;
+    ctl.phase.store(STOP, Ordering::Release);
+    for client in clients {
+        client.await.expect("client panicked");
+    }
+
+    // Final reads of every key on every node, recorded as well.
+    for key in keys.iter() {
+        for n in c.running() {
+            let invoke = rec.now();
+            let seen = c.get_from(n, key, T).await.expect("final read");
+            rec.record(
+                Op {
+                    client: 100,
+                    key: key.clone(),
+                    kind: Kind::Read(seen),
+                    outcome: Outcome::Ok,
+                    invoke_ns: invoke,
+                    complete_ns: Some(rec.now()),
+                },
+                n,
+            );
+        }
+    }
+
+    let history = rec.ops_via();
+    let count = |f: &dyn Fn(&Op, u64) -> bool| history.iter().filter(|(o, n)| f(o, *n)).count();
+    let acked = count(&|o, _| matches!(o.kind, Kind::Write(_)) && o.outcome == Outcome::Ok);
+    let reads = count(&|o, _| matches!(o.kind, Kind::Read(_)) && o.outcome == Outcome::Ok);
+    let during = |o: &Op| o.invoke_ns > partitioned && o.invoke_ns < healed;
+    let victim_asked = count(&|o, n| n == victim && during(o));
+    let victim_served = count(&|o, n| {
+        n == victim && during(o) && matches!(o.kind, Kind::Read(_)) && o.outcome == Outcome::Ok
+    });
+    let acked_during =
+        count(&|o, _| during(o) && matches!(o.kind, Kind::Write(_)) && o.outcome == Outcome::Ok);
+    println!(
+        "{} operations: {acked} acknowledged writes ({acked_during} during the partition), \
+         {reads} reads served; the cut-off node was asked {victim_asked} times and served \
+         {victim_served} reads",
+        history.len()
+    );
+    assert!(
+        acked_during >= 30 && victim_asked >= 30,
+        "the run tested little"
+    );
+    let report = rec.check();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    for op in report.violation.iter().flatten() {
+        let what = match &op.kind {
+            Kind::Write(v) => format!("write {}", text(v)),
+            Kind::Read(v) => format!("read {:?}", v.as_deref().map(text)),
+        };
+        println!(
+            "  violation: client {} {what} of {} via node {:?}: {:?}, {} ms .. {:?} ms",
+            op.client,
+            text(&op.key),
+            rec.via(op),
+            op.outcome,
+            op.invoke_ns / 1_000_000,
+            op.complete_ns.map(|c| c / 1_000_000)
+        );
+    }
+    assert!(
+        report.linearizable && report.bad_reads == 0 && report.lost_acked == 0,
+        "not linearizable (cut off at {} ms, healed at {} ms): {} bad reads, {} lost \
+         acknowledged writes, the violation above",
+        partitioned / 1_000_000,
+        healed / 1_000_000,
+        report.bad_reads,
+        report.lost_acked
+    );
 }
 
 /// Groups for the tests of many groups: `FLOTILLA_HIB_GROUPS`, or `default` (kept small so

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use flotilla::layout::range_layout;
 use flotilla::proto::meta::{RangeDescriptor, ReplicaRole};
-use flotilla::testing::{node_ids, test_config, wait_until, Cluster};
+use flotilla::testing::{node_ids, test_config, wait_until, write_outcome, Cluster};
 use flotilla::{
     Error, MembershipChange, NodeGroupConfig, NodeId, RangeId, ReadConsistency, ReplicaId,
     StoreConfig,
 };
+use flotilla_check::Outcome;
 
 const T: Duration = Duration::from_secs(30);
 /// A diagnostic switch kept from when the runtime could stay joint forever (fixed: see
@@ -23,16 +24,6 @@ const T: Duration = Duration::from_secs(30);
 const NUDGE_STUCK_JOINT: bool = false;
 /// Keys every overwriting writer writes to.
 const SHARED_KEYS: u64 = 4;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    /// Acknowledged: must be applied.
-    Ok,
-    /// Refused before it was proposed: must never be applied.
-    Fail,
-    /// May or may not have been applied.
-    Unknown,
-}
 
 #[derive(Debug, Clone)]
 struct Op {
@@ -44,22 +35,6 @@ struct Op {
     outcome: Outcome,
     via: u64,
     error: Option<String>,
-}
-
-/// What the runtime promises about each error (see `flotilla_runtime::Error`).
-fn classify(r: &Result<(), Error>) -> Outcome {
-    match r {
-        Ok(()) => Outcome::Ok,
-        // Refused up front: the command never entered a log.
-        Err(
-            Error::NotLeader { .. }
-            | Error::Busy(_)
-            | Error::KeyNotInRange { .. }
-            | Error::RangeNotFound(_),
-        ) => Outcome::Fail,
-        // ProposalDropped (documented as "outcome unknown"), ReplicaFailed, Stopped, ...
-        Err(_) => Outcome::Unknown,
-    }
 }
 
 /// A tiny deterministic RNG (xorshift), so each writer's choices are reproducible.
@@ -109,7 +84,7 @@ async fn writer(
             Ok(r) => r,
             Err(_) => Err(Error::ProposalDropped),
         };
-        let outcome = classify(&res);
+        let outcome = write_outcome(&res);
         if outcome == Outcome::Ok {
             acked.fetch_add(1, Ordering::Relaxed);
         }

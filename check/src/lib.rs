@@ -29,6 +29,11 @@
 //! prune a branch. Unique values per key (the nemesis generates them) keep the search close to
 //! linear; repeated values are handled, only slower.
 //!
+//! # Recording
+//!
+//! [`Recorder`] is the history clients share while they run: one clock, each operation with
+//! the node it went through.
+//!
 //! # What a violation reports
 //!
 //! The smallest sub-history of the first failing key that still fails, found by shrinking
@@ -38,8 +43,11 @@
 
 #![forbid(unsafe_code)]
 
+mod record;
 mod search;
 mod shrink;
+
+pub use record::Recorder;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 

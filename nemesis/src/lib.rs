@@ -263,7 +263,7 @@ fn summarize(config: &Config, nemesis: &Nemesis, history: &[Op], report: Report)
                 op.outcome,
                 op.kind_text(),
                 String::from_utf8_lossy(&op.key),
-                nemesis.rec.node_of(op).map_or(0, |n| n + 1),
+                nemesis.rec.via(op).map_or(0, |n| n + 1),
                 ms(op.invoke_ns),
                 op.complete_ns
                     .map_or("never".to_string(), |c| format!("{:.1} ms", ms(c)))

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_check::{Kind, Op, Outcome};
@@ -27,51 +27,9 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Pause between attempts of one operation.
 const RETRY_PAUSE: Duration = Duration::from_millis(30);
 
-/// Every operation of the run, with times on one clock.
-#[derive(Debug)]
-pub struct Recorder {
-    start: Instant,
-    /// Each operation, with the node that answered it last (for a violation report).
-    ops: Mutex<Vec<(Op, usize)>>,
-}
-
-impl Recorder {
-    /// A recorder whose clock starts now.
-    pub fn new() -> Recorder {
-        Recorder {
-            start: Instant::now(),
-            ops: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Nanoseconds since the start.
-    pub fn now(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
-    }
-
-    fn push(&self, op: Op, node: usize) {
-        self.ops.lock().expect("recorder lock").push((op, node));
-    }
-
-    /// The history so far.
-    pub fn ops(&self) -> Vec<Op> {
-        let ops = self.ops.lock().expect("recorder lock");
-        ops.iter().map(|(op, _)| op.clone()).collect()
-    }
-
-    /// The node that answered `op` last (for a write that ended unknown or failed: the node
-    /// of its last attempt).
-    pub fn node_of(&self, op: &Op) -> Option<usize> {
-        let ops = self.ops.lock().expect("recorder lock");
-        ops.iter().find(|(o, _)| o == op).map(|(_, n)| *n)
-    }
-}
-
-impl Default for Recorder {
-    fn default() -> Self {
-        Recorder::new()
-    }
-}
+/// Every operation of the run, with times on one clock (the node each went through is the
+/// index in [`Nodes`]).
+pub use flotilla_check::Recorder;
 
 /// A KV client per node.
 #[derive(Debug, Clone)]
@@ -198,7 +156,7 @@ pub async fn put(
         tokio::time::sleep(RETRY_PAUSE).await;
     };
     let complete = rec.now();
-    rec.push(
+    rec.record(
         Op {
             client,
             key: key.to_vec(),
@@ -207,7 +165,7 @@ pub async fn put(
             invoke_ns: invoke,
             complete_ns: (outcome != Outcome::Unknown).then_some(complete),
         },
-        node,
+        node as u64,
     );
     (outcome, node)
 }
@@ -238,7 +196,7 @@ pub async fn get(
             Ok(Ok(r)) => {
                 let r = r.into_inner();
                 let seen = r.found.then(|| r.value.to_vec());
-                rec.push(
+                rec.record(
                     Op {
                         client,
                         key: key.to_vec(),
@@ -247,7 +205,7 @@ pub async fn get(
                         invoke_ns: invoke,
                         complete_ns: Some(rec.now()),
                     },
-                    node,
+                    node as u64,
                 );
                 return Some((seen, node));
             }

@@ -74,9 +74,11 @@ pub(crate) fn run_round(shared: &Shared, cells: &[Arc<ReplicaCell>], out: &mut O
             continue;
         };
         let result = catch_unwind(AssertUnwindSafe(|| {
-            replica.on_msgs(msgs, &env, out);
-            replica.on_ticks(ticks, &env, out);
-            replica.collect_ready(&env, out, &mut batch)
+            crate::logger::in_group(cell.range, || {
+                replica.on_msgs(msgs, &env, out);
+                replica.on_ticks(ticks, &env, out);
+                replica.collect_ready(&env, out, &mut batch)
+            })
         }));
         let failed = outcome(result);
         carry_out(shared, i, cell, &mut guard, out, None, &mut deferred);
@@ -113,7 +115,9 @@ pub(crate) fn run_round(shared: &Shared, cells: &[Arc<ReplicaCell>], out: &mut O
         };
         out.reschedule = false;
         let result = catch_unwind(AssertUnwindSafe(|| {
-            replica.after_persist(&env, out, &mut apply_batch)
+            crate::logger::in_group(cell.range, || {
+                replica.after_persist(&env, out, &mut apply_batch)
+            })
         }));
         let failed = outcome(result);
         again[*i] = out.reschedule;

@@ -216,7 +216,7 @@ impl Replica {
     }
 
     /// Opens a replica over `storage` with raft configured from `config` (raft-rs logs through
-    /// `logger`, which should carry the node).
+    /// `logger`, the node's, shared: see `crate::logger`).
     pub(crate) fn open(
         storage: GroupStorage,
         id: u64,
@@ -227,11 +227,12 @@ impl Replica {
         let applied = storage.apply_state().applied_index;
         let range = storage.group();
         let cfg = config.raft_config(id, applied);
-        let logger = logger.new(slog::o!("group" => range.0, "replica" => id));
-        let raw = RawNode::new(&cfg, storage, &logger).map_err(|source| Error::RaftInit {
-            range,
-            source: std::sync::Arc::new(source),
-        })?;
+        let raw = crate::logger::in_group(range, || RawNode::new(&cfg, storage, logger)).map_err(
+            |source| Error::RaftInit {
+                range,
+                source: std::sync::Arc::new(source),
+            },
+        )?;
         Ok(Replica::new(raw, id, range, node))
     }
 

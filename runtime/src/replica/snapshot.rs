@@ -5,8 +5,16 @@
 //! a follower that is up still needs (from the lowest index such a follower has: TiKV's raft
 //! log GC is the model), within `log_retain_max_entries` and `log_retain_max_bytes`, past
 //! which a snapshot is cheaper than the log. So a follower a few milliseconds behind under load
-//! catches up from the log; one that is down holds nothing back. A follower that needs what
-//! was compacted gets a snapshot: the range's data as of the
+//! catches up from the log; one that is down holds nothing back.
+//!
+//! "Up" is the node's, as node liveness sees it (`Host::node_live`), not raft's activity
+//! marks: a group that slept sends no heartbeats, so raft's marks of its followers go stale
+//! while their nodes are perfectly up (and a woken leader's first check-quorum clears them),
+//! whereas a node that liveness declared down (silent for `node_down_ticks`) is down for
+//! every group at once, asleep or not. Only without liveness (a transport that does not track
+//! it) do raft's marks decide: recently active, now or in the last check-quorum window.
+//!
+//! A follower that needs what was compacted gets a snapshot: the range's data as of the
 //! leader's applied index plus its descriptor, built by the store and installed atomically
 //! (data, descriptor, raft state in one synced batch). A snapshot whose keys overlap another
 //! range here is refused before raft sees it. If every such range was absorbed by the
@@ -23,9 +31,10 @@ use super::{Effect, Env, Output, Replica};
 use crate::config::NodeGroupConfig;
 use crate::error::Error;
 
-/// The peers a leader counts as up besides those raft marks recently active now: raft clears
-/// its marks at every check-quorum (each election timeout), so a peer that is up may read as
-/// inactive until its next message; the marks of the window that ended last are kept here.
+/// Without node liveness: the peers a leader counts as up besides those raft marks recently
+/// active now: raft clears its marks at every check-quorum (each election timeout), so a peer
+/// that is up may read as inactive until its next message; the marks of the window that ended
+/// last are kept here.
 #[derive(Debug, Default)]
 pub(super) struct PeersUp {
     /// The term the marks were taken in: in another term (the first window of a leadership)
@@ -170,7 +179,7 @@ impl Replica {
         }
         let mut to = applied.saturating_sub(cfg.log_compact_trailing);
         if self.is_leader() {
-            to = to.min(self.needed_by_peers(truncated));
+            to = to.min(self.needed_by_peers(truncated, env));
         }
         to = to.max(self.retention_floor(cfg)).min(applied);
         let least = cfg
@@ -188,11 +197,11 @@ impl Replica {
     /// peer that is up still needs. A peer behind the log's start (`truncated`) needs a
     /// snapshot anyway; one being sent a snapshot needs the entries after it; one whose
     /// progress is not known yet (a new leader's first round trip) holds everything.
-    fn needed_by_peers(&self, truncated: u64) -> u64 {
+    fn needed_by_peers(&self, truncated: u64, env: &Env<'_>) -> u64 {
         let raft = &self.raw.raft;
         let mut to = u64::MAX;
         for (&id, pr) in raft.prs().iter() {
-            if id == self.id || !self.peer_up(id, pr.recent_active) {
+            if id == self.id || !self.peer_up(id, pr.recent_active, env) {
                 continue;
             }
             let has = match pr.state {
@@ -207,14 +216,19 @@ impl Replica {
         to
     }
 
-    /// Whether a peer counts as up: raft marks it recently active, or it was marked in the
-    /// last complete check-quorum window of this leadership, or none has completed yet.
-    fn peer_up(&self, id: u64, recent_active: bool) -> bool {
+    /// Whether a peer counts as up, so that its needs hold the log back: its node is up as
+    /// node liveness sees it (see the module doc). Without liveness (or for a peer whose node
+    /// is not known): raft marks it recently active, or it was marked in the last complete
+    /// check-quorum window of this leadership, or none has completed yet.
+    fn peer_up(&self, id: u64, recent_active: bool, env: &Env<'_>) -> bool {
+        if let Some(live) = self.node_of(id).and_then(|n| env.host.node_live(n)) {
+            return live;
+        }
         recent_active || self.peers_up.term != self.raw.raft.term || self.peers_up.ids.contains(&id)
     }
 
     /// Called before each tick: keeps raft's activity marks when the tick is about to clear
-    /// them (a leader's check-quorum), for [`Replica::peer_up`].
+    /// them (a leader's check-quorum), for [`Replica::peer_up`] without node liveness.
     pub(super) fn note_peers_up(&mut self) {
         let raft = &self.raw.raft;
         if raft.state != raft::StateRole::Leader

@@ -1,5 +1,6 @@
 //! Log compaction: a leader keeps what followers that are up still need, within the
-//! retention limits; past them, and for followers that are down, a snapshot.
+//! retention limits; past them, and for followers that are down, a snapshot. "Up" is node
+//! liveness's view of the follower's node; raft's activity marks decide only without it.
 
 use super::*;
 
@@ -103,21 +104,82 @@ fn a_follower_behind_the_retention_limits_gets_a_snapshot() {
     }
 }
 
-#[test]
-fn a_follower_that_is_down_holds_nothing_back() {
-    // Hibernation off: this test is about raft's check-quorum window, which a sleeping group
-    // does not run (with hibernation, node liveness says who is down; not covered here yet).
-    let mut sim = three_nodes(|c| {
-        c.log_retain_max_entries = 1000;
-        c.hibernate = false;
-    });
+/// Ticks node 1's leadership through two check-quorum windows with node 3 cut off, until
+/// raft no longer counts node 3 recently active, in this window or the last.
+fn let_raft_mark_node_3_inactive(sim: &mut Sim) {
     sim.cut.insert(3);
-    // Two election timeouts: raft's check-quorum finds node 3 silent in a whole window.
+    // A write first: a sleeping group does not tick, and one that waits for node 3 cannot
+    // sleep again.
+    sim.put(1, b"wake", b"value").unwrap();
     for _ in 0..25 {
         sim.step(1);
         sim.settle();
     }
-    assert!(sim.node(1).replica(1).is_leader());
+    let leader = sim.node(1).replica(1);
+    assert!(leader.is_leader());
+    assert!(!leader.raw.raft.prs().get(3).unwrap().recent_active);
+}
+
+/// After a sleep (no heartbeats, so raft hears nothing of its followers) and a wake, raft's
+/// marks may say a follower is inactive while its node is perfectly up: node liveness, not
+/// the marks, decides, and the follower catches up from the log.
+#[test]
+fn a_follower_on_a_node_that_is_up_holds_the_log_though_raft_marks_it_inactive() {
+    let mut sim = three_nodes(|c| c.log_retain_max_entries = 1000);
+    sim.tick_until("the group sleeps", |s| {
+        s.nodes.iter().all(|n| n.replica(1).is_asleep())
+    });
+    let_raft_mark_node_3_inactive(&mut sim);
+    write_while_node_3_lags(&mut sim, 100);
+    let (node_3_has, truncated, applied) = leader_log(&mut sim);
+    assert!(
+        applied - node_3_has > 64,
+        "node 3 lags by {}",
+        applied - node_3_has
+    );
+    assert!(
+        truncated <= node_3_has,
+        "the leader compacted what node 3, on a node that is up, needs"
+    );
+    heal_and_catch_up(&mut sim, 100);
+    assert_eq!(sim.snapshots, 0, "node 3 caught up by a snapshot");
+}
+
+/// A follower on a node that liveness declared down holds nothing back, even while raft still
+/// counts it recently active (no tick since it went silent).
+#[test]
+fn a_follower_on_a_node_declared_down_holds_nothing_back() {
+    // Hibernation off: with node 3 down, the leader would sleep once node 2 matched, and
+    // nothing here wakes it on healing as liveness would.
+    let mut sim = three_nodes(|c| {
+        c.log_retain_max_entries = 1000;
+        c.hibernate = false;
+    });
+    sim.node(1).host.down.borrow_mut().insert(3);
+    write_while_node_3_lags(&mut sim, 100);
+    let leader = sim.node(1).replica(1);
+    assert!(leader.raw.raft.prs().get(3).unwrap().recent_active);
+    let (node_3_has, truncated, applied) = leader_log(&mut sim);
+    assert!(
+        truncated > node_3_has,
+        "the leader kept the log for a node declared down"
+    );
+    assert!(applied - truncated <= 16, "log ({truncated}, {applied}]");
+    sim.node(1).host.down.borrow_mut().clear();
+    heal_and_catch_up(&mut sim, 100);
+    assert!(sim.snapshots > 0);
+}
+
+/// Without node liveness (a transport that does not track it), raft's marks decide: a
+/// follower silent for a whole check-quorum window counts as down.
+#[test]
+fn without_liveness_a_follower_raft_marks_inactive_holds_nothing_back() {
+    // No liveness: groups do not sleep.
+    let mut sim = three_nodes(|c| c.log_retain_max_entries = 1000);
+    for node in &sim.nodes {
+        node.host.no_liveness.set(true);
+    }
+    let_raft_mark_node_3_inactive(&mut sim);
     write_while_node_3_lags(&mut sim, 100);
     let (node_3_has, truncated, applied) = leader_log(&mut sim);
     assert!(

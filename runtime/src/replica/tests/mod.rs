@@ -42,6 +42,8 @@ struct TestHost {
     sealed: RefCell<Vec<RangeId>>,
     /// Nodes this node's liveness declared down.
     down: RefCell<HashSet<u64>>,
+    /// Answer as a transport without node liveness would (`node_live` is `None`).
+    no_liveness: std::cell::Cell<bool>,
 }
 
 impl Host for TestHost {
@@ -60,6 +62,9 @@ impl Host for TestHost {
             .unwrap_or(Existing::Absent)
     }
     fn node_live(&self, node: NodeId) -> Option<bool> {
+        if self.no_liveness.get() {
+            return None;
+        }
         Some(!self.down.borrow().contains(&node.0))
     }
 }
