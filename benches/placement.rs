@@ -169,14 +169,18 @@ fn spawn_writers(
                 seq += 1;
                 let t = Instant::now();
                 let mut ok = false;
+                let mut attempt = seq as usize;
                 while t.elapsed() < Duration::from_secs(10) && !stop.load(Ordering::Relaxed) {
+                    // The key's range as any live node hosting it knows it (with five nodes
+                    // and three replicas, node 1 may host none of it), then its leader; else
+                    // each node in turn (it forwards to the leader, or says where it is).
                     let all = live(&nodes);
-                    let target = all[0]
-                        .node()
-                        .range_of(&key)
-                        .ok()
+                    attempt += 1;
+                    let target = all
+                        .iter()
+                        .find_map(|n| n.node().range_of(&key).ok())
                         .and_then(|d| leader_of(&all, &d))
-                        .unwrap_or_else(|| all[seq as usize % all.len()].clone());
+                        .unwrap_or_else(|| all[attempt % all.len()].clone());
                     if target.node().put(&key, &value).await.is_ok() {
                         ok = true;
                         break;
