@@ -44,6 +44,7 @@ use crate::config::NodeGroupConfig;
 use crate::error::Error;
 
 pub(crate) use context::{Effect, Env, Existing, Host, Output};
+pub(crate) use hibernate::campaigner;
 pub(crate) use merge::check_mergeable;
 pub(crate) use msg::PeerMsg;
 pub(crate) use send::{heartbeat_input, heartbeat_message};
@@ -264,6 +265,19 @@ impl Replica {
     /// Starts the new group of a split with a few quick campaigns (see `campaign_retries`).
     pub(crate) fn campaign_soon(&mut self) {
         self.campaign_retries = 4;
+    }
+
+    /// Whether a replica just opened has something to do before any input: committed
+    /// entries not applied yet (raft-rs hands them out in its first Ready).
+    pub(crate) fn has_work_at_start(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    /// A leader whose election is over: its term's first entry is committed. Awake, it only
+    /// waits to fall asleep (see `fsm::liveness`, which does not count it as an election in
+    /// flight).
+    pub(crate) fn is_settled_leader(&self) -> bool {
+        self.is_leader() && self.raw.raft.commit_to_current_term()
     }
 
     pub(crate) fn is_leader(&self) -> bool {
