@@ -668,7 +668,7 @@ impl Host for Shared {
 /// and keeps the leader index up to date.
 pub(crate) fn settle(shared: &Shared, cell: &Arc<ReplicaCell>, replica: &Replica) {
     let asleep = replica.is_asleep();
-    count_settled(shared, cell, !asleep && replica.is_settled_leader());
+    count_settled(shared, cell, !asleep && replica.election_over());
     if cell.set_asleep(asleep) {
         if asleep {
             shared.awake.remove(&cell.range.0);
@@ -702,14 +702,14 @@ pub(crate) fn settle(shared: &Shared, cell: &Arc<ReplicaCell>, replica: &Replica
 
 // ---- the steps every transition shares ----
 
-/// Keeps `Shared::settled_leaders` equal to the cells whose `settled` flag is set.
+/// Keeps `Shared::settled` equal to the cells whose `settled` flag is set.
 fn count_settled(shared: &Shared, cell: &ReplicaCell, settled: bool) {
     use std::sync::atomic::Ordering;
     if cell.settled.swap(settled, Ordering::AcqRel) != settled {
         if settled {
-            shared.settled_leaders.fetch_add(1, Ordering::AcqRel);
+            shared.settled.fetch_add(1, Ordering::AcqRel);
         } else {
-            shared.settled_leaders.fetch_sub(1, Ordering::AcqRel);
+            shared.settled.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }

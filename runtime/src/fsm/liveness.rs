@@ -30,7 +30,7 @@
 //! replicas that may have led before a restart, the bootstrap campaigns), drained with what
 //! is left of the budget and only while fewer than [`AWAKE_BOUND`] ×
 //! `max_wakes_per_tick` elections are in flight here (replicas awake or scheduled, but for
-//! leaders whose election is over, which only wait to sleep; and at most [`AWAKE_CAP`] ×
+//! leaders and followers done with any election, which only wait to sleep; and at most [`AWAKE_CAP`] ×
 //! `max_wakes_per_tick` awake in all), so that a failover, a restart,
 //! a partition healing, a liveness flap or the creation of many groups proceeds at the pace
 //! elections end on this machine rather than at a fixed rate that a loaded machine cannot
@@ -121,7 +121,7 @@ pub(crate) enum Wake {
 
 /// The wakes of the second queue (bootstrap, restart, a node back up) wait while this many
 /// times `max_wakes_per_tick` elections are in flight on the node (replicas awake or
-/// scheduled, but leaders whose election is over).
+/// scheduled, but those done with any election).
 pub(crate) const AWAKE_BOUND: usize = 4;
 
 /// ... and while this many times `max_wakes_per_tick` replicas are awake in all.
@@ -387,10 +387,12 @@ pub(crate) fn drain_wakes(shared: &Shared) -> usize {
         .ticks
         .load(std::sync::atomic::Ordering::Acquire);
     let busy = AWAKE_BOUND.saturating_mul(max);
-    // Elections in flight: the awake replicas but the leaders whose election is over (they
-    // only wait out `hibernate_ticks` quiet ticks to sleep, a few hundred milliseconds in
-    // which counting them held back the next elections: 1,600 elections a second at 100,000
-    // groups per node, most of the bound spent on such leaders). Replicas scheduled but not
+    // Elections in flight: the awake replicas but those done with any election (leaders whose
+    // term's first entry is committed, which only wait out `hibernate_ticks` quiet ticks to
+    // sleep, a few hundred milliseconds in which counting them held back the next elections:
+    // 1,600 elections a second at 100,000 groups per node; and followers that know their
+    // leader, such as those another survivor's failover campaigns woke here, which held back
+    // this node's own share of the failover). Replicas scheduled but not
     // run yet count too: on a starved machine the workers lag the ticker, and the awake set
     // alone would not see the last ticks' campaigns; and since every awake replica is
     // scheduled each tick, this also slows the wakes down when the workers cannot keep up
@@ -398,9 +400,7 @@ pub(crate) fn drain_wakes(shared: &Shared) -> usize {
     // ticker visits per tick.
     let in_flight = || {
         let awake = shared.awake.len();
-        let settled = shared
-            .settled_leaders
-            .load(std::sync::atomic::Ordering::Acquire);
+        let settled = shared.settled.load(std::sync::atomic::Ordering::Acquire);
         awake.saturating_sub(settled) + shared.ready_tx.len()
     };
     let cap = AWAKE_CAP.saturating_mul(max);

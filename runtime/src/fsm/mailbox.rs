@@ -32,7 +32,7 @@ pub(crate) struct ReplicaCell {
     /// The node of the replica's leader as of its last round (0: none), as entered in the
     /// leader index.
     pub(crate) leader_node: AtomicU64,
-    /// Whether the replica is counted in `Shared::settled_leaders` (awake, and a leader whose
+    /// Whether the replica is counted in `Shared::settled` (awake, and its part in an
     /// election is over). Written only by the worker that owns the cell and by `take_out`.
     pub(crate) settled: AtomicBool,
 }

@@ -273,11 +273,16 @@ impl Replica {
         self.raw.has_ready()
     }
 
-    /// A leader whose election is over: its term's first entry is committed. Awake, it only
-    /// waits to fall asleep (see `fsm::liveness`, which does not count it as an election in
-    /// flight).
-    pub(crate) fn is_settled_leader(&self) -> bool {
-        self.is_leader() && self.raw.raft.commit_to_current_term()
+    /// Whether this replica's part in an election is over: a leader whose term's first entry
+    /// is committed, or a follower that knows its leader. Awake, it only waits to fall asleep
+    /// (see `fsm::liveness`, which does not count it as an election in flight).
+    pub(crate) fn election_over(&self) -> bool {
+        let raft = &self.raw.raft;
+        match raft.state {
+            StateRole::Leader => raft.commit_to_current_term(),
+            StateRole::Follower => raft.leader_id != 0,
+            _ => false,
+        }
     }
 
     pub(crate) fn is_leader(&self) -> bool {
