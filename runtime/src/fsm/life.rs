@@ -282,7 +282,13 @@ pub(crate) fn recover(shared: &Shared) -> Result<()> {
             shared.router.upsert(routed.unwrap_or_else(|| desc.into()));
         }
     }
-    tracing::info!(node = %shared.node, replicas = count, read = ?read, took = ?started.elapsed(), "recovered replicas from the store");
+    tracing::info!(
+        node = %shared.node,
+        replicas = count,
+        read = ?read,
+        took = ?started.elapsed(),
+        "recovered replicas from the store"
+    );
     Ok(())
 }
 

@@ -30,9 +30,9 @@
 //! replicas that may have led before a restart, the bootstrap campaigns), drained with what
 //! is left of the budget and only while fewer than [`AWAKE_BOUND`] ×
 //! `max_wakes_per_tick` elections are in flight here (replicas awake or scheduled, but for
-//! leaders and followers done with any election, which only wait to sleep; and at most [`AWAKE_CAP`] ×
-//! `max_wakes_per_tick` awake in all), so that a failover, a restart,
-//! a partition healing, a liveness flap or the creation of many groups proceeds at the pace
+//! leaders and followers done with any election, which only wait to sleep; and at most
+//! [`AWAKE_CAP`] × `max_wakes_per_tick` awake in all), so that a failover, a restart, a
+//! partition healing, a liveness flap or the creation of many groups proceeds at the pace
 //! elections end on this machine rather than at a fixed rate that a loaded machine cannot
 //! follow (campaigns that time out start over: a storm). A group with a request does not
 //! wait in a queue: the request wakes it at once (and a follower woken so whose leader's node
@@ -42,8 +42,9 @@
 //! voted for themselves in their last term (only they can have been the leader the others
 //! still wait for: they campaign as soon as their turn comes, [`Wake::Campaign`]) or hold log
 //! entries they do not know committed (their leader's sleep notice, which carried the commit,
-//! may have been lost while this node was down) are queued; the others are woken by their leader (which stays awake while a follower is
-//! behind, and wakes its groups when it sees this node back up), a request, or liveness. For
+//! may have been lost while this node was down) are queued; the others are woken by their
+//! leader (which stays awake while a follower is behind, and wakes its groups when it sees
+//! this node back up), a request, or liveness. For
 //! liveness, a replica that knows no leader stands in the leader index under the node of the
 //! replica it voted for, and stays there while it sleeps (a round that teaches it nothing,
 //! such as the one every recovered replica runs at start, does not take it out): a node that
