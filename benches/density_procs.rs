@@ -145,7 +145,19 @@ fn asleep(st: &[Option<StatusResponse>]) -> bool {
 
 /// Every 10 s of a long wait, what each node reports (a stuck step shows where it is stuck).
 fn show_progress(shown: &mut Instant, groups: usize, what: &str, st: &[Option<StatusResponse>]) {
-    if shown.elapsed() < Duration::from_secs(10) {
+    show_every(Duration::from_secs(10), shown, groups, what, st)
+}
+
+/// What each node reports, every `period` (the restart and failover steps, which last seconds,
+/// show each second: where their time goes).
+fn show_every(
+    period: Duration,
+    shown: &mut Instant,
+    groups: usize,
+    what: &str,
+    st: &[Option<StatusResponse>],
+) {
+    if shown.elapsed() < period {
         return;
     }
     *shown = Instant::now();
@@ -153,8 +165,8 @@ fn show_progress(shown: &mut Instant, groups: usize, what: &str, st: &[Option<St
         .iter()
         .map(|s| match s {
             Some(s) => format!(
-                "{} replicas, {} leaders, {} awake, {} queued",
-                s.replicas, s.leaders, s.awake, s.queued_wakes
+                "{} replicas, {} leaders, {} awake, {} queued, {} won",
+                s.replicas, s.leaders, s.awake, s.queued_wakes, s.elections_won
             ),
             None => "no answer".into(),
         })
@@ -247,14 +259,38 @@ async fn measure(groups: usize, idle: Duration, base_rss: f64) -> Row {
     let t = Instant::now();
     p.spawn(2).expect("restart node 3");
     let mut shown = Instant::now();
+    let mut answered = None;
+    let mut led_again = None;
     wait_for("node 3 recovered and caught up", long, async || {
         let st = statuses(&p, &all()).await;
-        show_progress(&mut shown, groups, "waiting for the restart", &st);
+        if answered.is_none() && st[2].is_some() {
+            answered = Some(t.elapsed());
+        }
+        if led_again.is_none()
+            && st.iter().flatten().map(|s| s.leaders).sum::<u64>() >= groups as u64
+        {
+            led_again = Some(t.elapsed());
+        }
+        show_every(
+            Duration::from_secs(1),
+            &mut shown,
+            groups,
+            "waiting for the restart",
+            &st,
+        );
         st[2].as_ref().is_some_and(|s| s.replicas >= groups as u64) && asleep(&st)
     })
     .await;
     let restart_secs = t.elapsed().as_secs_f64();
-    eprintln!("{groups}: node 3 restarted and caught up in {restart_secs:.1}s");
+    // What node 3 logged of its start (with RUST_LOG=info: engine opened, replicas recovered).
+    for line in p.log_tail(2, 200).lines() {
+        if line.contains("engine opened") || line.contains("recovered replicas") {
+            eprintln!("{groups}: node 3: {line}");
+        }
+    }
+    eprintln!(
+        "{groups}: node 3 restarted and caught up in {restart_secs:.1}s (answering after {answered:.1?}, every range led after {led_again:.1?})"
+    );
 
     // Failover: kill node 1; the two others must lead everything and take writes.
     let survivors = [1usize, 2];
@@ -275,7 +311,13 @@ async fn measure(groups: usize, idle: Duration, base_rss: f64) -> Row {
     let mut shown = Instant::now();
     let led = wait_for("the survivors lead every range", long, async || {
         let st = statuses(&p, &survivors).await;
-        show_progress(&mut shown, groups, "waiting for the failover", &st);
+        show_every(
+            Duration::from_secs(1),
+            &mut shown,
+            groups,
+            "waiting for the failover",
+            &st,
+        );
         st.iter().flatten().map(|s| s.leaders).sum::<u64>() >= groups as u64
     })
     .await;

@@ -87,9 +87,18 @@ impl NodeGroup {
         threads.push(spawn("raft-ticker", None, move || {
             crate::fsm::ticker::run(s, stop_rx)
         })?);
-        // Replicas recovered with work to do (unapplied committed entries) start at once.
+        // Replicas recovered with work to do (unapplied committed entries) start at once; the
+        // others wait for their first input. Scheduling all of them cost a round each for
+        // nothing (100,000 at a restart), and the paced wake queue waits while they are queued.
         for cell in shared.cells() {
-            cell.schedule(&shared.ready_tx);
+            let work = cell
+                .replica
+                .lock()
+                .as_ref()
+                .is_some_and(|r| r.has_work_at_start());
+            if work {
+                cell.schedule(&shared.ready_tx);
+            }
         }
         Ok(NodeGroup {
             shared,

@@ -501,10 +501,12 @@ pub(crate) fn start_node_group(
     state_machine: Arc<dyn StateMachine>,
     connect: impl FnOnce(Arc<dyn BatchHandler>) -> Arc<dyn Transport>,
 ) -> Result<(NodeGroup, bool), ServerError> {
+    let opened = std::time::Instant::now();
     let engine = Engine::open(dir, store)?;
+    tracing::info!(took = ?opened.elapsed(), "engine opened");
     // Checked before the NodeGroup starts: once it runs, a peer's message may create a
     // replica (uninitialized, which a bootstrap replaces) and the store would look used.
-    let fresh = engine.recover()?.is_empty();
+    let fresh = !engine.holds_groups()?;
     let node = NodeGroup::start(config, engine, state_machine, connect)?;
     Ok((node, fresh))
 }

@@ -785,6 +785,17 @@ fn groups_do_not_interfere() {
     want9.push(ent(8, 10));
     assert_eq!(all_entries(&recover_group(&engine, 9)), want9);
     assert_eq!(recover_group(&engine, 7).last_index(), Ok(15));
+
+    // What recover finds, the one-seek check sees; with every group's state gone, neither.
+    assert!(engine.holds_groups().unwrap());
+    let mut batch = engine.batch();
+    for id in [6, 7, 9] {
+        batch.destroy_group_state(RangeId(id));
+    }
+    engine.write(batch, true).unwrap();
+    let engine = reopen(engine);
+    assert!(engine.recover().unwrap().is_empty());
+    assert!(!engine.holds_groups().unwrap());
 }
 
 #[test]

@@ -29,19 +29,22 @@
 //! groups a down node led, the groups led here when a node comes back, the recovered
 //! replicas that may have led before a restart, the bootstrap campaigns), drained with what
 //! is left of the budget and only while fewer than [`AWAKE_BOUND`] ×
-//! `max_wakes_per_tick` replicas are awake or scheduled here, so that a failover, a restart,
-//! a partition healing, a liveness flap or the creation of many groups proceeds at the pace
+//! `max_wakes_per_tick` elections are in flight here (replicas awake or scheduled, but for
+//! leaders and followers done with any election, which only wait to sleep; and at most
+//! [`AWAKE_CAP`] × `max_wakes_per_tick` awake in all), so that a failover, a restart, a
+//! partition healing, a liveness flap or the creation of many groups proceeds at the pace
 //! elections end on this machine rather than at a fixed rate that a loaded machine cannot
 //! follow (campaigns that time out start over: a storm). A group with a request does not
 //! wait in a queue: the request wakes it at once (and a follower woken so whose leader's node
-//! is down campaigns at once if it is the group's first live voter).
+//! is down campaigns at once if it is the group's chosen campaigner, `replica::campaigner`).
 //!
 //! **Restart** (`fsm::life::recover`): recovered replicas start asleep, and only those that
 //! voted for themselves in their last term (only they can have been the leader the others
-//! still wait for) or hold log entries they do not know committed (their leader's sleep
-//! notice, which carried the commit, may have been lost while this node was down) are
-//! queued; the others are woken by their leader (which stays awake while a follower is
-//! behind, and wakes its groups when it sees this node back up), a request, or liveness. For
+//! still wait for: they campaign as soon as their turn comes, [`Wake::Campaign`]) or hold log
+//! entries they do not know committed (their leader's sleep notice, which carried the commit,
+//! may have been lost while this node was down) are queued; the others are woken by their
+//! leader (which stays awake while a follower is behind, and wakes its groups when it sees
+//! this node back up), a request, or liveness. For
 //! liveness, a replica that knows no leader stands in the leader index under the node of the
 //! replica it voted for, and stays there while it sleeps (a round that teaches it nothing,
 //! such as the one every recovered replica runs at start, does not take it out): a node that
@@ -107,8 +110,9 @@ pub(crate) enum Wake {
     LeaderDown(NodeId),
     /// A node came back, or the replica was recovered asleep.
     Up,
-    /// A bootstrapped replica that the layout chose to lead: campaigns, unless its group
-    /// already woke (an election is under way) or knows a leader.
+    /// A bootstrapped replica that the layout chose to lead, or a recovered one that voted
+    /// for itself in its last term (it may have led before the restart): campaigns at once,
+    /// unless its group already woke (an election is under way) or knows a leader.
     Campaign,
     /// A bootstrapped replica whose group's first leader is on the node given: wakes (and so
     /// times out and campaigns) if its group is still asleep without a known leader and that
@@ -117,8 +121,12 @@ pub(crate) enum Wake {
 }
 
 /// The wakes of the second queue (bootstrap, restart, a node back up) wait while this many
-/// times `max_wakes_per_tick` replicas are awake on the node.
+/// times `max_wakes_per_tick` elections are in flight on the node (replicas awake or
+/// scheduled, but those done with any election).
 pub(crate) const AWAKE_BOUND: usize = 4;
+
+/// ... and while this many times `max_wakes_per_tick` replicas are awake in all.
+pub(crate) const AWAKE_CAP: usize = 12;
 
 /// What one liveness check found (for tests and metrics).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -194,13 +202,13 @@ impl Liveness {
         q.insert(at, (due, range.0, why));
     }
 
-    /// Queues paced wakes of many groups at once, due now (one pass over the queue, however
-    /// many groups: a node coming back can concern all of them).
-    fn defer_wakes(&self, ranges: Vec<u64>, why: Wake) {
+    /// Queues paced wakes of many groups at once, due in `after` ticks (one pass over the
+    /// queue, however many groups: a node coming back can concern all of them).
+    fn defer_wakes(&self, ranges: Vec<u64>, why: Wake, after: usize) {
         if ranges.is_empty() {
             return;
         }
-        let due = self.ticks.load(std::sync::atomic::Ordering::Acquire);
+        let due = self.ticks.load(std::sync::atomic::Ordering::Acquire) + after as u64;
         let mut q = self.deferred.lock();
         let at = q.partition_point(|&(t, _, _)| t <= due);
         let later = q.split_off(at);
@@ -230,7 +238,7 @@ impl Liveness {
         if was_up {
             let groups = self.led_by(node);
             tracing::info!(%node, groups = groups.len(), "node removed from the registry: down for good; waking the groups it led");
-            self.defer_wakes(groups, Wake::LeaderDown(node));
+            self.defer_wakes(groups, Wake::LeaderDown(node), 0);
         }
         true
     }
@@ -320,8 +328,22 @@ pub(crate) fn check(shared: &Shared) -> Transitions {
         // Bounded like the other wakes that can concern a third of the node's groups: each
         // woken group elects, and electing 30,000 groups at once on a starved machine makes
         // campaigns time out and start over (measured: 65 s for 16,666 groups, against
-        // ~1,000 elections a second when fewer are in flight).
-        live.defer_wakes(groups, Wake::LeaderDown(node));
+        // ~1,000 elections a second when fewer are in flight). Only the groups whose chosen
+        // campaigner is here wake now; the others' replicas wake on that campaigner's vote
+        // request, and their own wake waits another liveness window, a fallback in case the
+        // campaigner's node never campaigns (it is dropped if the group found a leader
+        // elsewhere meanwhile, see `wake`). Each survivor so works through its share alone,
+        // its awake set holding its own elections rather than every follower it has.
+        let (now, later): (Vec<u64>, Vec<u64>) = groups.into_iter().partition(|&range| {
+            shared.router.get(RangeId(range)).is_none_or(|d| {
+                let mine = d.replica_on(shared.node).map(|r| r.replica_id);
+                mine.is_some()
+                    && crate::replica::campaigner(&d, node, shared.node, |n| shared.node_live(n))
+                        == mine
+            })
+        });
+        live.defer_wakes(now, Wake::LeaderDown(node), 0);
+        live.defer_wakes(later, Wake::LeaderDown(node), down_ticks);
     }
     if !found.up.is_empty() {
         for &node in &found.up {
@@ -343,7 +365,7 @@ pub(crate) fn check(shared: &Shared) -> Transitions {
                     .is_none_or(|d| found.up.iter().any(|&node| d.replica_on(node).is_some()))
             })
             .collect();
-        live.defer_wakes(groups, Wake::Up);
+        live.defer_wakes(groups, Wake::Up, 0);
     }
     found
 }
@@ -366,10 +388,24 @@ pub(crate) fn drain_wakes(shared: &Shared) -> usize {
         .ticks
         .load(std::sync::atomic::Ordering::Acquire);
     let busy = AWAKE_BOUND.saturating_mul(max);
-    // Replicas scheduled but not run yet count too: on a starved machine the workers lag the
-    // ticker, and the awake set alone would not see the last ticks' campaigns.
-    let active = || shared.awake.len() + shared.ready_tx.len();
-    while woken < max && active() < busy {
+    // Elections in flight: the awake replicas but those done with any election (leaders whose
+    // term's first entry is committed, which only wait out `hibernate_ticks` quiet ticks to
+    // sleep, a few hundred milliseconds in which counting them held back the next elections:
+    // 1,600 elections a second at 100,000 groups per node; and followers that know their
+    // leader, such as those another survivor's failover campaigns woke here, which held back
+    // this node's own share of the failover). Replicas scheduled but not
+    // run yet count too: on a starved machine the workers lag the ticker, and the awake set
+    // alone would not see the last ticks' campaigns; and since every awake replica is
+    // scheduled each tick, this also slows the wakes down when the workers cannot keep up
+    // with the ticks. The awake set as a whole stays under `AWAKE_CAP` bounds, what the
+    // ticker visits per tick.
+    let in_flight = || {
+        let awake = shared.awake.len();
+        let settled = shared.settled.load(std::sync::atomic::Ordering::Acquire);
+        awake.saturating_sub(settled) + shared.ready_tx.len()
+    };
+    let cap = AWAKE_CAP.saturating_mul(max);
+    while woken < max && in_flight() < busy && shared.awake.len() < cap {
         let next = {
             let mut q = shared.liveness.deferred.lock();
             match q.front() {
@@ -396,6 +432,13 @@ fn wake(shared: &Shared, range: u64, why: Wake) -> bool {
     let unled =
         || cell.is_asleep() && cell.leader_node.load(std::sync::atomic::Ordering::Acquire) == 0;
     let msg = match why {
+        // The group learned another leader (or none, electing) since the wake was queued: the
+        // news is stale, and waking a sleeping group for it would cost a round trip each.
+        Wake::LeaderDown(node)
+            if cell.leader_node.load(std::sync::atomic::Ordering::Acquire) != node.0 =>
+        {
+            return false
+        }
         Wake::LeaderDown(node) => PeerMsg::NodeDown(node),
         // An awake group needs no wake.
         Wake::Up if !cell.is_asleep() => return false,

@@ -32,6 +32,9 @@ pub(crate) struct ReplicaCell {
     /// The node of the replica's leader as of its last round (0: none), as entered in the
     /// leader index.
     pub(crate) leader_node: AtomicU64,
+    /// Whether the replica is counted in `Shared::settled` (awake, and its part in an
+    /// election is over). Written only by the worker that owns the cell and by `take_out`.
+    pub(crate) settled: AtomicBool,
 }
 
 impl std::fmt::Debug for ReplicaCell {
@@ -63,6 +66,7 @@ impl ReplicaCell {
             failed: AtomicBool::new(false),
             asleep: AtomicBool::new(false),
             leader_node: AtomicU64::new(0),
+            settled: AtomicBool::new(false),
         })
     }
 

@@ -42,6 +42,10 @@ pub(crate) struct Shared {
     /// Replicas the ticker ticks: every hosted replica but those asleep (see
     /// `replica::hibernate`); the worker moves a cell in or out after its round.
     pub(crate) awake: DashMap<u64, Arc<ReplicaCell>>,
+    /// How many of the awake replicas are done with any election (leaders whose term's first
+    /// entry is committed, followers that know their leader: they only wait to fall asleep):
+    /// the paced wake queue does not count them as elections in flight.
+    pub(crate) settled: std::sync::atomic::AtomicUsize,
     /// Node liveness, the leader index and the paced wake queue (`fsm::liveness`).
     pub(crate) liveness: crate::fsm::liveness::Liveness,
     /// Ranges whose replica here was removed, with the conf_ver of the removal: messages
@@ -95,6 +99,7 @@ impl Shared {
             router: RangeRouter::new(),
             replicas: DashMap::new(),
             awake: DashMap::new(),
+            settled: Default::default(),
             liveness: Default::default(),
             tombstones: DashMap::new(),
             pending: Pending::default(),

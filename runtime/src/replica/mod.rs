@@ -44,6 +44,7 @@ use crate::config::NodeGroupConfig;
 use crate::error::Error;
 
 pub(crate) use context::{Effect, Env, Existing, Host, Output};
+pub(crate) use hibernate::campaigner;
 pub(crate) use merge::check_mergeable;
 pub(crate) use msg::PeerMsg;
 pub(crate) use send::{heartbeat_input, heartbeat_message};
@@ -265,6 +266,24 @@ impl Replica {
     /// Starts the new group of a split with a few quick campaigns (see `campaign_retries`).
     pub(crate) fn campaign_soon(&mut self) {
         self.campaign_retries = 4;
+    }
+
+    /// Whether a replica just opened has something to do before any input: committed
+    /// entries not applied yet (raft-rs hands them out in its first Ready).
+    pub(crate) fn has_work_at_start(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    /// Whether this replica's part in an election is over: a leader whose term's first entry
+    /// is committed, or a follower that knows its leader. Awake, it only waits to fall asleep
+    /// (see `fsm::liveness`, which does not count it as an election in flight).
+    pub(crate) fn election_over(&self) -> bool {
+        let raft = &self.raw.raft;
+        match raft.state {
+            StateRole::Leader => raft.commit_to_current_term(),
+            StateRole::Follower => raft.leader_id != 0,
+            _ => false,
+        }
     }
 
     pub(crate) fn is_leader(&self) -> bool {

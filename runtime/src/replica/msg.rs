@@ -72,7 +72,7 @@ pub(crate) enum PeerMsg {
         commit: u64,
     },
     /// Node liveness declared this node down: a follower whose leader lives there forgets it
-    /// (and the group's first live voter campaigns).
+    /// (and the live voter chosen by `hibernate::campaigner` campaigns).
     NodeDown(flotilla_proto::NodeId),
     /// Wake up (a node came back, or the paced wake of a replica recovered asleep).
     Wake,

@@ -238,7 +238,7 @@ fn a_follower_behind_on_commit_does_not_sleep() {
 }
 
 #[test]
-fn followers_of_a_leader_declared_down_forget_it_and_the_first_live_voter_campaigns() {
+fn followers_of_a_leader_declared_down_forget_it_and_the_chosen_campaigner_campaigns() {
     let mut sim = sleeping_group();
     let term = sim.node(1).replica(1).raw.raft.term;
     // Node 1 dies: nodes 2 and 3 declare it down and wake the groups it led.
@@ -246,15 +246,26 @@ fn followers_of_a_leader_declared_down_forget_it_and_the_first_live_voter_campai
         sim.node(n).host.down.borrow_mut().insert(1);
         sim.node(n).post(1, PeerMsg::NodeDown(NodeId(1)));
     }
+    // Range 1's live voters are replicas 2 and 3: the choice by range id is replica 3.
+    let desc = sim.node(2).replica(1).descriptor().cloned().unwrap();
+    let chosen = crate::replica::campaigner(&desc, NodeId(1), NodeId(2), |n| Some(n != NodeId(1)));
+    assert_eq!(chosen, Some(3));
     sim.node(1).replicas.clear();
+    // The campaigner skips the pre-vote: the leader's node was declared down.
+    let mut out = sim.node(3).round(1, 0);
+    assert_eq!(
+        sim.node(3).replica(1).raw.raft.state,
+        raft::StateRole::Candidate
+    );
+    sim.deliver(NodeId(3), &mut out);
     sim.settle();
     assert_eq!(
-        sim.node(2).replica(1).raw.raft.leader_id,
-        2,
-        "node 2 campaigned and won"
+        sim.node(3).replica(1).raw.raft.leader_id,
+        3,
+        "node 3 campaigned and won"
     );
-    assert_eq!(sim.node(3).replica(1).raw.raft.leader_id, 2);
-    assert!(sim.node(2).replica(1).raw.raft.term > term);
+    assert_eq!(sim.node(2).replica(1).raw.raft.leader_id, 3);
+    assert!(sim.node(3).replica(1).raw.raft.term > term);
 }
 
 #[test]
