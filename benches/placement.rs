@@ -36,11 +36,11 @@ use flotilla::proto::meta::{NodeState, RangeDescriptor, ReplicaRole};
 use flotilla::schedule::ScheduleConfig;
 use flotilla::testing::measure::percentile;
 use flotilla::testing::{
-    bootstrap_ranges_and_system, local_server_config, node_ids, start_servers, test_config,
+    bootstrap_ranges_and_system, bootstrap_spread_layout, local_server_config, node_ids,
+    start_servers, test_config,
 };
 use flotilla::{
-    system_descriptor, NodeGroupConfig, NodeId, ReadConsistency, ReplicaId, Server, ServerConfig,
-    StateRole, SystemSeed,
+    NodeGroup, NodeGroupConfig, NodeId, ReadConsistency, ReplicaId, Server, ServerConfig, StateRole,
 };
 
 const WRITERS: usize = 8;
@@ -145,6 +145,51 @@ fn scheduler_actions(nodes: &[Arc<Server>], action: &str) -> usize {
 struct Latencies {
     phase: usize,
     samples: Vec<Vec<f64>>,
+}
+
+impl Latencies {
+    /// The p99 of the first two phases (before, during).
+    fn p99s(&self) -> (f64, f64) {
+        let p99 = |i: usize| {
+            let mut s = self.samples[i].clone();
+            s.sort_by(f64::total_cmp);
+            percentile(&s, 0.99)
+        };
+        (p99(0), p99(1))
+    }
+}
+
+/// The load a run puts on the nodes: writers and the range table's checker.
+struct Load {
+    stop: Arc<AtomicBool>,
+    lat: Arc<Mutex<Latencies>>,
+    writers: Vec<tokio::task::JoinHandle<Acked>>,
+    checker: tokio::task::JoinHandle<(u64, u64)>,
+}
+
+/// Waits until each of the `ranges` ranges has a leader among the `size` nodes, then starts
+/// the writers (latencies kept in `phases` phases) and the range table's checker.
+async fn load(nodes: &Nodes, size: usize, ranges: usize, phases: usize) -> anyhow::Result<Load> {
+    let started = Instant::now();
+    while !counts(&live(nodes), size).2 {
+        anyhow::ensure!(started.elapsed() < PHASE_LIMIT, "no leader for every range");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "{ranges} ranges on {size} nodes, every one led after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let lat = Arc::new(Mutex::new(Latencies {
+        phase: 0,
+        samples: vec![Vec::new(); phases],
+    }));
+    Ok(Load {
+        writers: spawn_writers(nodes, ranges, &lat, &stop),
+        checker: spawn_table_checker(nodes, &stop),
+        stop,
+        lat,
+    })
 }
 
 /// `WRITERS` writers, each on its own keys spread over the `ranges` ranges of the layout,
@@ -354,41 +399,19 @@ async fn merge_run(full: bool, ranges: usize) -> anyhow::Result<()> {
         }
         d.next_replica_id = 6;
     }
-    let seed = SystemSeed::new(&layout, &members, |_| String::new());
-    for (i, n) in servers.iter().enumerate() {
-        let id = i as u64 + 1;
-        let here: Vec<RangeDescriptor> = layout
-            .iter()
-            .filter(|d| d.replicas.iter().any(|r| r.node_id == id))
-            .cloned()
-            .collect();
-        let first = |d: &RangeDescriptor| d.replicas.first().map(|r| ReplicaId(r.replica_id));
-        if id <= 3 {
-            let system = system_descriptor(&members);
-            n.node().bootstrap_cluster(here, system, &seed, first)?;
-        } else {
-            n.node().bootstrap_layout(here, first)?;
-        }
-    }
+    let groups: Vec<&NodeGroup> = servers.iter().map(|n| &**n.node()).collect();
+    let first = |d: &RangeDescriptor| d.replicas.first().map(|r| ReplicaId(r.replica_id));
+    bootstrap_spread_layout(&groups, &layout, &members, first)?;
     let nodes: Nodes = Arc::new(Mutex::new(
         servers.into_iter().map(|s| Some(Arc::new(s))).collect(),
     ));
     let started = Instant::now();
-    while !counts(&live(&nodes), 5).2 {
-        anyhow::ensure!(started.elapsed() < PHASE_LIMIT, "no leader for every range");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!(
-        "{ranges} ranges on 5 nodes (each pair of neighbours one node apart), every one led after {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-    let stop = Arc::new(AtomicBool::new(false));
-    let lat = Arc::new(Mutex::new(Latencies {
-        phase: 0,
-        samples: vec![Vec::new(); 2],
-    }));
-    let writers = spawn_writers(&nodes, ranges, &lat, &stop);
-    let checker = spawn_table_checker(&nodes, &stop);
+    let Load {
+        stop,
+        lat,
+        writers,
+        checker,
+    } = load(&nodes, 5, ranges, 2).await?;
     // Until the first merge (after merge_delay): the latencies before.
     let merges = |all: &[Arc<Server>]| scheduler_actions(all, "merge");
     while merges(&live(&nodes)) == 0 {
@@ -427,14 +450,7 @@ async fn merge_run(full: bool, ranges: usize) -> anyhow::Result<()> {
     let count = 1;
     let all = live(&nodes);
     let (done, moves) = (merges(&all), scheduler_actions(&all, "promote"));
-    let (p99_before, p99_during) = {
-        let l = lat.lock().unwrap();
-        let mut before = l.samples[0].clone();
-        let mut during = l.samples[1].clone();
-        before.sort_by(f64::total_cmp);
-        during.sort_by(f64::total_cmp);
-        (percentile(&before, 0.99), percentile(&during, 0.99))
-    };
+    let (p99_before, p99_during) = lat.lock().unwrap().p99s();
     let failed = all
         .iter()
         .flat_map(|n| n.placement().events())
@@ -487,24 +503,12 @@ async fn main() -> anyhow::Result<()> {
     let nodes: Nodes = Arc::new(Mutex::new(
         first.into_iter().map(|s| Some(Arc::new(s))).collect(),
     ));
-    let started = Instant::now();
-    while !counts(&live(&nodes), 3).2 {
-        anyhow::ensure!(started.elapsed() < PHASE_LIMIT, "no leader for every range");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!(
-        "{ranges} ranges on 3 nodes, every one led after {:.1}s",
-        started.elapsed().as_secs_f64()
-    );
-
-    // Writers: each its own keys, spread over every range; the last acknowledged value kept.
-    let stop = Arc::new(AtomicBool::new(false));
-    let lat = Arc::new(Mutex::new(Latencies {
-        phase: 0,
-        samples: vec![Vec::new(); 3],
-    }));
-    let writers = spawn_writers(&nodes, ranges, &lat, &stop);
-    let checker = spawn_table_checker(&nodes, &stop);
+    let Load {
+        stop,
+        lat,
+        writers,
+        checker,
+    } = load(&nodes, 3, ranges, 3).await?;
     tokio::time::sleep(Duration::from_secs(if full { 10 } else { 2 })).await;
 
     // Add nodes 4 and 5: empty, each joining through node 1 (`--join`: the registry gives it
@@ -545,11 +549,7 @@ async fn main() -> anyhow::Result<()> {
     let (p99_before, p99_during) = {
         let mut l = lat.lock().unwrap();
         l.phase = 2;
-        let mut before = l.samples[0].clone();
-        let mut during = l.samples[1].clone();
-        before.sort_by(f64::total_cmp);
-        during.sort_by(f64::total_cmp);
-        (percentile(&before, 0.99), percentile(&during, 0.99))
+        l.p99s()
     };
     println!("balanced after {balanced_secs:.1}s: replicas {r:?}, leaders {l:?}");
     println!(

@@ -244,6 +244,33 @@ pub fn bootstrap_ranges_and_system(
     node.bootstrap_cluster(layout, system_descriptor(&members), &seed, |_| None)
 }
 
+/// Creates a layout whose ranges need not be on every node: `nodes[i]` (node `i + 1`)
+/// creates its replicas of the ranges that list it, and the system range (the node registry,
+/// on `members`) if it is one of `members`; the first leaders as [`NodeGroup::bootstrap_layout`]
+/// takes them. For tests and benches of placement, whose ranges start on different nodes.
+pub fn bootstrap_spread_layout(
+    nodes: &[&NodeGroup],
+    layout: &[RangeDescriptor],
+    members: &[NodeId],
+    first_leader: impl Fn(&RangeDescriptor) -> Option<flotilla_proto::ReplicaId> + Copy,
+) -> Result<(), Error> {
+    let seed = SystemSeed::new(layout, members, |_| String::new());
+    for (i, n) in nodes.iter().enumerate() {
+        let id = NodeId(i as u64 + 1);
+        let here: Vec<RangeDescriptor> = layout
+            .iter()
+            .filter(|d| d.replica_on(id).is_some())
+            .cloned()
+            .collect();
+        if members.contains(&id) {
+            n.bootstrap_cluster(here, system_descriptor(members), &seed, first_leader)?;
+        } else {
+            n.bootstrap_layout(here, first_leader)?;
+        }
+    }
+    Ok(())
+}
+
 /// Node ids 1..=n, the ids of a [`Cluster`] of `n` nodes.
 pub fn node_ids(n: usize) -> Vec<NodeId> {
     (1..=n as u64).map(NodeId).collect()

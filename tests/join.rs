@@ -110,6 +110,43 @@ impl Nodes {
         self.ctl_runner().until(args, what, T, ok).unwrap()
     }
 
+    /// Writes `v-<key>` under 24 keys spread over every range of the layout (by their first
+    /// byte); returns the keys.
+    fn put_keys(&self) -> Vec<String> {
+        let keys: Vec<String> = (0..24u8)
+            .map(|i| format!("{}-key-{i}", (b'a' + i) as char))
+            .collect();
+        for k in &keys {
+            let value = format!("v-{k}");
+            self.ctl_until(&["kv", "put", k, &value, "-o", "json"], "put", |_| true);
+        }
+        keys
+    }
+
+    /// Reads back every key `put_keys` wrote.
+    fn read_keys(&self, keys: &[String]) {
+        for k in keys {
+            let got = self.ctl_until(&["kv", "get", k, "-o", "json"], "read back", |_| true);
+            assert_eq!(got["value"], format!("v-{k}"), "{got:#}");
+        }
+    }
+
+    /// Starts the fourth node with `--config config --join <node 1>`; returns once it has id
+    /// 4 and the cluster sees it up.
+    fn join_fourth(&mut self, rt: &tokio::runtime::Runtime, config: &str) {
+        let join = self.client[0].to_string();
+        let args = ["--config", config, "--join", &join].map(String::from);
+        self.spawn(3, &args);
+        assert_eq!(node_id_at(rt, self.client[3]), 4);
+        self.ctl_until(&["nodes", "-o", "json"], "node 4 up", |v| {
+            v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["node_id"] == 4 && x["status"] == "up")
+        });
+    }
+
     fn ctl_runner(&self) -> Ctl {
         Ctl::beside(
             Path::new(env!("CARGO_BIN_EXE_flotilla-node")),
@@ -299,16 +336,7 @@ fn a_decommissioned_node_is_drained_then_removed_and_no_write_is_lost() {
     n.bootstrap_three(&["--config".to_string(), config.clone()], 6);
     let led = |v: &Value| every_range_led(v, 6);
     // Keys over every range (the layout spreads them by their first byte).
-    let keys: Vec<String> = (0..24u8)
-        .map(|i| format!("{}-key-{i}", (b'a' + i) as char))
-        .collect();
-    for k in &keys {
-        n.ctl_until(
-            &["kv", "put", k, &format!("v-{k}"), "-o", "json"],
-            "put",
-            |_| true,
-        );
-    }
+    let keys = n.put_keys();
 
     // Three nodes for a factor of three: node 2 cannot be decommissioned yet.
     n.ctl_until(&["registry", "-o", "json"], "three nodes registered", |v| {
@@ -321,23 +349,7 @@ fn a_decommissioned_node_is_drained_then_removed_and_no_write_is_lost() {
 
     // Node 4 joins; then node 2 is decommissioned: drained of every replica and leadership
     // (moved to node 4 or handed to the others), then removed.
-    n.spawn(
-        3,
-        &[
-            "--config".to_string(),
-            config,
-            "--join".to_string(),
-            n.client[0].to_string(),
-        ],
-    );
-    assert_eq!(node_id_at(&rt, n.client[3]), 4);
-    n.ctl_until(&["nodes", "-o", "json"], "node 4 up", |v| {
-        v["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|x| x["node_id"] == 4 && x["status"] == "up")
-    });
+    n.join_fourth(&rt, &config);
     let out = n.ctl(&["node", "decommission", "2", "--wait", "60s", "-o", "json"]);
     assert!(
         out.status.success(),
@@ -371,10 +383,7 @@ fn a_decommissioned_node_is_drained_then_removed_and_no_write_is_lost() {
         "the registry without nodes 2 and 3",
         |v| v.as_array().unwrap().len() == 4,
     );
-    for k in &keys {
-        let got = n.ctl_until(&["kv", "get", k, "-o", "json"], "read back", |_| true);
-        assert_eq!(got["value"], format!("v-{k}"), "{got:#}");
-    }
+    n.read_keys(&keys);
 }
 
 #[test]
@@ -388,35 +397,10 @@ fn a_killed_nodes_replicas_are_rebuilt_on_the_others_and_no_write_is_lost() {
     std::fs::write(&config, format!("{FAST_SCHEDULE}down-time-ms = 2000\n")).unwrap();
     let config = config.display().to_string();
     n.bootstrap_three(&["--config".to_string(), config.clone()], 6);
-    let keys: Vec<String> = (0..24u8)
-        .map(|i| format!("{}-key-{i}", (b'a' + i) as char))
-        .collect();
-    for k in &keys {
-        n.ctl_until(
-            &["kv", "put", k, &format!("v-{k}"), "-o", "json"],
-            "put",
-            |_| true,
-        );
-    }
+    let keys = n.put_keys();
     // A fourth node joins (the balancing may give it replicas); then node 3 is killed for
     // good. Two seconds after it is declared down its replicas are rebuilt on the others.
-    n.spawn(
-        3,
-        &[
-            "--config".to_string(),
-            config,
-            "--join".to_string(),
-            n.client[0].to_string(),
-        ],
-    );
-    assert_eq!(node_id_at(&rt, n.client[3]), 4);
-    n.ctl_until(&["nodes", "-o", "json"], "node 4 up", |v| {
-        v["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|x| x["node_id"] == 4 && x["status"] == "up")
-    });
+    n.join_fourth(&rt, &config);
     n.kill(2);
     n.ctl_until(&["nodes", "-o", "json"], "node 3 down", |v| {
         v["nodes"]
@@ -447,8 +431,5 @@ fn a_killed_nodes_replicas_are_rebuilt_on_the_others_and_no_write_is_lost() {
             .any(|x| x["node_id"] == 4)),
         "node 3's replicas went to node 4 (the only node without them): {repaired:#}"
     );
-    for k in &keys {
-        let got = n.ctl_until(&["kv", "get", k, "-o", "json"], "read back", |_| true);
-        assert_eq!(got["value"], format!("v-{k}"), "{got:#}");
-    }
+    n.read_keys(&keys);
 }

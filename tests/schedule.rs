@@ -12,12 +12,11 @@ use flotilla::layout::{first_campaigner, range_layout};
 use flotilla::proto::meta::{RangeDescriptor, ReplicaRole};
 use flotilla::schedule::{NodeState, ScheduleConfig};
 use flotilla::testing::{
-    bootstrap_ranges_and_system, key_in_range, local_server_config, node_ids, start_servers,
-    test_config, wait_until,
+    bootstrap_ranges_and_system, bootstrap_spread_layout, key_in_range, local_server_config,
+    node_ids, start_servers, test_config, wait_until,
 };
 use flotilla::{
-    system_descriptor, MembershipChange, NodeId, RangeId, ReadConsistency, ReplicaId, Server,
-    StateRole, SystemSeed,
+    MembershipChange, NodeGroup, NodeId, RangeId, ReadConsistency, ReplicaId, Server, StateRole,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -356,23 +355,8 @@ async fn small_neighbours_on_different_nodes_merge(leader_of_1: u64) -> RangeId 
     r2.replicas[2].replica_id = 4;
     r2.replicas[2].node_id = 4;
     r2.next_replica_id = 5;
-    let seed = SystemSeed::new(&layout, &members, |_| String::new());
-    for (i, n) in nodes.iter().enumerate() {
-        let id = i as u64 + 1;
-        let here: Vec<RangeDescriptor> = layout
-            .iter()
-            .filter(|d| d.replicas.iter().any(|r| r.node_id == id))
-            .cloned()
-            .collect();
-        if id <= 3 {
-            let system = system_descriptor(&members);
-            n.node()
-                .bootstrap_cluster(here, system, &seed, |_| None)
-                .unwrap();
-        } else {
-            n.node().bootstrap_ranges(here).unwrap();
-        }
-    }
+    let groups: Vec<&NodeGroup> = nodes.iter().map(|n| &**n.node()).collect();
+    bootstrap_spread_layout(&groups, &layout, &members, |_| None).unwrap();
     let all = [0, 1, 2, 3];
     let (a, b) = (RangeId(1), RangeId(2));
     nodes[leader_of_1 as usize - 1].node().campaign(a).unwrap();
