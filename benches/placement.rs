@@ -325,13 +325,25 @@ fn spawn_table_checker(
     })
 }
 
-/// Prints the range table checker's RESULT line.
-async fn table_result(checker: tokio::task::JoinHandle<(u64, u64)>) -> anyhow::Result<u64> {
-    let (checks, violations) = checker.await?;
-    println!(
-        "RESULT {{\"event\":\"range_table\",\"checks\":{checks},\"violations\":{violations}}}"
-    );
-    Ok(violations)
+/// The end of a run: stops the writers and the checker, prints the range table's and the
+/// verification's RESULT lines, stops the nodes, and fails on a broken table or a lost write.
+async fn finish(
+    nodes: &Nodes,
+    stop: Arc<AtomicBool>,
+    checker: tokio::task::JoinHandle<(u64, u64)>,
+    writers: Vec<tokio::task::JoinHandle<Acked>>,
+) -> anyhow::Result<()> {
+    stop.store(true, Ordering::Relaxed);
+    let (checks, broken) = checker.await?;
+    println!("RESULT {{\"event\":\"range_table\",\"checks\":{checks},\"violations\":{broken}}}");
+    let (acked, lost) = verify(nodes, writers).await?;
+    println!("RESULT {{\"event\":\"verify\",\"keys\":{acked},\"lost\":{lost}}}");
+    for n in &live(nodes) {
+        n.shutdown();
+    }
+    anyhow::ensure!(lost == 0, "{lost} acknowledged writes lost");
+    anyhow::ensure!(broken == 0, "the range table broke {broken} times");
+    Ok(())
 }
 
 /// Waits for the writers (stopped) and reads back every acknowledged write through whichever
@@ -462,16 +474,7 @@ async fn merge_run(full: bool, ranges: usize) -> anyhow::Result<()> {
     println!(
         "RESULT {{\"event\":\"merge\",\"ranges_before\":{ranges},\"ranges_after\":{count},\"merge_secs\":{merge_secs:.1},\"merges\":{done},\"moves\":{moves},\"p99_ms_before\":{p99_before:.1},\"p99_ms_during\":{p99_during:.1}}}"
     );
-    stop.store(true, Ordering::Relaxed);
-    let broken = table_result(checker).await?;
-    let (acked, lost) = verify(&nodes, writers).await?;
-    println!("RESULT {{\"event\":\"verify\",\"keys\":{acked},\"lost\":{lost}}}");
-    for n in &all {
-        n.shutdown();
-    }
-    anyhow::ensure!(lost == 0, "{lost} acknowledged writes lost");
-    anyhow::ensure!(broken == 0, "the range table broke {broken} times");
-    Ok(())
+    finish(&nodes, stop, checker, writers).await
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
@@ -688,15 +691,5 @@ async fn main() -> anyhow::Result<()> {
         repair_secs - DOWN_TIME.as_secs_f64()
     );
 
-    stop.store(true, Ordering::Relaxed);
-    let broken = table_result(checker).await?;
-    let (acked, lost) = verify(&nodes, writers).await?;
-    let all = live(&nodes);
-    println!("RESULT {{\"event\":\"verify\",\"keys\":{acked},\"lost\":{lost}}}");
-    for n in &all {
-        n.shutdown();
-    }
-    anyhow::ensure!(lost == 0, "{lost} acknowledged writes lost");
-    anyhow::ensure!(broken == 0, "the range table broke {broken} times");
-    Ok(())
+    finish(&nodes, stop, checker, writers).await
 }

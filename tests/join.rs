@@ -147,6 +147,14 @@ impl Nodes {
         });
     }
 
+    /// Writes a config file: `FAST_SCHEDULE` and then `more` (keys of `[schedule]`); returns
+    /// its path.
+    fn config_file(&self, more: &str) -> String {
+        let path = self.dir.path().join("fast.toml");
+        std::fs::write(&path, format!("{FAST_SCHEDULE}{more}")).unwrap();
+        path.display().to_string()
+    }
+
     fn ctl_runner(&self) -> Ctl {
         Ctl::beside(
             Path::new(env!("CARGO_BIN_EXE_flotilla-node")),
@@ -330,9 +338,7 @@ fn a_decommissioned_node_is_drained_then_removed_and_no_write_is_lost() {
         .build()
         .unwrap();
     let mut n = Nodes::new();
-    let config = n.dir.path().join("fast.toml");
-    std::fs::write(&config, FAST_SCHEDULE).unwrap();
-    let config = config.display().to_string();
+    let config = n.config_file("");
     n.bootstrap_three(&["--config".to_string(), config.clone()], 6);
     let led = |v: &Value| every_range_led(v, 6);
     // Keys over every range (the layout spreads them by their first byte).
@@ -393,9 +399,7 @@ fn a_killed_nodes_replicas_are_rebuilt_on_the_others_and_no_write_is_lost() {
         .build()
         .unwrap();
     let mut n = Nodes::new();
-    let config = n.dir.path().join("fast.toml");
-    std::fs::write(&config, format!("{FAST_SCHEDULE}down-time-ms = 2000\n")).unwrap();
-    let config = config.display().to_string();
+    let config = n.config_file("down-time-ms = 2000\n");
     n.bootstrap_three(&["--config".to_string(), config.clone()], 6);
     let keys = n.put_keys();
     // A fourth node joins (the balancing may give it replicas); then node 3 is killed for

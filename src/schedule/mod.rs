@@ -639,28 +639,12 @@ fn merge_goal(
     now: Instant,
 ) -> Option<MergeGoal> {
     let id = desc.id();
-    // A range that can take part: not merging, every replica on an up node, no more voters
-    // than the factor (a joint change lists both halves' voters), and, for a neighbour, no
-    // learner (its own move comes first; this range's learner is its move onto the goal).
-    let voter = |r: &&ReplicaDescriptor| r.role == ReplicaRole::Voter as i32;
-    let settled = |d: &RangeDescriptor, learners: bool| {
-        d.merge.is_none()
-            && d.replicas.iter().filter(voter).count() <= config.replication_factor
-            && d.replicas
-                .iter()
-                .all(|r| (learners || voter(&r)) && up.contains(&NodeId(r.node_id)))
-    };
-    if id.is_system() || !settled(desc, true) {
+    // This range's learner is its move onto the goal: allowed here, not in a neighbour.
+    if id.is_system() || !settled(desc, up, config.replication_factor, true) {
         return None;
     }
     let limit = config.merge_below_bytes;
-    let size = |d: &RangeDescriptor| {
-        node.engine()
-            .data_size(&d.start_key, &d.end_key, MEASURE_MAX_KEYS)
-            .ok()
-            .map(|s| s.bytes)
-    };
-    let Some(bytes) = size(desc).filter(|b| *b < limit) else {
+    let Some(bytes) = range_bytes(node, desc).filter(|b| *b < limit) else {
         small.remove(&id);
         return None;
     };
@@ -705,24 +689,11 @@ fn merge_role(
 ) -> (Option<MergeGoal>, bool) {
     let id = desc.id();
     let limit = config.merge_below_bytes;
-    let voter = |r: &&ReplicaDescriptor| r.role == ReplicaRole::Voter as i32;
-    let size = |d: &RangeDescriptor| {
-        node.engine()
-            .data_size(&d.start_key, &d.end_key, MEASURE_MAX_KEYS)
-            .ok()
-            .map(|s| s.bytes)
-    };
-    let settled = |d: &RangeDescriptor| {
-        d.merge.is_none()
-            && d.replicas.len() <= config.replication_factor
-            && d.replicas
-                .iter()
-                .all(|r| voter(&r) && up.contains(&NodeId(r.node_id)))
-    };
-    // A neighbour hosted here that can take part, with its size.
+    // A neighbour hosted here that can take part (no learner: its own move comes first),
+    // with its size.
     let sized = |d: Option<RangeDescriptor>| {
-        let d = d.filter(|d| settled(d))?;
-        let b = size(&d)?;
+        let d = d.filter(|d| settled(d, up, config.replication_factor, false))?;
+        let b = range_bytes(node, &d)?;
         Some((d, b))
     };
     let (left, right) = node.neighbours(id);
@@ -762,7 +733,7 @@ fn merge_role(
         let hosts_this = desc
             .replicas
             .iter()
-            .any(|r| r.node_id == leader.0 && voter(&r));
+            .any(|r| r.node_id == leader.0 && is_voter(r));
         let goal = if leader == node.node_id() || hosts_this {
             nodes(desc) // that leader merges the left neighbour in: hold still
         } else {
@@ -794,6 +765,29 @@ fn merge_role(
         None if unseen_right => (None, true),
         _ => (None, held_back),
     }
+}
+
+/// Whether the range `d` can take part in a merge: not merging, every replica on an `up`
+/// node, no more voters than `factor` (a joint change lists both halves' voters), and a
+/// learner only if `learners`.
+fn settled(d: &RangeDescriptor, up: &BTreeSet<NodeId>, factor: usize, learners: bool) -> bool {
+    d.merge.is_none()
+        && d.replicas.iter().filter(|r| is_voter(r)).count() <= factor
+        && d.replicas
+            .iter()
+            .all(|r| (learners || is_voter(r)) && up.contains(&NodeId(r.node_id)))
+}
+
+fn is_voter(r: &ReplicaDescriptor) -> bool {
+    r.role == ReplicaRole::Voter as i32
+}
+
+/// The bytes of `d`'s keys and values on this node (exact up to `MEASURE_MAX_KEYS` keys).
+fn range_bytes(node: &NodeGroup, d: &RangeDescriptor) -> Option<u64> {
+    node.engine()
+        .data_size(&d.start_key, &d.end_key, MEASURE_MAX_KEYS)
+        .ok()
+        .map(|s| s.bytes)
 }
 
 /// The place of the edge whose left range is `d` in the order in which adjacent edges merge:
