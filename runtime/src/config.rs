@@ -186,7 +186,10 @@ pub struct NodeGroupConfig {
     /// election timer and carried the commit, and each heartbeat answered by a follower with
     /// entries in flight makes raft send one more (empty) append and its response. On a busy
     /// group that was two heartbeats and four messages per follower per heartbeat interval
-    /// for nothing. Heartbeats that confirm a read-index are always sent. Default true.
+    /// for nothing. Heartbeats that confirm a read-index are always sent. Also, the empty
+    /// append raft sends a follower that answers a heartbeat while entries sent to it in the
+    /// last four heartbeat intervals are unacknowledged is not sent (the entries bring the
+    /// acknowledgement; a loss is found four intervals later). Default true.
     pub skip_heartbeats_after_append: bool,
     /// Consider compacting a group's log once it holds more than this many applied entries;
     /// a compaction happens only if it drops at least this many minus

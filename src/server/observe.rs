@@ -79,6 +79,12 @@ pub const CATALOGUE: &[Metric] = &[
         "Heartbeats a leader did not send: the follower had an append carrying the commit.",
     ),
     (
+        "flotilla_runtime_empty_appends_skipped_total",
+        C,
+        false,
+        "Empty appends a leader did not send: the follower answered a heartbeat while entries sent to it lately were in flight.",
+    ),
+    (
         "flotilla_runtime_replicas_created_total",
         C,
         true,
@@ -355,12 +361,6 @@ pub const CATALOGUE: &[Metric] = &[
         C,
         true,
         "Snapshot transfers refused, by reason.",
-    ),
-    (
-        "flotilla_runtime_heartbeats_skipped_total",
-        C,
-        false,
-        "Plain heartbeats a leader did not send: an append in the same round told the follower the commit.",
     ),
     (
         "flotilla_schedule_leader_transfers_total",

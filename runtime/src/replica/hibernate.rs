@@ -102,6 +102,7 @@ impl Replica {
         self.forwarded.shrink_to_fit();
         self.peers.shrink_to_fit();
         self.appended_to = Vec::new();
+        self.entries_to = Vec::new();
     }
 
     /// What an input does to a sleeping replica: whether it wakes it (the input is handled

@@ -126,6 +126,10 @@ pub(crate) struct Replica {
     /// highest commit those appends carried: their next plain heartbeat is skipped unless it
     /// tells a newer commit (see `send` and `skip_heartbeats_after_append`).
     appended_to: Vec<(u64, u64)>,
+    /// As leader, the followers sent entries lately, with one bit per heartbeat interval (bit
+    /// 0 this one): their empty appends while those may be in flight are not sent (see
+    /// `send`).
+    entries_to: Vec<(u64, u8)>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -213,6 +217,7 @@ impl Replica {
             quiet_ticks: 0,
             poke_pending: false,
             appended_to: Vec::new(),
+            entries_to: Vec::new(),
         }
     }
 

@@ -246,6 +246,104 @@ fn a_busy_leader_sends_no_heartbeat_a_follower_just_had_an_append_for() {
     }
 }
 
+/// One tick of every replica of range 1, then rounds until nothing is in flight (bounded),
+/// as `Sim::step` and `settle` run them; returns the empty appends node 1 sent. With `lose`,
+/// the appends with entries node 1 sends are lost on the way.
+fn tick_counting_empty_appends(sim: &mut Sim, lose: bool) -> usize {
+    let mut empty = 0;
+    for pass in 0..200 {
+        let ticks = u32::from(pass == 0);
+        let mut sent = Vec::new();
+        for i in 0..sim.nodes.len() {
+            let id = sim.nodes[i].id;
+            if ticks == 0 && !sim.nodes[i].scheduled.remove(&1) {
+                continue;
+            }
+            let mut out = sim.nodes[i].round(1, ticks);
+            if id.0 == 1 {
+                for outgoing in out.outbox.values_mut() {
+                    outgoing.batch.messages.retain(|env| {
+                        let m = raft::prelude::Message::decode(&env.message[..]).unwrap();
+                        if m.get_msg_type() != MessageType::MsgAppend {
+                            return true;
+                        }
+                        empty += usize::from(m.entries.is_empty());
+                        !lose || m.entries.is_empty()
+                    });
+                }
+            }
+            sent.push((id, out));
+        }
+        let mut any = false;
+        for (from, mut out) in sent {
+            any |= sim.deliver(from, &mut out);
+        }
+        if !any && sim.nodes.iter().all(|n| n.scheduled.is_empty()) {
+            return empty;
+        }
+    }
+    panic!("the simulation did not settle in 200 rounds");
+}
+
+#[test]
+fn a_heartbeat_answered_with_entries_in_flight_brings_no_empty_append_yet_lost_entries_arrive() {
+    for skip in [true, false] {
+        let mut nodes: Vec<Node> = Vec::new();
+        let desc = descriptor(1, b"", b"", &[1, 2, 3]);
+        for id in 1..=3 {
+            let mut node = Node::new(id, Arc::new(KvStateMachine));
+            node.config.skip_heartbeats_after_append = skip;
+            node.config.hibernate = false;
+            node.bootstrap(&desc);
+            nodes.push(node);
+        }
+        let mut sim = Sim::of(nodes);
+        sim.elect(1, 1);
+        assert!(kv_ok(&sim.put(1, b"before", b"v")));
+        // A put whose entries never reach the followers, while heartbeats do: to the leader
+        // its entries are in flight, and each heartbeat answer says they are not acknowledged.
+        let node = sim.node(1);
+        let put = node.token();
+        let data = node.put_cmd(1, put, b"k", b"v");
+        node.post(1, PeerMsg::Propose { token: put, data });
+        let mut empty = 0;
+        // heartbeat_tick is 2: three heartbeat intervals, within which entries sent count as
+        // in flight.
+        for _ in 0..6 {
+            empty += tick_counting_empty_appends(&mut sim, true);
+        }
+        assert!(
+            !sim.node(1).answers.contains_key(&put),
+            "the put cannot commit yet (skip {skip})"
+        );
+        if skip {
+            assert_eq!(empty, 0, "no empty append while entries are in flight");
+        } else {
+            assert!(empty >= 2, "raft answers heartbeat answers: {empty}");
+        }
+        // The loss is found all the same: once no entries went to a follower for a while, its
+        // heartbeat answer brings the empty append raft probes with, and the entries follow.
+        for _ in 0..30 {
+            if sim.node(1).answers.contains_key(&put) {
+                break;
+            }
+            tick_counting_empty_appends(&mut sim, false);
+        }
+        assert!(
+            kv_ok(&sim.node(1).answers[&put]),
+            "the lost put commits (skip {skip})"
+        );
+        let commit = sim.node(1).replica(1).raw.raft.raft_log.committed;
+        for _ in 0..4 {
+            tick_counting_empty_appends(&mut sim, false);
+        }
+        for id in 2..=3 {
+            let known = sim.node(id).replica(1).raw.raft.raft_log.committed;
+            assert!(known >= commit, "node {id} learns the commit (skip {skip})");
+        }
+    }
+}
+
 #[test]
 fn a_read_without_a_known_leader_is_answered_not_leader() {
     let mut sim = Sim::new(3);
