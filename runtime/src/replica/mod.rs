@@ -9,8 +9,8 @@
 //! Each feature has its own file: the inputs (`msg`), the seam (`context`), proposals
 //! (`propose`), reads (`read`), membership (`conf_change`), applying entries (`apply`),
 //! snapshots and log compaction (`snapshot`), range splits (`split`) and merges (`merge`),
-//! leader placement (`placement`), messages to other nodes (`send`), unsafe recovery of a
-//! range that lost its quorum (`recover`).
+//! the in-memory retry records (`retry`), leader placement (`placement`), messages to other
+//! nodes (`send`), unsafe recovery of a range that lost its quorum (`recover`).
 
 mod apply;
 mod conf_change;
@@ -22,6 +22,7 @@ mod placement;
 mod propose;
 mod read;
 mod recover;
+mod retry;
 mod send;
 mod snapshot;
 mod split;
@@ -126,6 +127,8 @@ pub(crate) struct Replica {
     /// highest commit those appends carried: their next plain heartbeat is skipped unless it
     /// tells a newer commit (see `send` and `skip_heartbeats_after_append`).
     appended_to: Vec<(u64, u64)>,
+    /// The last applied request of recent clients, as written (see `retry`).
+    retry_records: retry::RetryRecords,
 }
 
 impl std::fmt::Debug for Replica {
@@ -213,6 +216,7 @@ impl Replica {
             quiet_ticks: 0,
             poke_pending: false,
             appended_to: Vec::new(),
+            retry_records: retry::RetryRecords::default(),
         }
     }
 
