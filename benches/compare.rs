@@ -28,7 +28,10 @@
 //! Environment: `COMPARE_CALLERS` (default `1,64,256`), `COMPARE_BATCH_CALLERS` (callers of
 //! the batched case, default `64,256`), `COMPARE_SYSTEMS` (default
 //! `echo,etcd,flotilla-client,flotilla-unary`), `COMPARE_CONNECTIONS` (default 16),
-//! `COMPARE_RANGES` (default 64).
+//! `COMPARE_RANGES` (default 64), `COMPARE_NODE_BIN` (the `flotilla-node` binary to start
+//! instead of the one cargo built: an A/B of two builds in one session) and
+//! `COMPARE_NODE_CONFIG` (a TOML config file passed to every node with `--config`: an A/B of
+//! settings with one binary).
 //!
 //! Prints one line per system, caller count and batch, then the ratios to etcd and a table:
 //!
@@ -384,7 +387,13 @@ async fn start_flotilla(dir: &Path, ranges: u64) -> anyhow::Result<(Children, Ve
     let mut procs = Children::default();
     for i in 0..3 {
         let log = std::fs::File::create(dir.join(format!("node-{}.log", i + 1)))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_flotilla-node"))
+        let bin = std::env::var("COMPARE_NODE_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_flotilla-node").to_string());
+        let mut cmd = Command::new(bin);
+        if let Ok(config) = std::env::var("COMPARE_NODE_CONFIG") {
+            cmd.args(["--config", &config]);
+        }
+        let child = cmd
             .args(["--id", &(i + 1).to_string()])
             .args(["--raft", &raft[i].to_string()])
             .args(["--client", &client[i].to_string()])

@@ -2,7 +2,8 @@
 //! one mapping from runtime errors to what a client sees ([`kv_error`], and [`to_status`] for
 //! unary calls).
 //!
-//! Writes go through [`NodeGroup::kv_batch`]: a unary put is a batch of one; the writes of one
+//! Writes go through [`NodeGroup::kv_batch`]: unary writes (put, multi-put, delete, insert,
+//! compare-and-set) that arrive together are proposed together (`coalesce`); the writes of one
 //! frame of the `Batch` stream are proposed together, one raft entry per range, and each is
 //! answered on the stream as soon as it is applied (answers that are ready together share a
 //! frame). A request that carries a route (the client routes itself, as the client library
@@ -35,6 +36,8 @@ use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::coalesce::Coalescer;
 
 /// The response metadata key that names the leader's node id (decimal) on a `NotLeader`
 /// status, so that a client can retry on that node without decoding the details.
@@ -113,6 +116,8 @@ pub fn leader_hint(status: &Status) -> Option<NodeId> {
 #[derive(Debug, Clone)]
 pub struct KvService {
     node: Arc<NodeGroup>,
+    /// Unary writes of concurrent callers go to the runtime together (see `coalesce`).
+    unary: Arc<Coalescer>,
     /// Set to end every `Batch` stream (shutdown): a long-lived stream would otherwise hold
     /// the server's graceful shutdown until its client goes away.
     stop: Arc<watch::Sender<bool>>,
@@ -122,6 +127,7 @@ impl KvService {
     /// The service over `node`.
     pub fn new(node: Arc<NodeGroup>) -> KvService {
         KvService {
+            unary: Arc::new(Coalescer::new(node.clone())),
             node,
             stop: Arc::new(watch::channel(false).0),
         }
@@ -263,10 +269,10 @@ impl WriteKind {
     }
 }
 
-/// Proposes one write and waits for its answer.
-async fn write(node: &NodeGroup, p: KvProposal, kind: WriteKind) -> Result<Answer, Error> {
-    let answer = node.kv_batch(vec![p]).pop().ok_or(Error::Stopped)?;
-    kind.answer(&answer.await?)
+/// Proposes one unary write (with those of other callers queued meanwhile) and waits for its
+/// answer.
+async fn write(unary: &Coalescer, p: KvProposal, kind: WriteKind) -> Result<Answer, Error> {
+    kind.answer(&unary.propose(p).await?)
 }
 
 /// The runtime's read consistency for a request's (`stale` wins if set).
@@ -442,11 +448,7 @@ async fn get(node: &NodeGroup, r: GetRequest) -> Result<GetResponse, Error> {
 impl Kv for KvService {
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let proposal = put_proposal(req.into_inner());
-        let answer = self.node.kv_batch(vec![proposal]).pop();
-        match answer {
-            Some(a) => a.await.map_err(to_status)?,
-            None => return Err(to_status(Error::Stopped)),
-        };
+        self.unary.propose(proposal).await.map_err(to_status)?;
         Ok(Response::new(PutResponse {}))
     }
 
@@ -455,11 +457,7 @@ impl Kv for KvService {
         req: Request<MultiPutRequest>,
     ) -> Result<Response<MultiPutResponse>, Status> {
         let proposal = multi_put_proposal(req.into_inner());
-        let answer = self.node.kv_batch(vec![proposal]).pop();
-        match answer {
-            Some(a) => a.await.map_err(to_status)?,
-            None => return Err(to_status(Error::Stopped)),
-        };
+        self.unary.propose(proposal).await.map_err(to_status)?;
         Ok(Response::new(MultiPutResponse {}))
     }
 
@@ -475,7 +473,7 @@ impl Kv for KvService {
         req: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
         let p = delete_proposal(req.into_inner());
-        match write(&self.node, p, WriteKind::Delete).await {
+        match write(&self.unary, p, WriteKind::Delete).await {
             Ok(Answer::Delete(r)) => Ok(Response::new(r)),
             Ok(_) => Err(Status::internal("a delete answered as another write")),
             Err(e) => Err(to_status(e)),
@@ -487,7 +485,7 @@ impl Kv for KvService {
         req: Request<InsertRequest>,
     ) -> Result<Response<InsertResponse>, Status> {
         let p = insert_proposal(req.into_inner());
-        match write(&self.node, p, WriteKind::Insert).await {
+        match write(&self.unary, p, WriteKind::Insert).await {
             Ok(Answer::Insert(r)) => Ok(Response::new(r)),
             Ok(_) => Err(Status::internal("an insert answered as another write")),
             Err(e) => Err(to_status(e)),
@@ -500,7 +498,7 @@ impl Kv for KvService {
     ) -> Result<Response<CompareAndSetResponse>, Status> {
         let r = req.into_inner();
         let kind = WriteKind::Cas((!r.delete).then(|| r.value.clone()));
-        match write(&self.node, cas_proposal(r), kind).await {
+        match write(&self.unary, cas_proposal(r), kind).await {
             Ok(Answer::Cas(r)) => Ok(Response::new(r)),
             Ok(_) => Err(Status::internal(
                 "a compare-and-set answered as another write",

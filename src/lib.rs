@@ -25,6 +25,7 @@
 mod admin_recover;
 pub mod admin_service;
 pub mod backup_service;
+mod coalesce;
 pub mod kv_service;
 pub mod layout;
 pub mod resp;

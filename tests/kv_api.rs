@@ -528,6 +528,99 @@ async fn errors_say_what_to_do_next_and_retries_apply_once() {
     h.shutdown();
 }
 
+/// Unary writes that many callers send at once are proposed together (one queue per node, one
+/// entry per range): each still gets its own answer (a compare-and-set that does not match
+/// beside puts that apply, a key in no range beside keys in ranges), and copies of one request
+/// id sent together apply once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unary_writes_sent_together_each_get_their_own_answer() {
+    let h = start(2).await;
+    put(&mut h.kv(1), &k(1, "cas"), "old").await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..48u64 {
+        let mut kv = h.kv((i % 3) as usize);
+        calls.spawn(async move {
+            let answer = match i % 4 {
+                0 | 1 => kv
+                    .put(PutRequest {
+                        key: k(1 + i % 2, &format!("c{i}")),
+                        value: b(&format!("v{i}")),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| true),
+                2 => kv
+                    .compare_and_set(CompareAndSetRequest {
+                        key: k(1, "cas"),
+                        expected: Some(b("not this")),
+                        value: b("new"),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner().succeeded),
+                _ => kv
+                    .put(PutRequest {
+                        key: b("zz"),
+                        value: b("v"),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| true),
+            };
+            (i, answer)
+        });
+        // Copies of one request id, with different values: one applies.
+        let mut kv = h.kv((i % 3) as usize);
+        calls.spawn(async move {
+            let r = kv
+                .put(PutRequest {
+                    key: k(2, "once"),
+                    value: b(&format!("copy{i}")),
+                    client_id: 99,
+                    seq: 1,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| true);
+            (1000 + i, r)
+        });
+    }
+    while let Some(joined) = calls.join_next().await {
+        let (i, answer) = joined.unwrap();
+        match i {
+            i if i >= 1000 => assert!(answer.unwrap(), "copy {i}"),
+            i if i % 4 < 2 => assert!(answer.unwrap(), "put {i}"),
+            i if i % 4 == 2 => assert!(!answer.unwrap(), "the CAS {i} must not match"),
+            i => assert_eq!(
+                kind(answer.map(tonic::Response::new)),
+                (tonic::Code::NotFound, Kind::KeyNotInRange),
+                "write {i}"
+            ),
+        }
+    }
+    let mut kv = h.kv(1);
+    let lin = ReadConsistency::Linearizable;
+    for i in (0..48u64).filter(|i| i % 4 < 2) {
+        let v = get(&mut kv, &k(1 + i % 2, &format!("c{i}")), lin).await;
+        assert_eq!(v, Some(format!("v{i}").into_bytes()), "put {i}");
+    }
+    assert_eq!(get(&mut kv, &k(1, "cas"), lin).await, Some(b"old".to_vec()));
+    // Every copy answered ok, and the value is the one copy that applied.
+    let once = get(&mut kv, &k(2, "once"), lin).await.unwrap();
+    assert!(once.starts_with(b"copy"), "{once:?}");
+    // A later copy of the same id is answered from the record, not applied.
+    kv.put(PutRequest {
+        key: k(2, "once"),
+        value: b("late copy"),
+        client_id: 99,
+        seq: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(get(&mut kv, &k(2, "once"), lin).await, Some(once));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_library_has_every_call() {
     let h = start(2).await;

@@ -136,7 +136,12 @@ impl SplitConfig {
 pub struct NodeGroupConfig {
     /// This node's id; non-zero, unique in the cluster. No default (0 is invalid).
     pub node_id: u64,
-    /// Raft worker OS threads shared by all replicas. Default: the number of CPUs.
+    /// Raft worker OS threads shared by all replicas. Default: half the CPUs, at least one
+    /// ([`default_thread_share`]). A round spends its fsync off the CPU and the round after it
+    /// takes everything queued meanwhile, so one worker per two cores keeps up, leaves the
+    /// rest to the gRPC threads and RocksDB's background jobs, and batches more per round:
+    /// on the 2-core comparison with etcd, two workers per node cost ~20% more CPU per write
+    /// than one, in futex wake-ups and smaller rounds (docs/BENCHMARKS.md, issue 11).
     pub worker_threads: usize,
     /// Most replicas one worker handles in one round (and so in one WriteBatch / fsync).
     /// Default 256.
@@ -246,13 +251,18 @@ pub struct NodeGroupConfig {
     pub max_wakes_per_tick: usize,
 }
 
+/// Half the CPUs of this machine, at least one: the default number of raft workers, and of
+/// the gRPC (tokio) threads of `flotilla-node`, so that the two pools together have the
+/// machine's cores and no more (every thread beyond them is a context switch per round).
+pub fn default_thread_share() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 impl Default for NodeGroupConfig {
     fn default() -> Self {
         NodeGroupConfig {
             node_id: 0,
-            worker_threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            worker_threads: default_thread_share(),
             max_batch_replicas: 256,
             tick_interval: Duration::from_millis(100),
             heartbeat_tick: 2,

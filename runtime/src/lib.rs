@@ -44,7 +44,7 @@ pub use api::{
     RecoveryReplica,
 };
 pub use batch::{KvProposal, Proposed};
-pub use config::{ConfigError, NodeGroupConfig, SplitConfig};
+pub use config::{default_thread_share, ConfigError, NodeGroupConfig, SplitConfig};
 pub use error::{Error, RecoveryRefusal, Result};
 pub use export::RangeExport;
 pub use node_group::NodeGroup;

@@ -179,11 +179,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let check_only = args.check_config;
-    let config = match args
-        .into_file()
-        .map_err(|e| vec![e])
-        .and_then(|f| f.to_server_config())
-    {
+    let mut async_threads = None;
+    let config = match args.into_file().map_err(|e| vec![e]).and_then(|f| {
+        async_threads = f.node.async_threads.filter(|n| *n > 0);
+        f.to_server_config()
+    }) {
         Ok(c) => c,
         Err(mistakes) => {
             for m in &mistakes {
@@ -201,7 +201,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(async_threads.unwrap_or_else(flotilla_runtime::default_thread_share))
         .enable_all()
         .build()
     {

@@ -73,6 +73,10 @@ pub struct NodeSection {
     /// Nodes (the lowest peer ids) the bootstrapped ranges live on; 0 = all
     /// (`--bootstrap-replicas`).
     pub bootstrap_replicas: Option<usize>,
+    /// The `flotilla-node` process's gRPC (tokio) threads; 0 or unset: half the CPUs, at
+    /// least one (`flotilla_runtime::default_thread_share`). Not part of [`ServerConfig`]:
+    /// a library caller brings its own runtime.
+    pub async_threads: Option<usize>,
 }
 
 /// `[schedule]`: `ScheduleConfig`'s fields.
@@ -123,7 +127,7 @@ pub struct RaftSection {
     pub check_quorum: Option<bool>,
     /// `NodeGroupConfig::lease_reads`.
     pub lease_reads: Option<bool>,
-    /// `NodeGroupConfig::worker_threads`; 0 means the number of CPUs.
+    /// `NodeGroupConfig::worker_threads`; 0 means its default (half the CPUs, at least one).
     pub worker_threads: Option<usize>,
     /// `NodeGroupConfig::max_proposal_bytes`.
     pub max_proposal_bytes: Option<u64>,

@@ -194,29 +194,39 @@ impl Replica {
         }
         let req = header.request_id.filter(|r| r.client_id != 0);
         if let Some(req) = req {
-            // A record that cannot be read is a failure of this replica, never "no record":
-            // that would apply a retry a second time here only.
-            let prev = match out.client_records.get(&(self.range.0, req.client_id)) {
-                Some(r) => Some(r.clone()),
-                None => match env.engine.client_record(self.range, req.client_id)? {
-                    Some(b) => Some(ClientRecord::decode(&b[..]).map_err(|e| {
-                        Error::Store(std::sync::Arc::new(
-                            flotilla_store::StoreError::Corruption {
-                                what: "client record",
-                                key: req.client_id.to_be_bytes().to_vec(),
-                                reason: e.to_string(),
-                            },
-                        ))
-                    })?),
-                    None => None,
-                },
+            let key = (self.range.0, req.client_id);
+            // This round's record, else the one this replica last wrote (`retry`), else the
+            // engine's. A record that cannot be read is a failure of this replica, never "no
+            // record": that would apply a retry a second time here only.
+            let read;
+            let prev = match out
+                .client_records
+                .get(&key)
+                .or_else(|| self.retry_records.get(req.client_id))
+            {
+                Some(r) => Some(r),
+                None => {
+                    read = match env.engine.client_record(self.range, req.client_id)? {
+                        Some(b) => Some(ClientRecord::decode(&b[..]).map_err(|e| {
+                            Error::Store(std::sync::Arc::new(
+                                flotilla_store::StoreError::Corruption {
+                                    what: "client record",
+                                    key: req.client_id.to_be_bytes().to_vec(),
+                                    reason: e.to_string(),
+                                },
+                            ))
+                        })?),
+                        None => None,
+                    };
+                    read.as_ref()
+                }
             };
             if let Some(prev) = prev {
                 if req.seq == prev.seq {
                     return Ok(if prev.error.is_empty() {
                         Ok(prev.response.to_vec())
                     } else {
-                        Err(Error::InvalidCommand(prev.error))
+                        Err(Error::InvalidCommand(prev.error.clone()))
                     });
                 }
                 if req.seq < prev.seq {
@@ -251,6 +261,7 @@ impl Replica {
                 error: result.clone().err().unwrap_or_default(),
             };
             batch.put_client_record(self.range, req.client_id, &record.encode_to_vec());
+            self.retry_records.insert(req.client_id, record.clone());
             out.client_records
                 .insert((self.range.0, req.client_id), record);
         }

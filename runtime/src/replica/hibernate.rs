@@ -83,6 +83,7 @@ impl Replica {
     fn release_memory(&mut self) {
         let applied = self.raw.raft.raft_log.applied;
         self.raw.mut_store().evict_cache_to(applied);
+        self.retry_records.clear();
         let raft = &mut self.raw.raft;
         if raft.msgs.is_empty() {
             raft.msgs = Vec::new();

@@ -478,12 +478,14 @@ impl Replica {
     }
 
     /// Gives the target every retry record of the source that is newer than its own, so a
-    /// client's retry is answered the same whichever range it reaches.
+    /// client's retry is answered the same whichever range it reaches. The records taken are
+    /// also this round's and this replica's latest (`out.client_records`, `retry`): an entry
+    /// after the merge in this round must see them before the batch is written.
     fn absorb_client_records(
-        &self,
+        &mut self,
         source: RangeId,
         env: &Env<'_>,
-        out: &Output,
+        out: &mut Output,
         batch: &mut WriteBatch,
     ) -> crate::error::Result<()> {
         let seq_of = |b: &[u8]| ClientRecord::decode(b).map(|r| r.seq).unwrap_or(0);
@@ -505,6 +507,18 @@ impl Replica {
         for (client, rec) in theirs {
             if mine.get(&client).is_none_or(|s| *s < seq_of(&rec)) {
                 batch.put_client_record(self.range, client, &rec);
+                match ClientRecord::decode(&rec[..]) {
+                    Ok(record) => {
+                        self.retry_records.insert(client, record.clone());
+                        out.client_records.insert((self.range.0, client), record);
+                    }
+                    // Unreadable: left to the engine read, which reports it as this
+                    // replica's failure when a retry of that client needs it.
+                    Err(_) => {
+                        self.retry_records.clear();
+                        out.client_records.remove(&(self.range.0, client));
+                    }
+                }
             }
         }
         Ok(())

@@ -9,8 +9,8 @@
 //! Each feature has its own file: the inputs (`msg`), the seam (`context`), proposals
 //! (`propose`), reads (`read`), membership (`conf_change`), applying entries (`apply`),
 //! snapshots and log compaction (`snapshot`), range splits (`split`) and merges (`merge`),
-//! leader placement (`placement`), messages to other nodes (`send`), unsafe recovery of a
-//! range that lost its quorum (`recover`).
+//! the in-memory retry records (`retry`), leader placement (`placement`), messages to other
+//! nodes (`send`), unsafe recovery of a range that lost its quorum (`recover`).
 
 mod apply;
 mod conf_change;
@@ -22,6 +22,7 @@ mod placement;
 mod propose;
 mod read;
 mod recover;
+mod retry;
 mod send;
 mod snapshot;
 mod split;
@@ -130,6 +131,8 @@ pub(crate) struct Replica {
     /// 0 this one): their empty appends while those may be in flight are not sent (see
     /// `send`).
     entries_to: Vec<(u64, u8)>,
+    /// The last applied request of recent clients, as written (see `retry`).
+    retry_records: retry::RetryRecords,
 }
 
 impl std::fmt::Debug for Replica {
@@ -218,6 +221,7 @@ impl Replica {
             poke_pending: false,
             appended_to: Vec::new(),
             entries_to: Vec::new(),
+            retry_records: retry::RetryRecords::default(),
         }
     }
 

@@ -150,6 +150,7 @@ impl Replica {
             .map(|r| (r.client_id, r.record.to_vec()))
             .collect();
         import.batch().replace_client_records(self.range, &records);
+        self.retry_records.clear();
         let shared = self
             .raw
             .mut_store()

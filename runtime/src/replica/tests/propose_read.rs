@@ -89,6 +89,56 @@ fn a_retried_request_gets_its_recorded_answer_without_a_second_apply() {
     assert_eq!(node.engine.get(b"k").unwrap(), Some(b"v1".to_vec()));
 }
 
+/// The de-duplication check reads a client's record from the replica's memory (`retry`) while
+/// it holds it, and from the engine once it gave its memory back (asleep): both answer a retry
+/// from the record, on every replica.
+#[test]
+fn a_retry_is_answered_from_the_record_whether_the_replica_holds_it_in_memory_or_not() {
+    let mut sim = Sim::new(3);
+    sim.elect(1, 1);
+    let propose = |sim: &mut Sim, value: &[u8]| {
+        let node = sim.node(1);
+        let token = node.token();
+        let data = node.cmd(1, token, b"k", value, Some((7, 1)));
+        node.post(1, PeerMsg::Propose { token, data });
+        sim.settle();
+        token
+    };
+    // Every replica applied every entry of node 1's log.
+    let caught_up = |s: &Sim| {
+        let last = s.nodes[0].replica(1).raw.raft.raft_log.last_index();
+        s.nodes
+            .iter()
+            .all(|n| n.replica(1).raw.store().apply_state().applied_index == last)
+    };
+    let first = propose(&mut sim, b"v1");
+    sim.tick_until("the followers apply the first request", caught_up);
+    for n in &sim.nodes {
+        assert_eq!(n.replica(1).retry_records.get(7).map(|r| r.seq), Some(1));
+    }
+    // From memory.
+    let retry = propose(&mut sim, b"v2");
+    sim.tick_until("the followers apply the retry", caught_up);
+    // From the engine.
+    for n in &mut sim.nodes {
+        n.replicas.get_mut(&1).unwrap().retry_records.clear();
+    }
+    let second_retry = propose(&mut sim, b"v3");
+    sim.tick_until("the followers apply the second retry", caught_up);
+    let node = sim.node(1);
+    for t in [first, retry, second_retry] {
+        assert!(kv_ok(&node.answers[&t]), "{:?}", node.answers[&t]);
+    }
+    for n in &sim.nodes {
+        assert_eq!(
+            n.engine.get(b"k").unwrap(),
+            Some(b"v1".to_vec()),
+            "node {}",
+            n.id
+        );
+    }
+}
+
 // ---- reads ----
 
 #[test]
