@@ -6,12 +6,13 @@
 //! `ping_interval` when idle, and any frame or acknowledgement counts; the in-memory network
 //! answers from its registrations and filters). A node whose answer has not changed for
 //! `node_down_ticks` ticks of this node's clock is declared down; any change declares it up
-//! again. A node whose connection the transport reports refused (`Transport::connection_refused`:
-//! nothing listens at its address, its process is gone) is declared down after `election_tick`
-//! silent ticks already, what lease safety needs; the longer window covers silence alone,
-//! which load jitter, a pause or a partition can cause and which never comes with a refusal. Silence is counted in local ticks, never compared across clocks, so a paused
-//! process (whose ticker stopped) declares nothing while paused, and the simulator's virtual
-//! time works the same.
+//! again. A node whose connection the transport reports refused
+//! (`Transport::connection_refused`: nothing listens at its address, its process is gone) is
+//! declared down after `election_tick` silent ticks already, what lease safety needs; the
+//! longer window covers silence alone, which load jitter, a pause or a partition can cause
+//! and which never comes with a refusal. Silence is counted in local ticks, never compared
+//! across clocks, so a paused process (whose ticker stopped) declares nothing while paused,
+//! and the simulator's virtual time works the same.
 //!
 //! The **leader index** maps each node to the groups whose leader, as known here, lives there
 //! (the worker keeps it up to date after each round, from the replica's leader hint). When a
@@ -44,8 +45,7 @@
 //! **Restart** (`fsm::life::recover`): recovered replicas start asleep, and only those that
 //! voted for themselves in their last term (only they can have been the leader the others
 //! still wait for: they campaign as soon as their turn comes, without pre-vote,
-//! [`Wake::Campaign`]) or hold log
-//! entries they do not know committed (their leader's sleep notice, which carried the commit,
+//! [`Wake::Campaign`]) or hold log entries they do not know committed (their leader's sleep notice, which carried the commit,
 //! may have been lost while this node was down) are queued; the others are woken by their
 //! leader (which stays awake while a follower is behind, and wakes its groups when it sees
 //! this node back up), a request, or liveness. For
