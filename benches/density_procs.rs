@@ -284,7 +284,10 @@ async fn measure(groups: usize, idle: Duration, base_rss: f64) -> Row {
     let restart_secs = t.elapsed().as_secs_f64();
     // What node 3 logged of its start (with RUST_LOG=info: engine opened, replicas recovered).
     for line in p.log_tail(2, 200).lines() {
-        if line.contains("engine opened") || line.contains("recovered replicas") {
+        if line.contains("engine opened")
+            || line.contains("recovered replicas")
+            || line.contains("memtables flushed")
+        {
             eprintln!("{groups}: node 3: {line}");
         }
     }

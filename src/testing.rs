@@ -93,6 +93,9 @@ impl Cluster {
             "node {id} is running"
         );
         let net = self.net.clone();
+        // As a node process binds its address before it recovers: a slow start is silence,
+        // not a refusal (see `MemNetwork::set_starting`).
+        self.net.set_starting(NodeId(id), true);
         let (ng, _) = start_node_group(
             (self.config)(id),
             self.store_config.clone(),
@@ -101,6 +104,7 @@ impl Cluster {
             move |h| Arc::new(net.register(NodeId(id), h)) as Arc<dyn Transport>,
         )
         .expect("start node group");
+        self.net.set_starting(NodeId(id), false);
         self.nodes[id as usize - 1] = Some(ng);
     }
 

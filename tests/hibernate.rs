@@ -695,3 +695,115 @@ async fn a_restart_of_a_node_with_many_sleeping_groups_holds_at_most_one_electio
         c.put(&key_in_range(i, "r"), b"v", T).await.unwrap();
     }
 }
+
+/// A node whose store saw no write for `idle_flush_ticks` flushes its memtables, so that a
+/// restart replays no write-ahead log; a restart of every node after that flush serves every
+/// acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_node_flushes_its_memtables_and_a_restart_after_it_loses_no_write() {
+    let flushing = |node| NodeGroupConfig {
+        idle_flush_ticks: 5,
+        ..config(node)
+    };
+    let mut c = Cluster::with_config(3, flushing, StoreConfig::default());
+    let ranges: Vec<RangeId> = c.bootstrap(6).iter().map(|d| d.id()).collect();
+    c.wait_leaders(&ranges, T).await;
+    let keys: Vec<Vec<u8>> = (0..6u64)
+        .flat_map(|i| (0..20).map(move |j| key_in_range(i, &format!("k{j}"))))
+        .collect();
+    for k in &keys {
+        c.put(k, k, T).await.unwrap();
+    }
+    assert!(wait_until(T, || asleep_everywhere(&c, &ranges)).await);
+    // Idle: every node's memtables are written out (small ones at most once per 150 ticks,
+    // 1.5 s here, so the flush after the writes may wait for the one after the bootstrap).
+    let flushed = || {
+        c.running()
+            .into_iter()
+            .all(|n| c.node(n).engine().memtable_entries() == 0)
+    };
+    assert!(
+        wait_until(T, flushed).await,
+        "memtables left: {:?}",
+        c.running()
+            .into_iter()
+            .map(|n| c.node(n).engine().memtable_entries())
+            .collect::<Vec<_>>()
+    );
+    for n in [1, 2, 3] {
+        c.stop(n);
+    }
+    for n in [1, 2, 3] {
+        c.start(n);
+    }
+    c.wait_leaders(&ranges, T).await;
+    for k in &keys {
+        for n in [1, 2, 3] {
+            assert_eq!(
+                c.get_from(n, k, T).await.unwrap().as_deref(),
+                Some(k.as_slice()),
+                "node {n}"
+            );
+        }
+    }
+}
+
+/// Node liveness tells a stopped node from a silent one. A stopped node (its address refuses
+/// connections; on the in-memory network, a node that is not registered) is declared down
+/// after an election timeout of silence, what lease safety needs; a node that is only silent
+/// (a paused process, a slow or cut-off one) is not declared down before the whole
+/// `node_down_ticks` window, however loaded the machine: both are counted in the observer's
+/// own ticks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_is_declared_down_after_an_election_timeout_a_silent_one_only_after_the_window(
+) {
+    // Election timeout 30 ticks, window 1,000 ticks (10 s).
+    let window = 1000;
+    let long_window = move |node| NodeGroupConfig {
+        node_down_ticks: window,
+        ..config(node)
+    };
+    let mut c = Cluster::with_config(3, long_window, StoreConfig::default());
+    let ranges: Vec<RangeId> = c.bootstrap(6).iter().map(|d| d.id()).collect();
+    c.wait_leaders(&ranges, T).await;
+    let seen = |c: &Cluster, of: u64| {
+        c.node(1)
+            .node_liveness()
+            .into_iter()
+            .find(|l| l.node == NodeId(of))
+            .unwrap_or_else(|| panic!("node 1 tracks node {of}"))
+    };
+    // Silent for three election timeouts (a pause): still up.
+    c.net.set_silent(NodeId(2), true);
+    let silent_long = wait_until(T, || {
+        let l = seen(&c, 2);
+        assert!(
+            l.up,
+            "a silent node was declared down after {} ticks",
+            l.silent_ticks
+        );
+        l.silent_ticks >= 3 * 30
+    })
+    .await;
+    assert!(silent_long, "node 1 counts node 2's silence");
+    c.net.set_silent(NodeId(2), false);
+    assert!(wait_until(T, || seen(&c, 2).silent_ticks < 30).await);
+    // Stopped: down after an election timeout, long before the window.
+    c.stop(3);
+    let mut at = None;
+    assert!(
+        wait_until(T, || {
+            let l = seen(&c, 3);
+            at = Some(l.silent_ticks);
+            !l.up
+        })
+        .await,
+        "a stopped node is declared down"
+    );
+    let at = at.unwrap();
+    assert!(
+        (30..window).contains(&at),
+        "declared down after {at} silent ticks"
+    );
+    assert!(seen(&c, 2).up, "the silent node came back and stayed up");
+}

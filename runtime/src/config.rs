@@ -249,6 +249,12 @@ pub struct NodeGroupConfig {
     /// restart, a partition healing, a liveness flap), so that they do not all wake and
     /// campaign at once; groups with queued requests wake at once regardless. Default 1000.
     pub max_wakes_per_tick: usize,
+    /// Ticks without any write to the store after which the node flushes its memtables
+    /// (RocksDB writes them out as table files; memtables of fewer than 10,000 entries at most
+    /// once every 30 times as many ticks, a minute at the defaults), so that a restart
+    /// replays no write-ahead log: at 100,000 groups per node that replay took 0.75–1.2 s of
+    /// every start. 0 turns it off. Default 20 (2 s at the default tick).
+    pub idle_flush_ticks: usize,
 }
 
 /// Half the CPUs of this machine, at least one: the default number of raft workers, and of
@@ -291,6 +297,7 @@ impl Default for NodeGroupConfig {
             hibernate_ticks: 4,
             node_down_ticks: 0,
             max_wakes_per_tick: 1000,
+            idle_flush_ticks: 20,
         }
     }
 }

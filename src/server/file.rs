@@ -141,6 +141,8 @@ pub struct RaftSection {
     pub node_down_ticks: Option<usize>,
     /// `NodeGroupConfig::max_wakes_per_tick`.
     pub max_wakes_per_tick: Option<usize>,
+    /// `NodeGroupConfig::idle_flush_ticks` (0 turns the idle flush off).
+    pub idle_flush_ticks: Option<usize>,
 }
 
 /// `[log]`.
@@ -320,6 +322,7 @@ impl ConfigFile {
         set(&mut node.hibernate_ticks, r.hibernate_ticks);
         set(&mut node.node_down_ticks, r.node_down_ticks);
         set(&mut node.max_wakes_per_tick, r.max_wakes_per_tick);
+        set(&mut node.idle_flush_ticks, r.idle_flush_ticks);
         let l = &self.log;
         set(&mut node.log_compact_threshold, l.compact_threshold);
         set(&mut node.log_compact_trailing, l.compact_trailing);

@@ -157,6 +157,12 @@ pub const CATALOGUE: &[Metric] = &[
         "Sleeping groups woken from the paced wake queue.",
     ),
     (
+        "flotilla_runtime_idle_flushes_total",
+        C,
+        false,
+        "Memtable flushes of a store that fell idle (idle_flush_ticks).",
+    ),
+    (
         "flotilla_runtime_auto_splits_proposed_total",
         C,
         true,

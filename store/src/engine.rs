@@ -196,6 +196,43 @@ impl Engine {
         Ok(())
     }
 
+    /// RocksDB's latest sequence number: it moves with every write, so an unchanged answer
+    /// means nothing was written meanwhile.
+    pub fn write_sequence(&self) -> u64 {
+        self.db.latest_sequence_number()
+    }
+
+    /// Writes every column family's memtables out to table files, all three as one atomic
+    /// flush, so that the write-ahead log they cover becomes obsolete and the next open
+    /// replays none of it (a node that fell idle does this: at 100,000 groups per node the
+    /// replay of the bootstrap's writes took 0.75–1.2 s of every start). With `wait` false the
+    /// flush is only scheduled on RocksDB's background threads.
+    pub fn flush_memtables(&self, wait: bool) -> Result<()> {
+        let mut opts = rocksdb::FlushOptions::default();
+        opts.set_wait(wait);
+        let cfs = [Cf::Raft, Cf::Data, Cf::Meta].map(|cf| self.cf(cf));
+        self.db.flush_cfs_opt(&cfs, &opts)?;
+        Ok(())
+    }
+
+    /// Entries in the memtables of every column family (the mutable and the immutable ones):
+    /// what a restart would replay from the write-ahead log.
+    pub fn memtable_entries(&self) -> u64 {
+        [Cf::Raft, Cf::Data, Cf::Meta]
+            .iter()
+            .map(|&cf| {
+                let cf = self.cf(cf);
+                [
+                    "rocksdb.num-entries-active-mem-table",
+                    "rocksdb.num-entries-imm-mem-tables",
+                ]
+                .iter()
+                .filter_map(|p| self.db.property_int_value_cf(cf, *p).ok().flatten())
+                .sum::<u64>()
+            })
+            .sum()
+    }
+
     /// The size of the user data of `[start, end)` (an empty `end` is the end of the key
     /// space): keys and bytes of keys plus values, counted exactly by walking the interval
     /// (no copy) while it holds at most `max_keys` keys. Past that the walk stops and the

@@ -176,6 +176,16 @@ pub trait Transport: Send + Sync + 'static {
         None
     }
 
+    /// Whether `node`'s process is known to be gone: the transport's last attempt to connect
+    /// to it was refused (nothing listens at its address) and no attempt has started since.
+    /// Never true for a node that is merely slow, paused or cut off (those time out): the
+    /// runtime's failure detector then needs only the silence that lease safety needs
+    /// (`election_tick`), not the longer window that covers load jitter. False by default.
+    fn connection_refused(&self, node: NodeId) -> bool {
+        let _ = node;
+        false
+    }
+
     /// Whether this transport reports the outcome of the snapshots it sends (envelopes with
     /// `RaftMessage::snapshot` set) through [`BatchHandler::on_snapshot_status`], once each
     /// transfer has ended. When false (the default, and [`MemTransport`]), a snapshot counts
@@ -202,6 +212,10 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
 
     fn last_heard_from(&self, from: NodeId) -> Option<Instant> {
         (**self).last_heard_from(from)
+    }
+
+    fn connection_refused(&self, node: NodeId) -> bool {
+        (**self).connection_refused(node)
     }
 
     fn reports_snapshots(&self) -> bool {

@@ -243,8 +243,10 @@ pub(crate) fn recover(shared: &Shared) -> Result<()> {
         // noticed the restart): it is woken, paced by the awake-set bound, and campaigns at
         // once (its leadership, if it had one, ended with the restart, and waiting out an
         // election timeout awake is what made the pace slow: 1,600 groups a second at 100,000
-        // groups per node). Its pre-vote keeps it from disturbing a leader the others elected
-        // meanwhile; the followers that took it for their leader forget it when it campaigns
+        // groups per node), without pre-vote (`Replica::campaign_without_pre_vote`: the
+        // followers of a leader the others elected meanwhile ignore its vote by raft's lease
+        // check, and the pre-vote's round trip was a third of each election's messages); the
+        // followers that took it for their leader forget it when it campaigns
         // (`replica::on_raft_message`). The
         // rest sleep until their leader writes to them (a leader with an unmatched follower
         // stays awake), its node wakes the groups it leads on seeing this node back up, a

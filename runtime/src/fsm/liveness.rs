@@ -6,9 +6,13 @@
 //! `ping_interval` when idle, and any frame or acknowledgement counts; the in-memory network
 //! answers from its registrations and filters). A node whose answer has not changed for
 //! `node_down_ticks` ticks of this node's clock is declared down; any change declares it up
-//! again. Silence is counted in local ticks, never compared across clocks, so a paused
-//! process (whose ticker stopped) declares nothing while paused, and the simulator's virtual
-//! time works the same.
+//! again. A node whose connection the transport reports refused
+//! (`Transport::connection_refused`: nothing listens at its address, its process is gone) is
+//! declared down after `election_tick` silent ticks already, what lease safety needs; the
+//! longer window covers silence alone, which load jitter, a pause or a partition can cause
+//! and which never comes with a refusal. Silence is counted in local ticks, never compared
+//! across clocks, so a paused process (whose ticker stopped) declares nothing while paused,
+//! and the simulator's virtual time works the same.
 //!
 //! The **leader index** maps each node to the groups whose leader, as known here, lives there
 //! (the worker keeps it up to date after each round, from the replica's leader hint). When a
@@ -40,8 +44,8 @@
 //!
 //! **Restart** (`fsm::life::recover`): recovered replicas start asleep, and only those that
 //! voted for themselves in their last term (only they can have been the leader the others
-//! still wait for: they campaign as soon as their turn comes, [`Wake::Campaign`]) or hold log
-//! entries they do not know committed (their leader's sleep notice, which carried the commit,
+//! still wait for: they campaign as soon as their turn comes, without pre-vote,
+//! [`Wake::Campaign`]) or hold log entries they do not know committed (their leader's sleep notice, which carried the commit,
 //! may have been lost while this node was down) are queued; the others are woken by their
 //! leader (which stays awake while a follower is behind, and wakes its groups when it sees
 //! this node back up), a request, or liveness. For
@@ -112,7 +116,8 @@ pub(crate) enum Wake {
     Up,
     /// A bootstrapped replica that the layout chose to lead, or a recovered one that voted
     /// for itself in its last term (it may have led before the restart): campaigns at once,
-    /// unless its group already woke (an election is under way) or knows a leader.
+    /// without pre-vote (`PeerMsg::CampaignUnled`), unless its group already woke (an
+    /// election is under way) or knows a leader.
     Campaign,
     /// A bootstrapped replica whose group's first leader is on the node given: wakes (and so
     /// times out and campaigns) if its group is still asleep without a known leader and that
@@ -297,6 +302,7 @@ pub(crate) fn check(shared: &Shared) -> Transitions {
         return found;
     };
     let down_ticks = shared.config.down_ticks();
+    let refused_ticks = shared.config.election_tick.min(down_ticks);
     let live = &shared.liveness;
     {
         let mut peers = live.peers.lock();
@@ -313,7 +319,16 @@ pub(crate) fn check(shared: &Shared) -> Transitions {
                 }
             } else {
                 p.silent = p.silent.saturating_add(1);
-                if p.up && p.silent >= down_ticks {
+                // A node whose process is gone (its address refuses connections) is declared
+                // down after the silence lease safety needs, an election timeout; the longer
+                // window is for silence alone, which load jitter or a pause can cause too.
+                let window =
+                    if p.silent >= refused_ticks && transport.connection_refused(NodeId(node)) {
+                        refused_ticks
+                    } else {
+                        down_ticks
+                    };
+                if p.up && p.silent >= window {
                     p.up = false;
                     found.down.push(NodeId(node));
                 }
@@ -444,7 +459,7 @@ fn wake(shared: &Shared, range: u64, why: Wake) -> bool {
         Wake::Up if !cell.is_asleep() => return false,
         Wake::Up => PeerMsg::Wake,
         Wake::Campaign if !unled() => return false,
-        Wake::Campaign => PeerMsg::Campaign,
+        Wake::Campaign => PeerMsg::CampaignUnled,
         Wake::Unled(_) if !unled() => return false,
         Wake::Unled(node) if shared.node_live(node) == Some(true) => {
             shared

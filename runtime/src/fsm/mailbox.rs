@@ -91,18 +91,22 @@ impl ReplicaCell {
         Ok(())
     }
 
-    /// Adds one tick and schedules the cell.
-    pub(crate) fn tick(self: &Arc<Self>, ready: &Sender<Arc<ReplicaCell>>) {
+    /// Adds one tick and schedules the cell once `every` ticks have gathered (a round then
+    /// steps them all; work that schedules the cell meanwhile takes them along).
+    pub(crate) fn tick(self: &Arc<Self>, ready: &Sender<Arc<ReplicaCell>>, every: u32) {
         if self.failed.load(Ordering::Relaxed) {
             return;
         }
         // Saturate: a replica that falls far behind on ticks does not need all of them.
-        let _ = self
+        let before = self
             .ticks
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
                 Some(t.saturating_add(1).min(64))
-            });
-        self.schedule(ready);
+            })
+            .unwrap_or(0);
+        if before.saturating_add(1) >= every {
+            self.schedule(ready);
+        }
     }
 
     /// Puts the cell on the ready queue unless it is already there or being handled.

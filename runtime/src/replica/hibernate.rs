@@ -299,21 +299,29 @@ impl Replica {
             return;
         };
         if campaigner(desc, node, env.node, |n| env.host.node_live(n)) == Some(self.id) {
-            // Without a pre-vote round: the leader's node was declared down (silent for
-            // longer than any lease it could hold), so the pre-vote, which keeps a replica
-            // that merely lost touch from disturbing a live leader, would only cost a round
-            // trip per group (a third of an election's messages, at 33,000 groups a failover).
-            // The vote itself is as safe either way: a follower that still heard a leader
-            // recently ignores it (raft's lease check). What is given up: a node cut off from
-            // the leader alone may raise its term, which the leader sees once the cut heals
-            // and answers with a new election, as raft without pre-vote would.
-            let raft = &mut self.raw.raft;
-            let pre_vote = std::mem::replace(&mut raft.pre_vote, false);
-            let campaigned = self.raw.campaign();
-            self.raw.raft.pre_vote = pre_vote;
-            if let Err(e) = campaigned {
-                tracing::debug!(range = %self.range, "campaign refused: {e}");
-            }
+            self.campaign_without_pre_vote();
+        }
+    }
+
+    /// Campaigns at once, without a pre-vote round. Used where no live leader can be
+    /// disturbed and the pre-vote would only cost a round trip per group (a third of an
+    /// election's messages, at 33,000 groups a failover or a restart): the campaigner of a
+    /// group whose leader's node was declared down (silent for longer than any lease it could
+    /// hold), a recovered replica that voted for itself in its last term (its leadership, if
+    /// it had one, ended with the process; the followers that took it for their leader forget
+    /// it when it campaigns, `on_raft_message`), and a bootstrapped group's chosen first
+    /// leader (no leader exists yet). The vote itself is as safe either way: a follower that
+    /// still heard a leader recently ignores it (raft's lease check), so no lease is cut
+    /// short. What is given up: a replica whose campaign the others ignore (they follow a
+    /// live leader) has raised its term, which that leader sees at its next message and
+    /// answers with a new election, as raft without pre-vote would.
+    pub(super) fn campaign_without_pre_vote(&mut self) {
+        let raft = &mut self.raw.raft;
+        let pre_vote = std::mem::replace(&mut raft.pre_vote, false);
+        let campaigned = self.raw.campaign();
+        self.raw.raft.pre_vote = pre_vote;
+        if let Err(e) = campaigned {
+            tracing::debug!(range = %self.range, "campaign refused: {e}");
         }
     }
 

@@ -438,6 +438,12 @@ impl Replica {
                         tracing::debug!(range = %self.range, "campaign refused: {e}");
                     }
                 }
+                PeerMsg::CampaignUnled => {
+                    let raft = &self.raw.raft;
+                    if raft.state == StateRole::Follower && raft.leader_id == 0 {
+                        self.campaign_without_pre_vote();
+                    }
+                }
                 PeerMsg::PreferLeader { replica } => self.prefer_leader(replica),
                 PeerMsg::CompactLog { token } => {
                     let r = self.force_compact(out);

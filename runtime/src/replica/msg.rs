@@ -55,6 +55,11 @@ pub(crate) enum PeerMsg {
     MergeResume,
     /// Start an election now (used by bootstrap and tests to avoid waiting for a timeout).
     Campaign,
+    /// Start an election now, without a pre-vote round, if this replica still knows no
+    /// leader: a queued `Wake::Campaign` (a bootstrapped group's chosen first leader, or a
+    /// recovered replica that voted for itself in its last term). See
+    /// `Replica::campaign_without_pre_vote` for why that is safe.
+    CampaignUnled,
     /// Replica `replica` should lead this group: hand leadership to it when it is up (see
     /// `placement`).
     PreferLeader { replica: u64 },

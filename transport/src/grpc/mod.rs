@@ -607,6 +607,13 @@ impl Transport for GrpcTransport {
         }
         self.inner.peer(from).map(|_| self.inner.started)
     }
+
+    /// The last attempt to open the stream to `node` was refused, none started since.
+    fn connection_refused(&self, node: NodeId) -> bool {
+        self.inner
+            .peer(node)
+            .is_some_and(|p| p.refused.load(std::sync::atomic::Ordering::Acquire))
+    }
 }
 
 impl Drop for GrpcTransport {

@@ -19,7 +19,7 @@
 //! ack, not on write, so `Full` reflects what the destination has really taken.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +78,10 @@ pub(crate) struct Peer {
     /// `notify_one` works from the runtime's plain OS threads.
     wake: Notify,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// The last connection attempt was refused (nothing listens at the address: the peer's
+    /// process is gone), and no attempt has started since. See
+    /// `Transport::connection_refused`.
+    pub(crate) refused: AtomicBool,
 }
 
 impl Peer {
@@ -91,6 +95,7 @@ impl Peer {
             queued: QueueBytes::default(),
             wake: Notify::new(),
             task: Mutex::new(None),
+            refused: AtomicBool::new(false),
         });
         let task = inner.runtime.spawn(run(inner.clone(), peer.clone()));
         *peer.task.lock() = Some(task);
@@ -235,6 +240,7 @@ async fn run(inner: Arc<Inner>, peer: Arc<Peer>) {
 /// One connection attempt and, if it succeeds, the stream's whole life.
 async fn session(inner: &Inner, peer: &Peer, addr: &str) -> Ended {
     let counters = &inner.counters;
+    peer.refused.store(false, Ordering::Release);
     let opened = tokio::time::timeout(inner.config.connect_timeout, open(inner, peer, addr)).await;
     let (tx, mut acks) = match opened {
         Ok(Ok(stream)) => stream,
@@ -285,7 +291,12 @@ async fn open(
     addr: &str,
 ) -> Result<(FrameTx, Streaming<BatchAck>), String> {
     let endpoint = inner.endpoint(peer.node, addr).map_err(|e| e.to_string())?;
-    let channel: Channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
+    let channel: Channel = endpoint.connect().await.map_err(|e| {
+        if is_refused(&e) {
+            peer.refused.store(true, Ordering::Release);
+        }
+        error_chain(&e)
+    })?;
     let limit = inner.config.max_frame_bytes;
     let mut client = RaftTransportClient::new(channel)
         .max_encoding_message_size(limit)
@@ -431,6 +442,21 @@ impl Backoff {
 }
 
 /// A tonic transport error with its causes: the top level alone is just "transport error".
+/// Whether a connection attempt failed because nothing listens at the address (TCP answered
+/// with a reset: `ECONNREFUSED`), as opposed to a timeout, a TLS or protocol failure.
+fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
+}
+
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();

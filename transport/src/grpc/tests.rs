@@ -241,6 +241,49 @@ fn a_restarted_peer_is_unreachable_while_down_then_gets_batches_again() {
     n2.t.shutdown();
 }
 
+/// A peer whose process is gone refuses connections, which the transport reports (node
+/// liveness then needs only an election timeout of silence); one that holds its address but
+/// answers nothing (bound and not serving yet, as a node still opening its store, or a paused
+/// process) does not refuse: only its silence tells.
+#[test]
+fn a_stopped_peer_is_reported_refused_a_bound_but_silent_one_is_not() {
+    let rt = runtime();
+    let n1 = Node::start(&rt, 1, config());
+    let n2 = Node::start(&rt, 2, config());
+    n1.knows(&n2);
+    n2.knows(&n1);
+    n1.t.send(NodeId(2), one(1)).unwrap();
+    assert!(n2.wait(|s| s.delivered_messages == 1));
+    assert!(!n1.t.connection_refused(NodeId(2)));
+
+    let addr2 = n2.addr;
+    n2.t.shutdown();
+    drop(n2);
+    assert!(
+        eventually(|| n1.t.connection_refused(NodeId(2))),
+        "a stopped peer's address refuses connections"
+    );
+
+    // Bound again, not serving: connections are accepted by the kernel and then answer
+    // nothing, so the attempt under way is not refused.
+    let bound = GrpcTransport::bind(NodeId(2), config(), addr2, rt.handle().clone())
+        .expect("bind the same address again");
+    assert!(eventually(|| !n1.t.connection_refused(NodeId(2))));
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        assert!(!n1.t.connection_refused(NodeId(2)));
+        assert!(!n1.t.is_connected(NodeId(2)));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Serving: the stream opens and nothing is refused.
+    let n2 = Node::serve(bound);
+    n2.knows(&n1);
+    assert!(eventually(|| n1.t.is_connected(NodeId(2))));
+    assert!(!n1.t.connection_refused(NodeId(2)));
+    n1.t.shutdown();
+    n2.t.shutdown();
+}
+
 #[test]
 fn an_oversized_frame_is_refused_and_the_stream_recovers() {
     let rt = runtime();

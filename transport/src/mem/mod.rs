@@ -90,6 +90,9 @@ struct Shared {
     counters: Counters,
     /// Nodes made silent by [`MemNetwork::set_silent`].
     silent: RwLock<std::collections::HashSet<NodeId>>,
+    /// Nodes starting up: not registered yet, but holding their address (see
+    /// [`MemNetwork::set_starting`]).
+    starting: RwLock<std::collections::HashSet<NodeId>>,
 }
 
 impl Shared {
@@ -195,6 +198,7 @@ impl MemNetwork {
                 next_filter: AtomicU64::new(1),
                 counters: Counters::default(),
                 silent: Default::default(),
+                starting: Default::default(),
             }),
         })
     }
@@ -261,6 +265,20 @@ impl MemNetwork {
     pub fn set_silent(&self, node: NodeId, silent: bool) {
         let mut set = self.shared.silent.write();
         if silent {
+            set.insert(node);
+        } else {
+            set.remove(&node);
+        }
+    }
+
+    /// Marks `node` as starting (`true`) until it registers: a gRPC node binds its address
+    /// before it opens its store and recovers its replicas, so connections to it meanwhile
+    /// are accepted and answer nothing (they time out) instead of being refused
+    /// ([`Transport::connection_refused`]); a restart that takes a while so is not taken for a
+    /// process that is gone. `false` takes the mark back.
+    pub fn set_starting(&self, node: NodeId, starting: bool) {
+        let mut set = self.shared.starting.write();
+        if starting {
             set.insert(node);
         } else {
             set.remove(&node);
@@ -545,6 +563,21 @@ impl Transport for MemTransport {
             return Some(now);
         }
         Some(self.heard.get(&from).map_or(self.started, |t| *t))
+    }
+
+    /// A node that is not registered (stopped, or not started yet) refuses, as a closed port
+    /// does, unless it is starting ([`MemNetwork::set_starting`]: its address is bound) or a
+    /// filter or `set_silent` stands between (those model partitions and pauses, which time
+    /// out rather than refuse).
+    fn connection_refused(&self, node: NodeId) -> bool {
+        self.shared.endpoint(node).is_err()
+            && !self.shared.starting.read().contains(&node)
+            && !self.shared.silent.read().contains(&node)
+            && !self
+                .shared
+                .filters()
+                .iter()
+                .any(|(_, f)| f.blocks(node, self.node))
     }
 
     /// Unregisters this node, unless it was already restarted with a newer registration

@@ -268,6 +268,36 @@ fn followers_of_a_leader_declared_down_forget_it_and_the_chosen_campaigner_campa
     assert!(sim.node(3).replica(1).raw.raft.term > term);
 }
 
+/// A queued campaign (a recovered replica that voted for itself, a bootstrapped group's chosen
+/// first leader) skips the pre-vote while its replica knows no leader, and does nothing once
+/// it knows one.
+#[test]
+fn a_queued_campaign_skips_the_pre_vote_and_only_while_no_leader_is_known() {
+    let mut sim = Sim::new(3);
+    assert!(sim.node(2).config.pre_vote);
+    sim.node(2).post(1, PeerMsg::CampaignUnled);
+    let mut out = sim.node(2).round(1, 0);
+    assert_eq!(
+        sim.node(2).replica(1).raw.raft.state,
+        raft::StateRole::Candidate,
+        "a candidate at once, not a pre-candidate"
+    );
+    sim.deliver(NodeId(2), &mut out);
+    sim.settle();
+    assert_eq!(sim.node(3).replica(1).raw.raft.leader_id, 2);
+    let term = sim.node(3).replica(1).raw.raft.term;
+    // Node 3 knows its leader: the campaign is dropped.
+    sim.node(3).post(1, PeerMsg::CampaignUnled);
+    let mut out = sim.node(3).round(1, 0);
+    sim.deliver(NodeId(3), &mut out);
+    sim.settle();
+    let r = &sim.node(3).replica(1).raw.raft;
+    assert_eq!(
+        (r.state, r.leader_id, r.term),
+        (raft::StateRole::Follower, 2, term)
+    );
+}
+
 #[test]
 fn a_sleeping_replica_gives_back_its_log_cache_and_raft_buffers() {
     let mut sim = Sim::new(3);
