@@ -77,6 +77,9 @@ pub(crate) struct SimConfig {
     pub(crate) pause: f64,
     /// A test-only defect to inject (see [`Bug`]).
     pub(crate) bug: Option<Bug>,
+    /// Each node's `node_down_ticks`: 10, as early as allowed, so that runs exercise
+    /// liveness; a test that needs a node to come back before it is declared down uses more.
+    pub(crate) node_down_ticks: usize,
 }
 
 impl Default for SimConfig {
@@ -92,6 +95,7 @@ impl Default for SimConfig {
             partition: 0.004,
             pause: 0.004,
             bug: None,
+            node_down_ticks: 10,
         }
     }
 }
@@ -242,7 +246,7 @@ pub(crate) fn run(seed: u64, cfg: SimConfig) -> Run {
     })
 }
 
-fn node_config(id: u64) -> NodeGroupConfig {
+fn node_config(id: u64, node_down_ticks: usize) -> NodeGroupConfig {
     NodeGroupConfig {
         worker_threads: 1,
         election_tick: 10,
@@ -251,8 +255,7 @@ fn node_config(id: u64) -> NodeGroupConfig {
         proposal_timeout: Duration::from_secs(3600),
         log_compact_threshold: 64,
         log_compact_trailing: 8,
-        // Liveness declares a node down as early as allowed, so that runs exercise it.
-        node_down_ticks: 10,
+        node_down_ticks,
         // Small, so that followers cut off for a while still catch up by snapshot.
         log_retain_max_entries: 256,
         ..NodeGroupConfig::new(id)
@@ -336,7 +339,7 @@ impl Sim {
         engine.bind_node(NodeId(id), 0).expect("bind");
         let (ready_tx, ready) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared::new(
-            node_config(id),
+            node_config(id, self.cfg.node_down_ticks),
             engine,
             Arc::new(KvStateMachine),
             ready_tx,

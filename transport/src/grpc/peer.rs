@@ -441,7 +441,6 @@ impl Backoff {
     }
 }
 
-/// A tonic transport error with its causes: the top level alone is just "transport error".
 /// Whether a connection attempt failed because nothing listens at the address (TCP answered
 /// with a reset: `ECONNREFUSED`), as opposed to a timeout, a TLS or protocol failure.
 fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -457,6 +456,7 @@ fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// A tonic transport error with its causes: the top level alone is just "transport error".
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
