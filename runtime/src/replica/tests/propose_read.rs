@@ -242,21 +242,28 @@ fn heartbeats_over(sim: &mut Sim, ticks: usize, busy: bool) -> (usize, bool) {
     (heartbeats, read)
 }
 
+/// Three nodes with range 1, node 1 its leader, `skip_heartbeats_after_append` as given and
+/// hibernation off: a group with no traffic must keep heartbeating here, not fall asleep.
+fn heartbeating_three(skip: bool) -> Sim {
+    let desc = descriptor(1, b"", b"", &[1, 2, 3]);
+    let nodes = (1..=3)
+        .map(|id| {
+            let mut node = Node::new(id, Arc::new(KvStateMachine));
+            node.config.skip_heartbeats_after_append = skip;
+            node.config.hibernate = false;
+            node.bootstrap(&desc);
+            node
+        })
+        .collect();
+    let mut sim = Sim::of(nodes);
+    sim.elect(1, 1);
+    sim
+}
+
 #[test]
 fn a_busy_leader_sends_no_heartbeat_a_follower_just_had_an_append_for() {
     for skip in [true, false] {
-        let mut nodes: Vec<Node> = Vec::new();
-        let desc = descriptor(1, b"", b"", &[1, 2, 3]);
-        for id in 1..=3 {
-            let mut node = Node::new(id, Arc::new(KvStateMachine));
-            node.config.skip_heartbeats_after_append = skip;
-            // A group with no traffic must keep heartbeating here, not fall asleep.
-            node.config.hibernate = false;
-            node.bootstrap(&desc);
-            nodes.push(node);
-        }
-        let mut sim = Sim::of(nodes);
-        sim.elect(1, 1);
+        let mut sim = heartbeating_three(skip);
         // heartbeat_tick is 2: 10 ticks hold 5 heartbeat broadcasts to 2 followers.
         let (busy, busy_read) = heartbeats_over(&mut sim, 10, true);
         // When the burst ends, the next heartbeat (two ticks at most) tells the followers the
@@ -338,17 +345,7 @@ fn tick_counting_empty_appends(sim: &mut Sim, lose: bool) -> usize {
 #[test]
 fn a_heartbeat_answered_with_entries_in_flight_brings_no_empty_append_yet_lost_entries_arrive() {
     for skip in [true, false] {
-        let mut nodes: Vec<Node> = Vec::new();
-        let desc = descriptor(1, b"", b"", &[1, 2, 3]);
-        for id in 1..=3 {
-            let mut node = Node::new(id, Arc::new(KvStateMachine));
-            node.config.skip_heartbeats_after_append = skip;
-            node.config.hibernate = false;
-            node.bootstrap(&desc);
-            nodes.push(node);
-        }
-        let mut sim = Sim::of(nodes);
-        sim.elect(1, 1);
+        let mut sim = heartbeating_three(skip);
         assert!(kv_ok(&sim.put(1, b"before", b"v")));
         // A put whose entries never reach the followers, while heartbeats do: to the leader
         // its entries are in flight, and each heartbeat answer says they are not acknowledged.
